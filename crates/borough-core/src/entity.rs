@@ -1,0 +1,1017 @@
+//! The NGSI-LD entity model as Borough stores it (names and types expanded to
+//! IRIs, times in microseconds), the parser from request bodies and the
+//! renderer to the normalized, concise, keyValues and GeoJSON representations.
+
+use crate::context::{Context, NGSI_LD_NS};
+use crate::error::{NgsiError, NgsiResult};
+use crate::geojson::{looks_like_geometry, validate_geometry};
+use crate::validate::{check_name, check_uri, format_datetime, parse_datetime};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The attribute types of NGSI-LD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AttrKind {
+    Property,
+    Relationship,
+    GeoProperty,
+    LanguageProperty,
+    VocabProperty,
+    JsonProperty,
+    ListProperty,
+    ListRelationship,
+}
+
+impl AttrKind {
+    pub const ALL: [AttrKind; 8] = [
+        Self::Property,
+        Self::Relationship,
+        Self::GeoProperty,
+        Self::LanguageProperty,
+        Self::VocabProperty,
+        Self::JsonProperty,
+        Self::ListProperty,
+        Self::ListRelationship,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Property => "Property",
+            Self::Relationship => "Relationship",
+            Self::GeoProperty => "GeoProperty",
+            Self::LanguageProperty => "LanguageProperty",
+            Self::VocabProperty => "VocabProperty",
+            Self::JsonProperty => "JsonProperty",
+            Self::ListProperty => "ListProperty",
+            Self::ListRelationship => "ListRelationship",
+        }
+    }
+
+    /// The member that carries the attribute's value in the normalized form.
+    pub fn value_key(self) -> &'static str {
+        match self {
+            Self::Property | Self::GeoProperty => "value",
+            Self::Relationship => "object",
+            Self::LanguageProperty => "languageMap",
+            Self::VocabProperty => "vocab",
+            Self::JsonProperty => "json",
+            Self::ListProperty => "valueList",
+            Self::ListRelationship => "objectList",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// Members of an attribute object that are not sub-attributes.
+const VALUE_KEYS: [&str; 7] = [
+    "value",
+    "object",
+    "languageMap",
+    "vocab",
+    "json",
+    "valueList",
+    "objectList",
+];
+/// Output-only members that a client may echo back; they are ignored on input.
+const SYSTEM_KEYS: [&str; 8] = [
+    "createdAt",
+    "modifiedAt",
+    "deletedAt",
+    "instanceId",
+    "previousValue",
+    "previousObject",
+    "previousLanguageMap",
+    "lang",
+];
+
+/// One attribute instance, stored expanded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attribute {
+    #[serde(rename = "k")]
+    pub kind: AttrKind,
+    /// The value member (`value`, `object`, `languageMap`, ... by kind);
+    /// vocab values are stored expanded.
+    #[serde(rename = "v")]
+    pub value: Value,
+    #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
+    pub dataset_id: Option<String>,
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<i64>,
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub unit_code: Option<String>,
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub object_type: Option<Value>,
+    /// Sub-attributes by expanded name.
+    #[serde(rename = "s", default, skip_serializing_if = "IndexMap::is_empty")]
+    pub sub: IndexMap<String, Attribute>,
+    #[serde(rename = "c")]
+    pub created_at: i64,
+    #[serde(rename = "m")]
+    pub modified_at: i64,
+}
+
+/// An entity, stored expanded. Attributes keep their insertion order; each
+/// name holds one or more instances told apart by `datasetId`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entity {
+    pub id: String,
+    pub types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    pub attrs: IndexMap<String, Vec<Attribute>>,
+    pub created_at: i64,
+    pub modified_at: i64,
+}
+
+/// An attribute as a request gives it: for a create every part is present; for
+/// a merge or partial update only the parts that change. `Some(None)` means
+/// "remove this member" (a JSON `null`).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct AttrPatch {
+    pub kind: Option<AttrKind>,
+    /// `Some(Value::Null)` removes the instance in a merge.
+    pub value: Option<Value>,
+    pub dataset_id: Option<String>,
+    pub observed_at: Option<Option<i64>>,
+    pub unit_code: Option<Option<String>>,
+    pub object_type: Option<Option<Value>>,
+    /// `None` removes the sub-attribute in a merge.
+    pub sub: IndexMap<String, Option<AttrPatch>>,
+}
+
+/// A parsed request body: a whole entity, or the fragment of one that a merge,
+/// append or update carries.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Fragment {
+    pub id: Option<String>,
+    pub types: Vec<String>,
+    pub scopes: Option<Vec<String>>,
+    /// Expanded name → instances; `None` (a JSON `null`) removes the attribute.
+    pub attrs: IndexMap<String, Option<Vec<AttrPatch>>>,
+}
+
+/// How strictly a body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseMode {
+    /// A whole entity or whole attributes: every attribute needs its value; no nulls.
+    Full,
+    /// A merge-patch or partial update: values may be missing, `null` removes.
+    Patch,
+}
+
+impl AttrPatch {
+    /// Builds a full attribute from a patch that carries every part.
+    pub fn into_attribute(self, name: &str, now: i64) -> NgsiResult<Attribute> {
+        let kind = self.kind.ok_or_else(|| {
+            NgsiError::bad_data(format!("attribute '{}' has no value", short_name(name)))
+        })?;
+        let value = match self.value {
+            Some(v) if !v.is_null() => v,
+            _ => {
+                return Err(NgsiError::bad_data(format!(
+                    "attribute '{}' has no '{}'",
+                    short_name(name),
+                    kind.value_key()
+                )));
+            }
+        };
+        let mut sub = IndexMap::with_capacity(self.sub.len());
+        for (sub_name, patch) in self.sub {
+            if let Some(p) = patch {
+                let attr = p.into_attribute(&sub_name, now)?;
+                sub.insert(sub_name, attr);
+            }
+        }
+        Ok(Attribute {
+            kind,
+            value,
+            dataset_id: self.dataset_id,
+            observed_at: self.observed_at.flatten(),
+            unit_code: self.unit_code.flatten(),
+            object_type: self.object_type.flatten(),
+            sub,
+            created_at: now,
+            modified_at: now,
+        })
+    }
+
+    /// Applies this patch onto an existing attribute (merge semantics: given
+    /// members replace, `null` members are removed, the rest is kept).
+    pub fn merge_into(self, attr: &mut Attribute, name: &str, now: i64) -> NgsiResult<()> {
+        if let Some(kind) = self.kind
+            && kind != attr.kind
+        {
+            // A change of attribute type replaces the attribute's value member too.
+            if self.value.is_none() {
+                return Err(NgsiError::bad_data(format!(
+                    "attribute '{}' changes type to {} without a '{}'",
+                    short_name(name),
+                    kind.name(),
+                    kind.value_key()
+                )));
+            }
+            attr.kind = kind;
+        }
+        if let Some(v) = self.value
+            && !v.is_null()
+        {
+            attr.value = v;
+        }
+        if let Some(o) = self.observed_at {
+            attr.observed_at = o;
+        }
+        if let Some(u) = self.unit_code {
+            attr.unit_code = u;
+        }
+        if let Some(t) = self.object_type {
+            attr.object_type = t;
+        }
+        for (sub_name, patch) in self.sub {
+            match patch {
+                None => {
+                    attr.sub.shift_remove(&sub_name);
+                }
+                Some(p) => match attr.sub.get_mut(&sub_name) {
+                    Some(existing) => p.merge_into(existing, &sub_name, now)?,
+                    None => {
+                        let a = p.into_attribute(&sub_name, now)?;
+                        attr.sub.insert(sub_name, a);
+                    }
+                },
+            }
+        }
+        attr.modified_at = now;
+        Ok(())
+    }
+}
+
+/// The name as users wrote it when it lies in the default vocabulary, for messages.
+pub fn short_name(iri: &str) -> &str {
+    iri.strip_prefix(crate::context::DEFAULT_VOCAB).unwrap_or(iri)
+}
+
+/// Parses an entity (or entity fragment) body. `@context` must already have been
+/// taken out of the body by the caller and turned into `ctx`.
+pub fn parse_fragment(body: &Value, ctx: &Context, mode: ParseMode) -> NgsiResult<Fragment> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| NgsiError::bad_data("an entity must be a JSON object"))?;
+    let mut frag = Fragment::default();
+    for (key, v) in obj {
+        match key.as_str() {
+            "id" | "@id" => {
+                let id = v
+                    .as_str()
+                    .ok_or_else(|| NgsiError::bad_data("entity 'id' must be a string"))?;
+                check_uri("entity id", id)?;
+                frag.id = Some(id.to_string());
+            }
+            "type" | "@type" => frag.types = parse_types(v, ctx)?,
+            "scope" => frag.scopes = Some(parse_scopes(v)?),
+            "@context" | "createdAt" | "modifiedAt" | "deletedAt" => {}
+            name => {
+                check_name("attribute name", name)?;
+                let iri = ctx.expand(name).into_owned();
+                let instances = parse_attribute_instances(name, v, ctx, mode)?;
+                if frag.attrs.insert(iri, instances).is_some() {
+                    return Err(NgsiError::bad_data(format!(
+                        "attribute '{name}' is given twice (under two names for one IRI)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(frag)
+}
+
+/// Parses a whole entity for creation: `id` and `type` are required.
+pub fn parse_entity(body: &Value, ctx: &Context, now: i64) -> NgsiResult<Entity> {
+    let frag = parse_fragment(body, ctx, ParseMode::Full)?;
+    fragment_into_entity(frag, now)
+}
+
+/// Turns a full fragment into an entity, stamping creation times.
+pub fn fragment_into_entity(frag: Fragment, now: i64) -> NgsiResult<Entity> {
+    let id = frag
+        .id
+        .ok_or_else(|| NgsiError::bad_data("an entity needs an 'id'"))?;
+    if frag.types.is_empty() {
+        return Err(NgsiError::bad_data("an entity needs a 'type'"));
+    }
+    let mut attrs = IndexMap::with_capacity(frag.attrs.len());
+    for (name, instances) in frag.attrs {
+        let Some(instances) = instances else {
+            return Err(NgsiError::bad_data(format!(
+                "attribute '{}' is null",
+                short_name(&name)
+            )));
+        };
+        let list = instances
+            .into_iter()
+            .map(|p| p.into_attribute(&name, now))
+            .collect::<NgsiResult<Vec<_>>>()?;
+        attrs.insert(name, list);
+    }
+    Ok(Entity {
+        id,
+        types: frag.types,
+        scopes: frag.scopes.unwrap_or_default(),
+        attrs,
+        created_at: now,
+        modified_at: now,
+    })
+}
+
+fn parse_types(v: &Value, ctx: &Context) -> NgsiResult<Vec<String>> {
+    let names: Vec<&str> = match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) if !a.is_empty() => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| NgsiError::bad_data("entity 'type' must hold strings"))
+            })
+            .collect::<NgsiResult<_>>()?,
+        _ => {
+            return Err(NgsiError::bad_data(
+                "entity 'type' must be a string or a non-empty array of strings",
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        check_name("entity type", n)?;
+        let iri = ctx.expand(n).into_owned();
+        if !out.contains(&iri) {
+            out.push(iri);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_scopes(v: &Value) -> NgsiResult<Vec<String>> {
+    let list: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    list.into_iter()
+        .map(|s| {
+            let s = s
+                .as_str()
+                .ok_or_else(|| NgsiError::bad_data("'scope' must be a string or an array of strings"))?;
+            let valid = s.starts_with('/')
+                && s[1..].split('/').all(|seg| {
+                    !seg.is_empty()
+                        && seg
+                            .chars()
+                            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            if valid {
+                Ok(s.to_string())
+            } else {
+                Err(NgsiError::bad_data(format!(
+                    "scope '{}' must look like /a/b/c",
+                    crate::validate::truncate(s)
+                )))
+            }
+        })
+        .collect()
+}
+
+fn parse_attribute_instances(
+    name: &str,
+    v: &Value,
+    ctx: &Context,
+    mode: ParseMode,
+) -> NgsiResult<Option<Vec<AttrPatch>>> {
+    if v.is_null() {
+        return match mode {
+            ParseMode::Patch => Ok(None),
+            ParseMode::Full => Err(NgsiError::bad_data(format!("attribute '{name}' is null"))),
+        };
+    }
+    if let Value::Array(items) = v
+        && !items.is_empty()
+        && items.iter().all(is_attribute_object)
+    {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let p = parse_attribute(name, item, ctx, mode, 0)?;
+            if out
+                .iter()
+                .any(|o: &AttrPatch| o.dataset_id == p.dataset_id)
+            {
+                return Err(NgsiError::bad_data(format!(
+                    "attribute '{name}' has two instances with the same datasetId"
+                )));
+            }
+            out.push(p);
+        }
+        return Ok(Some(out));
+    }
+    Ok(Some(vec![parse_attribute(name, v, ctx, mode, 0)?]))
+}
+
+/// An object that reads as an attribute (normalized or concise), as opposed to
+/// a plain JSON value.
+fn is_attribute_object(v: &Value) -> bool {
+    v.as_object().is_some_and(|o| {
+        o.contains_key("type") && !looks_like_geometry(v)
+            || VALUE_KEYS.iter().any(|k| o.contains_key(*k))
+    })
+}
+
+const MAX_SUB_ATTRIBUTE_DEPTH: usize = 8;
+
+/// Parses one attribute instance, normalized or concise.
+pub fn parse_attribute(
+    name: &str,
+    v: &Value,
+    ctx: &Context,
+    mode: ParseMode,
+    depth: usize,
+) -> NgsiResult<AttrPatch> {
+    if depth > MAX_SUB_ATTRIBUTE_DEPTH {
+        return Err(NgsiError::bad_data(format!(
+            "sub-attributes are nested deeper than {MAX_SUB_ATTRIBUTE_DEPTH} levels"
+        )));
+    }
+    let obj = match v {
+        Value::Object(o) if is_attribute_object(v) || mode == ParseMode::Patch && !looks_like_geometry(v) => o,
+        Value::Object(_) if looks_like_geometry(v) => {
+            // Concise GeoProperty: the geometry itself.
+            validate_geometry(v)?;
+            return Ok(AttrPatch {
+                kind: Some(AttrKind::GeoProperty),
+                value: Some(v.clone()),
+                ..Default::default()
+            });
+        }
+        Value::Object(_) => {
+            return Err(NgsiError::bad_data(format!(
+                "attribute '{name}' has no type and no value member (value, object, languageMap, vocab, json, valueList or objectList)"
+            )));
+        }
+        Value::Null => {
+            return Err(NgsiError::bad_data(format!("attribute '{name}' is null")));
+        }
+        // Concise Property: the value itself.
+        other => {
+            return Ok(AttrPatch {
+                kind: Some(AttrKind::Property),
+                value: Some(other.clone()),
+                ..Default::default()
+            });
+        }
+    };
+
+    let explicit = match obj.get("type") {
+        None => None,
+        Some(Value::String(t)) => {
+            let iri = ctx.expand(t);
+            let kind = iri
+                .strip_prefix(NGSI_LD_NS)
+                .and_then(AttrKind::from_name)
+                .ok_or_else(|| {
+                    NgsiError::bad_data(format!(
+                        "attribute '{name}' has unknown type '{}'",
+                        crate::validate::truncate(t)
+                    ))
+                })?;
+            Some(kind)
+        }
+        Some(_) => {
+            return Err(NgsiError::bad_data(format!(
+                "the type of attribute '{name}' must be a string"
+            )));
+        }
+    };
+    let present: Vec<&str> = VALUE_KEYS
+        .iter()
+        .copied()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    if present.len() > 1 {
+        return Err(NgsiError::bad_data(format!(
+            "attribute '{name}' has more than one value member: {}",
+            present.join(", ")
+        )));
+    }
+    let kind = match (explicit, present.first()) {
+        (Some(k), Some(member)) => {
+            if k.value_key() != *member {
+                return Err(NgsiError::bad_data(format!(
+                    "attribute '{name}' is a {} and needs '{}', not '{member}'",
+                    k.name(),
+                    k.value_key()
+                )));
+            }
+            Some(k)
+        }
+        (Some(k), None) => Some(k),
+        (None, Some(member)) => Some(infer_kind(member, &obj[*member])),
+        (None, None) => None,
+    };
+
+    let mut patch = AttrPatch {
+        kind,
+        ..Default::default()
+    };
+    if let (Some(kind), Some(member)) = (kind, present.first()) {
+        let raw = &obj[*member];
+        if raw.is_null() {
+            if mode == ParseMode::Full {
+                return Err(NgsiError::bad_data(format!(
+                    "attribute '{name}' has a null '{member}'"
+                )));
+            }
+            patch.value = Some(Value::Null);
+        } else {
+            patch.value = Some(normalize_value(name, kind, raw, ctx)?);
+        }
+    }
+    if mode == ParseMode::Full && patch.value.is_none() {
+        return Err(NgsiError::bad_data(format!(
+            "attribute '{name}' has no value member ({})",
+            kind.map(AttrKind::value_key).unwrap_or("value, object, ...")
+        )));
+    }
+
+    for (key, member) in obj {
+        match key.as_str() {
+            "type" | "@context" => {}
+            k if VALUE_KEYS.contains(&k) || SYSTEM_KEYS.contains(&k) => {}
+            "datasetId" => {
+                let id = member
+                    .as_str()
+                    .ok_or_else(|| NgsiError::bad_data(format!("datasetId of '{name}' must be a string")))?;
+                check_uri("datasetId", id)?;
+                patch.dataset_id = Some(id.to_string());
+            }
+            "observedAt" => {
+                patch.observed_at = Some(match member {
+                    Value::Null if mode == ParseMode::Patch => None,
+                    Value::String(s) => Some(parse_datetime(s).ok_or_else(|| {
+                        NgsiError::bad_data(format!(
+                            "observedAt of '{name}' is not an ISO 8601 date-time: '{}'",
+                            crate::validate::truncate(s)
+                        ))
+                    })?),
+                    _ => {
+                        return Err(NgsiError::bad_data(format!(
+                            "observedAt of '{name}' must be a date-time string"
+                        )));
+                    }
+                });
+            }
+            "unitCode" => {
+                patch.unit_code = Some(match member {
+                    Value::Null if mode == ParseMode::Patch => None,
+                    Value::String(s) if !s.is_empty() => Some(s.clone()),
+                    _ => {
+                        return Err(NgsiError::bad_data(format!(
+                            "unitCode of '{name}' must be a non-empty string"
+                        )));
+                    }
+                });
+            }
+            "objectType" => {
+                patch.object_type = Some(match member {
+                    Value::Null if mode == ParseMode::Patch => None,
+                    other => Some(expand_vocab(name, "objectType", other, ctx)?),
+                });
+            }
+            sub_name => {
+                check_name("sub-attribute name", sub_name)?;
+                let iri = ctx.expand(sub_name).into_owned();
+                let sub = if member.is_null() && mode == ParseMode::Patch {
+                    None
+                } else {
+                    Some(parse_attribute(sub_name, member, ctx, mode, depth + 1)?)
+                };
+                patch.sub.insert(iri, sub);
+            }
+        }
+    }
+    Ok(patch)
+}
+
+fn infer_kind(member: &str, value: &Value) -> AttrKind {
+    match member {
+        "object" => AttrKind::Relationship,
+        "languageMap" => AttrKind::LanguageProperty,
+        "vocab" => AttrKind::VocabProperty,
+        "json" => AttrKind::JsonProperty,
+        "valueList" => AttrKind::ListProperty,
+        "objectList" => AttrKind::ListRelationship,
+        _ if looks_like_geometry(value) => AttrKind::GeoProperty,
+        _ => AttrKind::Property,
+    }
+}
+
+/// Validates a value member for its kind and returns it as stored.
+fn normalize_value(name: &str, kind: AttrKind, raw: &Value, ctx: &Context) -> NgsiResult<Value> {
+    match kind {
+        AttrKind::Property => Ok(raw.clone()),
+        AttrKind::GeoProperty => {
+            validate_geometry(raw)?;
+            Ok(raw.clone())
+        }
+        AttrKind::Relationship => {
+            match raw {
+                Value::String(s) => check_uri("relationship object", s)?,
+                Value::Array(a) if !a.is_empty() => {
+                    for o in a {
+                        let s = o.as_str().ok_or_else(|| {
+                            NgsiError::bad_data(format!("objects of relationship '{name}' must be URIs"))
+                        })?;
+                        check_uri("relationship object", s)?;
+                    }
+                }
+                _ => {
+                    return Err(NgsiError::bad_data(format!(
+                        "object of relationship '{name}' must be a URI or a non-empty array of URIs"
+                    )));
+                }
+            }
+            Ok(raw.clone())
+        }
+        AttrKind::LanguageProperty => {
+            let map = raw.as_object().ok_or_else(|| {
+                NgsiError::bad_data(format!("languageMap of '{name}' must be an object"))
+            })?;
+            for (lang, text) in map {
+                let tag_ok = lang == "@none"
+                    || (!lang.is_empty()
+                        && lang.len() <= 35
+                        && lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+                let text_ok = text.is_string()
+                    || text.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+                if !tag_ok || !text_ok {
+                    return Err(NgsiError::bad_data(format!(
+                        "languageMap of '{name}' must map language tags to strings"
+                    )));
+                }
+            }
+            Ok(raw.clone())
+        }
+        AttrKind::VocabProperty => expand_vocab(name, "vocab", raw, ctx),
+        AttrKind::JsonProperty => Ok(raw.clone()),
+        AttrKind::ListProperty => {
+            if raw.is_array() {
+                Ok(raw.clone())
+            } else {
+                Err(NgsiError::bad_data(format!("valueList of '{name}' must be an array")))
+            }
+        }
+        AttrKind::ListRelationship => {
+            let items = raw.as_array().ok_or_else(|| {
+                NgsiError::bad_data(format!("objectList of '{name}' must be an array"))
+            })?;
+            for item in items {
+                let uri = match item {
+                    Value::String(s) => Some(s.as_str()),
+                    Value::Object(o) => o.get("object").and_then(Value::as_str),
+                    _ => None,
+                };
+                let uri = uri.ok_or_else(|| {
+                    NgsiError::bad_data(format!(
+                        "objectList of '{name}' must hold URIs or {{\"object\": URI}} items"
+                    ))
+                })?;
+                check_uri("relationship object", uri)?;
+            }
+            Ok(raw.clone())
+        }
+    }
+}
+
+fn expand_vocab(name: &str, member: &str, raw: &Value, ctx: &Context) -> NgsiResult<Value> {
+    let one = |v: &Value| -> NgsiResult<Value> {
+        let s = v.as_str().ok_or_else(|| {
+            NgsiError::bad_data(format!("{member} of '{name}' must hold strings"))
+        })?;
+        check_name(member, s)?;
+        Ok(Value::String(ctx.expand(s).into_owned()))
+    };
+    match raw {
+        Value::Array(a) if !a.is_empty() => Ok(Value::Array(a.iter().map(one).collect::<NgsiResult<_>>()?)),
+        Value::String(_) => one(raw),
+        _ => Err(NgsiError::bad_data(format!(
+            "{member} of '{name}' must be a string or a non-empty array of strings"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rendering
+
+/// The representations of clause 4.5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Normalized,
+    Concise,
+    KeyValues,
+}
+
+/// What to render and how.
+#[derive(Clone, Debug, Default)]
+pub struct RenderOptions {
+    pub format: Format,
+    pub sys_attrs: bool,
+    /// Only these attributes (expanded names), when given.
+    pub attrs: Option<Vec<String>>,
+}
+
+/// Renders an entity in the requested representation, compacted against `ctx`.
+pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<String, Value> {
+    let mut out = Map::with_capacity(e.attrs.len() + 4);
+    out.insert("id".into(), Value::String(e.id.clone()));
+    out.insert("type".into(), render_types(&e.types, ctx));
+    if !e.scopes.is_empty() {
+        let scopes = if e.scopes.len() == 1 {
+            Value::String(e.scopes[0].clone())
+        } else {
+            Value::Array(e.scopes.iter().cloned().map(Value::String).collect())
+        };
+        out.insert("scope".into(), scopes);
+    }
+    for (name, instances) in &e.attrs {
+        if let Some(wanted) = &opts.attrs
+            && !wanted.iter().any(|w| w == name)
+        {
+            continue;
+        }
+        let key = ctx.compact(name).into_owned();
+        let value = if opts.format == Format::KeyValues {
+            // keyValues has no room for instances: the default instance (or the first) stands for the attribute.
+            let inst = instances
+                .iter()
+                .find(|a| a.dataset_id.is_none())
+                .or_else(|| instances.first());
+            match inst {
+                Some(a) => simplified_value(a, ctx),
+                None => continue,
+            }
+        } else if instances.len() == 1 {
+            render_attribute(&instances[0], ctx, opts)
+        } else {
+            Value::Array(instances.iter().map(|a| render_attribute(a, ctx, opts)).collect())
+        };
+        out.insert(key, value);
+    }
+    if opts.sys_attrs && opts.format != Format::KeyValues {
+        out.insert("createdAt".into(), Value::String(format_datetime(e.created_at)));
+        out.insert("modifiedAt".into(), Value::String(format_datetime(e.modified_at)));
+    }
+    out
+}
+
+fn render_types(types: &[String], ctx: &Context) -> Value {
+    if types.len() == 1 {
+        Value::String(ctx.compact(&types[0]).into_owned())
+    } else {
+        Value::Array(
+            types
+                .iter()
+                .map(|t| Value::String(ctx.compact(t).into_owned()))
+                .collect(),
+        )
+    }
+}
+
+fn compact_vocab(v: &Value, ctx: &Context) -> Value {
+    match v {
+        Value::String(s) => Value::String(ctx.compact(s).into_owned()),
+        Value::Array(a) => Value::Array(a.iter().map(|x| compact_vocab(x, ctx)).collect()),
+        other => other.clone(),
+    }
+}
+
+fn stored_value(a: &Attribute, ctx: &Context) -> Value {
+    if a.kind == AttrKind::VocabProperty {
+        compact_vocab(&a.value, ctx)
+    } else {
+        a.value.clone()
+    }
+}
+
+/// The value alone, as the keyValues representation shows it.
+pub fn simplified_value(a: &Attribute, ctx: &Context) -> Value {
+    stored_value(a, ctx)
+}
+
+/// Renders one attribute instance (normalized or concise).
+pub fn render_attribute(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> Value {
+    let concise = opts.format == Format::Concise;
+    let bare = concise
+        && a.sub.is_empty()
+        && a.observed_at.is_none()
+        && a.unit_code.is_none()
+        && a.dataset_id.is_none()
+        && a.object_type.is_none()
+        && !opts.sys_attrs;
+    if bare {
+        match a.kind {
+            AttrKind::Property if !a.value.is_object() && !a.value.is_array() => {
+                return a.value.clone();
+            }
+            AttrKind::GeoProperty => return a.value.clone(),
+            _ => {}
+        }
+    }
+    let mut m = Map::with_capacity(4 + a.sub.len());
+    if !concise {
+        m.insert("type".into(), Value::String(a.kind.name().into()));
+    }
+    m.insert(a.kind.value_key().into(), stored_value(a, ctx));
+    if let Some(t) = &a.object_type {
+        m.insert("objectType".into(), compact_vocab(t, ctx));
+    }
+    if let Some(d) = &a.dataset_id {
+        m.insert("datasetId".into(), Value::String(d.clone()));
+    }
+    if let Some(o) = a.observed_at {
+        m.insert("observedAt".into(), Value::String(format_datetime(o)));
+    }
+    if let Some(u) = &a.unit_code {
+        m.insert("unitCode".into(), Value::String(u.clone()));
+    }
+    for (name, sub) in &a.sub {
+        m.insert(ctx.compact(name).into_owned(), render_attribute(sub, ctx, opts));
+    }
+    if opts.sys_attrs {
+        m.insert("createdAt".into(), Value::String(format_datetime(a.created_at)));
+        m.insert("modifiedAt".into(), Value::String(format_datetime(a.modified_at)));
+    }
+    Value::Object(m)
+}
+
+/// Renders an entity as a GeoJSON Feature (clause 4.5.16): the geometry comes
+/// from `geometry_property` (expanded name), everything else goes under `properties`.
+pub fn render_feature(
+    e: &Entity,
+    ctx: &Context,
+    opts: &RenderOptions,
+    geometry_property: &str,
+) -> Value {
+    let mut props = render_entity(e, ctx, opts);
+    props.remove("id");
+    let geometry = e
+        .attrs
+        .get(geometry_property)
+        .and_then(|inst| {
+            inst.iter()
+                .find(|a| a.dataset_id.is_none())
+                .or_else(|| inst.first())
+        })
+        .filter(|a| a.kind == AttrKind::GeoProperty)
+        .map(|a| a.value.clone())
+        .unwrap_or(Value::Null);
+    let mut f = Map::new();
+    f.insert("id".into(), Value::String(e.id.clone()));
+    f.insert("type".into(), Value::String("Feature".into()));
+    f.insert("geometry".into(), geometry);
+    f.insert("properties".into(), Value::Object(props));
+    Value::Object(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> std::sync::Arc<Context> {
+        Context::core()
+    }
+
+    fn sample() -> Value {
+        json!({
+            "id": "urn:ngsi-ld:Vehicle:A1",
+            "type": "Vehicle",
+            "speed": {"type": "Property", "value": 80, "unitCode": "KMH",
+                      "observedAt": "2024-01-01T10:00:00.000Z",
+                      "accuracy": {"type": "Property", "value": 0.9}},
+            "owner": {"type": "Relationship", "object": "urn:ngsi-ld:Person:P1"},
+            "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.1, 41.4]}},
+            "name": {"type": "LanguageProperty", "languageMap": {"en": "Car", "es": "Coche"}},
+            "category": {"type": "VocabProperty", "vocab": "sedan"},
+            "config": {"type": "JsonProperty", "json": {"a": [1, 2]}},
+            "readings": {"type": "ListProperty", "valueList": [1, 2, 3]},
+            "drivers": {"type": "ListRelationship", "objectList": [{"object": "urn:ngsi-ld:Person:P2"}]},
+            "temperature": [
+                {"type": "Property", "value": 20},
+                {"type": "Property", "value": 21, "datasetId": "urn:ngsi-ld:dataset:b"}
+            ]
+        })
+    }
+
+    #[test]
+    fn normalized_round_trip_keeps_every_kind() {
+        let e = parse_entity(&sample(), &ctx(), 1_000).unwrap();
+        assert_eq!(e.types, vec!["https://uri.etsi.org/ngsi-ld/default-context/Vehicle"]);
+        assert_eq!(e.attrs.len(), 9);
+        let out = Value::Object(render_entity(&e, &ctx(), &RenderOptions::default()));
+        assert_eq!(out, sample());
+    }
+
+    #[test]
+    fn vocab_values_are_expanded_in_storage() {
+        let e = parse_entity(&sample(), &ctx(), 0).unwrap();
+        let cat = &e.attrs["https://uri.etsi.org/ngsi-ld/default-context/category"][0];
+        assert_eq!(cat.value, json!("https://uri.etsi.org/ngsi-ld/default-context/sedan"));
+    }
+
+    #[test]
+    fn concise_input_is_understood_and_concise_output_round_trips() {
+        let concise = json!({
+            "id": "urn:ngsi-ld:Vehicle:A1",
+            "type": "Vehicle",
+            "speed": 80,
+            "owner": {"object": "urn:ngsi-ld:Person:P1"},
+            "location": {"type": "Point", "coordinates": [2.1, 41.4]},
+            "brand": {"value": "Mercedes", "observedAt": "2024-01-01T10:00:00.000Z"},
+            "name": {"languageMap": {"en": "Car"}},
+        });
+        let e = parse_entity(&concise, &ctx(), 0).unwrap();
+        let kinds: Vec<AttrKind> = e.attrs.values().map(|i| i[0].kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                AttrKind::Property,
+                AttrKind::Relationship,
+                AttrKind::GeoProperty,
+                AttrKind::Property,
+                AttrKind::LanguageProperty
+            ]
+        );
+        let opts = RenderOptions {
+            format: Format::Concise,
+            ..Default::default()
+        };
+        assert_eq!(Value::Object(render_entity(&e, &ctx(), &opts)), concise);
+    }
+
+    #[test]
+    fn key_values() {
+        let e = parse_entity(&sample(), &ctx(), 0).unwrap();
+        let opts = RenderOptions {
+            format: Format::KeyValues,
+            ..Default::default()
+        };
+        let out = render_entity(&e, &ctx(), &opts);
+        assert_eq!(out["speed"], json!(80));
+        assert_eq!(out["owner"], json!("urn:ngsi-ld:Person:P1"));
+        assert_eq!(out["category"], json!("sedan"));
+        assert_eq!(out["temperature"], json!(20));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases = [
+            (json!({"id": "urn:a", "type": "T", "p": {"type": "Property"}}), "no value"),
+            (json!({"id": "nope", "type": "T"}), "not a valid URI"),
+            (json!({"id": "urn:a"}), "needs a 'type'"),
+            (json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "object": "x"}}), "not a valid URI"),
+            (json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "value": 1}}), "needs 'object'"),
+            (json!({"id": "urn:a", "type": "T", "p": {"type": "Weird", "value": 1}}), "unknown type"),
+            (json!({"id": "urn:a", "type": "T", "p=": 1}), "forbidden character"),
+            (json!({"id": "urn:a", "type": "T", "p": {"value": 1, "observedAt": "now"}}), "observedAt"),
+            (json!({"id": "urn:a", "type": "T", "p": null}), "null"),
+            (json!({"id": "urn:a", "type": "T", "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [0, 100]}}}), "latitude"),
+            (json!({"id": "urn:a", "type": "T", "p": [{"value": 1}, {"value": 2}]}), "same datasetId"),
+            (json!([1]), "JSON object"),
+        ];
+        for (body, word) in cases {
+            let e = parse_entity(&body, &ctx(), 0).unwrap_err();
+            assert!(e.detail.contains(word), "{body}: {}", e.detail);
+        }
+    }
+
+    #[test]
+    fn sys_attrs_render_times() {
+        let e = parse_entity(&sample(), &ctx(), 1_700_000_000_000_000).unwrap();
+        let opts = RenderOptions {
+            sys_attrs: true,
+            ..Default::default()
+        };
+        let out = render_entity(&e, &ctx(), &opts);
+        assert_eq!(out["createdAt"], json!("2023-11-14T22:13:20.000Z"));
+        assert_eq!(out["speed"]["modifiedAt"], json!("2023-11-14T22:13:20.000Z"));
+    }
+
+    #[test]
+    fn geojson_feature() {
+        let e = parse_entity(&sample(), &ctx(), 0).unwrap();
+        let f = render_feature(&e, &ctx(), &RenderOptions::default(), "https://uri.etsi.org/ngsi-ld/location");
+        assert_eq!(f["type"], "Feature");
+        assert_eq!(f["geometry"]["coordinates"], json!([2.1, 41.4]));
+        assert_eq!(f["properties"]["type"], "Vehicle");
+        assert!(f["properties"].get("id").is_none());
+    }
+}

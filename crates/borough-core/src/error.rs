@@ -1,0 +1,142 @@
+//! NGSI-LD problem types (ETSI GS CIM 009, clause 5.5.2) and the error every layer returns.
+
+use serde_json::{Value, json};
+use std::fmt;
+
+/// The kinds of problem Borough reports. Each maps to one HTTP status and one type URI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    InvalidRequest,
+    BadRequestData,
+    AlreadyExists,
+    OperationNotSupported,
+    ResourceNotFound,
+    InternalError,
+    TooComplexQuery,
+    TooManyResults,
+    LdContextNotAvailable,
+    NonexistentTenant,
+    /// 406: none of the media types in `Accept` can be produced.
+    NotAcceptable,
+    /// 415: the body's `Content-Type` is not accepted by this operation.
+    UnsupportedMediaType,
+    /// 413: the body is larger than the configured limit.
+    PayloadTooLarge,
+    /// 405: the path exists but not with this method.
+    MethodNotAllowed,
+}
+
+impl ProblemKind {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::InvalidRequest | Self::BadRequestData => 400,
+            Self::AlreadyExists => 409,
+            Self::OperationNotSupported => 422,
+            Self::ResourceNotFound | Self::NonexistentTenant => 404,
+            Self::InternalError => 500,
+            Self::TooComplexQuery | Self::TooManyResults => 403,
+            Self::LdContextNotAvailable => 503,
+            Self::NotAcceptable => 406,
+            Self::UnsupportedMediaType => 415,
+            Self::PayloadTooLarge => 413,
+            Self::MethodNotAllowed => 405,
+        }
+    }
+
+    /// The problem type URI. The spec's own types use its error namespace; the
+    /// plain HTTP conditions (406, 413, 415, 405) have no spec type, so they are
+    /// reported as the closest spec type, `InvalidRequest`.
+    pub fn type_uri(self) -> &'static str {
+        match self {
+            Self::InvalidRequest
+            | Self::NotAcceptable
+            | Self::UnsupportedMediaType
+            | Self::PayloadTooLarge
+            | Self::MethodNotAllowed => "https://uri.etsi.org/ngsi-ld/errors/InvalidRequest",
+            Self::BadRequestData => "https://uri.etsi.org/ngsi-ld/errors/BadRequestData",
+            Self::AlreadyExists => "https://uri.etsi.org/ngsi-ld/errors/AlreadyExists",
+            Self::OperationNotSupported => {
+                "https://uri.etsi.org/ngsi-ld/errors/OperationNotSupported"
+            }
+            Self::ResourceNotFound => "https://uri.etsi.org/ngsi-ld/errors/ResourceNotFound",
+            Self::InternalError => "https://uri.etsi.org/ngsi-ld/errors/InternalError",
+            Self::TooComplexQuery => "https://uri.etsi.org/ngsi-ld/errors/TooComplexQuery",
+            Self::TooManyResults => "https://uri.etsi.org/ngsi-ld/errors/TooManyResults",
+            Self::LdContextNotAvailable => {
+                "https://uri.etsi.org/ngsi-ld/errors/LdContextNotAvailable"
+            }
+            Self::NonexistentTenant => "https://uri.etsi.org/ngsi-ld/errors/NonexistentTenant",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "Invalid request",
+            Self::BadRequestData => "Bad request data",
+            Self::AlreadyExists => "Already exists",
+            Self::OperationNotSupported => "Operation not supported",
+            Self::ResourceNotFound => "Resource not found",
+            Self::InternalError => "Internal error",
+            Self::TooComplexQuery => "Too complex query",
+            Self::TooManyResults => "Too many results",
+            Self::LdContextNotAvailable => "@context not available",
+            Self::NonexistentTenant => "Nonexistent tenant",
+            Self::NotAcceptable => "Not acceptable",
+            Self::UnsupportedMediaType => "Unsupported media type",
+            Self::PayloadTooLarge => "Payload too large",
+            Self::MethodNotAllowed => "Method not allowed",
+        }
+    }
+}
+
+/// An error with the problem kind and a detail that tells the client what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NgsiError {
+    pub kind: ProblemKind,
+    pub detail: String,
+}
+
+pub type NgsiResult<T> = Result<T, NgsiError>;
+
+impl NgsiError {
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+    pub fn bad_data(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::BadRequestData, detail)
+    }
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::InvalidRequest, detail)
+    }
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::ResourceNotFound, detail)
+    }
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(ProblemKind::InternalError, detail)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+
+    /// The RFC 7807 problem-details body.
+    pub fn to_problem(&self) -> Value {
+        json!({
+            "type": self.kind.type_uri(),
+            "title": self.kind.title(),
+            "status": self.kind.status(),
+            "detail": self.detail,
+        })
+    }
+}
+
+impl fmt::Display for NgsiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.title(), self.detail)
+    }
+}
+
+impl std::error::Error for NgsiError {}
