@@ -1,1 +1,424 @@
+//! The embedded storage engine: one redb file on disk, the current state of
+//! every entity in memory, and a single writer thread that commits writes in
+//! groups.
+//!
+//! Invariants:
+//! - The redb file is the truth; the in-memory maps are rebuilt from it at open.
+//! - Only the writer thread changes state. It applies each operation to the
+//!   latest state (committed, or staged earlier in the same group), so
+//!   concurrent read-modify-write requests never lose an update.
+//! - A write's future resolves only after the transaction that holds it has
+//!   been committed with `Durability::Immediate` (fsync), and readers see a
+//!   change only after that commit.
 
+use borough_core::ops::{Change, apply};
+use borough_core::validate::now_micros;
+use borough_core::{Entity, EntityOp};
+use borough_store::{DEFAULT_TENANT, EntityStore, StoreError, WriteResults};
+use futures_util::future::BoxFuture;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+/// (tenant, entity id) → the entity, serialized.
+const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
+/// Tenants that have been written to.
+const TENANTS: TableDefinition<&str, ()> = TableDefinition::new("tenants");
+
+/// Most operations committed in one transaction; a larger backlog waits for the next.
+const MAX_GROUP_OPS: usize = 20_000;
+/// Writes that may wait for the writer before callers are made to wait.
+const QUEUE_DEPTH: usize = 4096;
+
+type TenantMap = RwLock<HashMap<String, Arc<Entity>>>;
+
+#[derive(Default)]
+struct Shared {
+    tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
+}
+
+impl Shared {
+    fn tenant(&self, tenant: &str) -> Option<Arc<TenantMap>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    fn tenant_or_create(&self, tenant: &str) -> Arc<TenantMap> {
+        if let Some(t) = self.tenant(tenant) {
+            return t;
+        }
+        self.tenants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+struct WriteJob {
+    tenant: String,
+    ops: Vec<EntityOp>,
+    reply: oneshot::Sender<Result<WriteResults, StoreError>>,
+}
+
+enum Job {
+    Write(WriteJob),
+    Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The embedded store. Cheap to share behind an `Arc`.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    sender: mpsc::Sender<Job>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`, loading every entity into memory.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("borough.redb");
+        let db = Database::create(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let shared = Arc::new(Shared::default());
+        load(&db, &shared)?;
+        let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("borough-writer".into())
+            .spawn(move || run_writer(db, writer_shared, receiver))
+            .map_err(io)?;
+        Ok(Self {
+            shared,
+            sender,
+            writer: Mutex::new(Some(writer)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(io)?;
+    // Create the tables on first open so that reads never miss them.
+    txn.open_table(ENTITIES).map_err(io)?;
+    txn.open_table(TENANTS).map_err(io)?;
+    txn.set_durability(redb::Durability::Immediate).map_err(io)?;
+    txn.commit().map_err(io)?;
+
+    let read = db.begin_read().map_err(io)?;
+    let tenants = read.open_table(TENANTS).map_err(io)?;
+    let mut maps = shared.tenants.write().unwrap_or_else(|e| e.into_inner());
+    for row in tenants.iter().map_err(io)? {
+        let (name, _) = row.map_err(io)?;
+        maps.entry(name.value().to_string()).or_default();
+    }
+    let entities = read.open_table(ENTITIES).map_err(io)?;
+    let mut current: Option<(String, HashMap<String, Arc<Entity>>)> = None;
+    for row in entities.iter().map_err(io)? {
+        let (key, value) = row.map_err(io)?;
+        let (tenant, id) = key.value();
+        let entity: Entity = serde_json::from_slice(value.value())
+            .map_err(|e| io(format!("entity '{id}' of tenant '{tenant}' cannot be read: {e}")))?;
+        // Rows are ordered by tenant: fill one tenant's map at a time.
+        if current.as_ref().is_none_or(|(t, _)| t != tenant) {
+            if let Some((t, m)) = current.take() {
+                maps.insert(t, Arc::new(RwLock::new(m)));
+            }
+            current = Some((tenant.to_string(), HashMap::new()));
+        }
+        if let Some((_, m)) = current.as_mut() {
+            m.insert(id.to_string(), Arc::new(entity));
+        }
+    }
+    if let Some((t, m)) = current.take() {
+        maps.insert(t, Arc::new(RwLock::new(m)));
+    }
+    maps.entry(DEFAULT_TENANT.to_string()).or_default();
+    Ok(())
+}
+
+fn run_writer(db: Database, shared: Arc<Shared>, mut receiver: mpsc::Receiver<Job>) {
+    let mut close_reply = None;
+    while close_reply.is_none() {
+        let Some(first) = receiver.blocking_recv() else {
+            break;
+        };
+        let mut group = Vec::new();
+        let mut ops = 0;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Write(w) => {
+                    ops += w.ops.len();
+                    group.push(w);
+                }
+                Job::Close(r) => {
+                    close_reply = Some(r);
+                    break;
+                }
+            }
+            if ops < MAX_GROUP_OPS {
+                next = receiver.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            commit_group(&db, &shared, group);
+        }
+    }
+    // Refuse new writes, then finish the ones already queued.
+    receiver.close();
+    let mut rest = Vec::new();
+    while let Ok(job) = receiver.try_recv() {
+        match job {
+            Job::Write(w) => rest.push(w),
+            Job::Close(r) => {
+                let _ = r.send(Ok(()));
+            }
+        }
+    }
+    if !rest.is_empty() {
+        commit_group(&db, &shared, rest);
+    }
+    drop(db);
+    if let Some(r) = close_reply {
+        let _ = r.send(Ok(()));
+    }
+}
+
+type Key = (String, String);
+
+/// Applies a group of writes to the latest state, commits them in one
+/// transaction, then publishes the new state and answers every caller.
+fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
+    let now = now_micros();
+    let mut staged: HashMap<Key, Option<Arc<Entity>>> = HashMap::new();
+    let mut new_tenants: Vec<String> = Vec::new();
+    let mut answers = Vec::with_capacity(group.len());
+    for job in group {
+        let committed = shared.tenant(&job.tenant);
+        let mut results = Vec::with_capacity(job.ops.len());
+        for op in job.ops {
+            let key = (job.tenant.clone(), op.entity_id().to_string());
+            let current = match staged.get(&key) {
+                Some(s) => s.clone(),
+                None => committed.as_ref().and_then(|m| {
+                    m.read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&key.1)
+                        .cloned()
+                }),
+            };
+            match apply(op, current.as_deref(), now) {
+                Ok((change, outcome)) => {
+                    match change {
+                        Change::Put(e) => {
+                            staged.insert(key, Some(Arc::new(e)));
+                        }
+                        Change::Delete => {
+                            staged.insert(key, None);
+                        }
+                        Change::Unchanged => {}
+                    }
+                    results.push(Ok(outcome));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if committed.is_none() && !new_tenants.contains(&job.tenant) && results.iter().any(Result::is_ok) {
+            new_tenants.push(job.tenant.clone());
+        }
+        answers.push((job.reply, results));
+    }
+
+    if let Err(e) = persist(db, &staged, &new_tenants) {
+        tracing::error!(error = %e, "commit failed; the group's writes are rejected");
+        for (reply, _) in answers {
+            let _ = reply.send(Err(StoreError::Io(e.to_string())));
+        }
+        return;
+    }
+
+    // Publish: readers see the group only now that it is durable.
+    let mut by_tenant: HashMap<&str, Vec<(&str, &Option<Arc<Entity>>)>> = HashMap::new();
+    for ((tenant, id), v) in &staged {
+        by_tenant.entry(tenant).or_default().push((id, v));
+    }
+    for t in &new_tenants {
+        shared.tenant_or_create(t);
+    }
+    for (tenant, changes) in by_tenant {
+        let map = shared.tenant_or_create(tenant);
+        let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+        for (id, v) in changes {
+            match v {
+                Some(e) => {
+                    map.insert(id.to_string(), e.clone());
+                }
+                None => {
+                    map.remove(id);
+                }
+            }
+        }
+    }
+    for (reply, results) in answers {
+        let _ = reply.send(Ok(results));
+    }
+}
+
+fn persist(
+    db: &Database,
+    staged: &HashMap<Key, Option<Arc<Entity>>>,
+    new_tenants: &[String],
+) -> Result<(), StoreError> {
+    if staged.is_empty() && new_tenants.is_empty() {
+        return Ok(());
+    }
+    let mut txn = db.begin_write().map_err(io)?;
+    txn.set_durability(redb::Durability::Immediate).map_err(io)?;
+    {
+        let mut table = txn.open_table(ENTITIES).map_err(io)?;
+        let mut buf = Vec::with_capacity(1024);
+        for ((tenant, id), v) in staged {
+            match v {
+                Some(e) => {
+                    buf.clear();
+                    serde_json::to_writer(&mut buf, e.as_ref()).map_err(io)?;
+                    table.insert((tenant.as_str(), id.as_str()), buf.as_slice()).map_err(io)?;
+                }
+                None => {
+                    table.remove((tenant.as_str(), id.as_str())).map_err(io)?;
+                }
+            }
+        }
+        let mut tenants = txn.open_table(TENANTS).map_err(io)?;
+        for t in new_tenants {
+            tenants.insert(t.as_str(), ()).map_err(io)?;
+        }
+    }
+    txn.commit().map_err(io)
+}
+
+impl EntityStore for EmbeddedStore {
+    fn get(&self, tenant: &str, id: &str) -> Option<Arc<Entity>> {
+        let map = self.shared.tenant(tenant)?;
+        let map = map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(id).cloned()
+    }
+
+    fn tenant_exists(&self, tenant: &str) -> bool {
+        tenant == DEFAULT_TENANT || self.shared.tenant(tenant).is_some()
+    }
+
+    fn tenants(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .shared
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn entity_count(&self, tenant: &str) -> usize {
+        self.shared
+            .tenant(tenant)
+            .map_or(0, |m| m.read().unwrap_or_else(|e| e.into_inner()).len())
+    }
+
+    fn scan(&self, tenant: &str, visit: &mut dyn FnMut(&Arc<Entity>) -> bool) {
+        let Some(map) = self.shared.tenant(tenant) else {
+            return;
+        };
+        let map = map.read().unwrap_or_else(|e| e.into_inner());
+        for e in map.values() {
+            if !visit(e) {
+                break;
+            }
+        }
+    }
+
+    fn write(&self, tenant: &str, ops: Vec<EntityOp>) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
+        let sender = self.sender.clone();
+        let tenant = tenant.to_string();
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            sender
+                .send(Job::Write(WriteJob { tenant, ops, reply }))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let sender = self.sender.clone();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            if sender.send(Job::Close(reply)).await.is_ok() {
+                answer.await.map_err(|_| StoreError::Closed)??;
+            }
+            if let Some(handle) = writer {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(io)?
+                    .map_err(|_| io("the writer thread panicked"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Ask the writer to finish what it has; the file closes when it exits.
+        let _ = self.sender.try_send(Job::Close(oneshot::channel().0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_shared_backend_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        borough_store::testsuite::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let store = EmbeddedStore::open(&path).unwrap();
+        borough_store::testsuite::survives_reopen(store, || EmbeddedStore::open(&path).unwrap()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_after_close_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.close().await.unwrap();
+        let r = store.write("t", vec![EntityOp::Delete { id: "urn:x".into() }]).await;
+        assert!(matches!(r, Err(StoreError::Closed)));
+    }
+}

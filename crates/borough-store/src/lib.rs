@@ -1,1 +1,53 @@
+//! Storage traits that every backend implements, and the test suite that every
+//! backend must pass. Nothing here names an engine's types: the embedded engine
+//! and a future PostgreSQL backend plug in behind the same trait.
 
+use borough_core::{Entity, EntityOp, NgsiError, OpOutcome};
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+
+pub mod testsuite;
+
+/// The name of the tenant used when a request names none.
+pub const DEFAULT_TENANT: &str = "";
+
+/// A failure of the storage itself (not of the request): the write was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failure: {0}")]
+    Io(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// The outcome of each operation of one write, in order.
+pub type WriteResults = Vec<Result<OpOutcome, NgsiError>>;
+
+/// The current state of every tenant's entities.
+///
+/// Writes are sequences of [`EntityOp`]s applied in order; each operation
+/// succeeds or fails on its own (batch semantics), and the future resolves only
+/// once every successful change is durable. Reads see only committed state.
+pub trait EntityStore: Send + Sync + 'static {
+    /// The committed state of one entity.
+    fn get(&self, tenant: &str, id: &str) -> Option<Arc<Entity>>;
+
+    /// Whether a tenant has ever been written to (the default tenant always exists).
+    fn tenant_exists(&self, tenant: &str) -> bool;
+
+    /// Every tenant that exists, the default one included.
+    fn tenants(&self) -> Vec<String>;
+
+    /// The number of entities of a tenant.
+    fn entity_count(&self, tenant: &str) -> usize;
+
+    /// Visits the committed entities of a tenant in no set order until `visit` returns false.
+    fn scan(&self, tenant: &str, visit: &mut dyn FnMut(&Arc<Entity>) -> bool);
+
+    /// Applies `ops` to `tenant` (creating the tenant when a change is made)
+    /// and makes the result durable before resolving.
+    fn write(&self, tenant: &str, ops: Vec<EntityOp>) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
+
+    /// Finishes every write already accepted and flushes the store.
+    fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+}

@@ -1,0 +1,156 @@
+//! The behaviour every [`EntityStore`] backend must show. A backend's own tests
+//! call [`run_all`] (and [`survives_reopen`] with a way to reopen it); a
+//! backend is done when they pass.
+
+use crate::{DEFAULT_TENANT, EntityStore};
+use borough_core::entity::parse_entity;
+use borough_core::{Context, Entity, EntityOp, OpOutcome, ProblemKind};
+use serde_json::json;
+
+fn entity(id: &str, speed: i64) -> Entity {
+    parse_entity(
+        &json!({"id": id, "type": "Vehicle", "speed": {"type": "Property", "value": speed}}),
+        &Context::core(),
+        0,
+    )
+    .expect("valid test entity")
+}
+
+fn speed(e: &Entity) -> serde_json::Value {
+    e.attrs["https://uri.etsi.org/ngsi-ld/default-context/speed"][0]
+        .value
+        .clone()
+}
+
+/// Runs every check that needs only one open store. Each check uses its own tenant.
+pub async fn run_all(store: &dyn EntityStore) {
+    create_get_delete(store).await;
+    batch_results_are_per_operation(store).await;
+    operations_in_one_write_see_each_other(store).await;
+    tenants_are_isolated(store).await;
+    concurrent_writes_lose_nothing(store).await;
+}
+
+pub async fn create_get_delete(store: &dyn EntityStore) {
+    let t = "suite-crud";
+    assert!(store.get(t, "urn:a").is_none());
+    let r = store
+        .write(t, vec![EntityOp::Create(entity("urn:a", 1))])
+        .await
+        .expect("write");
+    assert_eq!(r[0], Ok(OpOutcome::Created));
+    let got = store.get(t, "urn:a").expect("created entity is readable");
+    assert_eq!(speed(&got), json!(1));
+    assert!(got.created_at > 0, "the store stamps creation time");
+    let r = store
+        .write(t, vec![EntityOp::Delete { id: "urn:a".into() }])
+        .await
+        .expect("write");
+    assert_eq!(r[0], Ok(OpOutcome::Deleted));
+    assert!(store.get(t, "urn:a").is_none());
+    let r = store
+        .write(t, vec![EntityOp::Delete { id: "urn:a".into() }])
+        .await
+        .expect("write");
+    assert_eq!(r[0].as_ref().unwrap_err().kind, ProblemKind::ResourceNotFound);
+}
+
+pub async fn batch_results_are_per_operation(store: &dyn EntityStore) {
+    let t = "suite-batch";
+    let ops = vec![
+        EntityOp::Create(entity("urn:b1", 1)),
+        EntityOp::Create(entity("urn:b1", 2)),
+        EntityOp::Create(entity("urn:b2", 3)),
+    ];
+    let r = store.write(t, ops).await.expect("write");
+    assert_eq!(r[0], Ok(OpOutcome::Created));
+    assert_eq!(r[1].as_ref().unwrap_err().kind, ProblemKind::AlreadyExists);
+    assert_eq!(r[2], Ok(OpOutcome::Created));
+    assert_eq!(speed(&store.get(t, "urn:b1").unwrap()), json!(1));
+    assert_eq!(store.entity_count(t), 2);
+}
+
+pub async fn operations_in_one_write_see_each_other(store: &dyn EntityStore) {
+    let t = "suite-sequence";
+    let ops = vec![
+        EntityOp::Create(entity("urn:s", 1)),
+        EntityOp::Upsert {
+            entity: entity("urn:s", 2),
+            replace: false,
+        },
+        EntityOp::Delete { id: "urn:s".into() },
+        EntityOp::Create(entity("urn:s", 3)),
+    ];
+    let r = store.write(t, ops).await.expect("write");
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert_eq!(speed(&store.get(t, "urn:s").unwrap()), json!(3));
+}
+
+pub async fn tenants_are_isolated(store: &dyn EntityStore) {
+    store
+        .write("suite-t1", vec![EntityOp::Create(entity("urn:iso", 1))])
+        .await
+        .expect("write");
+    assert!(store.get("suite-t2", "urn:iso").is_none());
+    assert!(store.get(DEFAULT_TENANT, "urn:iso").is_none());
+    assert!(store.tenant_exists("suite-t1"));
+    assert!(!store.tenant_exists("suite-never-written"));
+    assert!(store.tenant_exists(DEFAULT_TENANT));
+    let mut seen = 0;
+    store.scan("suite-t2", &mut |_| {
+        seen += 1;
+        true
+    });
+    assert_eq!(seen, 0);
+}
+
+pub async fn concurrent_writes_lose_nothing(store: &dyn EntityStore) {
+    let t = "suite-concurrent";
+    store
+        .write(t, vec![EntityOp::Create(entity("urn:c", 0))])
+        .await
+        .expect("write");
+    // Many appends of distinct attributes to one entity, all in flight at once:
+    // none may be lost to a read-modify-write race.
+    let futures: Vec<_> = (0..50)
+        .map(|i| {
+            let frag = borough_core::entity::parse_fragment(
+                &json!({ format!("a{i}"): i }),
+                &Context::core(),
+                borough_core::ParseMode::Full,
+            )
+            .expect("fragment");
+            store.write(
+                t,
+                vec![EntityOp::Append {
+                    id: "urn:c".into(),
+                    frag,
+                    no_overwrite: false,
+                }],
+            )
+        })
+        .collect();
+    for r in futures_util::future::join_all(futures).await {
+        assert!(r.expect("write")[0].is_ok());
+    }
+    assert_eq!(store.get(t, "urn:c").unwrap().attrs.len(), 51);
+}
+
+/// Writes through one store, closes it, reopens it with `reopen`, and checks
+/// that everything acknowledged is there.
+pub async fn survives_reopen<S: EntityStore>(store: S, reopen: impl FnOnce() -> S) {
+    let t = "suite-reopen";
+    let ops = (0..100).map(|i| EntityOp::Create(entity(&format!("urn:r{i}"), i))).collect();
+    store.write(t, ops).await.expect("write");
+    store
+        .write(DEFAULT_TENANT, vec![EntityOp::Create(entity("urn:default", 7))])
+        .await
+        .expect("write");
+    store.close().await.expect("close");
+    drop(store);
+    let store = reopen();
+    assert_eq!(store.entity_count(t), 100);
+    assert_eq!(speed(&store.get(t, "urn:r42").unwrap()), json!(42));
+    assert_eq!(speed(&store.get(DEFAULT_TENANT, "urn:default").unwrap()), json!(7));
+    assert!(store.tenants().contains(&t.to_string()));
+}
