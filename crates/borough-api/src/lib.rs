@@ -1,1 +1,161 @@
+//! Borough's HTTP layer: it parses requests, resolves `@context`, calls the
+//! core and the store, and renders responses. It holds no state of its own.
 
+pub mod batch;
+pub mod contexts;
+pub mod entities;
+pub mod problem;
+pub mod request;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use borough_core::{NgsiError, ProblemKind};
+use borough_store::EntityStore;
+use bytes::Bytes;
+use contexts::ContextResolver;
+use problem::ApiError;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Limits and settings of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Largest body of a single-entity request.
+    pub max_body_bytes: usize,
+    /// Largest body of a batch operation.
+    pub max_batch_body_bytes: usize,
+    /// Most entities in one batch operation.
+    pub max_batch_entities: usize,
+    /// Timeout of each remote `@context` fetch.
+    pub context_fetch_timeout: Duration,
+    /// Serve `GET /bench/static` with a fixed body of this many bytes: the
+    /// HTTP-ceiling baseline of `borough bench`. Off in normal operation.
+    pub bench_static_bytes: Option<usize>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_batch_body_bytes: 16 << 20,
+            max_batch_entities: 10_000,
+            context_fetch_timeout: Duration::from_secs(3),
+            bench_static_bytes: None,
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<dyn EntityStore>,
+    pub contexts: ContextResolver,
+    pub config: ApiConfig,
+    static_body: Option<Bytes>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// Builds the full router: `/health` and the NGSI-LD API under `/ngsi-ld/v1`.
+pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
+    let static_body = config.bench_static_bytes.map(|n| {
+        let mut s = String::from("{\"id\":\"urn:ngsi-ld:Static:1\",\"type\":\"Static\",\"pad\":\"");
+        while s.len() + 2 < n {
+            s.push('x');
+        }
+        s.push_str("\"}");
+        Bytes::from(s)
+    });
+    let state = Arc::new(AppState {
+        store,
+        contexts: ContextResolver::new(config.context_fetch_timeout),
+        config,
+        static_body,
+    });
+    let ngsi = Router::new()
+        .route("/entities", post(entities::create))
+        .route(
+            "/entities/{id}",
+            get(entities::retrieve)
+                .delete(entities::delete)
+                .put(entities::replace)
+                .patch(entities::merge),
+        )
+        .route(
+            "/entities/{id}/attrs",
+            post(entities::append).patch(entities::update),
+        )
+        .route(
+            "/entities/{id}/attrs/{attr}",
+            axum::routing::patch(entities::patch_attr)
+                .put(entities::replace_attr)
+                .delete(entities::delete_attr),
+        )
+        .route("/entityOperations/create", post(batch::create))
+        .route("/entityOperations/upsert", post(batch::upsert))
+        .route("/entityOperations/update", post(batch::update))
+        .route("/entityOperations/delete", post(batch::delete))
+        .route("/entityOperations/merge", post(batch::merge));
+    Router::new()
+        .route("/health", get(health))
+        .route("/bench/static", get(static_body_route))
+        .nest("/ngsi-ld/v1", ngsi)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn health(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {
+    let body = json!({
+        "status": "ok",
+        "tenants": state.store.tenants().len(),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+async fn static_body_route(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {
+    match &state.static_body {
+        Some(b) => {
+            let mut r = (StatusCode::OK, b.clone()).into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        None => not_found().await,
+    }
+}
+
+async fn not_found() -> Response {
+    ApiError(NgsiError::new(
+        ProblemKind::ResourceNotFound,
+        "no such resource: see /ngsi-ld/v1/entities",
+    ))
+    .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError(NgsiError::new(
+        ProblemKind::MethodNotAllowed,
+        "this method is not allowed on this resource",
+    ))
+    .into_response()
+}
+
+/// A JSON response with the given media type.
+pub fn typed_json_response(status: StatusCode, body: &serde_json::Value, media_type: &'static str) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => {
+            let mut r = (status, bytes).into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
+            r
+        }
+        Err(e) => ApiError(NgsiError::internal(format!("cannot serialize the response: {e}"))).into_response(),
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    typed_json_response(status, body, "application/json")
+}

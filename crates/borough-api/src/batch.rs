@@ -1,0 +1,262 @@
+//! Batch entity operations (ETSI GS CIM 009, clause 5.9): each entity succeeds
+//! or fails on its own; a mixed result is a 207 with a BatchOperationResult.
+
+use crate::entities::{context_of, with_tenant};
+use crate::problem::ApiResult;
+use crate::request::{BodyType, body_type, link_context, list_param, read_json, tenant};
+use crate::{AppState, SharedState, json_response};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use borough_core::entity::{ParseMode, parse_entity, parse_fragment};
+use borough_core::validate::check_uri;
+use borough_core::{EntityOp, NgsiError, NgsiResult, OpOutcome};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+
+type Params = Query<HashMap<String, String>>;
+
+/// One entry of a batch: an operation to run, or the error that stopped it.
+enum Slot {
+    Op(EntityOp),
+    Failed(String, NgsiError),
+}
+
+struct Outcomes {
+    ids: Vec<String>,
+    results: Vec<NgsiResult<OpOutcome>>,
+}
+
+impl Outcomes {
+    fn all_ok(&self) -> bool {
+        self.results.iter().all(Result::is_ok)
+    }
+
+    fn created(&self) -> Vec<&String> {
+        self.ids
+            .iter()
+            .zip(&self.results)
+            .filter(|(_, r)| matches!(r, Ok(OpOutcome::Created)))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// The 207 body: which entities succeeded and why the others failed.
+    fn multi_status(&self, tenant: &str) -> Response {
+        let mut success = Vec::new();
+        let mut errors = Vec::new();
+        for (id, r) in self.ids.iter().zip(&self.results) {
+            match r {
+                Ok(_) => success.push(json!(id)),
+                Err(e) => errors.push(json!({"entityId": id, "error": e.to_problem()})),
+            }
+        }
+        with_tenant(
+            json_response(StatusCode::MULTI_STATUS, &json!({"success": success, "errors": errors})),
+            tenant,
+        )
+    }
+}
+
+async fn items(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<(Vec<Value>, BodyType, Option<String>)> {
+    let bt = body_type(headers, false)?;
+    let link = link_context(headers)?;
+    let v = read_json(body, state.config.max_batch_body_bytes).await?;
+    let Value::Array(items) = v else {
+        return Err(NgsiError::bad_data("a batch body must be a JSON array").into());
+    };
+    if items.is_empty() {
+        return Err(NgsiError::bad_data("a batch body must not be empty").into());
+    }
+    if items.len() > state.config.max_batch_entities {
+        return Err(NgsiError::bad_data(format!(
+            "a batch holds at most {} entities; this one has {}",
+            state.config.max_batch_entities,
+            items.len()
+        ))
+        .into());
+    }
+    Ok((items, bt, link))
+}
+
+/// Parses each entity of a batch with `parse` into a slot.
+async fn slots(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    parse: impl Fn(&Value, &borough_core::Context) -> NgsiResult<EntityOp>,
+) -> ApiResult<Vec<Slot>> {
+    let (items, bt, link) = items(state, headers, body).await?;
+    let mut out = Vec::with_capacity(items.len());
+    for mut item in items {
+        let id = item
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let slot = match context_of(state, bt, link.as_deref(), &mut item).await {
+            Ok(actx) => match parse(&item, &actx.ctx) {
+                Ok(op) => Slot::Op(op),
+                Err(e) => Slot::Failed(id, e),
+            },
+            Err(e) => Slot::Failed(id, e.0),
+        };
+        out.push(slot);
+    }
+    Ok(out)
+}
+
+/// Runs the operations of a batch in one write and lines the results up with the entities.
+async fn run(state: &AppState, tenant: &str, slots: Vec<Slot>) -> ApiResult<Outcomes> {
+    let mut ids = Vec::with_capacity(slots.len());
+    let mut ops = Vec::new();
+    let mut placement = Vec::with_capacity(slots.len());
+    for slot in slots {
+        match slot {
+            Slot::Op(op) => {
+                ids.push(op.entity_id().to_string());
+                placement.push(Ok(ops.len()));
+                ops.push(op);
+            }
+            Slot::Failed(id, e) => {
+                ids.push(id);
+                placement.push(Err(e));
+            }
+        }
+    }
+    let mut written = if ops.is_empty() {
+        Vec::new()
+    } else {
+        state.store.write(tenant, ops).await?
+    }
+    .into_iter()
+    .map(Some)
+    .collect::<Vec<_>>();
+    let results = placement
+        .into_iter()
+        .map(|p| match p {
+            Ok(i) => written
+                .get_mut(i)
+                .and_then(Option::take)
+                .unwrap_or_else(|| Err(NgsiError::internal("the store returned too few results"))),
+            Err(e) => Err(e),
+        })
+        .collect();
+    Ok(Outcomes { ids, results })
+}
+
+fn no_content(tenant: &str) -> Response {
+    with_tenant(StatusCode::NO_CONTENT.into_response(), tenant)
+}
+
+/// `POST /entityOperations/create`
+pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let slots = slots(&state, &headers, body, |v, ctx| Ok(EntityOp::Create(parse_entity(v, ctx, 0)?))).await?;
+    let out = run(&state, &tenant, slots).await?;
+    if out.all_ok() {
+        return Ok(with_tenant(json_response(StatusCode::CREATED, &json!(out.ids)), &tenant));
+    }
+    Ok(out.multi_status(&tenant))
+}
+
+/// `POST /entityOperations/upsert` (`options=update` (default) or `replace`)
+pub async fn upsert(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let mut replace = false;
+    for o in list_param(params.get("options").map(String::as_str)) {
+        match o {
+            "update" => replace = false,
+            "replace" => replace = true,
+            other => {
+                return Err(NgsiError::bad_data(format!("unknown option '{other}'; use update or replace")).into());
+            }
+        }
+    }
+    let slots = slots(&state, &headers, body, |v, ctx| {
+        Ok(EntityOp::Upsert {
+            entity: parse_entity(v, ctx, 0)?,
+            replace,
+        })
+    })
+    .await?;
+    let out = run(&state, &tenant, slots).await?;
+    if !out.all_ok() {
+        return Ok(out.multi_status(&tenant));
+    }
+    let created = out.created();
+    if created.is_empty() {
+        Ok(no_content(&tenant))
+    } else {
+        Ok(with_tenant(json_response(StatusCode::CREATED, &json!(created)), &tenant))
+    }
+}
+
+fn fragment_op(v: &Value, ctx: &borough_core::Context, mode: ParseMode) -> NgsiResult<(String, borough_core::Fragment)> {
+    let frag = parse_fragment(v, ctx, mode)?;
+    let id = frag
+        .id
+        .clone()
+        .ok_or_else(|| NgsiError::bad_data("each entity of the batch needs an 'id'"))?;
+    Ok((id, frag))
+}
+
+/// `POST /entityOperations/update` (`options=noOverwrite`)
+pub async fn update(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let mut no_overwrite = false;
+    for o in list_param(params.get("options").map(String::as_str)) {
+        match o {
+            "noOverwrite" => no_overwrite = true,
+            other => return Err(NgsiError::bad_data(format!("unknown option '{other}'; use noOverwrite")).into()),
+        }
+    }
+    let slots = slots(&state, &headers, body, |v, ctx| {
+        let (id, frag) = fragment_op(v, ctx, ParseMode::Full)?;
+        Ok(EntityOp::Append { id, frag, no_overwrite })
+    })
+    .await?;
+    let out = run(&state, &tenant, slots).await?;
+    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+}
+
+/// `POST /entityOperations/merge`
+pub async fn merge(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let slots = slots(&state, &headers, body, |v, ctx| {
+        let (id, patch) = fragment_op(v, ctx, ParseMode::Patch)?;
+        Ok(EntityOp::Merge { id, patch })
+    })
+    .await?;
+    let out = run(&state, &tenant, slots).await?;
+    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+}
+
+/// `POST /entityOperations/delete`: the body is an array of entity ids.
+pub async fn delete(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let (items, _, _) = items(&state, &headers, body).await?;
+    let slots = items
+        .into_iter()
+        .map(|v| match v.as_str() {
+            Some(id) => match check_uri("entity id", id) {
+                Ok(()) => Slot::Op(EntityOp::Delete { id: id.to_string() }),
+                Err(e) => Slot::Failed(id.to_string(), e),
+            },
+            None => Slot::Failed(String::new(), NgsiError::bad_data("a batch delete body holds entity ids (strings)")),
+        })
+        .collect();
+    let out = run(&state, &tenant, slots).await?;
+    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+}

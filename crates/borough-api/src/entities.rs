@@ -1,0 +1,439 @@
+//! Entity provisioning and retrieval (ETSI GS CIM 009, clause 5.6 and 5.7.1).
+
+use crate::contexts::ActiveContext;
+use crate::problem::{ApiError, ApiResult};
+use crate::request::{
+    BodyType, ResponseType, TENANT_HEADER, body_type, encode_path_segment, link_context, list_param,
+    negotiate, read_json, tenant,
+};
+use crate::{AppState, SharedState, typed_json_response};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use borough_core::entity::{
+    ParseMode, parse_attribute, parse_entity, parse_fragment, render_entity, render_feature,
+};
+use borough_core::ops::entity_from_fragment;
+use borough_core::validate::check_uri;
+use borough_core::{EntityOp, Format, NgsiError, OpOutcome, ProblemKind, RenderOptions};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+
+type Params = Query<HashMap<String, String>>;
+
+/// Reads a body and its `@context` (from the body for JSON-LD, from `Link` for JSON).
+pub(crate) async fn body_with_context(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    allow_merge_patch: bool,
+) -> ApiResult<(Value, ActiveContext)> {
+    let bt = body_type(headers, allow_merge_patch)?;
+    let link = link_context(headers)?;
+    let mut v = read_json(body, limit).await?;
+    let actx = context_of(state, bt, link.as_deref(), &mut v).await?;
+    Ok((v, actx))
+}
+
+/// Takes `@context` out of one body object and resolves the request's context.
+pub(crate) async fn context_of(
+    state: &AppState,
+    bt: BodyType,
+    link: Option<&str>,
+    v: &mut Value,
+) -> ApiResult<ActiveContext> {
+    let inline = v.as_object_mut().and_then(|o| o.remove("@context"));
+    let actx = match bt {
+        BodyType::LdJson => {
+            if link.is_some() {
+                return Err(NgsiError::bad_data(
+                    "a JSON-LD context Link header cannot be combined with an application/ld+json body; put the @context in the body",
+                )
+                .into());
+            }
+            let c = inline.ok_or_else(|| {
+                NgsiError::bad_data("an application/ld+json body needs an @context member")
+            })?;
+            state.contexts.for_body(&c).await?
+        }
+        BodyType::Json => {
+            if inline.is_some() {
+                return Err(NgsiError::bad_data(
+                    "an application/json body cannot carry @context; send it in a Link header or use application/ld+json",
+                )
+                .into());
+            }
+            state.contexts.for_link(link).await?
+        }
+    };
+    Ok(actx)
+}
+
+/// Checks an entity id taken from the path.
+pub(crate) fn path_id(id: &str) -> ApiResult<()> {
+    check_uri("entity id", id)?;
+    Ok(())
+}
+
+/// Reads must address a tenant that exists.
+pub(crate) fn existing_tenant(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let t = tenant(headers)?;
+    if !state.store.tenant_exists(&t) {
+        return Err(NgsiError::new(ProblemKind::NonexistentTenant, format!("tenant '{t}' does not exist")).into());
+    }
+    Ok(t)
+}
+
+/// Runs one operation and returns its outcome.
+async fn write_one(state: &AppState, tenant: &str, op: EntityOp) -> ApiResult<OpOutcome> {
+    let mut results = state.store.write(tenant, vec![op]).await?;
+    let result = results
+        .pop()
+        .ok_or_else(|| NgsiError::internal("the store returned no result"))?;
+    Ok(result?)
+}
+
+/// Adds the tenant header to a response when the request named a tenant.
+pub(crate) fn with_tenant(mut resp: Response, tenant: &str) -> Response {
+    if !tenant.is_empty()
+        && let Ok(v) = HeaderValue::from_str(tenant)
+    {
+        resp.headers_mut().insert(TENANT_HEADER, v);
+    }
+    resp
+}
+
+fn no_content(tenant: &str) -> Response {
+    with_tenant(StatusCode::NO_CONTENT.into_response(), tenant)
+}
+
+/// 204 when everything was done, 207 with an UpdateResult when some attributes were not.
+fn update_response(outcome: OpOutcome, actx: &ActiveContext, tenant: &str) -> Response {
+    match outcome {
+        OpOutcome::Partial { updated, not_updated } => {
+            let body = json!({
+                "updated": updated.iter().map(|n| actx.ctx.compact(n).into_owned()).collect::<Vec<_>>(),
+                "notUpdated": not_updated.iter().map(|n| json!({
+                    "attributeName": actx.ctx.compact(&n.attribute_name),
+                    "reason": n.reason,
+                })).collect::<Vec<_>>(),
+            });
+            with_tenant(typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"), tenant)
+        }
+        _ => no_content(tenant),
+    }
+}
+
+fn options(params: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<Vec<String>> {
+    let opts: Vec<String> = list_param(params.get("options").map(String::as_str))
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if let Some(bad) = opts.iter().find(|o| !allowed.contains(&o.as_str())) {
+        return Err(NgsiError::bad_data(format!(
+            "unknown option '{bad}'; allowed here: {}",
+            allowed.join(", ")
+        ))
+        .into());
+    }
+    Ok(opts)
+}
+
+/// `POST /entities`
+pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let entity = parse_entity(&v, &actx.ctx, 0)?;
+    let location = format!("/ngsi-ld/v1/entities/{}", encode_path_segment(&entity.id));
+    write_one(&state, &tenant, EntityOp::Create(entity)).await?;
+    let mut resp = StatusCode::CREATED.into_response();
+    if let Ok(l) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(with_tenant(resp, &tenant))
+}
+
+/// The render options of a retrieval request.
+pub(crate) fn render_options(params: &HashMap<String, String>, actx: &ActiveContext) -> ApiResult<RenderOptions> {
+    let opts = options(params, &["keyValues", "concise", "sysAttrs", "normalized"])?;
+    let mut format = match params.get("format").map(String::as_str) {
+        None => Format::Normalized,
+        Some("normalized") => Format::Normalized,
+        Some("concise") => Format::Concise,
+        Some("keyValues" | "simplified") => Format::KeyValues,
+        Some(other) => {
+            return Err(NgsiError::bad_data(format!(
+                "unknown format '{other}'; use normalized, concise or keyValues"
+            ))
+            .into());
+        }
+    };
+    let kv = opts.iter().any(|o| o == "keyValues");
+    let concise = opts.iter().any(|o| o == "concise");
+    if kv && concise {
+        return Err(NgsiError::bad_data("options keyValues and concise exclude each other").into());
+    }
+    if kv {
+        format = Format::KeyValues;
+    } else if concise {
+        format = Format::Concise;
+    }
+    let attrs = params.get("attrs").map(|a| {
+        list_param(Some(a))
+            .into_iter()
+            .map(|t| actx.ctx.expand(t).into_owned())
+            .collect()
+    });
+    Ok(RenderOptions {
+        format,
+        sys_attrs: opts.iter().any(|o| o == "sysAttrs"),
+        attrs,
+    })
+}
+
+/// A `Link` header pointing at the context the response was compacted with.
+pub(crate) fn link_header(actx: &ActiveContext) -> HeaderValue {
+    let v = format!(
+        "<{}>; rel=\"{}\"; type=\"application/ld+json\"",
+        actx.source.link_url(),
+        crate::request::JSONLD_CONTEXT_REL
+    );
+    HeaderValue::from_str(&v).unwrap_or_else(|_| {
+        HeaderValue::from_static(
+            "<https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\"",
+        )
+    })
+}
+
+/// Renders a response body in the negotiated media type.
+pub(crate) fn represent(rt: ResponseType, body: Value, actx: &ActiveContext, tenant: &str) -> Response {
+    let resp = match rt {
+        ResponseType::LdJson => {
+            let body = match body {
+                Value::Object(m) => {
+                    let mut out = Map::with_capacity(m.len() + 1);
+                    out.insert("@context".into(), actx.source.as_value());
+                    out.extend(m);
+                    Value::Object(out)
+                }
+                other => other,
+            };
+            typed_json_response(StatusCode::OK, &body, "application/ld+json")
+        }
+        ResponseType::Json | ResponseType::GeoJson => {
+            let mt = if rt == ResponseType::Json {
+                "application/json"
+            } else {
+                "application/geo+json"
+            };
+            let mut r = typed_json_response(StatusCode::OK, &body, mt);
+            r.headers_mut().insert(header::LINK, link_header(actx));
+            r
+        }
+    };
+    with_tenant(resp, tenant)
+}
+
+/// `GET /entities/{id}`
+pub async fn retrieve(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, true)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let actx = state.contexts.for_link(link_context(&headers)?.as_deref()).await?;
+    let opts = render_options(&params, &actx)?;
+    let entity = state
+        .store
+        .get(&tenant, &id)
+        .ok_or_else(|| NgsiError::not_found(format!("entity '{id}' does not exist")))?;
+    let body = if rt == ResponseType::GeoJson {
+        let geo = params
+            .get("geometryProperty")
+            .map(|g| actx.ctx.expand(g).into_owned())
+            .unwrap_or_else(|| "https://uri.etsi.org/ngsi-ld/location".to_string());
+        render_feature(&entity, &actx.ctx, &opts, &geo)
+    } else {
+        Value::Object(render_entity(&entity, &actx.ctx, &opts))
+    };
+    Ok(represent(rt, body, &actx, &tenant))
+}
+
+/// `DELETE /entities/{id}`
+pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    write_one(&state, &tenant, EntityOp::Delete { id }).await?;
+    Ok(no_content(&tenant))
+}
+
+/// `PUT /entities/{id}`: replace the whole entity.
+pub async fn replace(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
+    let entity = entity_from_fragment(frag, Some(&id), 0)?;
+    write_one(&state, &tenant, EntityOp::Replace(entity)).await?;
+    Ok(no_content(&tenant))
+}
+
+/// `PATCH /entities/{id}`: merge-patch.
+pub async fn merge(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
+    let patch = parse_fragment(&v, &actx.ctx, ParseMode::Patch)?;
+    check_body_id(&patch.id, &id)?;
+    write_one(&state, &tenant, EntityOp::Merge { id, patch }).await?;
+    Ok(no_content(&tenant))
+}
+
+fn check_body_id(body_id: &Option<String>, path_id: &str) -> ApiResult<()> {
+    match body_id {
+        Some(b) if b != path_id => Err(NgsiError::bad_data(format!(
+            "the id in the body ('{b}') differs from the id in the path ('{path_id}')"
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /entities/{id}/attrs`: append attributes (`options=noOverwrite`).
+pub async fn append(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let no_overwrite = options(&params, &["noOverwrite"])?.iter().any(|o| o == "noOverwrite");
+    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
+    check_body_id(&frag.id, &id)?;
+    let outcome = write_one(&state, &tenant, EntityOp::Append { id, frag, no_overwrite }).await?;
+    Ok(update_response(outcome, &actx, &tenant))
+}
+
+/// `PATCH /entities/{id}/attrs`: update existing attributes.
+pub async fn update(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
+    check_body_id(&frag.id, &id)?;
+    if frag.attrs.is_empty() {
+        return Err(NgsiError::bad_data("the body names no attribute to update").into());
+    }
+    let outcome = write_one(&state, &tenant, EntityOp::Update { id, frag }).await?;
+    Ok(update_response(outcome, &actx, &tenant))
+}
+
+async fn attribute_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    attr: &str,
+    mode: ParseMode,
+) -> ApiResult<(String, borough_core::AttrPatch)> {
+    borough_core::validate::check_name("attribute name", attr)?;
+    let (v, actx) = body_with_context(state, headers, body, state.config.max_body_bytes, mode == ParseMode::Patch).await?;
+    let patch = parse_attribute(attr, &v, &actx.ctx, mode, 0)?;
+    Ok((actx.ctx.expand(attr).into_owned(), patch))
+}
+
+/// `PATCH /entities/{id}/attrs/{attr}`: partial attribute update.
+pub async fn patch_attr(
+    State(state): State<SharedState>,
+    Path((id, attr)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (attr, patch) = attribute_body(&state, &headers, body, &attr, ParseMode::Patch).await?;
+    write_one(&state, &tenant, EntityOp::PatchAttr { id, attr, patch }).await?;
+    Ok(no_content(&tenant))
+}
+
+/// `PUT /entities/{id}/attrs/{attr}`: replace an attribute.
+pub async fn replace_attr(
+    State(state): State<SharedState>,
+    Path((id, attr)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (attr, patch) = attribute_body(&state, &headers, body, &attr, ParseMode::Full).await?;
+    write_one(&state, &tenant, EntityOp::ReplaceAttr { id, attr, patch }).await?;
+    Ok(no_content(&tenant))
+}
+
+/// `DELETE /entities/{id}/attrs/{attr}` (`datasetId=`, `deleteAll=true`).
+pub async fn delete_attr(
+    State(state): State<SharedState>,
+    Path((id, attr)): Path<(String, String)>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    borough_core::validate::check_name("attribute name", &attr)?;
+    let delete_all = match params.get("deleteAll").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(NgsiError::bad_data(format!("deleteAll must be true or false, not '{other}'")).into());
+        }
+    };
+    let dataset_id = params.get("datasetId").cloned();
+    if let Some(d) = &dataset_id {
+        check_uri("datasetId", d)?;
+    }
+    if delete_all && dataset_id.is_some() {
+        return Err(NgsiError::bad_data("datasetId and deleteAll=true exclude each other").into());
+    }
+    let actx = state.contexts.for_link(link_context(&headers)?.as_deref()).await?;
+    let attr = actx.ctx.expand(&attr).into_owned();
+    write_one(
+        &state,
+        &tenant,
+        EntityOp::DeleteAttr {
+            id,
+            attr,
+            dataset_id,
+            delete_all,
+        },
+    )
+    .await?;
+    Ok(no_content(&tenant))
+}
+
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Self {
+        e.into_response()
+    }
+}

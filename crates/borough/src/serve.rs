@@ -1,0 +1,103 @@
+//! `borough serve`: open the store, serve HTTP, shut down cleanly on Ctrl-C / SIGTERM.
+
+use borough_api::ApiConfig;
+use borough_embedded::EmbeddedStore;
+use borough_store::EntityStore;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of the HTTP API (port 0 picks a free port).
+    #[arg(long, env = "BOROUGH_HTTP", default_value = "0.0.0.0:1026")]
+    pub http: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, env = "BOROUGH_DATA", default_value = "./borough-data")]
+    pub data: PathBuf,
+    /// Log filter: error, warn, info, debug, trace, or a tracing filter expression.
+    #[arg(long, env = "BOROUGH_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Largest body of a single-entity request, in bytes.
+    #[arg(long, env = "BOROUGH_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest body of a batch operation, in bytes.
+    #[arg(long, env = "BOROUGH_MAX_BATCH_BODY_BYTES", default_value_t = 16 << 20)]
+    pub max_batch_body_bytes: usize,
+    /// Seconds to wait for a remote @context before answering LdContextNotAvailable.
+    #[arg(long, env = "BOROUGH_CONTEXT_TIMEOUT_SECS", default_value_t = 3)]
+    pub context_timeout_secs: u64,
+    /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
+    #[arg(long, hide = true)]
+    pub bench_static_bytes: Option<usize>,
+}
+
+pub fn run(args: ServeArgs) -> Result<(), String> {
+    init_logging(&args.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(serve(args))
+}
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("invalid log level '{level}': {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let store = Arc::new(
+        EmbeddedStore::open(&args.data).map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
+    );
+    let config = ApiConfig {
+        max_body_bytes: args.max_body_bytes,
+        max_batch_body_bytes: args.max_batch_body_bytes,
+        context_fetch_timeout: Duration::from_secs(args.context_timeout_secs),
+        bench_static_bytes: args.bench_static_bytes,
+        ..ApiConfig::default()
+    };
+    let app = borough_api::router(store.clone(), config);
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.http))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, data = %args.data.display(), "borough is serving");
+    // One line on stdout that scripts and tests can wait for.
+    println!("listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("shutting down: finishing writes and closing the store");
+    store.close().await.map_err(|e| format!("cannot close the store: {e}"))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
