@@ -1,0 +1,111 @@
+//! A small in-process harness: the real router over a real embedded store in a
+//! temporary directory, driven request by request.
+
+#![allow(dead_code)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use borough_api::{ApiConfig, router};
+use borough_embedded::EmbeddedStore;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+pub struct TestApp {
+    pub router: Router,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The problem type's last segment, e.g. "BadRequestData".
+    pub fn problem(&self) -> &str {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "expected a problem body, got {:?}",
+            self.body
+        );
+        assert!(
+            self.body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "a problem must say what was wrong: {}",
+            self.body
+        );
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.rsplit('/').next())
+            .unwrap_or_default()
+    }
+}
+
+impl TestApp {
+    pub fn new() -> Self {
+        Self::with_config(ApiConfig::default())
+    }
+
+    pub fn with_config(config: ApiConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        Self {
+            router: router(store, config),
+            _dir: dir,
+        }
+    }
+
+    pub async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: Option<String>) -> Resp {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(body.map(Body::from).unwrap_or_else(Body::empty))
+            .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Resp { status, headers, body }
+    }
+
+    pub async fn get(&self, uri: &str) -> Resp {
+        self.send(Method::GET, uri, &[], None).await
+    }
+
+    pub async fn get_with(&self, uri: &str, headers: &[(&str, &str)]) -> Resp {
+        self.send(Method::GET, uri, headers, None).await
+    }
+
+    /// Sends a JSON body with `Content-Type: application/json`.
+    pub async fn json(&self, method: Method, uri: &str, body: &Value) -> Resp {
+        self.send(method, uri, &[("content-type", "application/json")], Some(body.to_string()))
+            .await
+    }
+
+    pub async fn json_with(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
+        let mut h = vec![("content-type", "application/json")];
+        h.extend_from_slice(headers);
+        self.send(method, uri, &h, Some(body.to_string())).await
+    }
+
+    pub async fn delete(&self, uri: &str) -> Resp {
+        self.send(Method::DELETE, uri, &[], None).await
+    }
+}
+
+pub const ENTITIES: &str = "/ngsi-ld/v1/entities";

@@ -1,0 +1,9 @@
+//! HTTP-level tests of the NGSI-LD API against the real router and a real
+//! embedded store.
+
+mod batch;
+mod common;
+mod contexts;
+mod entities;
+mod errors;
+mod tenants;
