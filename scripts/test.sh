@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test of Borough: formatting, lints, the unit/integration/HTTP/crash
+# tests, and the quick variant of the benchmarks (so the harness never rots).
+# Services the tests need (PostgreSQL for the benchmark baseline) are started
+# here when they are not already running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+ensure_postgres() {
+  if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+    return
+  fi
+  log "starting PostgreSQL"
+  if command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  fi
+  for _ in $(seq 1 30); do
+    pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && return
+    sleep 1
+  done
+  echo "PostgreSQL is not reachable on 127.0.0.1:5432; the benchmark baseline needs it" >&2
+  exit 1
+}
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+ensure_postgres
+
+log "cargo test"
+cargo test --workspace
+
+log "benchmarks, quick variant"
+cargo run --quiet -p borough -- bench entities --quick --out target/bench-results/entities-quick.json
