@@ -17,11 +17,8 @@ use std::collections::HashMap;
 
 type Params = Query<HashMap<String, String>>;
 
-/// One entry of a batch: an operation to run, or the error that stopped it.
-enum Slot {
-    Op(EntityOp),
-    Failed(String, NgsiError),
-}
+/// One entry of a batch: an operation to run, or the entity id and the error that stopped it.
+type Slot = Result<EntityOp, (String, NgsiError)>;
 
 struct Outcomes {
     ids: Vec<String>,
@@ -53,13 +50,20 @@ impl Outcomes {
             }
         }
         with_tenant(
-            json_response(StatusCode::MULTI_STATUS, &json!({"success": success, "errors": errors})),
+            json_response(
+                StatusCode::MULTI_STATUS,
+                &json!({"success": success, "errors": errors}),
+            ),
             tenant,
         )
     }
 }
 
-async fn items(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<(Vec<Value>, BodyType, Option<String>)> {
+async fn items(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<(Vec<Value>, BodyType, Option<String>)> {
     let bt = body_type(headers, false)?;
     let link = link_context(headers)?;
     let v = read_json(body, state.config.max_batch_body_bytes).await?;
@@ -97,10 +101,10 @@ async fn slots(
             .to_string();
         let slot = match context_of(state, bt, link.as_deref(), &mut item).await {
             Ok(actx) => match parse(&item, &actx.ctx) {
-                Ok(op) => Slot::Op(op),
-                Err(e) => Slot::Failed(id, e),
+                Ok(op) => Ok(op),
+                Err(e) => Err((id, e)),
             },
-            Err(e) => Slot::Failed(id, e.0),
+            Err(e) => Err((id, e.0)),
         };
         out.push(slot);
     }
@@ -114,12 +118,12 @@ async fn run(state: &AppState, tenant: &str, slots: Vec<Slot>) -> ApiResult<Outc
     let mut placement = Vec::with_capacity(slots.len());
     for slot in slots {
         match slot {
-            Slot::Op(op) => {
+            Ok(op) => {
                 ids.push(op.entity_id().to_string());
                 placement.push(Ok(ops.len()));
                 ops.push(op);
             }
-            Slot::Failed(id, e) => {
+            Err((id, e)) => {
                 ids.push(id);
                 placement.push(Err(e));
             }
@@ -151,12 +155,22 @@ fn no_content(tenant: &str) -> Response {
 }
 
 /// `POST /entityOperations/create`
-pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let slots = slots(&state, &headers, body, |v, ctx| Ok(EntityOp::Create(parse_entity(v, ctx, 0)?))).await?;
+    let slots = slots(&state, &headers, body, |v, ctx| {
+        Ok(EntityOp::Create(parse_entity(v, ctx, 0)?))
+    })
+    .await?;
     let out = run(&state, &tenant, slots).await?;
     if out.all_ok() {
-        return Ok(with_tenant(json_response(StatusCode::CREATED, &json!(out.ids)), &tenant));
+        return Ok(with_tenant(
+            json_response(StatusCode::CREATED, &json!(out.ids)),
+            &tenant,
+        ));
     }
     Ok(out.multi_status(&tenant))
 }
@@ -175,7 +189,10 @@ pub async fn upsert(
             "update" => replace = false,
             "replace" => replace = true,
             other => {
-                return Err(NgsiError::bad_data(format!("unknown option '{other}'; use update or replace")).into());
+                return Err(NgsiError::bad_data(format!(
+                    "unknown option '{other}'; use update or replace"
+                ))
+                .into());
             }
         }
     }
@@ -194,11 +211,18 @@ pub async fn upsert(
     if created.is_empty() {
         Ok(no_content(&tenant))
     } else {
-        Ok(with_tenant(json_response(StatusCode::CREATED, &json!(created)), &tenant))
+        Ok(with_tenant(
+            json_response(StatusCode::CREATED, &json!(created)),
+            &tenant,
+        ))
     }
 }
 
-fn fragment_op(v: &Value, ctx: &borough_core::Context, mode: ParseMode) -> NgsiResult<(String, borough_core::Fragment)> {
+fn fragment_op(
+    v: &Value,
+    ctx: &borough_core::Context,
+    mode: ParseMode,
+) -> NgsiResult<(String, borough_core::Fragment)> {
     let frag = parse_fragment(v, ctx, mode)?;
     let id = frag
         .id
@@ -219,20 +243,37 @@ pub async fn update(
     for o in list_param(params.get("options").map(String::as_str)) {
         match o {
             "noOverwrite" => no_overwrite = true,
-            other => return Err(NgsiError::bad_data(format!("unknown option '{other}'; use noOverwrite")).into()),
+            other => {
+                return Err(NgsiError::bad_data(format!(
+                    "unknown option '{other}'; use noOverwrite"
+                ))
+                .into());
+            }
         }
     }
     let slots = slots(&state, &headers, body, |v, ctx| {
         let (id, frag) = fragment_op(v, ctx, ParseMode::Full)?;
-        Ok(EntityOp::Append { id, frag, no_overwrite })
+        Ok(EntityOp::Append {
+            id,
+            frag,
+            no_overwrite,
+        })
     })
     .await?;
     let out = run(&state, &tenant, slots).await?;
-    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+    Ok(if out.all_ok() {
+        no_content(&tenant)
+    } else {
+        out.multi_status(&tenant)
+    })
 }
 
 /// `POST /entityOperations/merge`
-pub async fn merge(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn merge(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
     let slots = slots(&state, &headers, body, |v, ctx| {
         let (id, patch) = fragment_op(v, ctx, ParseMode::Patch)?;
@@ -240,23 +281,38 @@ pub async fn merge(State(state): State<SharedState>, headers: HeaderMap, body: B
     })
     .await?;
     let out = run(&state, &tenant, slots).await?;
-    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+    Ok(if out.all_ok() {
+        no_content(&tenant)
+    } else {
+        out.multi_status(&tenant)
+    })
 }
 
 /// `POST /entityOperations/delete`: the body is an array of entity ids.
-pub async fn delete(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn delete(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
     let (items, _, _) = items(&state, &headers, body).await?;
     let slots = items
         .into_iter()
         .map(|v| match v.as_str() {
             Some(id) => match check_uri("entity id", id) {
-                Ok(()) => Slot::Op(EntityOp::Delete { id: id.to_string() }),
-                Err(e) => Slot::Failed(id.to_string(), e),
+                Ok(()) => Ok(EntityOp::Delete { id: id.to_string() }),
+                Err(e) => Err((id.to_string(), e)),
             },
-            None => Slot::Failed(String::new(), NgsiError::bad_data("a batch delete body holds entity ids (strings)")),
+            None => Err((
+                String::new(),
+                NgsiError::bad_data("a batch delete body holds entity ids (strings)"),
+            )),
         })
-        .collect();
+        .collect::<Vec<Slot>>();
     let out = run(&state, &tenant, slots).await?;
-    Ok(if out.all_ok() { no_content(&tenant) } else { out.multi_status(&tenant) })
+    Ok(if out.all_ok() {
+        no_content(&tenant)
+    } else {
+        out.multi_status(&tenant)
+    })
 }

@@ -192,7 +192,12 @@ impl ContextResolver {
     }
 
     async fn document(&self, url: &str) -> NgsiResult<Arc<Value>> {
-        if let Some(d) = self.documents.lock().unwrap_or_else(|e| e.into_inner()).get(url) {
+        if let Some(d) = self
+            .documents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(url)
+        {
             return Ok(d.clone());
         }
         if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -208,9 +213,15 @@ impl ContextResolver {
             .await
             .map_err(|e| unavailable(url, e))?;
         if !resp.status().is_success() {
-            return Err(unavailable(url, format!("the server answered {}", resp.status())));
+            return Err(unavailable(
+                url,
+                format!("the server answered {}", resp.status()),
+            ));
         }
-        if resp.content_length().is_some_and(|n| n as usize > MAX_CONTEXT_BYTES) {
+        if resp
+            .content_length()
+            .is_some_and(|n| n as usize > MAX_CONTEXT_BYTES)
+        {
             return Err(unavailable(url, "the document is larger than 1 MiB"));
         }
         let mut body = Vec::new();
@@ -220,8 +231,8 @@ impl ContextResolver {
             }
             body.extend_from_slice(&chunk);
         }
-        let doc: Value =
-            serde_json::from_slice(&body).map_err(|e| unavailable(url, format!("not JSON: {e}")))?;
+        let doc: Value = serde_json::from_slice(&body)
+            .map_err(|e| unavailable(url, format!("not JSON: {e}")))?;
         let doc = Arc::new(doc);
         self.documents
             .lock()

@@ -1,10 +1,10 @@
 //! Entity provisioning and retrieval (ETSI GS CIM 009, clause 5.6 and 5.7.1).
 
 use crate::contexts::ActiveContext;
-use crate::problem::{ApiError, ApiResult};
+use crate::problem::ApiResult;
 use crate::request::{
-    BodyType, ResponseType, TENANT_HEADER, body_type, encode_path_segment, link_context, list_param,
-    negotiate, read_json, tenant,
+    BodyType, ResponseType, TENANT_HEADER, body_type, encode_path_segment, link_context,
+    list_param, negotiate, read_json, tenant,
 };
 use crate::{AppState, SharedState, typed_json_response};
 use axum::body::Body;
@@ -81,7 +81,11 @@ pub(crate) fn path_id(id: &str) -> ApiResult<()> {
 pub(crate) fn existing_tenant(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
     let t = tenant(headers)?;
     if !state.store.tenant_exists(&t) {
-        return Err(NgsiError::new(ProblemKind::NonexistentTenant, format!("tenant '{t}' does not exist")).into());
+        return Err(NgsiError::new(
+            ProblemKind::NonexistentTenant,
+            format!("tenant '{t}' does not exist"),
+        )
+        .into());
     }
     Ok(t)
 }
@@ -112,7 +116,10 @@ fn no_content(tenant: &str) -> Response {
 /// 204 when everything was done, 207 with an UpdateResult when some attributes were not.
 fn update_response(outcome: OpOutcome, actx: &ActiveContext, tenant: &str) -> Response {
     match outcome {
-        OpOutcome::Partial { updated, not_updated } => {
+        OpOutcome::Partial {
+            updated,
+            not_updated,
+        } => {
             let body = json!({
                 "updated": updated.iter().map(|n| actx.ctx.compact(n).into_owned()).collect::<Vec<_>>(),
                 "notUpdated": not_updated.iter().map(|n| json!({
@@ -120,7 +127,10 @@ fn update_response(outcome: OpOutcome, actx: &ActiveContext, tenant: &str) -> Re
                     "reason": n.reason,
                 })).collect::<Vec<_>>(),
             });
-            with_tenant(typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"), tenant)
+            with_tenant(
+                typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"),
+                tenant,
+            )
         }
         _ => no_content(tenant),
     }
@@ -142,9 +152,14 @@ fn options(params: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<Vec<
 }
 
 /// `POST /entities`
-pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let entity = parse_entity(&v, &actx.ctx, 0)?;
     let location = format!("/ngsi-ld/v1/entities/{}", encode_path_segment(&entity.id));
     write_one(&state, &tenant, EntityOp::Create(entity)).await?;
@@ -156,7 +171,10 @@ pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: 
 }
 
 /// The render options of a retrieval request.
-pub(crate) fn render_options(params: &HashMap<String, String>, actx: &ActiveContext) -> ApiResult<RenderOptions> {
+pub(crate) fn render_options(
+    params: &HashMap<String, String>,
+    actx: &ActiveContext,
+) -> ApiResult<RenderOptions> {
     let opts = options(params, &["keyValues", "concise", "sysAttrs", "normalized"])?;
     let mut format = match params.get("format").map(String::as_str) {
         None => Format::Normalized,
@@ -208,7 +226,12 @@ pub(crate) fn link_header(actx: &ActiveContext) -> HeaderValue {
 }
 
 /// Renders a response body in the negotiated media type.
-pub(crate) fn represent(rt: ResponseType, body: Value, actx: &ActiveContext, tenant: &str) -> Response {
+pub(crate) fn represent(
+    rt: ResponseType,
+    body: Value,
+    actx: &ActiveContext,
+    tenant: &str,
+) -> Response {
     let resp = match rt {
         ResponseType::LdJson => {
             let body = match body {
@@ -246,7 +269,10 @@ pub async fn retrieve(
     let rt = negotiate(&headers, true)?;
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let actx = state.contexts.for_link(link_context(&headers)?.as_deref()).await?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
     let opts = render_options(&params, &actx)?;
     let entity = state
         .store
@@ -265,7 +291,11 @@ pub async fn retrieve(
 }
 
 /// `DELETE /entities/{id}`
-pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
     write_one(&state, &tenant, EntityOp::Delete { id }).await?;
@@ -281,7 +311,8 @@ pub async fn replace(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     let entity = entity_from_fragment(frag, Some(&id), 0)?;
     write_one(&state, &tenant, EntityOp::Replace(entity)).await?;
@@ -297,7 +328,8 @@ pub async fn merge(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let patch = parse_fragment(&v, &actx.ctx, ParseMode::Patch)?;
     check_body_id(&patch.id, &id)?;
     write_one(&state, &tenant, EntityOp::Merge { id, patch }).await?;
@@ -324,11 +356,23 @@ pub async fn append(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let no_overwrite = options(&params, &["noOverwrite"])?.iter().any(|o| o == "noOverwrite");
-    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let no_overwrite = options(&params, &["noOverwrite"])?
+        .iter()
+        .any(|o| o == "noOverwrite");
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
-    let outcome = write_one(&state, &tenant, EntityOp::Append { id, frag, no_overwrite }).await?;
+    let outcome = write_one(
+        &state,
+        &tenant,
+        EntityOp::Append {
+            id,
+            frag,
+            no_overwrite,
+        },
+    )
+    .await?;
     Ok(update_response(outcome, &actx, &tenant))
 }
 
@@ -341,7 +385,8 @@ pub async fn update(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let (v, actx) = body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
     if frag.attrs.is_empty() {
@@ -359,7 +404,14 @@ async fn attribute_body(
     mode: ParseMode,
 ) -> ApiResult<(String, borough_core::AttrPatch)> {
     borough_core::validate::check_name("attribute name", attr)?;
-    let (v, actx) = body_with_context(state, headers, body, state.config.max_body_bytes, mode == ParseMode::Patch).await?;
+    let (v, actx) = body_with_context(
+        state,
+        headers,
+        body,
+        state.config.max_body_bytes,
+        mode == ParseMode::Patch,
+    )
+    .await?;
     let patch = parse_attribute(attr, &v, &actx.ctx, mode, 0)?;
     Ok((actx.ctx.expand(attr).into_owned(), patch))
 }
@@ -406,7 +458,10 @@ pub async fn delete_attr(
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
-            return Err(NgsiError::bad_data(format!("deleteAll must be true or false, not '{other}'")).into());
+            return Err(NgsiError::bad_data(format!(
+                "deleteAll must be true or false, not '{other}'"
+            ))
+            .into());
         }
     };
     let dataset_id = params.get("datasetId").cloned();
@@ -416,7 +471,10 @@ pub async fn delete_attr(
     if delete_all && dataset_id.is_some() {
         return Err(NgsiError::bad_data("datasetId and deleteAll=true exclude each other").into());
     }
-    let actx = state.contexts.for_link(link_context(&headers)?.as_deref()).await?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
     let attr = actx.ctx.expand(&attr).into_owned();
     write_one(
         &state,
@@ -430,10 +488,4 @@ pub async fn delete_attr(
     )
     .await?;
     Ok(no_content(&tenant))
-}
-
-impl From<ApiError> for Response {
-    fn from(e: ApiError) -> Self {
-        e.into_response()
-    }
 }

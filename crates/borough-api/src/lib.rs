@@ -115,12 +115,16 @@ async fn health(axum::extract::State(state): axum::extract::State<SharedState>) 
     json_response(StatusCode::OK, &body)
 }
 
-async fn static_body_route(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {
+async fn static_body_route(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> Response {
     match &state.static_body {
         Some(b) => {
             let mut r = (StatusCode::OK, b.clone()).into_response();
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         None => not_found().await,
@@ -144,7 +148,11 @@ async fn method_not_allowed() -> Response {
 }
 
 /// A JSON response with the given media type.
-pub fn typed_json_response(status: StatusCode, body: &serde_json::Value, media_type: &'static str) -> Response {
+pub fn typed_json_response(
+    status: StatusCode,
+    body: &serde_json::Value,
+    media_type: &'static str,
+) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => {
             let mut r = (status, bytes).into_response();
@@ -152,7 +160,10 @@ pub fn typed_json_response(status: StatusCode, body: &serde_json::Value, media_t
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
             r
         }
-        Err(e) => ApiError(NgsiError::internal(format!("cannot serialize the response: {e}"))).into_response(),
+        Err(e) => ApiError(NgsiError::internal(format!(
+            "cannot serialize the response: {e}"
+        )))
+        .into_response(),
     }
 }
 

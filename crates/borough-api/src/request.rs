@@ -20,7 +20,8 @@ pub fn tenant(headers: &HeaderMap) -> NgsiResult<String> {
         .map_err(|_| NgsiError::bad_data("the NGSILD-Tenant header must be ASCII"))?;
     let valid = !t.is_empty()
         && t.len() <= MAX_TENANT_LEN
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if valid {
         Ok(t.to_string())
     } else {
@@ -38,7 +39,11 @@ pub enum BodyType {
 }
 
 fn media_type(v: &str) -> String {
-    v.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    v.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// Checks `Content-Type`: JSON or JSON-LD (and merge-patch for merges).
@@ -59,7 +64,9 @@ pub fn body_type(headers: &HeaderMap, allow_merge_patch: bool) -> NgsiResult<Bod
         "application/merge-patch+json" if allow_merge_patch => Ok(BodyType::Json),
         other => Err(NgsiError::new(
             ProblemKind::UnsupportedMediaType,
-            format!("Content-Type '{other}' is not supported here; use application/json or application/ld+json"),
+            format!(
+                "Content-Type '{other}' is not supported here; use application/json or application/ld+json"
+            ),
         )),
     }
 }
@@ -76,10 +83,16 @@ pub async fn read_json(body: Body, limit: usize) -> NgsiResult<Value> {
     let bytes = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => return Err(NgsiError::invalid(format!("the body could not be read: {e}"))),
+        Err(e) => {
+            return Err(NgsiError::invalid(format!(
+                "the body could not be read: {e}"
+            )));
+        }
     };
     if bytes.is_empty() {
-        return Err(NgsiError::invalid("the body is empty; a JSON document is required"));
+        return Err(NgsiError::invalid(
+            "the body is empty; a JSON document is required",
+        ));
     }
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| NgsiError::invalid(format!("the body is not valid JSON: {e}")))?;
@@ -96,10 +109,14 @@ pub fn link_context(headers: &HeaderMap) -> NgsiResult<Option<String>> {
         for link in s.split(',') {
             let link = link.trim();
             let Some(rest) = link.strip_prefix('<') else {
-                return Err(NgsiError::bad_data(format!("the Link header '{link}' is malformed")));
+                return Err(NgsiError::bad_data(format!(
+                    "the Link header '{link}' is malformed"
+                )));
             };
             let Some((url, params)) = rest.split_once('>') else {
-                return Err(NgsiError::bad_data(format!("the Link header '{link}' is malformed")));
+                return Err(NgsiError::bad_data(format!(
+                    "the Link header '{link}' is malformed"
+                )));
             };
             let is_context = params.split(';').any(|p| {
                 let p = p.trim();
@@ -162,8 +179,13 @@ pub fn negotiate(headers: &HeaderMap, allow_geo: bool) -> NgsiResult<ResponseTyp
 
 /// Comma-separated values of a query parameter.
 pub fn list_param(v: Option<&str>) -> Vec<&str> {
-    v.map(|s| s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect())
-        .unwrap_or_default()
+    v.map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Percent-encodes an entity id for use as one path segment.
@@ -188,13 +210,22 @@ mod tests {
     fn accept_negotiation() {
         let mut h = HeaderMap::new();
         assert_eq!(negotiate(&h, true).unwrap(), ResponseType::Json);
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/ld+json"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/ld+json"),
+        );
         assert_eq!(negotiate(&h, true).unwrap(), ResponseType::LdJson);
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/json;q=0.5, application/geo+json"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json;q=0.5, application/geo+json"),
+        );
         assert_eq!(negotiate(&h, true).unwrap(), ResponseType::GeoJson);
         assert_eq!(negotiate(&h, false).unwrap(), ResponseType::Json);
         h.insert(header::ACCEPT, HeaderValue::from_static("text/html"));
-        assert_eq!(negotiate(&h, true).unwrap_err().kind, ProblemKind::NotAcceptable);
+        assert_eq!(
+            negotiate(&h, true).unwrap_err().kind,
+            ProblemKind::NotAcceptable
+        );
     }
 
     #[test]
@@ -206,8 +237,14 @@ mod tests {
                 "<https://example.org/ctx.jsonld>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\"",
             ),
         );
-        assert_eq!(link_context(&h).unwrap().as_deref(), Some("https://example.org/ctx.jsonld"));
-        h.insert(header::LINK, HeaderValue::from_static("<https://x>; rel=\"next\""));
+        assert_eq!(
+            link_context(&h).unwrap().as_deref(),
+            Some("https://example.org/ctx.jsonld")
+        );
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("<https://x>; rel=\"next\""),
+        );
         assert_eq!(link_context(&h).unwrap(), None);
         h.insert(header::LINK, HeaderValue::from_static("garbage"));
         assert!(link_context(&h).is_err());
@@ -216,6 +253,9 @@ mod tests {
     #[test]
     fn path_segments_are_encoded() {
         assert_eq!(encode_path_segment("urn:ngsi-ld:A:1"), "urn:ngsi-ld:A:1");
-        assert_eq!(encode_path_segment("https://x.org/a b"), "https:%2F%2Fx.org%2Fa%20b");
+        assert_eq!(
+            encode_path_segment("https://x.org/a b"),
+            "https:%2F%2Fx.org%2Fa%20b"
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 /// The core context Borough uses when a request names none.
-pub const CORE_CONTEXT_URL: &str = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld";
+pub const CORE_CONTEXT_URL: &str =
+    "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld";
 
 /// Every core context version built into the binary, by the URLs clients use for them.
 pub const BUILTIN_CONTEXTS: &[(&str, &str)] = &[
@@ -71,10 +72,9 @@ pub struct Context {
 }
 
 static CORE: LazyLock<Arc<Context>> = LazyLock::new(|| {
-    let doc: Value = serde_json::from_str(
-        builtin_context(CORE_CONTEXT_URL).expect("core context is built in"),
-    )
-    .expect("core context is valid JSON");
+    let doc: Value =
+        serde_json::from_str(builtin_context(CORE_CONTEXT_URL).expect("core context is built in"))
+            .expect("core context is valid JSON");
     let mut ctx = Context {
         terms: HashMap::new(),
         reverse: HashMap::new(),
@@ -156,10 +156,9 @@ impl Context {
             }
             // Prefer the shortest term when several map to one IRI, so that
             // compaction is deterministic whatever the map order is.
-            let keep_existing = self
-                .reverse
-                .get(&iri)
-                .is_some_and(|old| old.len() < term.len() || (old.len() == term.len() && old < term));
+            let keep_existing = self.reverse.get(&iri).is_some_and(|old| {
+                old.len() < term.len() || (old.len() == term.len() && old < term)
+            });
             if !keep_existing {
                 self.reverse.insert(iri.clone(), term.clone());
             }
@@ -244,16 +243,27 @@ mod tests {
     use serde_json::json;
 
     fn user(v: Value) -> Context {
-        let Value::Object(m) = v else { panic!("object") };
+        let Value::Object(m) = v else {
+            panic!("object")
+        };
         Context::with_user_contexts(&[m]).unwrap()
     }
 
     #[test]
     fn core_terms_expand_to_ngsi_ld_iris() {
         let c = Context::core();
-        assert_eq!(c.expand("location"), "https://uri.etsi.org/ngsi-ld/location");
-        assert_eq!(c.expand("observedAt"), "https://uri.etsi.org/ngsi-ld/observedAt");
-        assert_eq!(c.compact("https://uri.etsi.org/ngsi-ld/location"), "location");
+        assert_eq!(
+            c.expand("location"),
+            "https://uri.etsi.org/ngsi-ld/location"
+        );
+        assert_eq!(
+            c.expand("observedAt"),
+            "https://uri.etsi.org/ngsi-ld/observedAt"
+        );
+        assert_eq!(
+            c.compact("https://uri.etsi.org/ngsi-ld/location"),
+            "location"
+        );
     }
 
     #[test]
@@ -286,7 +296,10 @@ mod tests {
     #[test]
     fn core_terms_are_protected() {
         let c = user(json!({"location": "https://example.org/location"}));
-        assert_eq!(c.expand("location"), "https://uri.etsi.org/ngsi-ld/location");
+        assert_eq!(
+            c.expand("location"),
+            "https://uri.etsi.org/ngsi-ld/location"
+        );
     }
 
     #[test]

@@ -251,7 +251,8 @@ impl AttrPatch {
 
 /// The name as users wrote it when it lies in the default vocabulary, for messages.
 pub fn short_name(iri: &str) -> &str {
-    iri.strip_prefix(crate::context::DEFAULT_VOCAB).unwrap_or(iri)
+    iri.strip_prefix(crate::context::DEFAULT_VOCAB)
+        .unwrap_or(iri)
 }
 
 /// Parses an entity (or entity fragment) body. `@context` must already have been
@@ -360,9 +361,9 @@ fn parse_scopes(v: &Value) -> NgsiResult<Vec<String>> {
     };
     list.into_iter()
         .map(|s| {
-            let s = s
-                .as_str()
-                .ok_or_else(|| NgsiError::bad_data("'scope' must be a string or an array of strings"))?;
+            let s = s.as_str().ok_or_else(|| {
+                NgsiError::bad_data("'scope' must be a string or an array of strings")
+            })?;
             let valid = s.starts_with('/')
                 && s[1..].split('/').all(|seg| {
                     !seg.is_empty()
@@ -401,10 +402,7 @@ fn parse_attribute_instances(
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let p = parse_attribute(name, item, ctx, mode, 0)?;
-            if out
-                .iter()
-                .any(|o: &AttrPatch| o.dataset_id == p.dataset_id)
-            {
+            if out.iter().any(|o: &AttrPatch| o.dataset_id == p.dataset_id) {
                 return Err(NgsiError::bad_data(format!(
                     "attribute '{name}' has two instances with the same datasetId"
                 )));
@@ -441,7 +439,11 @@ pub fn parse_attribute(
         )));
     }
     let obj = match v {
-        Value::Object(o) if is_attribute_object(v) || mode == ParseMode::Patch && !looks_like_geometry(v) => o,
+        Value::Object(o)
+            if is_attribute_object(v) || mode == ParseMode::Patch && !looks_like_geometry(v) =>
+        {
+            o
+        }
         Value::Object(_) if looks_like_geometry(v) => {
             // Concise GeoProperty: the geometry itself.
             validate_geometry(v)?;
@@ -537,7 +539,8 @@ pub fn parse_attribute(
     if mode == ParseMode::Full && patch.value.is_none() {
         return Err(NgsiError::bad_data(format!(
             "attribute '{name}' has no value member ({})",
-            kind.map(AttrKind::value_key).unwrap_or("value, object, ...")
+            kind.map(AttrKind::value_key)
+                .unwrap_or("value, object, ...")
         )));
     }
 
@@ -546,9 +549,9 @@ pub fn parse_attribute(
             "type" | "@context" => {}
             k if VALUE_KEYS.contains(&k) || SYSTEM_KEYS.contains(&k) => {}
             "datasetId" => {
-                let id = member
-                    .as_str()
-                    .ok_or_else(|| NgsiError::bad_data(format!("datasetId of '{name}' must be a string")))?;
+                let id = member.as_str().ok_or_else(|| {
+                    NgsiError::bad_data(format!("datasetId of '{name}' must be a string"))
+                })?;
                 check_uri("datasetId", id)?;
                 patch.dataset_id = Some(id.to_string());
             }
@@ -627,7 +630,9 @@ fn normalize_value(name: &str, kind: AttrKind, raw: &Value, ctx: &Context) -> Ng
                 Value::Array(a) if !a.is_empty() => {
                     for o in a {
                         let s = o.as_str().ok_or_else(|| {
-                            NgsiError::bad_data(format!("objects of relationship '{name}' must be URIs"))
+                            NgsiError::bad_data(format!(
+                                "objects of relationship '{name}' must be URIs"
+                            ))
                         })?;
                         check_uri("relationship object", s)?;
                     }
@@ -650,7 +655,9 @@ fn normalize_value(name: &str, kind: AttrKind, raw: &Value, ctx: &Context) -> Ng
                         && lang.len() <= 35
                         && lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
                 let text_ok = text.is_string()
-                    || text.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+                    || text
+                        .as_array()
+                        .is_some_and(|a| a.iter().all(Value::is_string));
                 if !tag_ok || !text_ok {
                     return Err(NgsiError::bad_data(format!(
                         "languageMap of '{name}' must map language tags to strings"
@@ -665,7 +672,9 @@ fn normalize_value(name: &str, kind: AttrKind, raw: &Value, ctx: &Context) -> Ng
             if raw.is_array() {
                 Ok(raw.clone())
             } else {
-                Err(NgsiError::bad_data(format!("valueList of '{name}' must be an array")))
+                Err(NgsiError::bad_data(format!(
+                    "valueList of '{name}' must be an array"
+                )))
             }
         }
         AttrKind::ListRelationship => {
@@ -699,7 +708,9 @@ fn expand_vocab(name: &str, member: &str, raw: &Value, ctx: &Context) -> NgsiRes
         Ok(Value::String(ctx.expand(s).into_owned()))
     };
     match raw {
-        Value::Array(a) if !a.is_empty() => Ok(Value::Array(a.iter().map(one).collect::<NgsiResult<_>>()?)),
+        Value::Array(a) if !a.is_empty() => {
+            Ok(Value::Array(a.iter().map(one).collect::<NgsiResult<_>>()?))
+        }
         Value::String(_) => one(raw),
         _ => Err(NgsiError::bad_data(format!(
             "{member} of '{name}' must be a string or a non-empty array of strings"
@@ -761,13 +772,24 @@ pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<Str
         } else if instances.len() == 1 {
             render_attribute(&instances[0], ctx, opts)
         } else {
-            Value::Array(instances.iter().map(|a| render_attribute(a, ctx, opts)).collect())
+            Value::Array(
+                instances
+                    .iter()
+                    .map(|a| render_attribute(a, ctx, opts))
+                    .collect(),
+            )
         };
         out.insert(key, value);
     }
     if opts.sys_attrs && opts.format != Format::KeyValues {
-        out.insert("createdAt".into(), Value::String(format_datetime(e.created_at)));
-        out.insert("modifiedAt".into(), Value::String(format_datetime(e.modified_at)));
+        out.insert(
+            "createdAt".into(),
+            Value::String(format_datetime(e.created_at)),
+        );
+        out.insert(
+            "modifiedAt".into(),
+            Value::String(format_datetime(e.modified_at)),
+        );
     }
     out
 }
@@ -843,11 +865,20 @@ pub fn render_attribute(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> V
         m.insert("unitCode".into(), Value::String(u.clone()));
     }
     for (name, sub) in &a.sub {
-        m.insert(ctx.compact(name).into_owned(), render_attribute(sub, ctx, opts));
+        m.insert(
+            ctx.compact(name).into_owned(),
+            render_attribute(sub, ctx, opts),
+        );
     }
     if opts.sys_attrs {
-        m.insert("createdAt".into(), Value::String(format_datetime(a.created_at)));
-        m.insert("modifiedAt".into(), Value::String(format_datetime(a.modified_at)));
+        m.insert(
+            "createdAt".into(),
+            Value::String(format_datetime(a.created_at)),
+        );
+        m.insert(
+            "modifiedAt".into(),
+            Value::String(format_datetime(a.modified_at)),
+        );
     }
     Value::Object(m)
 }
@@ -914,7 +945,10 @@ mod tests {
     #[test]
     fn normalized_round_trip_keeps_every_kind() {
         let e = parse_entity(&sample(), &ctx(), 1_000).unwrap();
-        assert_eq!(e.types, vec!["https://uri.etsi.org/ngsi-ld/default-context/Vehicle"]);
+        assert_eq!(
+            e.types,
+            vec!["https://uri.etsi.org/ngsi-ld/default-context/Vehicle"]
+        );
         assert_eq!(e.attrs.len(), 9);
         let out = Value::Object(render_entity(&e, &ctx(), &RenderOptions::default()));
         assert_eq!(out, sample());
@@ -924,7 +958,10 @@ mod tests {
     fn vocab_values_are_expanded_in_storage() {
         let e = parse_entity(&sample(), &ctx(), 0).unwrap();
         let cat = &e.attrs["https://uri.etsi.org/ngsi-ld/default-context/category"][0];
-        assert_eq!(cat.value, json!("https://uri.etsi.org/ngsi-ld/default-context/sedan"));
+        assert_eq!(
+            cat.value,
+            json!("https://uri.etsi.org/ngsi-ld/default-context/sedan")
+        );
     }
 
     #[test]
@@ -974,17 +1011,41 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let cases = [
-            (json!({"id": "urn:a", "type": "T", "p": {"type": "Property"}}), "no value"),
+            (
+                json!({"id": "urn:a", "type": "T", "p": {"type": "Property"}}),
+                "no value",
+            ),
             (json!({"id": "nope", "type": "T"}), "not a valid URI"),
             (json!({"id": "urn:a"}), "needs a 'type'"),
-            (json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "object": "x"}}), "not a valid URI"),
-            (json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "value": 1}}), "needs 'object'"),
-            (json!({"id": "urn:a", "type": "T", "p": {"type": "Weird", "value": 1}}), "unknown type"),
-            (json!({"id": "urn:a", "type": "T", "p=": 1}), "forbidden character"),
-            (json!({"id": "urn:a", "type": "T", "p": {"value": 1, "observedAt": "now"}}), "observedAt"),
+            (
+                json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "object": "x"}}),
+                "not a valid URI",
+            ),
+            (
+                json!({"id": "urn:a", "type": "T", "r": {"type": "Relationship", "value": 1}}),
+                "needs 'object'",
+            ),
+            (
+                json!({"id": "urn:a", "type": "T", "p": {"type": "Weird", "value": 1}}),
+                "unknown type",
+            ),
+            (
+                json!({"id": "urn:a", "type": "T", "p=": 1}),
+                "forbidden character",
+            ),
+            (
+                json!({"id": "urn:a", "type": "T", "p": {"value": 1, "observedAt": "now"}}),
+                "observedAt",
+            ),
             (json!({"id": "urn:a", "type": "T", "p": null}), "null"),
-            (json!({"id": "urn:a", "type": "T", "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [0, 100]}}}), "latitude"),
-            (json!({"id": "urn:a", "type": "T", "p": [{"value": 1}, {"value": 2}]}), "same datasetId"),
+            (
+                json!({"id": "urn:a", "type": "T", "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [0, 100]}}}),
+                "latitude",
+            ),
+            (
+                json!({"id": "urn:a", "type": "T", "p": [{"value": 1}, {"value": 2}]}),
+                "same datasetId",
+            ),
             (json!([1]), "JSON object"),
         ];
         for (body, word) in cases {
@@ -1002,13 +1063,21 @@ mod tests {
         };
         let out = render_entity(&e, &ctx(), &opts);
         assert_eq!(out["createdAt"], json!("2023-11-14T22:13:20.000Z"));
-        assert_eq!(out["speed"]["modifiedAt"], json!("2023-11-14T22:13:20.000Z"));
+        assert_eq!(
+            out["speed"]["modifiedAt"],
+            json!("2023-11-14T22:13:20.000Z")
+        );
     }
 
     #[test]
     fn geojson_feature() {
         let e = parse_entity(&sample(), &ctx(), 0).unwrap();
-        let f = render_feature(&e, &ctx(), &RenderOptions::default(), "https://uri.etsi.org/ngsi-ld/location");
+        let f = render_feature(
+            &e,
+            &ctx(),
+            &RenderOptions::default(),
+            "https://uri.etsi.org/ngsi-ld/location",
+        );
         assert_eq!(f["type"], "Feature");
         assert_eq!(f["geometry"]["coordinates"], json!([2.1, 41.4]));
         assert_eq!(f["properties"]["type"], "Vehicle");

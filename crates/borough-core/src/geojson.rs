@@ -36,7 +36,9 @@ fn err(detail: impl Into<String>) -> NgsiError {
 }
 
 fn validate(v: &Value, depth: usize) -> NgsiResult<()> {
-    let obj = v.as_object().ok_or_else(|| err("a geometry must be an object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err("a geometry must be an object"))?;
     let kind = obj
         .get("type")
         .and_then(Value::as_str)
@@ -85,13 +87,22 @@ fn position(v: &Value) -> NgsiResult<()> {
     }
     let nums: Vec<f64> = p
         .iter()
-        .map(|x| x.as_f64().ok_or_else(|| err("a position must hold numbers only")))
+        .map(|x| {
+            x.as_f64()
+                .ok_or_else(|| err("a position must hold numbers only"))
+        })
         .collect::<NgsiResult<_>>()?;
     if !(-180.0..=180.0).contains(&nums[0]) {
-        return Err(err(format!("longitude {} is out of range [-180, 180]", nums[0])));
+        return Err(err(format!(
+            "longitude {} is out of range [-180, 180]",
+            nums[0]
+        )));
     }
     if !(-90.0..=90.0).contains(&nums[1]) {
-        return Err(err(format!("latitude {} is out of range [-90, 90]", nums[1])));
+        return Err(err(format!(
+            "latitude {} is out of range [-90, 90]",
+            nums[1]
+        )));
     }
     Ok(())
 }
@@ -116,7 +127,9 @@ fn polygon(v: &Value) -> NgsiResult<()> {
         }
         pts.iter().try_for_each(position)?;
         if pts.first() != pts.last() {
-            return Err(err("a linear ring must be closed (first and last positions equal)"));
+            return Err(err(
+                "a linear ring must be closed (first and last positions equal)",
+            ));
         }
     }
     Ok(())
@@ -143,12 +156,24 @@ mod tests {
     #[test]
     fn invalid_geometries_say_why() {
         let cases = [
-            (json!({"type": "Point", "coordinates": [2.35, 91]}), "latitude"),
-            (json!({"type": "Point", "coordinates": [181, 0]}), "longitude"),
+            (
+                json!({"type": "Point", "coordinates": [2.35, 91]}),
+                "latitude",
+            ),
+            (
+                json!({"type": "Point", "coordinates": [181, 0]}),
+                "longitude",
+            ),
             (json!({"type": "Point"}), "coordinates"),
             (json!({"type": "Circle", "coordinates": [0, 0]}), "unknown"),
-            (json!({"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]}), "closed"),
-            (json!({"type": "LineString", "coordinates": [[0, 0]]}), "two"),
+            (
+                json!({"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]}),
+                "closed",
+            ),
+            (
+                json!({"type": "LineString", "coordinates": [[0, 0]]}),
+                "two",
+            ),
             (json!({"type": "Point", "coordinates": ["a", 0]}), "numbers"),
         ];
         for (g, word) in cases {

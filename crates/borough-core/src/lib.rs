@@ -10,6 +10,8 @@ pub mod ops;
 pub mod validate;
 
 pub use context::Context;
-pub use entity::{Attribute, AttrKind, AttrPatch, Entity, Format, Fragment, ParseMode, RenderOptions};
+pub use entity::{
+    AttrKind, AttrPatch, Attribute, Entity, Format, Fragment, ParseMode, RenderOptions,
+};
 pub use error::{NgsiError, NgsiResult, ProblemKind};
 pub use ops::{Change, EntityOp, NotUpdated, OpOutcome};

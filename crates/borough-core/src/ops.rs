@@ -115,12 +115,18 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
             stamp_new(&mut e, now);
             Ok((Change::Put(e), OpOutcome::Created))
         }
-        EntityOp::Upsert { mut entity, replace } => match current {
+        EntityOp::Upsert {
+            mut entity,
+            replace,
+        } => match current {
             None => {
                 stamp_new(&mut entity, now);
                 Ok((Change::Put(entity), OpOutcome::Created))
             }
-            Some(cur) if replace => Ok((Change::Put(replace_entity(cur, entity, now)), OpOutcome::Updated)),
+            Some(cur) if replace => Ok((
+                Change::Put(replace_entity(cur, entity, now)),
+                OpOutcome::Updated,
+            )),
             Some(cur) => {
                 let mut next = cur.clone();
                 for t in entity.types {
@@ -209,7 +215,9 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
                         not_updated.push(NotUpdated {
                             attribute_name: name.clone(),
                             reason: match &p.dataset_id {
-                                Some(d) => format!("the entity has no such attribute with datasetId '{d}'"),
+                                Some(d) => {
+                                    format!("the entity has no such attribute with datasetId '{d}'")
+                                }
                                 None => "the entity has no such attribute".into(),
                             },
                         });
@@ -350,8 +358,8 @@ fn replace_entity(cur: &Entity, mut e: Entity, now: i64) -> Entity {
     e.modified_at = now;
     for (name, list) in e.attrs.iter_mut() {
         for a in list.iter_mut() {
-            let created = find_instance(cur, name, a.dataset_id.as_deref())
-                .map_or(now, |old| old.created_at);
+            let created =
+                find_instance(cur, name, a.dataset_id.as_deref()).map_or(now, |old| old.created_at);
             stamp_attr(a, created, now);
         }
     }
@@ -415,7 +423,11 @@ fn merge_instance(e: &mut Entity, name: &str, p: AttrPatch, now: i64) -> NgsiRes
 
 /// Builds an entity for Create/Upsert/Replace from a parsed fragment, checking
 /// the id given in the path (if any) against the body.
-pub fn entity_from_fragment(mut frag: Fragment, path_id: Option<&str>, now: i64) -> NgsiResult<Entity> {
+pub fn entity_from_fragment(
+    mut frag: Fragment,
+    path_id: Option<&str>,
+    now: i64,
+) -> NgsiResult<Entity> {
     if let Some(pid) = path_id {
         match &frag.id {
             Some(bid) if bid != pid => {
@@ -475,13 +487,28 @@ mod tests {
     #[test]
     fn append_with_no_overwrite_reports_what_it_skipped() {
         let cur = base();
-        let f = frag(json!({"speed": {"value": 9}, "color": {"value": "red"}}), ParseMode::Full);
-        let (c, o) = apply(EntityOp::Append { id: "urn:a".into(), frag: f, no_overwrite: true }, Some(&cur), 10).unwrap();
+        let f = frag(
+            json!({"speed": {"value": 9}, "color": {"value": "red"}}),
+            ParseMode::Full,
+        );
+        let (c, o) = apply(
+            EntityOp::Append {
+                id: "urn:a".into(),
+                frag: f,
+                no_overwrite: true,
+            },
+            Some(&cur),
+            10,
+        )
+        .unwrap();
         let next = put(c);
         assert_eq!(next.attrs[&format!("{V}speed")][0].value, json!(1));
         assert_eq!(next.attrs[&format!("{V}color")][0].value, json!("red"));
         match o {
-            OpOutcome::Partial { updated, not_updated } => {
+            OpOutcome::Partial {
+                updated,
+                not_updated,
+            } => {
                 assert_eq!(updated, vec![format!("{V}color")]);
                 assert_eq!(not_updated[0].attribute_name, format!("{V}speed"));
             }
@@ -492,8 +519,19 @@ mod tests {
     #[test]
     fn update_touches_only_existing_attributes() {
         let cur = base();
-        let f = frag(json!({"speed": {"value": 9}, "color": {"value": "red"}}), ParseMode::Full);
-        let (c, o) = apply(EntityOp::Update { id: "urn:a".into(), frag: f }, Some(&cur), 10).unwrap();
+        let f = frag(
+            json!({"speed": {"value": 9}, "color": {"value": "red"}}),
+            ParseMode::Full,
+        );
+        let (c, o) = apply(
+            EntityOp::Update {
+                id: "urn:a".into(),
+                frag: f,
+            },
+            Some(&cur),
+            10,
+        )
+        .unwrap();
         let next = put(c);
         assert_eq!(next.attrs[&format!("{V}speed")][0].value, json!(9));
         // Update replaces the attribute: the old unitCode is gone.
@@ -505,8 +543,19 @@ mod tests {
     #[test]
     fn merge_keeps_unmentioned_members_and_null_removes() {
         let cur = base();
-        let f = frag(json!({"speed": {"value": 5}, "temp": null, "color": "blue"}), ParseMode::Patch);
-        let (c, _) = apply(EntityOp::Merge { id: "urn:a".into(), patch: f }, Some(&cur), 10).unwrap();
+        let f = frag(
+            json!({"speed": {"value": 5}, "temp": null, "color": "blue"}),
+            ParseMode::Patch,
+        );
+        let (c, _) = apply(
+            EntityOp::Merge {
+                id: "urn:a".into(),
+                patch: f,
+            },
+            Some(&cur),
+            10,
+        )
+        .unwrap();
         let next = put(c);
         let speed = &next.attrs[&format!("{V}speed")][0];
         assert_eq!(speed.value, json!(5));
@@ -539,10 +588,28 @@ mod tests {
     fn upsert_update_mode_keeps_other_attributes_replace_mode_drops_them() {
         let cur = base();
         let new = entity(json!({"id": "urn:a", "type": "U", "color": "red"}));
-        let upd = put(apply(EntityOp::Upsert { entity: new.clone(), replace: false }, Some(&cur), 3).unwrap().0);
+        let upd = put(apply(
+            EntityOp::Upsert {
+                entity: new.clone(),
+                replace: false,
+            },
+            Some(&cur),
+            3,
+        )
+        .unwrap()
+        .0);
         assert_eq!(upd.attrs.len(), 3);
         assert_eq!(upd.types.len(), 2);
-        let rep = put(apply(EntityOp::Upsert { entity: new, replace: true }, Some(&cur), 3).unwrap().0);
+        let rep = put(apply(
+            EntityOp::Upsert {
+                entity: new,
+                replace: true,
+            },
+            Some(&cur),
+            3,
+        )
+        .unwrap()
+        .0);
         assert_eq!(rep.attrs.len(), 1);
         assert_eq!(rep.types, vec![format!("{V}U")]);
         assert_eq!(rep.created_at, cur.created_at);
@@ -553,10 +620,16 @@ mod tests {
         let ops = vec![
             EntityOp::Delete { id: "urn:x".into() },
             EntityOp::Replace(entity(json!({"id": "urn:x", "type": "T"}))),
-            EntityOp::Merge { id: "urn:x".into(), patch: Fragment::default() },
+            EntityOp::Merge {
+                id: "urn:x".into(),
+                patch: Fragment::default(),
+            },
         ];
         for op in ops {
-            assert_eq!(apply(op, None, 0).unwrap_err().kind, ProblemKind::ResourceNotFound);
+            assert_eq!(
+                apply(op, None, 0).unwrap_err().kind,
+                ProblemKind::ResourceNotFound
+            );
         }
     }
 
@@ -571,7 +644,17 @@ mod tests {
             0,
         )
         .unwrap();
-        let next = put(apply(EntityOp::PatchAttr { id: "urn:a".into(), attr: format!("{V}speed"), patch }, Some(&cur), 4).unwrap().0);
+        let next = put(apply(
+            EntityOp::PatchAttr {
+                id: "urn:a".into(),
+                attr: format!("{V}speed"),
+                patch,
+            },
+            Some(&cur),
+            4,
+        )
+        .unwrap()
+        .0);
         let speed = &next.attrs[&format!("{V}speed")][0];
         assert_eq!(speed.value, json!(7));
         assert_eq!(speed.unit_code.as_deref(), Some("KMH"));

@@ -40,7 +40,10 @@ pub fn check_uri(what: &str, s: &str) -> NgsiResult<()> {
     if valid {
         Ok(())
     } else {
-        Err(NgsiError::bad_data(format!("{what} '{}' is not a valid URI", truncate(s))))
+        Err(NgsiError::bad_data(format!(
+            "{what} '{}' is not a valid URI",
+            truncate(s)
+        )))
     }
 }
 

@@ -1,15 +1,36 @@
 //! Property tests of the entity parser: no input makes it panic, and every
 //! entity it accepts survives a render → parse round trip in each representation.
 
-use borough_core::entity::{ParseMode, parse_attribute, parse_entity, parse_fragment, render_entity};
+use borough_core::entity::{
+    ParseMode, parse_attribute, parse_entity, parse_fragment, render_entity,
+};
 use borough_core::{Context, Format, RenderOptions};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 const KEYS: &[&str] = &[
-    "id", "type", "value", "object", "languageMap", "vocab", "json", "valueList", "objectList",
-    "datasetId", "observedAt", "unitCode", "objectType", "coordinates", "geometries", "@context",
-    "scope", "createdAt", "p", "q", "Property", "location",
+    "id",
+    "type",
+    "value",
+    "object",
+    "languageMap",
+    "vocab",
+    "json",
+    "valueList",
+    "objectList",
+    "datasetId",
+    "observedAt",
+    "unitCode",
+    "objectType",
+    "coordinates",
+    "geometries",
+    "@context",
+    "scope",
+    "createdAt",
+    "p",
+    "q",
+    "Property",
+    "location",
 ];
 
 fn any_json() -> impl Strategy<Value = Value> {
@@ -20,9 +41,18 @@ fn any_json() -> impl Strategy<Value = Value> {
         (-1e6f64..1e6).prop_map(Value::from),
         "[a-zA-Z0-9:/ <>\"=;()._-]{0,12}".prop_map(Value::String),
         prop_oneof![
-            Just("Property"), Just("Relationship"), Just("GeoProperty"), Just("LanguageProperty"),
-            Just("VocabProperty"), Just("JsonProperty"), Just("ListProperty"), Just("ListRelationship"),
-            Just("Point"), Just("Polygon"), Just("urn:ngsi-ld:x:1"), Just("2024-01-01T00:00:00Z"),
+            Just("Property"),
+            Just("Relationship"),
+            Just("GeoProperty"),
+            Just("LanguageProperty"),
+            Just("VocabProperty"),
+            Just("JsonProperty"),
+            Just("ListProperty"),
+            Just("ListRelationship"),
+            Just("Point"),
+            Just("Polygon"),
+            Just("urn:ngsi-ld:x:1"),
+            Just("2024-01-01T00:00:00Z"),
         ]
         .prop_map(|s| Value::String(s.into())),
     ];
@@ -30,7 +60,13 @@ fn any_json() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
             prop::collection::vec(
-                (prop_oneof![prop::sample::select(KEYS).prop_map(String::from), "[a-z]{1,4}"], inner),
+                (
+                    prop_oneof![
+                        prop::sample::select(KEYS).prop_map(String::from),
+                        "[a-z]{1,4}"
+                    ],
+                    inner
+                ),
                 0..6
             )
             .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
@@ -40,7 +76,10 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z][a-zA-Z0-9]{0,8}".prop_filter("not a reserved member", |n| {
-        !["id", "type", "scope", "value", "object", "json", "vocab", "location"].contains(&n.as_str())
+        ![
+            "id", "type", "scope", "value", "object", "json", "vocab", "location",
+        ]
+        .contains(&n.as_str())
     })
 }
 
@@ -84,15 +123,18 @@ fn attribute() -> impl Strategy<Value = Value> {
 }
 
 fn entity() -> impl Strategy<Value = Value> {
-    ("[a-z0-9]{1,8}", "[A-Z][a-z]{0,6}", prop::collection::btree_map(name(), attribute(), 0..6)).prop_map(
-        |(id, t, attrs)| {
+    (
+        "[a-z0-9]{1,8}",
+        "[A-Z][a-z]{0,6}",
+        prop::collection::btree_map(name(), attribute(), 0..6),
+    )
+        .prop_map(|(id, t, attrs)| {
             let mut m = Map::new();
             m.insert("id".into(), json!(format!("urn:ngsi-ld:{t}:{id}")));
             m.insert("type".into(), json!(t));
             m.extend(attrs);
             Value::Object(m)
-        },
-    )
+        })
 }
 
 proptest! {

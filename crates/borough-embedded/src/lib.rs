@@ -87,9 +87,11 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, loading every entity into memory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("borough.redb");
-        let db = Database::create(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::create(&path)
+            .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         let shared = Arc::new(Shared::default());
         load(&db, &shared)?;
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -117,7 +119,8 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     // Create the tables on first open so that reads never miss them.
     txn.open_table(ENTITIES).map_err(io)?;
     txn.open_table(TENANTS).map_err(io)?;
-    txn.set_durability(redb::Durability::Immediate).map_err(io)?;
+    txn.set_durability(redb::Durability::Immediate)
+        .map_err(io)?;
     txn.commit().map_err(io)?;
 
     let read = db.begin_read().map_err(io)?;
@@ -132,8 +135,11 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     for row in entities.iter().map_err(io)? {
         let (key, value) = row.map_err(io)?;
         let (tenant, id) = key.value();
-        let entity: Entity = serde_json::from_slice(value.value())
-            .map_err(|e| io(format!("entity '{id}' of tenant '{tenant}' cannot be read: {e}")))?;
+        let entity: Entity = serde_json::from_slice(value.value()).map_err(|e| {
+            io(format!(
+                "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+            ))
+        })?;
         // Rows are ordered by tenant: fill one tenant's map at a time.
         if current.as_ref().is_none_or(|(t, _)| t != tenant) {
             if let Some((t, m)) = current.take() {
@@ -201,12 +207,14 @@ fn run_writer(db: Database, shared: Arc<Shared>, mut receiver: mpsc::Receiver<Jo
 }
 
 type Key = (String, String);
+/// The staged state of one entity in a group: `None` means deleted.
+type Staged = Option<Arc<Entity>>;
 
 /// Applies a group of writes to the latest state, commits them in one
 /// transaction, then publishes the new state and answers every caller.
 fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
     let now = now_micros();
-    let mut staged: HashMap<Key, Option<Arc<Entity>>> = HashMap::new();
+    let mut staged: HashMap<Key, Staged> = HashMap::new();
     let mut new_tenants: Vec<String> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
     for job in group {
@@ -239,7 +247,10 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if committed.is_none() && !new_tenants.contains(&job.tenant) && results.iter().any(Result::is_ok) {
+        if committed.is_none()
+            && !new_tenants.contains(&job.tenant)
+            && results.iter().any(Result::is_ok)
+        {
             new_tenants.push(job.tenant.clone());
         }
         answers.push((job.reply, results));
@@ -254,7 +265,7 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
     }
 
     // Publish: readers see the group only now that it is durable.
-    let mut by_tenant: HashMap<&str, Vec<(&str, &Option<Arc<Entity>>)>> = HashMap::new();
+    let mut by_tenant: HashMap<&str, Vec<(&str, &Staged)>> = HashMap::new();
     for ((tenant, id), v) in &staged {
         by_tenant.entry(tenant).or_default().push((id, v));
     }
@@ -282,14 +293,15 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
 
 fn persist(
     db: &Database,
-    staged: &HashMap<Key, Option<Arc<Entity>>>,
+    staged: &HashMap<Key, Staged>,
     new_tenants: &[String],
 ) -> Result<(), StoreError> {
     if staged.is_empty() && new_tenants.is_empty() {
         return Ok(());
     }
     let mut txn = db.begin_write().map_err(io)?;
-    txn.set_durability(redb::Durability::Immediate).map_err(io)?;
+    txn.set_durability(redb::Durability::Immediate)
+        .map_err(io)?;
     {
         let mut table = txn.open_table(ENTITIES).map_err(io)?;
         let mut buf = Vec::with_capacity(1024);
@@ -298,7 +310,9 @@ fn persist(
                 Some(e) => {
                     buf.clear();
                     serde_json::to_writer(&mut buf, e.as_ref()).map_err(io)?;
-                    table.insert((tenant.as_str(), id.as_str()), buf.as_slice()).map_err(io)?;
+                    table
+                        .insert((tenant.as_str(), id.as_str()), buf.as_slice())
+                        .map_err(io)?;
                 }
                 None => {
                     table.remove((tenant.as_str(), id.as_str())).map_err(io)?;
@@ -355,7 +369,11 @@ impl EntityStore for EmbeddedStore {
         }
     }
 
-    fn write(&self, tenant: &str, ops: Vec<EntityOp>) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
+    fn write(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
         let sender = self.sender.clone();
         let tenant = tenant.to_string();
         Box::pin(async move {
@@ -410,7 +428,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         let store = EmbeddedStore::open(&path).unwrap();
-        borough_store::testsuite::survives_reopen(store, || EmbeddedStore::open(&path).unwrap()).await;
+        borough_store::testsuite::survives_reopen(store, || EmbeddedStore::open(&path).unwrap())
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,7 +437,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store.close().await.unwrap();
-        let r = store.write("t", vec![EntityOp::Delete { id: "urn:x".into() }]).await;
+        let r = store
+            .write("t", vec![EntityOp::Delete { id: "urn:x".into() }])
+            .await;
         assert!(matches!(r, Err(StoreError::Closed)));
     }
 }

@@ -46,7 +46,11 @@ pub trait EntityStore: Send + Sync + 'static {
 
     /// Applies `ops` to `tenant` (creating the tenant when a change is made)
     /// and makes the result durable before resolving.
-    fn write(&self, tenant: &str, ops: Vec<EntityOp>) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
+    fn write(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
 
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;

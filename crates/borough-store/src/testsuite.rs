@@ -52,7 +52,10 @@ pub async fn create_get_delete(store: &dyn EntityStore) {
         .write(t, vec![EntityOp::Delete { id: "urn:a".into() }])
         .await
         .expect("write");
-    assert_eq!(r[0].as_ref().unwrap_err().kind, ProblemKind::ResourceNotFound);
+    assert_eq!(
+        r[0].as_ref().unwrap_err().kind,
+        ProblemKind::ResourceNotFound
+    );
 }
 
 pub async fn batch_results_are_per_operation(store: &dyn EntityStore) {
@@ -140,10 +143,15 @@ pub async fn concurrent_writes_lose_nothing(store: &dyn EntityStore) {
 /// that everything acknowledged is there.
 pub async fn survives_reopen<S: EntityStore>(store: S, reopen: impl FnOnce() -> S) {
     let t = "suite-reopen";
-    let ops = (0..100).map(|i| EntityOp::Create(entity(&format!("urn:r{i}"), i))).collect();
+    let ops = (0..100)
+        .map(|i| EntityOp::Create(entity(&format!("urn:r{i}"), i)))
+        .collect();
     store.write(t, ops).await.expect("write");
     store
-        .write(DEFAULT_TENANT, vec![EntityOp::Create(entity("urn:default", 7))])
+        .write(
+            DEFAULT_TENANT,
+            vec![EntityOp::Create(entity("urn:default", 7))],
+        )
         .await
         .expect("write");
     store.close().await.expect("close");
@@ -151,6 +159,9 @@ pub async fn survives_reopen<S: EntityStore>(store: S, reopen: impl FnOnce() -> 
     let store = reopen();
     assert_eq!(store.entity_count(t), 100);
     assert_eq!(speed(&store.get(t, "urn:r42").unwrap()), json!(42));
-    assert_eq!(speed(&store.get(DEFAULT_TENANT, "urn:default").unwrap()), json!(7));
+    assert_eq!(
+        speed(&store.get(DEFAULT_TENANT, "urn:default").unwrap()),
+        json!(7)
+    );
     assert!(store.tenants().contains(&t.to_string()));
 }

@@ -63,7 +63,13 @@ impl TestApp {
         }
     }
 
-    pub async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: Option<String>) -> Resp {
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -78,9 +84,14 @@ impl TestApp {
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
-        Resp { status, headers, body }
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, uri: &str) -> Resp {
@@ -93,11 +104,22 @@ impl TestApp {
 
     /// Sends a JSON body with `Content-Type: application/json`.
     pub async fn json(&self, method: Method, uri: &str, body: &Value) -> Resp {
-        self.send(method, uri, &[("content-type", "application/json")], Some(body.to_string()))
-            .await
+        self.send(
+            method,
+            uri,
+            &[("content-type", "application/json")],
+            Some(body.to_string()),
+        )
+        .await
     }
 
-    pub async fn json_with(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
+    pub async fn json_with(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> Resp {
         let mut h = vec![("content-type", "application/json")];
         h.extend_from_slice(headers);
         self.send(method, uri, &h, Some(body.to_string())).await

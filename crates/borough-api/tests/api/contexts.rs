@@ -55,12 +55,19 @@ async fn link_context_expands_on_write_and_compacts_on_read() {
     let ctx = format!("{base}/ctx.jsonld");
     let l = link(&ctx);
     let body = json!({"id": "urn:ngsi-ld:Car:1", "type": "Car", "speed": {"type": "Property", "value": 50}});
-    let r = app.json_with(Method::POST, ENTITIES, &[("link", &l)], &body).await;
+    let r = app
+        .json_with(Method::POST, ENTITIES, &[("link", &l)], &body)
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 
-    let r = app.get_with("/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1", &[("link", &l)]).await;
+    let r = app
+        .get_with("/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1", &[("link", &l)])
+        .await;
     assert_eq!(r.body, body);
-    assert!(r.header("link").unwrap().contains(&ctx), "the response names the context used");
+    assert!(
+        r.header("link").unwrap().contains(&ctx),
+        "the response names the context used"
+    );
 
     // Without the user context the names come back as full IRIs.
     let r = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1").await;
@@ -69,7 +76,12 @@ async fn link_context_expands_on_write_and_compacts_on_read() {
 
     // The attribute is addressed through the context too.
     let r = app
-        .json_with(Method::PATCH, "/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1/attrs/speed", &[("link", &l)], &json!({"value": 60}))
+        .json_with(
+            Method::PATCH,
+            "/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1/attrs/speed",
+            &[("link", &l)],
+            &json!({"value": 60}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     let r = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:Car:1").await;
@@ -78,7 +90,9 @@ async fn link_context_expands_on_write_and_compacts_on_read() {
     // A context that refers to another one.
     let nested = link(&format!("{base}/nested.jsonld"));
     let body = json!({"id": "urn:ngsi-ld:Car:2", "type": "Car", "brand": "Tram", "speed": 1});
-    let r = app.json_with(Method::POST, ENTITIES, &[("link", &nested)], &body).await;
+    let r = app
+        .json_with(Method::POST, ENTITIES, &[("link", &nested)], &body)
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let r = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:Car:2").await;
     assert_eq!(r.body["https://example.org/brand"]["value"], "Tram");
@@ -93,11 +107,19 @@ async fn inline_json_ld_context() {
         "id": "urn:ngsi-ld:Room:1", "type": "Room", "temp": {"type": "Property", "value": 21}
     });
     let r = app
-        .send(Method::POST, ENTITIES, &[("content-type", "application/ld+json")], Some(body.to_string()))
+        .send(
+            Method::POST,
+            ENTITIES,
+            &[("content-type", "application/ld+json")],
+            Some(body.to_string()),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let r = app
-        .get_with("/ngsi-ld/v1/entities/urn:ngsi-ld:Room:1", &[("accept", "application/ld+json")])
+        .get_with(
+            "/ngsi-ld/v1/entities/urn:ngsi-ld:Room:1",
+            &[("accept", "application/ld+json")],
+        )
         .await;
     assert_eq!(r.body["https://example.org/temperature"]["value"], 21);
 }
@@ -107,10 +129,17 @@ async fn core_contexts_are_built_in_and_never_fetched() {
     // No network is needed for any core context version.
     let app = TestApp::new();
     for v in ["v1.6", "v1.7", "v1.8", "v1.9"] {
-        let l = link(&format!("https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-{v}.jsonld"));
+        let l = link(&format!(
+            "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-{v}.jsonld"
+        ));
         let id = format!("urn:ngsi-ld:T:{v}");
         let r = app
-            .json_with(Method::POST, ENTITIES, &[("link", &l)], &json!({"id": id, "type": "T", "p": 1}))
+            .json_with(
+                Method::POST,
+                ENTITIES,
+                &[("link", &l)],
+                &json!({"id": id, "type": "T", "p": 1}),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{v}: {}", r.body);
     }
@@ -138,9 +167,17 @@ async fn unavailable_contexts_fail_fast_with_ld_context_not_available() {
         )
         .await
         .expect("an unreachable context must not hang the request");
-        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{url}: {}", r.body);
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{url}: {}",
+            r.body
+        );
         assert_eq!(r.problem(), "LdContextNotAvailable");
         assert!(r.body["detail"].as_str().unwrap().contains(&url));
     }
-    assert_eq!(app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:T:1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:T:1").await.status,
+        StatusCode::NOT_FOUND
+    );
 }

@@ -64,15 +64,27 @@ async fn retrieve_options_and_representations() {
     assert!(sys["speed"]["modifiedAt"].is_string());
 
     let picked = app.get(&format!("{A1}?attrs=speed,owner")).await.body;
-    let keys: Vec<&str> = picked.as_object().unwrap().keys().map(String::as_str).collect();
+    let keys: Vec<&str> = picked
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(keys, ["id", "type", "speed", "owner"]);
 
     let ld = app.get_with(A1, &[("accept", "application/ld+json")]).await;
     assert_eq!(ld.header("content-type"), Some("application/ld+json"));
-    assert!(ld.body["@context"].as_str().unwrap().contains("ngsi-ld-core-context"));
+    assert!(
+        ld.body["@context"]
+            .as_str()
+            .unwrap()
+            .contains("ngsi-ld-core-context")
+    );
     assert!(ld.header("link").is_none());
 
-    let geo = app.get_with(A1, &[("accept", "application/geo+json")]).await;
+    let geo = app
+        .get_with(A1, &[("accept", "application/geo+json")])
+        .await;
     assert_eq!(geo.header("content-type"), Some("application/geo+json"));
     assert_eq!(geo.body["type"], "Feature");
     assert_eq!(geo.body["geometry"]["coordinates"], json!([2.35, 48.85]));
@@ -89,17 +101,32 @@ async fn retrieve_options_and_representations() {
 async fn replace_entity_swaps_all_attributes() {
     let app = app_with_vehicle().await;
     let r = app
-        .json(Method::PUT, A1, &json!({"type": "Vehicle", "speed": {"type": "Property", "value": 10}}))
+        .json(
+            Method::PUT,
+            A1,
+            &json!({"type": "Vehicle", "speed": {"type": "Property", "value": 10}}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
     let e = app.get(A1).await.body;
-    assert_eq!(e, json!({"id": "urn:ngsi-ld:Vehicle:A1", "type": "Vehicle", "speed": {"type": "Property", "value": 10}}));
+    assert_eq!(
+        e,
+        json!({"id": "urn:ngsi-ld:Vehicle:A1", "type": "Vehicle", "speed": {"type": "Property", "value": 10}})
+    );
     let r = app
-        .json(Method::PUT, A1, &json!({"id": "urn:ngsi-ld:Vehicle:OTHER", "type": "Vehicle"}))
+        .json(
+            Method::PUT,
+            A1,
+            &json!({"id": "urn:ngsi-ld:Vehicle:OTHER", "type": "Vehicle"}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = app
-        .json(Method::PUT, "/ngsi-ld/v1/entities/urn:ngsi-ld:Vehicle:none", &json!({"type": "Vehicle"}))
+        .json(
+            Method::PUT,
+            "/ngsi-ld/v1/entities/urn:ngsi-ld:Vehicle:none",
+            &json!({"type": "Vehicle"}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
@@ -130,7 +157,9 @@ async fn append_attributes_with_and_without_no_overwrite() {
     let app = app_with_vehicle().await;
     let attrs = format!("{A1}/attrs");
     let body = json!({"speed": {"type": "Property", "value": 1}, "fuel": {"type": "Property", "value": 40}});
-    let r = app.json(Method::POST, &format!("{attrs}?options=noOverwrite"), &body).await;
+    let r = app
+        .json(Method::POST, &format!("{attrs}?options=noOverwrite"), &body)
+        .await;
     assert_eq!(r.status, StatusCode::MULTI_STATUS);
     assert_eq!(r.body["updated"], json!(["fuel"]));
     assert_eq!(r.body["notUpdated"][0]["attributeName"], "speed");
@@ -138,7 +167,10 @@ async fn append_attributes_with_and_without_no_overwrite() {
 
     let r = app.json(Method::POST, &attrs, &body).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(app.get(A1).await.body["speed"], json!({"type": "Property", "value": 1}));
+    assert_eq!(
+        app.get(A1).await.body["speed"],
+        json!({"type": "Property", "value": 1})
+    );
 }
 
 #[tokio::test]
@@ -155,7 +187,13 @@ async fn update_attributes_reports_the_ones_that_do_not_exist() {
     assert_eq!(e["speed"]["value"], 2);
     assert!(e.get("ghost").is_none());
 
-    let r = app.json(Method::PATCH, &attrs, &json!({"speed": {"type": "Property", "value": 3}})).await;
+    let r = app
+        .json(
+            Method::PATCH,
+            &attrs,
+            &json!({"speed": {"type": "Property", "value": 3}}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }
 
@@ -169,17 +207,36 @@ async fn partial_attribute_update_and_replace_attribute() {
     assert_eq!(e["speed"]["value"], 99);
     assert_eq!(e["speed"]["unitCode"], "KMH");
 
-    let r = app.json(Method::PUT, &speed, &json!({"type": "Property", "value": 7})).await;
+    let r = app
+        .json(
+            Method::PUT,
+            &speed,
+            &json!({"type": "Property", "value": 7}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(app.get(A1).await.body["speed"], json!({"type": "Property", "value": 7}));
+    assert_eq!(
+        app.get(A1).await.body["speed"],
+        json!({"type": "Property", "value": 7})
+    );
 
-    let r = app.json(Method::PATCH, &format!("{A1}/attrs/ghost"), &json!({"value": 1})).await;
+    let r = app
+        .json(
+            Method::PATCH,
+            &format!("{A1}/attrs/ghost"),
+            &json!({"value": 1}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.problem(), "ResourceNotFound");
 
     // A targeted instance of a multi-instance attribute.
     let r = app
-        .json(Method::PATCH, &format!("{A1}/attrs/temperature"), &json!({"value": 40, "datasetId": "urn:ngsi-ld:Dataset:engine"}))
+        .json(
+            Method::PATCH,
+            &format!("{A1}/attrs/temperature"),
+            &json!({"value": 40, "datasetId": "urn:ngsi-ld:Dataset:engine"}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     let t = app.get(A1).await.body["temperature"].clone();
@@ -191,10 +248,17 @@ async fn partial_attribute_update_and_replace_attribute() {
 async fn delete_attribute_by_dataset_id_default_and_all() {
     let app = app_with_vehicle().await;
     let temp = format!("{A1}/attrs/temperature");
-    let r = app.delete(&format!("{temp}?datasetId=urn:ngsi-ld:Dataset:engine")).await;
+    let r = app
+        .delete(&format!("{temp}?datasetId=urn:ngsi-ld:Dataset:engine"))
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(app.get(A1).await.body["temperature"], json!({"type": "Property", "value": 20}));
-    let r = app.delete(&format!("{temp}?datasetId=urn:ngsi-ld:Dataset:engine")).await;
+    assert_eq!(
+        app.get(A1).await.body["temperature"],
+        json!({"type": "Property", "value": 20})
+    );
+    let r = app
+        .delete(&format!("{temp}?datasetId=urn:ngsi-ld:Dataset:engine"))
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
     let r = app.delete(&format!("{A1}/attrs/speed")).await;
@@ -203,12 +267,22 @@ async fn delete_attribute_by_dataset_id_default_and_all() {
 
     // deleteAll removes every instance.
     let r = app
-        .json(Method::POST, &format!("{A1}/attrs"), &json!({"temperature": [
+        .json(
+            Method::POST,
+            &format!("{A1}/attrs"),
+            &json!({"temperature": [
             {"type": "Property", "value": 1, "datasetId": "urn:d:1"},
-            {"type": "Property", "value": 2, "datasetId": "urn:d:2"}]}))
+            {"type": "Property", "value": 2, "datasetId": "urn:d:2"}]}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
-    assert_eq!(app.get(A1).await.body["temperature"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        app.get(A1).await.body["temperature"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let r = app.delete(&format!("{temp}?deleteAll=true")).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(app.get(A1).await.body.get("temperature").is_none());
@@ -231,12 +305,21 @@ async fn concise_input_is_accepted() {
         "powerState": {"value": "on", "observedAt": "2024-01-01T00:00:00.000Z"},
         "location": {"type": "Point", "coordinates": [2.0, 48.0]},
         "refPole": {"object": "urn:ngsi-ld:Pole:9"}});
-    assert_eq!(app.json(Method::POST, ENTITIES, &body).await.status, StatusCode::CREATED);
-    let e = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:1").await.body;
+    assert_eq!(
+        app.json(Method::POST, ENTITIES, &body).await.status,
+        StatusCode::CREATED
+    );
+    let e = app
+        .get("/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:1")
+        .await
+        .body;
     assert_eq!(e["status"], json!({"type": "Property", "value": "on"}));
     assert_eq!(e["location"]["type"], "GeoProperty");
     assert_eq!(e["refPole"]["type"], "Relationship");
-    let concise = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:1?options=concise").await.body;
+    let concise = app
+        .get("/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:1?options=concise")
+        .await
+        .body;
     assert_eq!(concise, body);
 }
 
@@ -245,7 +328,12 @@ async fn system_times_move_on_update_and_created_at_stays() {
     let app = app_with_vehicle().await;
     let before = app.get(&format!("{A1}?options=sysAttrs")).await.body;
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    app.json(Method::PATCH, &format!("{A1}/attrs/speed"), &json!({"value": 1})).await;
+    app.json(
+        Method::PATCH,
+        &format!("{A1}/attrs/speed"),
+        &json!({"value": 1}),
+    )
+    .await;
     let after = app.get(&format!("{A1}?options=sysAttrs")).await.body;
     assert_eq!(before["createdAt"], after["createdAt"]);
     assert_eq!(before["speed"]["createdAt"], after["speed"]["createdAt"]);

@@ -9,7 +9,11 @@ const E1: &str = "/ngsi-ld/v1/entities/urn:ngsi-ld:T:1";
 
 async fn assert_nothing_stored(app: &TestApp) {
     let r = app.get(E1).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "a rejected write must change nothing");
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "a rejected write must change nothing"
+    );
 }
 
 #[tokio::test]
@@ -31,11 +35,16 @@ async fn malformed_bodies_are_rejected_with_problem_details() {
     ];
     for (ct, body, status, kind, word) in cases {
         let headers: Vec<(&str, &str)> = ct.map(|c| ("content-type", c)).into_iter().collect();
-        let r = app.send(Method::POST, ENTITIES, &headers, Some(body.clone())).await;
+        let r = app
+            .send(Method::POST, ENTITIES, &headers, Some(body.clone()))
+            .await;
         assert_eq!(r.status, status, "{body}: {}", r.body);
         assert_eq!(r.problem(), kind, "{body}");
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(word), "{body}: detail '{detail}' should mention '{word}'");
+        assert!(
+            detail.contains(word),
+            "{body}: detail '{detail}' should mention '{word}'"
+        );
         assert_eq!(r.body["status"], status.as_u16());
         assert_nothing_stored(&app).await;
     }
@@ -57,7 +66,8 @@ async fn oversized_and_too_deep_bodies_are_refused() {
     for _ in 0..40 {
         deep = json!([deep]);
     }
-    let body = json!({"id": "urn:ngsi-ld:T:1", "type": "T", "p": {"type": "Property", "value": deep}});
+    let body =
+        json!({"id": "urn:ngsi-ld:T:1", "type": "T", "p": {"type": "Property", "value": deep}});
     let r = app.json(Method::POST, ENTITIES, &body).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.body["detail"].as_str().unwrap().contains("nested"));
@@ -68,8 +78,17 @@ async fn oversized_and_too_deep_bodies_are_refused() {
 async fn duplicate_create_is_a_conflict_and_keeps_the_first() {
     let app = TestApp::new();
     let e = json!({"id": "urn:ngsi-ld:T:1", "type": "T", "p": 1});
-    assert_eq!(app.json(Method::POST, ENTITIES, &e).await.status, StatusCode::CREATED);
-    let r = app.json(Method::POST, ENTITIES, &json!({"id": "urn:ngsi-ld:T:1", "type": "T", "p": 2})).await;
+    assert_eq!(
+        app.json(Method::POST, ENTITIES, &e).await.status,
+        StatusCode::CREATED
+    );
+    let r = app
+        .json(
+            Method::POST,
+            ENTITIES,
+            &json!({"id": "urn:ngsi-ld:T:1", "type": "T", "p": 2}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.problem(), "AlreadyExists");
     assert_eq!(app.get(E1).await.body["p"]["value"], 1);
@@ -90,7 +109,14 @@ async fn bad_paths_methods_and_accept_headers() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     r.problem();
 
-    let r = app.send(Method::PUT, "/ngsi-ld/v1/entityOperations/create", &[], None).await;
+    let r = app
+        .send(
+            Method::PUT,
+            "/ngsi-ld/v1/entityOperations/create",
+            &[],
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     r.problem();
 
@@ -106,7 +132,11 @@ async fn a_failed_update_leaves_the_entity_as_it_was() {
     let before = app.get(E1).await.body;
     // One good attribute and one invalid one: the whole request is refused.
     let r = app
-        .json(Method::POST, &format!("{E1}/attrs"), &json!({"p": 5, "r": {"type": "Relationship", "object": "not a uri"}}))
+        .json(
+            Method::POST,
+            &format!("{E1}/attrs"),
+            &json!({"p": 5, "r": {"type": "Relationship", "object": "not a uri"}}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(app.get(E1).await.body, before);
