@@ -55,7 +55,8 @@ fn init_logging(level: &str) -> Result<(), String> {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = Arc::new(
-        EmbeddedStore::open(&args.data).map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
+        EmbeddedStore::open(&args.data)
+            .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
     );
     let config = ApiConfig {
         max_body_bytes: args.max_body_bytes,
@@ -77,7 +78,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("shutting down: finishing writes and closing the store");
-    store.close().await.map_err(|e| format!("cannot close the store: {e}"))?;
+    store
+        .close()
+        .await
+        .map_err(|e| format!("cannot close the store: {e}"))?;
     Ok(())
 }
 

@@ -16,7 +16,14 @@ struct Server {
 
 fn start(data: &Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
-        .args(["serve", "--http", "127.0.0.1:0", "--log-level", "warn", "--data"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "--data",
+        ])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -43,7 +50,13 @@ struct Acked {
     counters: Vec<i64>,
 }
 
-async fn writer(client: reqwest::Client, base: String, round: usize, task: usize, acked: Arc<Mutex<Acked>>) {
+async fn writer(
+    client: reqwest::Client,
+    base: String,
+    round: usize,
+    task: usize,
+    acked: Arc<Mutex<Acked>>,
+) {
     for seq in 0.. {
         let ids: Vec<String> = (0..20)
             .map(|k| format!("urn:ngsi-ld:Crash:{round}-{task}-{seq}-{k}"))
@@ -53,8 +66,10 @@ async fn writer(client: reqwest::Client, base: String, round: usize, task: usize
             .map(|id| json!({"id": id, "type": "Probe", "n": {"type": "Property", "value": seq}}))
             .collect();
         let counter_value = (round * 1_000_000 + seq) as i64;
-        batch.push(json!({"id": format!("urn:ngsi-ld:Counter:{task}"), "type": "Counter",
-                          "value": {"type": "Property", "value": counter_value}}));
+        batch.push(
+            json!({"id": format!("urn:ngsi-ld:Counter:{task}"), "type": "Counter",
+                          "value": {"type": "Property", "value": counter_value}}),
+        );
         let resp = client
             .post(format!("{base}/ngsi-ld/v1/entityOperations/upsert"))
             .json(&batch)
@@ -86,7 +101,9 @@ async fn verify(client: &reqwest::Client, base: &str, acked: &Acked) {
             continue;
         }
         let e: Value = client
-            .get(format!("{base}/ngsi-ld/v1/entities/urn:ngsi-ld:Counter:{task}"))
+            .get(format!(
+                "{base}/ngsi-ld/v1/entities/urn:ngsi-ld:Counter:{task}"
+            ))
             .send()
             .await
             .expect("GET")
@@ -116,7 +133,15 @@ fn acknowledged_writes_survive_kill_9() {
         let mut server = start(dir.path());
         rt.block_on(verify(&client, &server.base, &acked.lock().unwrap()));
         let tasks: Vec<_> = (0..WRITERS)
-            .map(|task| rt.spawn(writer(client.clone(), server.base.clone(), round, task, acked.clone())))
+            .map(|task| {
+                rt.spawn(writer(
+                    client.clone(),
+                    server.base.clone(),
+                    round,
+                    task,
+                    acked.clone(),
+                ))
+            })
             .collect();
         std::thread::sleep(Duration::from_millis(rng.random_range(100..700)));
         server.child.kill().expect("SIGKILL");
@@ -127,7 +152,11 @@ fn acknowledged_writes_survive_kill_9() {
     }
     let server = start(dir.path());
     let a = acked.lock().unwrap();
-    assert!(a.ids.len() > 200, "the test must actually write: only {} acknowledged", a.ids.len());
+    assert!(
+        a.ids.len() > 200,
+        "the test must actually write: only {} acknowledged",
+        a.ids.len()
+    );
     rt.block_on(verify(&client, &server.base, &a));
     drop(server);
 }
@@ -148,7 +177,14 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let health: Value = rt
-        .block_on(async { client.get(format!("{}/health", server.base)).send().await?.json().await })
+        .block_on(async {
+            client
+                .get(format!("{}/health", server.base))
+                .send()
+                .await?
+                .json()
+                .await
+        })
         .unwrap();
     assert_eq!(health["status"], "ok");
     let status = Command::new("kill")
@@ -161,7 +197,14 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
 
     let server = start(dir.path());
     let r = rt
-        .block_on(client.get(format!("{}/ngsi-ld/v1/entities/urn:ngsi-ld:T:1", server.base)).send())
+        .block_on(
+            client
+                .get(format!(
+                    "{}/ngsi-ld/v1/entities/urn:ngsi-ld:T:1",
+                    server.base
+                ))
+                .send(),
+        )
         .unwrap();
     assert_eq!(r.status(), 200);
     drop(server);
