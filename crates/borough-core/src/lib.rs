@@ -7,6 +7,7 @@ pub mod entity;
 pub mod error;
 pub mod geojson;
 pub mod ops;
+pub mod query;
 pub mod validate;
 
 pub use context::Context;
