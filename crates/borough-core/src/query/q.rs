@@ -288,10 +288,11 @@ fn literal(c: &mut Cursor, ctx: &Context) -> NgsiResult<Lit> {
 
 fn value(c: &mut Cursor, ctx: &Context, op: Op) -> NgsiResult<QValue> {
     let first = literal(c, ctx)?;
-    if c.eat("..") {
+    if c.rest().starts_with("..") {
         if !matches!(op, Op::Eq | Op::Ne) {
             return Err(c.error("a single value: ranges go with == and != only"));
         }
+        c.eat("..");
         let second = literal(c, ctx)?;
         return Ok(QValue::Range(first, second));
     }

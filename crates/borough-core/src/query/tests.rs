@@ -111,6 +111,7 @@ fn parse_errors_name_position_and_expectation() {
         ("a[b", 4, "']'"),
         ("status==\"free", 14, "closing"),
         ("a>1..3", 4, "single value"),
+        ("a>1,3", 4, "single value"),
     ] {
         let e = parse_q(q, &ctx).unwrap_err();
         assert!(e.detail.contains(&format!("position {pos}")), "{q}: {}", e.detail);
