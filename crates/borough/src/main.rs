@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "borough", version, about = "Borough: a smart-city data platform speaking NGSI-LD")]
+#[command(
+    name = "borough",
+    version,
+    about = "Borough: a smart-city data platform speaking NGSI-LD"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

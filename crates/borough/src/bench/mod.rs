@@ -1,6 +1,21 @@
 //! `borough bench <scenario>`: whole-system benchmarks with their baselines.
+//!
+//! Each scenario starts a fresh `borough serve` child on loopback (with a
+//! temporary data directory), drives it from a load generator running on its
+//! own tokio runtime, measures the baselines next to it, prints a table and
+//! writes every figure as JSON.
+
+mod entities;
+mod load;
+mod postgres;
+mod report;
+mod server;
 
 use clap::Args;
+use std::path::PathBuf;
+
+/// Default PostgreSQL connection string of the `postgres-jsonb` baseline.
+pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -9,8 +24,41 @@ pub struct BenchArgs {
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
     pub quick: bool,
+    /// Where to write the results as JSON [default: bench-results/<scenario>.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// PostgreSQL connection string of the postgres-jsonb baseline.
+    #[arg(long, env = "BOROUGH_BENCH_PG", default_value = DEFAULT_PG)]
+    pub pg: String,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
-    Err(format!("unknown scenario '{}'", args.scenario))
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.json", args.scenario)));
+    match args.scenario.as_str() {
+        "entities" => entities::run(&entities::Options {
+            quick: args.quick,
+            out,
+            pg: args.pg,
+        }),
+        other => Err(format!("unknown scenario '{other}'; available: entities")),
+    }
+}
+
+/// An error and its sources on one line (`tokio-postgres` and `hyper` keep
+/// the cause out of `Display`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
 }

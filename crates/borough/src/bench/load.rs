@@ -1,0 +1,435 @@
+//! HTTP load generator: keep-alive HTTP/1.1 connections (one per worker),
+//! a batch uploader, a time-bounded request mix, and latency statistics.
+
+use super::chain;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Longest wait for one batch or one verification request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most of a response body quoted in an error message.
+const QUOTE_BYTES: usize = 300;
+
+/// One keep-alive HTTP/1.1 connection to the server.
+pub struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    host: HeaderValue,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake with {addr} failed: {}", chain(&e)))?;
+        tokio::spawn(async move {
+            // Ends when the sender is dropped or the server closes the socket;
+            // request errors surface on the sender side.
+            let _ = connection.await;
+        });
+        let host = HeaderValue::from_str(&addr.to_string())
+            .map_err(|e| format!("invalid Host header '{addr}': {e}"))?;
+        Ok(Conn { sender, host })
+    }
+
+    /// Sends one request and reads the whole response body. The body is kept
+    /// when `keep_body` is set or the status is not 2xx (for error messages),
+    /// otherwise it is read and discarded frame by frame.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        uri: Uri,
+        body: Option<Bytes>,
+        keep_body: bool,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let has_body = body.is_some();
+        let mut req = Request::new(Full::new(body.unwrap_or_default()));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(HOST, self.host.clone());
+        if has_body {
+            req.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection lost: {}", chain(&e)))?;
+        let response = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {}", chain(&e)))?;
+        let status = response.status();
+        let mut incoming = response.into_body();
+        if keep_body || !status.is_success() {
+            let bytes = incoming
+                .collect()
+                .await
+                .map_err(|e| format!("cannot read the response body: {}", chain(&e)))?
+                .to_bytes();
+            return Ok((status, bytes));
+        }
+        while let Some(frame) = incoming.frame().await {
+            frame.map_err(|e| format!("cannot read the response body: {}", chain(&e)))?;
+        }
+        Ok((status, Bytes::new()))
+    }
+
+    /// [`Conn::request`] with [`REQUEST_TIMEOUT`].
+    pub async fn request_with_timeout(
+        &mut self,
+        method: Method,
+        uri: Uri,
+        body: Option<Bytes>,
+        keep_body: bool,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let what = format!("{method} {uri}");
+        tokio::time::timeout(REQUEST_TIMEOUT, self.request(method, uri, body, keep_body))
+            .await
+            .map_err(|_| format!("{what}: no response within {} s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// A response body as a short single line, for error messages.
+pub fn quote(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(QUOTE_BYTES)]);
+    let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if body.len() > QUOTE_BYTES {
+        line.push_str(" ...");
+    }
+    line
+}
+
+/// Latency percentiles of one set of requests, nearest-rank on the sorted
+/// sample.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    pub count: usize,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl Summary {
+    /// Sorts `latencies_us` in place and reads the percentiles.
+    pub fn of(latencies_us: &mut [u64]) -> Summary {
+        latencies_us.sort_unstable();
+        let n = latencies_us.len();
+        if n == 0 {
+            return Summary::default();
+        }
+        let at = |p: f64| {
+            let rank = (p * n as f64).ceil() as usize;
+            latencies_us[rank.clamp(1, n) - 1]
+        };
+        let sum: u64 = latencies_us.iter().sum();
+        Summary {
+            count: n,
+            mean_us: sum as f64 / n as f64,
+            p50_us: at(0.50),
+            p95_us: at(0.95),
+            p99_us: at(0.99),
+            max_us: latencies_us[n - 1],
+        }
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "count": self.count,
+            "mean_ms": ms(self.mean_us),
+            "p50_ms": ms(self.p50_us as f64),
+            "p95_ms": ms(self.p95_us as f64),
+            "p99_ms": ms(self.p99_us as f64),
+            "max_ms": ms(self.max_us as f64),
+        })
+    }
+}
+
+/// Microseconds to milliseconds, rounded to the microsecond.
+pub fn ms(us: f64) -> f64 {
+    us.round() / 1000.0
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What [`post_all`] measured.
+pub struct BatchRun {
+    pub elapsed: Duration,
+    /// Latency of each batch, in microseconds.
+    pub latencies_us: Vec<u64>,
+}
+
+/// POSTs every body to `uri`, `workers` requests at a time (each worker on its
+/// own connection, taking the next body in order). Any status outside
+/// `accepted` is a hard error.
+pub async fn post_all(
+    addr: SocketAddr,
+    uri: Uri,
+    bodies: Arc<Vec<Bytes>>,
+    workers: usize,
+    accepted: &'static [StatusCode],
+) -> Result<BatchRun, String> {
+    let mut conns = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        conns.push(Conn::open(addr).await?);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for mut conn in conns {
+        let (uri, bodies, next) = (uri.clone(), bodies.clone(), next.clone());
+        set.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                let t = Instant::now();
+                let (status, reply) = conn
+                    .request_with_timeout(Method::POST, uri.clone(), Some(body.clone()), false)
+                    .await
+                    .map_err(|e| format!("batch {i}: {e}"))?;
+                latencies.push(micros(t.elapsed()));
+                if !accepted.contains(&status) {
+                    return Err(format!(
+                        "batch {i}: POST {uri} answered {status}: {}",
+                        quote(&reply)
+                    ));
+                }
+            }
+            Ok(latencies)
+        });
+    }
+    let mut latencies_us = Vec::with_capacity(bodies.len());
+    while let Some(joined) = set.join_next().await {
+        let mut worker = joined.map_err(|e| format!("an upload worker crashed: {e}"))??;
+        latencies_us.append(&mut worker);
+    }
+    Ok(BatchRun {
+        elapsed: start.elapsed(),
+        latencies_us,
+    })
+}
+
+/// The requests of a timed run.
+pub enum Mix {
+    /// `GET` of one fixed path.
+    Static(Uri),
+    /// `GET` of a random entity or, `patch_percent` % of the time, `PATCH`
+    /// of a random entity's attributes with one of `bodies`.
+    Entities {
+        get: Vec<Uri>,
+        patch: Vec<Uri>,
+        bodies: Vec<Bytes>,
+        patch_percent: u32,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Get,
+    Patch,
+}
+
+impl Op {
+    fn method(self) -> Method {
+        match self {
+            Op::Get => Method::GET,
+            Op::Patch => Method::PATCH,
+        }
+    }
+}
+
+/// One request of a [`Mix`]: its kind, the entity (index) and the body (index).
+#[derive(Clone, Copy)]
+struct Pick {
+    op: Op,
+    target: usize,
+    body: Option<usize>,
+}
+
+impl Mix {
+    fn pick(&self, rng: &mut SmallRng) -> Pick {
+        match self {
+            Mix::Static(_) => Pick {
+                op: Op::Get,
+                target: 0,
+                body: None,
+            },
+            Mix::Entities {
+                get,
+                bodies,
+                patch_percent,
+                ..
+            } => {
+                let target = rng.random_range(0..get.len());
+                if rng.random_range(0..100) < *patch_percent {
+                    let body = rng.random_range(0..bodies.len());
+                    Pick {
+                        op: Op::Patch,
+                        target,
+                        body: Some(body),
+                    }
+                } else {
+                    Pick {
+                        op: Op::Get,
+                        target,
+                        body: None,
+                    }
+                }
+            }
+        }
+    }
+
+    fn uri(&self, pick: Pick) -> &Uri {
+        match (self, pick.op) {
+            (Mix::Static(uri), _) => uri,
+            (Mix::Entities { get, .. }, Op::Get) => &get[pick.target],
+            (Mix::Entities { patch, .. }, Op::Patch) => &patch[pick.target],
+        }
+    }
+
+    fn body(&self, pick: Pick) -> Option<Bytes> {
+        match (self, pick.body) {
+            (Mix::Entities { bodies, .. }, Some(b)) => bodies.get(b).cloned(),
+            _ => None,
+        }
+    }
+
+    fn describe(&self, pick: Pick) -> String {
+        format!("{} {}", pick.op.method(), self.uri(pick))
+    }
+}
+
+/// What [`run_timed`] measured. Requests cut off by the time limit are not
+/// counted.
+#[derive(Default)]
+pub struct TimedRun {
+    pub elapsed: Duration,
+    /// Latencies of completed GETs, in microseconds.
+    pub get_us: Vec<u64>,
+    /// Latencies of completed PATCHes, in microseconds.
+    pub patch_us: Vec<u64>,
+    /// Non-2xx answers and failed requests.
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl TimedRun {
+    fn error(&mut self, message: impl FnOnce() -> String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(message());
+        }
+    }
+}
+
+/// Runs `mix` for `duration` with `concurrency` workers, each on its own
+/// keep-alive connection. Every request is bounded by the deadline, and each
+/// worker stops by itself when it passes.
+pub async fn run_timed(
+    addr: SocketAddr,
+    mix: Arc<Mix>,
+    concurrency: usize,
+    duration: Duration,
+    seed: u64,
+) -> Result<TimedRun, String> {
+    // Connect first, so the clock measures requests only.
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(Conn::open(addr).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for (n, conn) in conns.into_iter().enumerate() {
+        let rng = SmallRng::seed_from_u64(seed.wrapping_add(n as u64));
+        set.spawn(timed_worker(conn, addr, mix.clone(), deadline, rng));
+    }
+    let mut total = TimedRun::default();
+    while let Some(joined) = set.join_next().await {
+        let mut run = joined.map_err(|e| format!("a load worker crashed: {e}"))??;
+        total.get_us.append(&mut run.get_us);
+        total.patch_us.append(&mut run.patch_us);
+        total.errors += run.errors;
+        if total.first_error.is_none() {
+            total.first_error = run.first_error;
+        }
+    }
+    total.elapsed = start.elapsed();
+    Ok(total)
+}
+
+async fn timed_worker(
+    mut conn: Conn,
+    addr: SocketAddr,
+    mix: Arc<Mix>,
+    deadline: Instant,
+    mut rng: SmallRng,
+) -> Result<TimedRun, String> {
+    let mut run = TimedRun::default();
+    while Instant::now() < deadline {
+        let pick = mix.pick(&mut rng);
+        let request = conn.request(
+            pick.op.method(),
+            mix.uri(pick).clone(),
+            mix.body(pick),
+            false,
+        );
+        let t = Instant::now();
+        let Ok(result) = tokio::time::timeout_at(deadline, request).await else {
+            break; // cut off by the time limit
+        };
+        let us = micros(t.elapsed());
+        match result {
+            Ok((status, reply)) => {
+                match pick.op {
+                    Op::Get => run.get_us.push(us),
+                    Op::Patch => run.patch_us.push(us),
+                }
+                if !status.is_success() {
+                    run.error(|| {
+                        format!(
+                            "{} answered {status}: {}",
+                            mix.describe(pick),
+                            quote(&reply)
+                        )
+                    });
+                }
+            }
+            Err(e) => {
+                run.error(|| format!("{}: {e}", mix.describe(pick)));
+                // The connection is unusable; open a new one within the time limit.
+                match tokio::time::timeout_at(deadline, Conn::open(addr)).await {
+                    Ok(Ok(c)) => conn = c,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    Ok(run)
+}
