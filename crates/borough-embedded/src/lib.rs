@@ -12,15 +12,19 @@
 //!   change only after that commit.
 
 use borough_core::ops::{Change, apply};
+use borough_core::query::EntityQuery;
 use borough_core::validate::now_micros;
 use borough_core::{Entity, EntityOp};
-use borough_store::{DEFAULT_TENANT, EntityStore, StoreError, WriteResults};
+use borough_store::{DEFAULT_TENANT, EntityStore, QueryPage, StoreError, WriteResults};
 use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use state::TenantState;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
+
+mod state;
 
 /// (tenant, entity id) → the entity, serialized.
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
@@ -32,7 +36,7 @@ const MAX_GROUP_OPS: usize = 20_000;
 /// Writes that may wait for the writer before callers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
 
-type TenantMap = RwLock<HashMap<String, Arc<Entity>>>;
+type TenantMap = RwLock<TenantState>;
 
 #[derive(Default)]
 struct Shared {
@@ -131,7 +135,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
         maps.entry(name.value().to_string()).or_default();
     }
     let entities = read.open_table(ENTITIES).map_err(io)?;
-    let mut current: Option<(String, HashMap<String, Arc<Entity>>)> = None;
+    let mut current: Option<(String, TenantState)> = None;
     for row in entities.iter().map_err(io)? {
         let (key, value) = row.map_err(io)?;
         let (tenant, id) = key.value();
@@ -145,10 +149,10 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
             if let Some((t, m)) = current.take() {
                 maps.insert(t, Arc::new(RwLock::new(m)));
             }
-            current = Some((tenant.to_string(), HashMap::new()));
+            current = Some((tenant.to_string(), TenantState::default()));
         }
         if let Some((_, m)) = current.as_mut() {
-            m.insert(id.to_string(), Arc::new(entity));
+            m.put(id, Some(Arc::new(entity)));
         }
     }
     if let Some((t, m)) = current.take() {
@@ -276,14 +280,7 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
         let map = shared.tenant_or_create(tenant);
         let mut map = map.write().unwrap_or_else(|e| e.into_inner());
         for (id, v) in changes {
-            match v {
-                Some(e) => {
-                    map.insert(id.to_string(), e.clone());
-                }
-                None => {
-                    map.remove(id);
-                }
-            }
+            map.put(id, v.clone());
         }
     }
     for (reply, results) in answers {
@@ -362,11 +359,45 @@ impl EntityStore for EmbeddedStore {
             return;
         };
         let map = map.read().unwrap_or_else(|e| e.into_inner());
-        for e in map.values() {
+        for e in map.entities() {
             if !visit(e) {
                 break;
             }
         }
+    }
+
+    fn query(
+        &self,
+        tenant: &str,
+        query: &EntityQuery,
+        offset: usize,
+        limit: usize,
+        count: bool,
+    ) -> QueryPage {
+        match self.shared.tenant(tenant) {
+            Some(map) => map
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .query(query, offset, limit, count),
+            None => QueryPage {
+                entities: Vec::new(),
+                total: count.then_some(0),
+            },
+        }
+    }
+
+    fn type_counts(&self, tenant: &str) -> Vec<(String, usize)> {
+        self.shared.tenant(tenant).map_or_else(Vec::new, |m| {
+            let m = m.read().unwrap_or_else(|e| e.into_inner());
+            m.type_counts().map(|(t, n)| (t.clone(), n)).collect()
+        })
+    }
+
+    fn attribute_counts(&self, tenant: &str) -> Vec<(String, usize)> {
+        self.shared.tenant(tenant).map_or_else(Vec::new, |m| {
+            let m = m.read().unwrap_or_else(|e| e.into_inner());
+            m.attribute_counts().map(|(a, n)| (a.clone(), n)).collect()
+        })
     }
 
     fn write(

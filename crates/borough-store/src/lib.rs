@@ -2,6 +2,7 @@
 //! backend must pass. Nothing here names an engine's types: the embedded engine
 //! and a future PostgreSQL backend plug in behind the same trait.
 
+use borough_core::query::EntityQuery;
 use borough_core::{Entity, EntityOp, NgsiError, OpOutcome};
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -23,6 +24,14 @@ pub enum StoreError {
 /// The outcome of each operation of one write, in order.
 pub type WriteResults = Vec<Result<OpOutcome, NgsiError>>;
 
+/// One page of a query's results, in entity id order.
+#[derive(Debug, Default)]
+pub struct QueryPage {
+    pub entities: Vec<Arc<Entity>>,
+    /// The number of matching entities, when it was asked for.
+    pub total: Option<usize>,
+}
+
 /// The current state of every tenant's entities.
 ///
 /// Writes are sequences of [`EntityOp`]s applied in order; each operation
@@ -43,6 +52,24 @@ pub trait EntityStore: Send + Sync + 'static {
 
     /// Visits the committed entities of a tenant in no set order until `visit` returns false.
     fn scan(&self, tenant: &str, visit: &mut dyn FnMut(&Arc<Entity>) -> bool);
+
+    /// The entities matching `query`, ordered by id, skipping `offset` and
+    /// returning at most `limit`; with `count`, also the total number of matches.
+    /// Must return exactly what filtering every entity with `EntityQuery::matches` would.
+    fn query(
+        &self,
+        tenant: &str,
+        query: &EntityQuery,
+        offset: usize,
+        limit: usize,
+        count: bool,
+    ) -> QueryPage;
+
+    /// Entity types (expanded) with the number of entities of each.
+    fn type_counts(&self, tenant: &str) -> Vec<(String, usize)>;
+
+    /// Attribute names (expanded) with the number of entities that have each.
+    fn attribute_counts(&self, tenant: &str) -> Vec<(String, usize)>;
 
     /// Applies `ops` to `tenant` (creating the tenant when a change is made)
     /// and makes the result durable before resolving.

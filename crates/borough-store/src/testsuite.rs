@@ -165,3 +165,37 @@ pub async fn survives_reopen<S: EntityStore>(store: S, reopen: impl FnOnce() -> 
     );
     assert!(store.tenants().contains(&t.to_string()));
 }
+
+/// Checks one query against the reference: every entity of the tenant filtered
+/// with `EntityQuery::matches`, ordered by id, then paged.
+pub fn assert_query_matches_scan(
+    store: &dyn EntityStore,
+    tenant: &str,
+    query: &borough_core::query::EntityQuery,
+    offset: usize,
+    limit: usize,
+) {
+    let mut all: Vec<std::sync::Arc<Entity>> = Vec::new();
+    store.scan(tenant, &mut |e| {
+        all.push(e.clone());
+        true
+    });
+    all.retain(|e| query.matches(e));
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let expected: Vec<&str> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|e| e.id.as_str())
+        .collect();
+    let page = store.query(tenant, query, offset, limit, true);
+    let got: Vec<&str> = page.entities.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        got, expected,
+        "query {query:?} offset {offset} limit {limit}"
+    );
+    assert_eq!(page.total, Some(all.len()), "count of query {query:?}");
+    let uncounted = store.query(tenant, query, offset, limit, false);
+    assert_eq!(uncounted.entities.len(), got.len());
+    assert_eq!(uncounted.total, None);
+}

@@ -197,9 +197,15 @@ mod tests {
     fn precedence_and_parentheses() {
         let e = parse("a;b|c", "test", &['|'], &mut word).unwrap();
         let l = |s: &str| BoolExpr::Leaf(s.to_string());
-        assert_eq!(e, BoolExpr::Or(vec![BoolExpr::And(vec![l("a"), l("b")]), l("c")]));
+        assert_eq!(
+            e,
+            BoolExpr::Or(vec![BoolExpr::And(vec![l("a"), l("b")]), l("c")])
+        );
         let e = parse("a;(b|c)", "test", &['|'], &mut word).unwrap();
-        assert_eq!(e, BoolExpr::And(vec![l("a"), BoolExpr::Or(vec![l("b"), l("c")])]));
+        assert_eq!(
+            e,
+            BoolExpr::And(vec![l("a"), BoolExpr::Or(vec![l("b"), l("c")])])
+        );
         let e = parse("a,b", "test", &['|', ','], &mut word).unwrap();
         assert_eq!(e, BoolExpr::Or(vec![l("a"), l("b")]));
     }
@@ -212,6 +218,11 @@ mod tests {
         let e = parse("a;;b", "test", &['|'], &mut word).unwrap_err();
         assert!(e.detail.contains("position 3"), "{}", e.detail);
         let deep = format!("{}a{}", "(".repeat(20), ")".repeat(20));
-        assert!(parse(&deep, "test", &['|'], &mut word).unwrap_err().detail.contains("deeper"));
+        assert!(
+            parse(&deep, "test", &['|'], &mut word)
+                .unwrap_err()
+                .detail
+                .contains("deeper")
+        );
     }
 }

@@ -32,7 +32,9 @@ pub struct ScopePattern {
 impl ScopePattern {
     pub fn matches(&self, scope: &str) -> bool {
         let parts: Vec<&str> = scope.trim_start_matches('/').split('/').collect();
-        if parts.len() < self.segments.len() || (!self.descendants && parts.len() != self.segments.len()) {
+        if parts.len() < self.segments.len()
+            || (!self.descendants && parts.len() != self.segments.len())
+        {
             return false;
         }
         self.segments
@@ -68,7 +70,7 @@ impl EntityQuery {
 
     /// The reference definition of which entities a query selects.
     pub fn matches(&self, e: &Entity) -> bool {
-        (self.ids.is_empty() || self.ids.iter().any(|i| *i == e.id))
+        (self.ids.is_empty() || self.ids.contains(&e.id))
             && self.id_pattern.as_ref().is_none_or(|r| r.is_match(&e.id))
             && self
                 .types
@@ -85,21 +87,26 @@ impl EntityQuery {
 
 /// Parses a type expression (`A`, `A,B`, `A;B`, `(A|B);C`), expanding names.
 pub fn parse_type_expr(src: &str, ctx: &Context) -> NgsiResult<TypeExpr> {
-    parse(src, "type expression", &['|', ','], &mut |c: &mut Cursor| {
-        let start = c.pos;
-        while c
-            .peek()
-            .is_some_and(|ch| !matches!(ch, ';' | '|' | ',' | '(' | ')') && !ch.is_whitespace())
-        {
-            c.bump();
-        }
-        let name = &c.src[start..c.pos];
-        if name.is_empty() {
-            return Err(c.error("an entity type"));
-        }
-        crate::validate::check_name("entity type", name)?;
-        Ok(ctx.expand(name).into_owned())
-    })
+    parse(
+        src,
+        "type expression",
+        &['|', ','],
+        &mut |c: &mut Cursor| {
+            let start = c.pos;
+            while c
+                .peek()
+                .is_some_and(|ch| !matches!(ch, ';' | '|' | ',' | '(' | ')') && !ch.is_whitespace())
+            {
+                c.bump();
+            }
+            let name = &c.src[start..c.pos];
+            if name.is_empty() {
+                return Err(c.error("an entity type"));
+            }
+            crate::validate::check_name("entity type", name)?;
+            Ok(ctx.expand(name).into_owned())
+        },
+    )
 }
 
 /// Parses a scope query (`/a/b`, `/a/#`, `/+/b`, combined with `;` and `|`/`,`).

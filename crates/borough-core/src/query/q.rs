@@ -40,7 +40,10 @@ pub enum Lit {
     DateTime(i64),
     /// A string (quoted), or an unquoted token such as a URI. `expanded` is the
     /// term expanded with the context, for comparisons with VocabProperty values.
-    Str { raw: String, expanded: String },
+    Str {
+        raw: String,
+        expanded: String,
+    },
 }
 
 /// The right-hand side of a comparison.
@@ -399,9 +402,13 @@ fn compare(t: &Target, lit: &Lit) -> Option<Ordering> {
         (Target::Time(_), _) => None,
         (Target::Str(s), Lit::Str { raw, .. }) => Some((*s).cmp(raw.as_str())),
         (Target::Str(_), _) => None,
-        (Target::Json(Value::Number(n), _), Lit::Num(b)) => n.as_f64().and_then(|a| a.partial_cmp(b)),
+        (Target::Json(Value::Number(n), _), Lit::Num(b)) => {
+            n.as_f64().and_then(|a| a.partial_cmp(b))
+        }
         (Target::Json(Value::Bool(a), _), Lit::Bool(b)) => (a == b).then_some(Ordering::Equal),
-        (Target::Json(Value::String(s), _), Lit::DateTime(b)) => parse_datetime(s).map(|a| a.cmp(b)),
+        (Target::Json(Value::String(s), _), Lit::DateTime(b)) => {
+            parse_datetime(s).map(|a| a.cmp(b))
+        }
         (Target::Json(Value::String(s), vocab), Lit::Str { raw, expanded }) => {
             Some(s.as_str().cmp(if *vocab { expanded } else { raw }))
         }
@@ -419,7 +426,9 @@ fn satisfies(t: &Target, op: Op, value: &QValue) -> bool {
         (Op::Eq, QValue::List(ls)) => ls.iter().any(|l| equals(t, l)),
         (Op::Eq, QValue::Range(lo, hi)) => in_range(t, lo, hi),
         (Op::Gt, QValue::One(l)) => compare(t, l) == Some(Ordering::Greater),
-        (Op::Ge, QValue::One(l)) => matches!(compare(t, l), Some(Ordering::Greater | Ordering::Equal)),
+        (Op::Ge, QValue::One(l)) => {
+            matches!(compare(t, l), Some(Ordering::Greater | Ordering::Equal))
+        }
         (Op::Lt, QValue::One(l)) => compare(t, l) == Some(Ordering::Less),
         (Op::Le, QValue::One(l)) => matches!(compare(t, l), Some(Ordering::Less | Ordering::Equal)),
         (Op::Match, QValue::Pattern(r)) => match t {

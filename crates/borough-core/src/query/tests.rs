@@ -7,7 +7,7 @@ fn spot(id: u32) -> Entity {
         "id": format!("urn:ngsi-ld:ParkingSpot:{id}"),
         "type": "ParkingSpot",
         "scope": ["/city/north/zone1"],
-        "status": {"type": "Property", "value": if id % 2 == 0 { "free" } else { "occupied" },
+        "status": {"type": "Property", "value": if id.is_multiple_of(2) { "free" } else { "occupied" },
                    "observedAt": format!("2024-01-0{}T10:00:00Z", 1 + id % 9),
                    "reliability": {"type": "Property", "value": 0.5 + f64::from(id % 5) / 10.0}},
         "occupancy": {"type": "Property", "value": id * 10, "unitCode": "P1"},
@@ -24,9 +24,7 @@ fn spot(id: u32) -> Entity {
 
 fn ids_matching(q: &str) -> Vec<u32> {
     let q = parse_q(q, &Context::core()).unwrap_or_else(|e| panic!("{q}: {e}"));
-    (0..8)
-        .filter(|i| q::eval_q(&spot(*i), &q))
-        .collect()
+    (0..8).filter(|i| q::eval_q(&spot(*i), &q)).collect()
 }
 
 #[test]
@@ -38,7 +36,11 @@ fn comparisons() {
     assert_eq!(ids_matching("occupancy<20"), [0, 1]);
     assert_eq!(ids_matching("occupancy<=20"), [0, 1, 2]);
     assert_eq!(ids_matching("status==\"free\""), [0, 2, 4, 6]);
-    assert_eq!(ids_matching("status==free"), [0, 2, 4, 6], "unquoted strings are accepted");
+    assert_eq!(
+        ids_matching("status==free"),
+        [0, 2, 4, 6],
+        "unquoted strings are accepted"
+    );
     assert_eq!(ids_matching("enabled==false"), [4]);
     assert_eq!(ids_matching("enabled==true"), [0, 1, 2, 3, 5, 6, 7]);
 }
@@ -49,7 +51,10 @@ fn ranges_and_value_lists() {
     assert_eq!(ids_matching("occupancy!=20..40"), [0, 1, 5, 6, 7]);
     assert_eq!(ids_matching("occupancy==10,30,70"), [1, 3, 7]);
     assert_eq!(ids_matching("status==\"free\",\"nope\""), [0, 2, 4, 6]);
-    assert_eq!(ids_matching("status.observedAt==2024-01-02T00:00:00Z..2024-01-03T23:00:00Z"), [1, 2]);
+    assert_eq!(
+        ids_matching("status.observedAt==2024-01-02T00:00:00Z..2024-01-03T23:00:00Z"),
+        [1, 2]
+    );
 }
 
 #[test]
@@ -57,7 +62,11 @@ fn patterns() {
     assert_eq!(ids_matching("status~=^fr"), [0, 2, 4, 6]);
     assert_eq!(ids_matching("status!~=^fr"), [1, 3, 5, 7]);
     assert_eq!(ids_matching("status~=\"(?i)OCC\""), [1, 3, 5, 7]);
-    assert_eq!(ids_matching("name~=Place 3"), [3], "language maps match any language");
+    assert_eq!(
+        ids_matching("name~=Place 3"),
+        [3],
+        "language maps match any language"
+    );
 }
 
 #[test]
@@ -65,7 +74,11 @@ fn existence_and_negation() {
     assert_eq!(ids_matching("occupancy").len(), 8);
     assert_eq!(ids_matching("ghost"), Vec::<u32>::new());
     assert_eq!(ids_matching("!ghost").len(), 8);
-    assert_eq!(ids_matching("location").len(), 8, "a GeoProperty exists though it is not comparable");
+    assert_eq!(
+        ids_matching("location").len(),
+        8,
+        "a GeoProperty exists though it is not comparable"
+    );
     assert_eq!(ids_matching("occupancy.unitCode==\"P1\"").len(), 8);
 }
 
@@ -73,9 +86,19 @@ fn existence_and_negation() {
 fn logical_operators_and_parentheses() {
     assert_eq!(ids_matching("status==free;occupancy>30"), [4, 6]);
     assert_eq!(ids_matching("occupancy==0|occupancy==70"), [0, 7]);
-    assert_eq!(ids_matching("(occupancy==0|occupancy==70);status==free"), [0]);
-    assert_eq!(ids_matching("occupancy==0|occupancy==70;status==free"), [0], "AND binds tighter");
-    assert_eq!(ids_matching("occupancy==10|(status==free;occupancy<30)"), [0, 1, 2]);
+    assert_eq!(
+        ids_matching("(occupancy==0|occupancy==70);status==free"),
+        [0]
+    );
+    assert_eq!(
+        ids_matching("occupancy==0|occupancy==70;status==free"),
+        [0],
+        "AND binds tighter"
+    );
+    assert_eq!(
+        ids_matching("occupancy==10|(status==free;occupancy<30)"),
+        [0, 1, 2]
+    );
 }
 
 #[test]
@@ -83,15 +106,29 @@ fn sub_attributes_members_and_compound_values() {
     assert_eq!(ids_matching("status.reliability>=0.8"), [3, 4]);
     assert_eq!(ids_matching("address[street]==\"Street 1\""), [1, 4, 7]);
     assert_eq!(ids_matching("address[zip.code]==3"), [3, 7]);
-    assert_eq!(ids_matching("status.observedAt>2024-01-07T00:00:00Z"), [6, 7]);
+    assert_eq!(
+        ids_matching("status.observedAt>2024-01-07T00:00:00Z"),
+        [6, 7]
+    );
 }
 
 #[test]
 fn relationships_arrays_and_vocab() {
-    assert_eq!(ids_matching("refParkingSite==urn:ngsi-ld:ParkingSite:1"), [1, 3, 5, 7]);
-    assert_eq!(ids_matching("tags==\"t3\""), [3], "any array element matches");
+    assert_eq!(
+        ids_matching("refParkingSite==urn:ngsi-ld:ParkingSite:1"),
+        [1, 3, 5, 7]
+    );
+    assert_eq!(
+        ids_matching("tags==\"t3\""),
+        [3],
+        "any array element matches"
+    );
     assert_eq!(ids_matching("tags==\"a\"").len(), 8);
-    assert_eq!(ids_matching("category==onStreet"), [0, 1, 2], "vocab compares expanded");
+    assert_eq!(
+        ids_matching("category==onStreet"),
+        [0, 1, 2],
+        "vocab compares expanded"
+    );
 }
 
 #[test]
@@ -114,11 +151,23 @@ fn parse_errors_name_position_and_expectation() {
         ("a>1,3", 4, "single value"),
     ] {
         let e = parse_q(q, &ctx).unwrap_err();
-        assert!(e.detail.contains(&format!("position {pos}")), "{q}: {}", e.detail);
+        assert!(
+            e.detail.contains(&format!("position {pos}")),
+            "{q}: {}",
+            e.detail
+        );
         assert!(e.detail.contains(word), "{q}: {}", e.detail);
     }
-    assert!(parse_q("status~=\"(unclosed\"", &ctx).unwrap_err().detail.contains("regular expression"));
-    assert!(parse_q(&"a==1;".repeat(1000), &ctx).is_err(), "length bound");
+    assert!(
+        parse_q("status~=\"(unclosed\"", &ctx)
+            .unwrap_err()
+            .detail
+            .contains("regular expression")
+    );
+    assert!(
+        parse_q(&"a==1;".repeat(1000), &ctx).is_err(),
+        "length bound"
+    );
     assert!(parse_q("", &ctx).is_err());
 }
 
@@ -169,7 +218,10 @@ fn entity_query_combines_filters() {
     let hits: Vec<u32> = (0..8).filter(|i| q.matches(&spot(*i))).collect();
     assert_eq!(hits, [0, 2]);
     let by_attr = EntityQuery {
-        attrs: vec![ctx.expand("ghost").into_owned(), ctx.expand("occupancy").into_owned()],
+        attrs: vec![
+            ctx.expand("ghost").into_owned(),
+            ctx.expand("occupancy").into_owned(),
+        ],
         ..Default::default()
     };
     assert!(by_attr.matches(&spot(0)));

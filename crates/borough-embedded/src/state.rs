@@ -1,0 +1,495 @@
+//! One tenant's committed state in memory: entities ordered by id, and the
+//! indexes the query planner uses (by type, by attribute, by attribute value).
+//! Everything here is derived from the redb file and rebuilt at open.
+
+use borough_core::entity::{AttrKind, Entity};
+use borough_core::query::EntityQuery;
+use borough_core::query::expr::BoolExpr;
+use borough_core::query::q::{Lit, Op, QExpr, QTerm, QValue};
+use borough_store::QueryPage;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+
+type Id = Arc<str>;
+type IdSet = BTreeSet<Id>;
+
+/// An attribute value as the value index orders it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum IndexKey {
+    Bool(bool),
+    Num(OrderedF64),
+    Str(Box<str>),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct OrderedF64(f64);
+
+impl PartialEq for OrderedF64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+impl Eq for OrderedF64 {}
+impl PartialOrd for OrderedF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrderedF64 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // -0.0 and 0.0 must be one key, as they compare equal in queries.
+        let a = if self.0 == 0.0 { 0.0 } else { self.0 };
+        let b = if other.0 == 0.0 { 0.0 } else { other.0 };
+        a.total_cmp(&b)
+    }
+}
+
+fn key_of(v: &Value) -> Option<IndexKey> {
+    match v {
+        Value::Bool(b) => Some(IndexKey::Bool(*b)),
+        Value::Number(n) => n.as_f64().map(|f| IndexKey::Num(OrderedF64(f))),
+        Value::String(s) => Some(IndexKey::Str(s.as_str().into())),
+        _ => None,
+    }
+}
+
+/// Index keys a literal may equal: a string literal is looked up both as
+/// written and expanded (VocabProperty values are stored expanded).
+fn keys_of_lit(l: &Lit) -> Vec<IndexKey> {
+    match l {
+        Lit::Num(n) => vec![IndexKey::Num(OrderedF64(*n))],
+        Lit::Bool(b) => vec![IndexKey::Bool(*b)],
+        Lit::Str { raw, expanded } => {
+            let mut v = vec![IndexKey::Str(raw.as_str().into())];
+            if expanded != raw {
+                v.push(IndexKey::Str(expanded.as_str().into()));
+            }
+            v
+        }
+        // Date-times may be written in several forms: not served from the index.
+        Lit::DateTime(_) => Vec::new(),
+    }
+}
+
+#[derive(Default)]
+struct AttrIndex {
+    /// Entities that have the attribute.
+    ids: IdSet,
+    /// Scalar values of the attribute's instances (array elements each).
+    values: BTreeMap<IndexKey, IdSet>,
+}
+
+/// The state of one tenant.
+#[derive(Default)]
+pub struct TenantState {
+    entities: BTreeMap<Id, Arc<Entity>>,
+    by_type: HashMap<String, IdSet>,
+    by_attr: HashMap<String, AttrIndex>,
+}
+
+/// Where a plan takes its candidate ids from, in id order.
+enum Candidates<'a> {
+    All,
+    Borrowed(&'a IdSet),
+    Owned(Vec<Id>),
+}
+
+impl TenantState {
+    pub fn get(&self, id: &str) -> Option<&Arc<Entity>> {
+        self.entities.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    pub fn entities(&self) -> impl Iterator<Item = &Arc<Entity>> {
+        self.entities.values()
+    }
+
+    /// Entity counts per type (expanded).
+    pub fn type_counts(&self) -> impl Iterator<Item = (&String, usize)> {
+        self.by_type.iter().map(|(t, ids)| (t, ids.len()))
+    }
+
+    /// Entity counts per attribute (expanded).
+    pub fn attribute_counts(&self) -> impl Iterator<Item = (&String, usize)> {
+        self.by_attr.iter().map(|(a, idx)| (a, idx.ids.len()))
+    }
+
+    /// Puts (or with `None`, removes) an entity, keeping every index in step.
+    pub fn put(&mut self, id: &str, entity: Option<Arc<Entity>>) {
+        if let Some((key, old)) = self.entities.remove_entry(id) {
+            self.unindex(&key, &old);
+        }
+        if let Some(e) = entity {
+            let key: Id = Arc::from(id);
+            self.index(&key, &e);
+            self.entities.insert(key, e);
+        }
+    }
+
+    fn index(&mut self, id: &Id, e: &Entity) {
+        for t in &e.types {
+            self.by_type
+                .entry(t.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        for (name, instances) in &e.attrs {
+            let idx = self.by_attr.entry(name.clone()).or_default();
+            idx.ids.insert(id.clone());
+            for_each_key(instances, |k| {
+                idx.values.entry(k).or_default().insert(id.clone());
+            });
+        }
+    }
+
+    fn unindex(&mut self, id: &Id, e: &Entity) {
+        for t in &e.types {
+            if let Some(set) = self.by_type.get_mut(t) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_type.remove(t);
+                }
+            }
+        }
+        for (name, instances) in &e.attrs {
+            let Some(idx) = self.by_attr.get_mut(name) else {
+                continue;
+            };
+            idx.ids.remove(id);
+            for_each_key(instances, |k| {
+                if let Some(set) = idx.values.get_mut(&k) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        idx.values.remove(&k);
+                    }
+                }
+            });
+            if idx.ids.is_empty() {
+                self.by_attr.remove(name);
+            }
+        }
+    }
+
+    /// Runs a query: picks the smallest candidate set the indexes offer,
+    /// checks every candidate with the reference `EntityQuery::matches`, and
+    /// pages in id order.
+    pub fn query(&self, q: &EntityQuery, offset: usize, limit: usize, count: bool) -> QueryPage {
+        let mut page = QueryPage {
+            entities: Vec::with_capacity(limit.min(1024)),
+            total: None,
+        };
+        let mut matched = 0usize;
+        let mut visit = |e: &Arc<Entity>| -> bool {
+            if !q.matches(e) {
+                return true;
+            }
+            if matched >= offset && page.entities.len() < limit {
+                page.entities.push(e.clone());
+            }
+            matched += 1;
+            // Without a count, stop as soon as the page is full.
+            count || page.entities.len() < limit
+        };
+        match self.plan(q) {
+            Candidates::All => {
+                for e in self.entities.values() {
+                    if !visit(e) {
+                        break;
+                    }
+                }
+            }
+            Candidates::Borrowed(ids) => {
+                for id in ids {
+                    if let Some(e) = self.entities.get(id)
+                        && !visit(e)
+                    {
+                        break;
+                    }
+                }
+            }
+            Candidates::Owned(ids) => {
+                for id in &ids {
+                    if let Some(e) = self.entities.get(id)
+                        && !visit(e)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        if count {
+            page.total = Some(matched);
+        }
+        page
+    }
+
+    fn plan(&self, q: &EntityQuery) -> Candidates<'_> {
+        let empty = || Candidates::Owned(Vec::new());
+        if !q.ids.is_empty() {
+            let mut ids: Vec<Id> = q
+                .ids
+                .iter()
+                .filter_map(|i| {
+                    self.entities
+                        .get_key_value(i.as_str())
+                        .map(|(k, _)| k.clone())
+                })
+                .collect();
+            ids.sort();
+            ids.dedup();
+            return Candidates::Owned(ids);
+        }
+        let mut best: Option<(usize, Candidates)> = None;
+        // The borrowed sets cost nothing to use; owned ones are built only when small.
+        if let Some(t) = &q.types {
+            match t {
+                BoolExpr::Leaf(name) => match self.by_type.get(name) {
+                    Some(set) => consider(set.len(), Candidates::Borrowed(set), &mut best),
+                    None => return empty(),
+                },
+                other => {
+                    let ids = self.type_ids(other);
+                    consider(ids.len(), Candidates::Owned(ids), &mut best);
+                }
+            }
+        }
+        if !q.attrs.is_empty() {
+            if let [one] = q.attrs.as_slice() {
+                match self.by_attr.get(one) {
+                    Some(idx) => consider(idx.ids.len(), Candidates::Borrowed(&idx.ids), &mut best),
+                    None => return empty(),
+                }
+            } else {
+                let ids = union(
+                    q.attrs
+                        .iter()
+                        .filter_map(|a| self.by_attr.get(a))
+                        .map(|i| &i.ids),
+                );
+                consider(ids.len(), Candidates::Owned(ids), &mut best);
+            }
+        }
+        if let Some(expr) = &q.q {
+            let cap = best.as_ref().map_or(usize::MAX, |(s, _)| *s);
+            if let Some(c) = self.q_candidates(expr, cap) {
+                let size = match &c {
+                    Candidates::Borrowed(s) => s.len(),
+                    Candidates::Owned(v) => v.len(),
+                    Candidates::All => usize::MAX,
+                };
+                consider(size, c, &mut best);
+            }
+        }
+        best.map_or(Candidates::All, |(_, c)| c)
+    }
+
+    fn type_ids(&self, t: &BoolExpr<String>) -> Vec<Id> {
+        match t {
+            BoolExpr::Leaf(name) => self
+                .by_type
+                .get(name)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
+            BoolExpr::Or(xs) => {
+                let parts: Vec<Vec<Id>> = xs.iter().map(|x| self.type_ids(x)).collect();
+                merge_sorted(parts)
+            }
+            BoolExpr::And(xs) => {
+                let mut parts: Vec<Vec<Id>> = xs.iter().map(|x| self.type_ids(x)).collect();
+                parts.sort_by_key(Vec::len);
+                let mut it = parts.into_iter();
+                let first = it.next().unwrap_or_default();
+                let rest: Vec<BTreeSet<Id>> = it.map(|v| v.into_iter().collect()).collect();
+                first
+                    .into_iter()
+                    .filter(|id| rest.iter().all(|s| s.contains(id)))
+                    .collect()
+            }
+        }
+    }
+
+    /// Candidates for a `q` expression, if the indexes can bound it; `cap`
+    /// is the size of the best plan so far (building a larger set is wasted work).
+    fn q_candidates(&self, expr: &QExpr, cap: usize) -> Option<Candidates<'_>> {
+        match expr {
+            BoolExpr::Leaf(t) => self.term_candidates(t, cap),
+            // Any one conjunct bounds the result: take the smallest.
+            BoolExpr::And(xs) => {
+                let mut best: Option<(usize, Candidates)> = None;
+                for x in xs {
+                    let limit = best.as_ref().map_or(cap, |(s, _)| (*s).min(cap));
+                    if let Some(c) = self.q_candidates(x, limit) {
+                        let size = candidate_len(&c);
+                        if best.as_ref().is_none_or(|(s, _)| size < *s) {
+                            best = Some((size, c));
+                        }
+                    }
+                }
+                best.map(|(_, c)| c)
+            }
+            // Every disjunct must be bounded for the union to be.
+            BoolExpr::Or(xs) => {
+                let mut parts = Vec::with_capacity(xs.len());
+                let mut total = 0usize;
+                for x in xs {
+                    let c = self.q_candidates(x, cap)?;
+                    total = total.saturating_add(candidate_len(&c));
+                    if total > cap {
+                        return None;
+                    }
+                    parts.push(match c {
+                        Candidates::Borrowed(s) => s.iter().cloned().collect(),
+                        Candidates::Owned(v) => v,
+                        Candidates::All => return None,
+                    });
+                }
+                Some(Candidates::Owned(merge_sorted(parts)))
+            }
+        }
+    }
+
+    fn term_candidates(&self, t: &QTerm, cap: usize) -> Option<Candidates<'_>> {
+        if t.path.attrs.len() != 1 || t.path.member.is_some() || !t.path.compound.is_empty() {
+            return None;
+        }
+        let name = &t.path.attrs[0];
+        let Some(idx) = self.by_attr.get(name) else {
+            // No entity has the attribute: only a negation could match.
+            return (!t.negated && !matches!(t.cmp, Some((Op::Ne | Op::NotMatch, _))))
+                .then(|| Candidates::Owned(Vec::new()));
+        };
+        let (op, value) = match &t.cmp {
+            None if !t.negated => return Some(Candidates::Borrowed(&idx.ids)),
+            None => return None,
+            Some((op, v)) => (*op, v),
+        };
+        let sets: Vec<&IdSet> = match (op, value) {
+            (Op::Eq, QValue::One(l)) => lookup(idx, l),
+            (Op::Eq, QValue::List(ls)) => ls.iter().flat_map(|l| lookup(idx, l)).collect(),
+            (Op::Eq, QValue::Range(lo, hi)) => {
+                range(idx, Bound::Included(lo), Bound::Included(hi))?
+            }
+            (Op::Gt, QValue::One(l)) => range(idx, Bound::Excluded(l), Bound::Unbounded)?,
+            (Op::Ge, QValue::One(l)) => range(idx, Bound::Included(l), Bound::Unbounded)?,
+            (Op::Lt, QValue::One(l)) => range(idx, Bound::Unbounded, Bound::Excluded(l))?,
+            (Op::Le, QValue::One(l)) => range(idx, Bound::Unbounded, Bound::Included(l))?,
+            _ => return None,
+        };
+        if let [one] = sets.as_slice() {
+            return Some(Candidates::Borrowed(one));
+        }
+        let size: usize = sets.iter().map(|s| s.len()).sum();
+        if size > cap {
+            return None;
+        }
+        Some(Candidates::Owned(union(sets.into_iter())))
+    }
+}
+
+/// Keeps `c` if it is smaller than the best plan so far.
+fn consider<'a>(size: usize, c: Candidates<'a>, best: &mut Option<(usize, Candidates<'a>)>) {
+    if best.as_ref().is_none_or(|(s, _)| size < *s) {
+        *best = Some((size, c));
+    }
+}
+
+fn candidate_len(c: &Candidates) -> usize {
+    match c {
+        Candidates::All => usize::MAX,
+        Candidates::Borrowed(s) => s.len(),
+        Candidates::Owned(v) => v.len(),
+    }
+}
+
+/// Sets for an equality literal; an unindexable literal (a date-time) yields
+/// nothing, which the caller must not read as "no match": see `range`.
+fn lookup<'a>(idx: &'a AttrIndex, l: &Lit) -> Vec<&'a IdSet> {
+    keys_of_lit(l)
+        .iter()
+        .filter_map(|k| idx.values.get(k))
+        .collect()
+}
+
+/// Sets for a range over numbers or strings; `None` when the bounds are not
+/// both of one indexable kind (the planner then scans).
+fn range<'a>(idx: &'a AttrIndex, lo: Bound<&Lit>, hi: Bound<&Lit>) -> Option<Vec<&'a IdSet>> {
+    fn single(l: &Lit) -> Option<IndexKey> {
+        match l {
+            Lit::Num(n) => Some(IndexKey::Num(OrderedF64(*n))),
+            Lit::Str { raw, expanded } if raw == expanded || !expanded.contains("://") => {
+                Some(IndexKey::Str(raw.as_str().into()))
+            }
+            _ => None,
+        }
+    }
+    let map = |b: Bound<&Lit>| -> Option<Bound<IndexKey>> {
+        Some(match b {
+            Bound::Included(l) => Bound::Included(single(l)?),
+            Bound::Excluded(l) => Bound::Excluded(single(l)?),
+            Bound::Unbounded => Bound::Unbounded,
+        })
+    };
+    let (lo, hi) = (map(lo)?, map(hi)?);
+    // Keep a one-sided range within the literal's kind: numbers compare only with numbers.
+    let kind_of = |b: &Bound<IndexKey>| match b {
+        Bound::Included(k) | Bound::Excluded(k) => Some(std::mem::discriminant(k)),
+        Bound::Unbounded => None,
+    };
+    let kind = kind_of(&lo).or(kind_of(&hi))?;
+    if let (Some(a), Some(b)) = (kind_of(&lo), kind_of(&hi))
+        && a != b
+    {
+        return Some(Vec::new());
+    }
+    if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) =
+        (&lo, &hi)
+        && a > b
+    {
+        return Some(Vec::new());
+    }
+    Some(
+        idx.values
+            .range((lo, hi))
+            .filter(|(k, _)| std::mem::discriminant(*k) == kind)
+            .map(|(_, s)| s)
+            .collect(),
+    )
+}
+
+fn union<'a>(sets: impl Iterator<Item = &'a IdSet>) -> Vec<Id> {
+    let mut out: Vec<Id> = sets.flat_map(|s| s.iter().cloned()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn merge_sorted(parts: Vec<Vec<Id>>) -> Vec<Id> {
+    let mut out: Vec<Id> = parts.into_iter().flatten().collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The index keys of an attribute's instances: scalar values of Properties and
+/// VocabProperties (each element of an array) and Relationship objects.
+fn for_each_key(instances: &[borough_core::Attribute], mut f: impl FnMut(IndexKey)) {
+    for a in instances {
+        match a.kind {
+            AttrKind::Property | AttrKind::Relationship | AttrKind::VocabProperty => match &a.value
+            {
+                Value::Array(items) => items.iter().filter_map(key_of).for_each(&mut f),
+                other => {
+                    if let Some(k) = key_of(other) {
+                        f(k);
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+}
