@@ -170,11 +170,9 @@ pub async fn create(
     Ok(with_tenant(resp, &tenant))
 }
 
-/// The render options of a retrieval request.
-pub(crate) fn render_options(
-    params: &HashMap<String, String>,
-    actx: &ActiveContext,
-) -> ApiResult<RenderOptions> {
+/// The representation options of a retrieval request (format and sysAttrs);
+/// projection is added by `query::projection`.
+pub(crate) fn render_options(params: &HashMap<String, String>) -> ApiResult<RenderOptions> {
     let opts = options(params, &["keyValues", "concise", "sysAttrs", "normalized"])?;
     let mut format = match params.get("format").map(String::as_str) {
         None => Format::Normalized,
@@ -198,16 +196,10 @@ pub(crate) fn render_options(
     } else if concise {
         format = Format::Concise;
     }
-    let attrs = params.get("attrs").map(|a| {
-        list_param(Some(a))
-            .into_iter()
-            .map(|t| actx.ctx.expand(t).into_owned())
-            .collect()
-    });
     Ok(RenderOptions {
         format,
         sys_attrs: opts.iter().any(|o| o == "sysAttrs"),
-        attrs,
+        ..RenderOptions::default()
     })
 }
 
@@ -273,7 +265,7 @@ pub async fn retrieve(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    let opts = render_options(&params, &actx)?;
+    let (opts, _) = crate::query::projection(&params, None, &actx)?;
     let entity = state
         .store
         .get(&tenant, &id)

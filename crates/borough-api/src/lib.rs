@@ -3,8 +3,10 @@
 
 pub mod batch;
 pub mod contexts;
+pub mod discovery;
 pub mod entities;
 pub mod problem;
+pub mod query;
 pub mod request;
 
 use axum::Router;
@@ -75,7 +77,10 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
         static_body,
     });
     let ngsi = Router::new()
-        .route("/entities", post(entities::create))
+        .route(
+            "/entities",
+            post(entities::create).get(query::query_entities),
+        )
         .route(
             "/entities/{id}",
             get(entities::retrieve)
@@ -97,7 +102,12 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
         .route("/entityOperations/upsert", post(batch::upsert))
         .route("/entityOperations/update", post(batch::update))
         .route("/entityOperations/delete", post(batch::delete))
-        .route("/entityOperations/merge", post(batch::merge));
+        .route("/entityOperations/merge", post(batch::merge))
+        .route("/entityOperations/query", post(query::query_post))
+        .route("/types", get(discovery::types))
+        .route("/types/{type}", get(discovery::type_info))
+        .route("/attributes", get(discovery::attributes))
+        .route("/attributes/{attr}", get(discovery::attribute_info));
     Router::new()
         .route("/health", get(health))
         .route("/bench/static", get(static_body_route))

@@ -735,16 +735,74 @@ pub enum Format {
 pub struct RenderOptions {
     pub format: Format,
     pub sys_attrs: bool,
-    /// Only these attributes (expanded names), when given.
+    /// Only these attributes (expanded names), when given (`attrs`, `pick`).
     pub attrs: Option<Vec<String>>,
+    /// Attributes left out (expanded names; `omit`).
+    pub omit: Vec<String>,
+    /// Leave out `id` / `type` (`pick` without them, `omit` with them).
+    pub hide_id: bool,
+    pub hide_type: bool,
+    pub hide_scope: bool,
+    /// Language preference for LanguageProperties (`lang`), best first.
+    pub lang: Option<Vec<String>>,
+    /// Only instances with these datasetIds (`None` is the default instance).
+    pub dataset_ids: Option<Vec<Option<String>>>,
+}
+
+impl RenderOptions {
+    fn wants(&self, name: &str) -> bool {
+        self.attrs
+            .as_ref()
+            .is_none_or(|w| w.iter().any(|x| x == name))
+            && !self.omit.iter().any(|x| x == name)
+    }
+
+    fn wants_instance(&self, a: &Attribute) -> bool {
+        self.dataset_ids
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&a.dataset_id))
+    }
+}
+
+/// The text of a language map in the preferred language: the first listed
+/// language present, else `@none`, else the first entry. Returns the tag too.
+pub fn pick_language<'a>(
+    map: &'a Map<String, Value>,
+    prefs: &[String],
+) -> Option<(&'a str, &'a Value)> {
+    prefs
+        .iter()
+        .find_map(|p| map.get_key_value(p.as_str()))
+        .or_else(|| map.get_key_value("@none"))
+        .or_else(|| map.iter().next())
+        .map(|(k, v)| (k.as_str(), v))
+}
+
+fn render_instances(instances: &[&Attribute], ctx: &Context, opts: &RenderOptions) -> Value {
+    if opts.format == Format::KeyValues {
+        return simplified_value(instances[0], ctx, opts);
+    }
+    if let [one] = instances {
+        return render_attribute(one, ctx, opts);
+    }
+    Value::Array(
+        instances
+            .iter()
+            .map(|a| render_attribute(a, ctx, opts))
+            .collect(),
+    )
 }
 
 /// Renders an entity in the requested representation, compacted against `ctx`.
 pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<String, Value> {
     let mut out = Map::with_capacity(e.attrs.len() + 4);
-    out.insert("id".into(), Value::String(e.id.clone()));
-    out.insert("type".into(), render_types(&e.types, ctx));
-    if !e.scopes.is_empty() {
+    if !opts.hide_id {
+        out.insert("id".into(), Value::String(e.id.clone()));
+    }
+    if !opts.hide_type {
+        out.insert("type".into(), render_types(&e.types, ctx));
+    }
+    if !e.scopes.is_empty() && !opts.hide_scope {
         let scopes = if e.scopes.len() == 1 {
             Value::String(e.scopes[0].clone())
         } else {
@@ -753,24 +811,30 @@ pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<Str
         out.insert("scope".into(), scopes);
     }
     for (name, instances) in &e.attrs {
-        if let Some(wanted) = &opts.attrs
-            && !wanted.iter().any(|w| w == name)
-        {
+        if !opts.wants(name) {
             continue;
         }
-        let key = ctx.compact(name).into_owned();
-        let value = if opts.format == Format::KeyValues {
+        let value = if opts.dataset_ids.is_some() {
+            let chosen: Vec<&Attribute> = instances
+                .iter()
+                .filter(|a| opts.wants_instance(a))
+                .collect();
+            if chosen.is_empty() {
+                continue;
+            }
+            render_instances(&chosen, ctx, opts)
+        } else if opts.format == Format::KeyValues {
             // keyValues has no room for instances: the default instance (or the first) stands for the attribute.
-            let inst = instances
+            match instances
                 .iter()
                 .find(|a| a.dataset_id.is_none())
-                .or_else(|| instances.first());
-            match inst {
-                Some(a) => simplified_value(a, ctx),
+                .or_else(|| instances.first())
+            {
+                Some(a) => simplified_value(a, ctx, opts),
                 None => continue,
             }
-        } else if instances.len() == 1 {
-            render_attribute(&instances[0], ctx, opts)
+        } else if let [one] = instances.as_slice() {
+            render_attribute(one, ctx, opts)
         } else {
             Value::Array(
                 instances
@@ -779,7 +843,7 @@ pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<Str
                     .collect(),
             )
         };
-        out.insert(key, value);
+        out.insert(ctx.compact(name).into_owned(), value);
     }
     if opts.sys_attrs && opts.format != Format::KeyValues {
         out.insert(
@@ -824,7 +888,13 @@ fn stored_value(a: &Attribute, ctx: &Context) -> Value {
 }
 
 /// The value alone, as the keyValues representation shows it.
-pub fn simplified_value(a: &Attribute, ctx: &Context) -> Value {
+pub fn simplified_value(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> Value {
+    if a.kind == AttrKind::LanguageProperty
+        && let (Some(prefs), Value::Object(map)) = (&opts.lang, &a.value)
+        && let Some((_, text)) = pick_language(map, prefs)
+    {
+        return text.clone();
+    }
     stored_value(a, ctx)
 }
 
@@ -848,10 +918,25 @@ pub fn render_attribute(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> V
         }
     }
     let mut m = Map::with_capacity(4 + a.sub.len());
-    if !concise {
-        m.insert("type".into(), Value::String(a.kind.name().into()));
+    let language = match (&opts.lang, &a.value) {
+        (Some(prefs), Value::Object(map)) if a.kind == AttrKind::LanguageProperty => {
+            pick_language(map, prefs)
+        }
+        _ => None,
+    };
+    if let Some((tag, text)) = language {
+        // With `lang`, a LanguageProperty is shown as a Property in that language (clause 4.15).
+        if !concise {
+            m.insert("type".into(), Value::String("Property".into()));
+        }
+        m.insert("value".into(), text.clone());
+        m.insert("lang".into(), Value::String(tag.to_string()));
+    } else {
+        if !concise {
+            m.insert("type".into(), Value::String(a.kind.name().into()));
+        }
+        m.insert(a.kind.value_key().into(), stored_value(a, ctx));
     }
-    m.insert(a.kind.value_key().into(), stored_value(a, ctx));
     if let Some(t) = &a.object_type {
         m.insert("objectType".into(), compact_vocab(t, ctx));
     }

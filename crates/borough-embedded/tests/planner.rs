@@ -229,7 +229,7 @@ proptest! {
                 }
                 None => None,
             },
-            scope_q: None,
+            ..Default::default()
         };
         assert_query_matches_scan(store, TENANT, &q, s.offset, s.limit);
     }

@@ -6,4 +6,5 @@ mod common;
 mod contexts;
 mod entities;
 mod errors;
+mod query;
 mod tenants;

@@ -44,6 +44,26 @@ impl ScopePattern {
     }
 }
 
+/// One member of the `entities` of a query body: its parts must all hold.
+#[derive(Clone, Debug, Default)]
+pub struct EntitySelector {
+    pub id: Option<String>,
+    pub id_pattern: Option<Regex>,
+    pub types: Option<TypeExpr>,
+}
+
+impl EntitySelector {
+    pub fn matches(&self, e: &Entity) -> bool {
+        self.id.as_ref().is_none_or(|i| *i == e.id)
+            && self.id_pattern.as_ref().is_none_or(|r| r.is_match(&e.id))
+            && self.types.as_ref().is_none_or(|t| has_types(e, t))
+    }
+}
+
+fn has_types(e: &Entity, t: &TypeExpr) -> bool {
+    t.eval(&mut |name| e.types.iter().any(|et| et == name))
+}
+
 /// Everything that selects entities (projection and paging are separate).
 #[derive(Clone, Debug, Default)]
 pub struct EntityQuery {
@@ -55,6 +75,8 @@ pub struct EntityQuery {
     pub attrs: Vec<String>,
     pub q: Option<QExpr>,
     pub scope_q: Option<ScopeExpr>,
+    /// Any of these selectors must match (empty: no condition).
+    pub selectors: Vec<EntitySelector>,
 }
 
 impl EntityQuery {
@@ -66,16 +88,15 @@ impl EntityQuery {
             && self.attrs.is_empty()
             && self.q.is_none()
             && self.scope_q.is_none()
+            && self.selectors.is_empty()
     }
 
     /// The reference definition of which entities a query selects.
     pub fn matches(&self, e: &Entity) -> bool {
         (self.ids.is_empty() || self.ids.contains(&e.id))
             && self.id_pattern.as_ref().is_none_or(|r| r.is_match(&e.id))
-            && self
-                .types
-                .as_ref()
-                .is_none_or(|t| t.eval(&mut |name| e.types.iter().any(|et| et == name)))
+            && self.types.as_ref().is_none_or(|t| has_types(e, t))
+            && (self.selectors.is_empty() || self.selectors.iter().any(|s| s.matches(e)))
             && (self.attrs.is_empty() || self.attrs.iter().any(|a| e.attrs.contains_key(a)))
             && self
                 .scope_q

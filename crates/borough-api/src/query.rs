@@ -1,0 +1,468 @@
+//! Querying entities (clause 5.7.2): `GET /entities` and
+//! `POST /entityOperations/query`, with projection, language and dataset
+//! selection, pagination and every representation.
+
+use crate::contexts::ActiveContext;
+use crate::entities::{body_with_context, existing_tenant, represent, with_tenant};
+use crate::problem::ApiResult;
+use crate::request::{ResponseType, link_context, list_param, negotiate};
+use crate::{AppState, SharedState};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
+use axum::response::Response;
+use borough_core::entity::{render_entity, render_feature};
+use borough_core::query::{
+    EntityQuery, EntitySelector, compile_id_pattern, parse_q, parse_scope_q, parse_type_expr,
+};
+use borough_core::validate::check_uri;
+use borough_core::{NgsiError, NgsiResult, RenderOptions};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+
+type Params = Query<HashMap<String, String>>;
+
+/// Entities per page when `limit` is not given.
+pub const DEFAULT_LIMIT: usize = 20;
+/// Largest `limit` accepted.
+pub const MAX_LIMIT: usize = 1000;
+/// Most ids in one `id` list.
+const MAX_IDS: usize = 1000;
+
+pub const GEO_PARAMS: [&str; 4] = ["georel", "geometry", "coordinates", "geoproperty"];
+
+/// Paging parameters.
+#[derive(Clone, Copy, Debug)]
+struct Paging {
+    offset: usize,
+    limit: usize,
+    count: bool,
+}
+
+fn paging(params: &HashMap<String, String>) -> NgsiResult<Paging> {
+    let number = |name: &str, default: usize| -> NgsiResult<usize> {
+        match params.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse::<usize>().map_err(|_| {
+                NgsiError::bad_data(format!("{name} must be a non-negative integer, not '{v}'"))
+            }),
+        }
+    };
+    let limit = number("limit", DEFAULT_LIMIT)?;
+    let offset = number("offset", 0)?;
+    let count = match params.get("count").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(NgsiError::bad_data(format!(
+                "count must be true or false, not '{other}'"
+            )));
+        }
+    };
+    if limit > MAX_LIMIT {
+        return Err(NgsiError::new(
+            borough_core::ProblemKind::TooManyResults,
+            format!("limit must be at most {MAX_LIMIT}"),
+        ));
+    }
+    if limit == 0 && !count {
+        return Err(NgsiError::bad_data(
+            "limit=0 is only allowed with count=true",
+        ));
+    }
+    Ok(Paging {
+        offset,
+        limit,
+        count,
+    })
+}
+
+/// Projection and representation options shared by both query forms.
+pub(crate) fn projection(
+    params: &HashMap<String, String>,
+    body_attrs: Option<Vec<String>>,
+    actx: &ActiveContext,
+) -> NgsiResult<(RenderOptions, Vec<String>)> {
+    let mut opts = crate::entities::render_options(params).map_err(|e| e.0)?;
+    // `attrs` both selects (an entity needs one of them) and projects.
+    let attrs: Vec<String> = match body_attrs {
+        Some(list) => list,
+        None => list_param(params.get("attrs").map(String::as_str))
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+    };
+    let attrs: Vec<String> = attrs
+        .iter()
+        .map(|a| {
+            borough_core::validate::check_name("attribute name", a)?;
+            Ok(actx.ctx.expand(a).into_owned())
+        })
+        .collect::<NgsiResult<_>>()?;
+    opts.attrs = (!attrs.is_empty()).then(|| attrs.clone());
+    let pick = list_param(params.get("pick").map(String::as_str));
+    let omit = list_param(params.get("omit").map(String::as_str));
+    if !pick.is_empty() && !omit.is_empty() {
+        return Err(NgsiError::bad_data("pick and omit exclude each other"));
+    }
+    if !pick.is_empty() {
+        if !attrs.is_empty() {
+            return Err(NgsiError::bad_data(
+                "pick and attrs exclude each other; use one",
+            ));
+        }
+        opts.hide_id = !pick.contains(&"id");
+        opts.hide_type = !pick.contains(&"type");
+        opts.hide_scope = !pick.contains(&"scope");
+        opts.attrs = Some(
+            pick.iter()
+                .filter(|p| !matches!(**p, "id" | "type" | "scope"))
+                .map(|p| actx.ctx.expand(p).into_owned())
+                .collect(),
+        );
+    }
+    if !omit.is_empty() {
+        opts.hide_id = omit.contains(&"id");
+        opts.hide_type = omit.contains(&"type");
+        opts.hide_scope = omit.contains(&"scope");
+        opts.omit = omit
+            .iter()
+            .filter(|p| !matches!(**p, "id" | "type" | "scope"))
+            .map(|p| actx.ctx.expand(p).into_owned())
+            .collect();
+    }
+    if let Some(lang) = params.get("lang") {
+        opts.lang = language_preferences(lang)?;
+    }
+    if let Some(ds) = params.get("datasetId") {
+        let ids = list_param(Some(ds))
+            .into_iter()
+            .map(|d| {
+                if d == "@none" {
+                    Ok(None)
+                } else {
+                    check_uri("datasetId", d).map(|()| Some(d.to_string()))
+                }
+            })
+            .collect::<NgsiResult<Vec<_>>>()?;
+        opts.dataset_ids = Some(ids);
+    }
+    Ok((opts, attrs))
+}
+
+/// `lang=fr,en;q=0.8` → ["fr", "en"] ordered by weight; `*` → no preference.
+fn language_preferences(src: &str) -> NgsiResult<Option<Vec<String>>> {
+    let mut prefs: Vec<(f32, String)> = Vec::new();
+    for part in list_param(Some(src)) {
+        let mut pieces = part.split(';');
+        let tag = pieces.next().unwrap_or("").trim();
+        let q = pieces
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .map(|q| q.parse::<f32>())
+            .transpose()
+            .map_err(|_| NgsiError::bad_data(format!("invalid weight in lang '{part}'")))?
+            .unwrap_or(1.0);
+        if tag == "*" {
+            continue;
+        }
+        if tag.is_empty()
+            || tag.len() > 35
+            || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(NgsiError::bad_data(format!(
+                "'{tag}' is not a language tag"
+            )));
+        }
+        prefs.push((q, tag.to_string()));
+    }
+    prefs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    Ok((!prefs.is_empty()).then(|| prefs.into_iter().map(|(_, t)| t).collect()))
+}
+
+fn reject_geo(params: &HashMap<String, String>) -> NgsiResult<()> {
+    if let Some(p) = GEO_PARAMS.iter().find(|p| params.contains_key(**p)) {
+        return Err(NgsiError::new(
+            borough_core::ProblemKind::OperationNotSupported,
+            format!("geo-queries ('{p}') are not supported by this server yet"),
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /entities`
+pub async fn query_entities(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, true)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
+    reject_geo(&params)?;
+    let page = paging(&params)?;
+    let (opts, attrs) = projection(&params, None, &actx)?;
+    let mut query = EntityQuery {
+        attrs,
+        ..Default::default()
+    };
+    if let Some(ids) = params.get("id") {
+        let ids: Vec<&str> = list_param(Some(ids));
+        if ids.len() > MAX_IDS {
+            return Err(NgsiError::bad_data(format!("at most {MAX_IDS} ids may be given")).into());
+        }
+        for id in &ids {
+            check_uri("entity id", id)?;
+        }
+        query.ids = ids.into_iter().map(str::to_string).collect();
+    }
+    if let Some(p) = params.get("idPattern") {
+        query.id_pattern = Some(compile_id_pattern(p)?);
+    }
+    if let Some(t) = params.get("type") {
+        query.types = Some(parse_type_expr(t, &actx.ctx)?);
+    }
+    if let Some(q) = params.get("q") {
+        query.q = Some(parse_q(q, &actx.ctx)?);
+    }
+    if let Some(s) = params.get("scopeQ") {
+        query.scope_q = Some(parse_scope_q(s)?);
+    }
+    if query.is_unrestricted() {
+        return Err(NgsiError::bad_data(
+            "the query is too broad: give at least one of type, id, idPattern, attrs, q or scopeQ",
+        )
+        .into());
+    }
+    respond(
+        &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri,
+    )
+}
+
+/// `POST /entityOperations/query`
+pub async fn query_post(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, true)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| NgsiError::bad_data("a query body must be a JSON object"))?;
+    match obj.get("type").and_then(Value::as_str) {
+        Some("Query") => {}
+        _ => return Err(NgsiError::bad_data("a query body needs \"type\": \"Query\"").into()),
+    }
+    if obj.contains_key("geoQ") {
+        return Err(NgsiError::new(
+            borough_core::ProblemKind::OperationNotSupported,
+            "geoQ is not supported by this server yet",
+        )
+        .into());
+    }
+    let page = paging(&params)?;
+    let body_attrs = match obj.get("attrs") {
+        None => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| NgsiError::bad_data("attrs must be an array of strings"))
+                })
+                .collect::<NgsiResult<Vec<_>>>()?,
+        ),
+        Some(_) => return Err(NgsiError::bad_data("attrs must be an array of strings").into()),
+    };
+    // Query-body members that are also URL parameters count as parameters for projection.
+    let mut merged = params.clone();
+    if let Some(lang) = obj.get("lang").and_then(Value::as_str) {
+        merged.insert("lang".into(), lang.to_string());
+    }
+    let (opts, attrs) = projection(&merged, body_attrs, &actx)?;
+    let mut query = EntityQuery {
+        attrs,
+        ..Default::default()
+    };
+    if let Some(entities) = obj.get("entities") {
+        let list = entities
+            .as_array()
+            .ok_or_else(|| NgsiError::bad_data("entities must be an array"))?;
+        for sel in list {
+            query.selectors.push(selector(sel, &actx)?);
+        }
+    }
+    if let Some(q) = obj.get("q") {
+        let q = q
+            .as_str()
+            .ok_or_else(|| NgsiError::bad_data("q must be a string"))?;
+        query.q = Some(parse_q(q, &actx.ctx)?);
+    }
+    if let Some(s) = obj.get("scopeQ") {
+        let s = s
+            .as_str()
+            .ok_or_else(|| NgsiError::bad_data("scopeQ must be a string"))?;
+        query.scope_q = Some(parse_scope_q(s)?);
+    }
+    if query.is_unrestricted() {
+        return Err(NgsiError::bad_data(
+            "the query is too broad: give at least one of entities, attrs, q or scopeQ",
+        )
+        .into());
+    }
+    respond(
+        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
+    )
+}
+
+fn selector(v: &Value, actx: &ActiveContext) -> NgsiResult<EntitySelector> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| NgsiError::bad_data("each member of entities must be an object"))?;
+    let text = |k: &str| -> NgsiResult<Option<&str>> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(NgsiError::bad_data(format!(
+                "entities: {k} must be a string"
+            ))),
+        }
+    };
+    let id = text("id")?;
+    if let Some(id) = id {
+        check_uri("entity id", id)?;
+    }
+    Ok(EntitySelector {
+        id: id.map(str::to_string),
+        id_pattern: text("idPattern")?.map(compile_id_pattern).transpose()?,
+        types: text("type")?
+            .map(|t| parse_type_expr(t, &actx.ctx))
+            .transpose()?,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    state: &AppState,
+    tenant: &str,
+    query: &EntityQuery,
+    page: Paging,
+    opts: &RenderOptions,
+    params: &HashMap<String, String>,
+    rt: ResponseType,
+    actx: &ActiveContext,
+    uri: &Uri,
+) -> ApiResult<Response> {
+    // One more than the page tells whether a next page exists.
+    let result = state
+        .store
+        .query(tenant, query, page.offset, page.limit + 1, page.count);
+    let has_next = result.entities.len() > page.limit;
+    let entities = &result.entities[..result.entities.len().min(page.limit)];
+    let body = match rt {
+        ResponseType::GeoJson => {
+            let geo = params
+                .get("geometryProperty")
+                .map(|g| actx.ctx.expand(g).into_owned())
+                .unwrap_or_else(|| "https://uri.etsi.org/ngsi-ld/location".to_string());
+            json!({
+                "type": "FeatureCollection",
+                "features": entities.iter().map(|e| render_feature(e, &actx.ctx, opts, &geo)).collect::<Vec<_>>(),
+            })
+        }
+        ResponseType::LdJson => Value::Array(
+            entities
+                .iter()
+                .map(|e| {
+                    let mut m = Map::new();
+                    m.insert("@context".into(), actx.source.as_value());
+                    m.extend(render_entity(e, &actx.ctx, opts));
+                    Value::Object(m)
+                })
+                .collect(),
+        ),
+        ResponseType::Json => Value::Array(
+            entities
+                .iter()
+                .map(|e| Value::Object(render_entity(e, &actx.ctx, opts)))
+                .collect(),
+        ),
+    };
+    // JSON-LD arrays carry @context in each entity; `represent` sets the media type.
+    let mut resp = represent(rt, body, actx, tenant);
+    if let Some(total) = result.total
+        && let Ok(v) = HeaderValue::from_str(&total.to_string())
+    {
+        resp.headers_mut().insert("ngsild-results-count", v);
+    }
+    let mut links = Vec::new();
+    if has_next {
+        links.push(page_link(uri, page.offset + page.limit, page.limit, "next"));
+    }
+    if page.offset > 0 {
+        links.push(page_link(
+            uri,
+            page.offset.saturating_sub(page.limit),
+            page.limit,
+            "prev",
+        ));
+    }
+    for l in links {
+        if let Ok(v) = HeaderValue::from_str(&l) {
+            resp.headers_mut().append(header::LINK, v);
+        }
+    }
+    Ok(with_tenant(resp, tenant))
+}
+
+/// A `Link` to another page: the same request with another offset.
+fn page_link(uri: &Uri, offset: usize, limit: usize, rel: &str) -> String {
+    let kept: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("offset=") && !p.starts_with("limit="))
+        .collect();
+    let mut q = kept.join("&");
+    if !q.is_empty() {
+        q.push('&');
+    }
+    format!(
+        "<{}?{q}offset={offset}&limit={limit}>; rel=\"{rel}\"",
+        uri.path()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn language_preferences_follow_weights() {
+        assert_eq!(
+            language_preferences("en;q=0.5,fr").unwrap(),
+            Some(vec!["fr".to_string(), "en".to_string()])
+        );
+        assert_eq!(language_preferences("*").unwrap(), None);
+        assert!(language_preferences("e n").is_err());
+    }
+
+    #[test]
+    fn page_links_keep_the_query() {
+        let uri: Uri = "/ngsi-ld/v1/entities?type=A&limit=5&offset=10&q=x%3D%3D1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            page_link(&uri, 15, 5, "next"),
+            "</ngsi-ld/v1/entities?type=A&q=x%3D%3D1&offset=15&limit=5>; rel=\"next\""
+        );
+    }
+}
