@@ -3,6 +3,7 @@
 //! distinct context is processed once into term maps and then shared.
 
 use borough_core::context::{CORE_CONTEXT_URL, MAX_CONTEXT_DOCUMENTS, builtin_context};
+use borough_core::validate::now_micros;
 use borough_core::{Context, NgsiError, NgsiResult, ProblemKind};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -13,8 +14,15 @@ use std::time::Duration;
 const MAX_CONTEXT_BYTES: usize = 1 << 20;
 /// Processed contexts kept; beyond that the cache starts afresh.
 const MAX_CACHED_CONTEXTS: usize = 1024;
+/// Context documents kept in the registry at most (hosted and cached).
+pub const MAX_REGISTRY_ENTRIES: usize = 1024;
 /// How deep context documents may reference further documents.
 const MAX_REFERENCE_DEPTH: usize = 8;
+
+/// The registry key of a hosted context.
+fn hosted_key(local_id: &str) -> String {
+    format!("hosted:{local_id}")
+}
 
 /// Where a request's context came from, so a response can point back to it.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,10 +70,48 @@ impl ActiveContext {
     }
 }
 
-/// Fetches, caches and processes contexts.
+/// How a context document came to the registry (clause 5.13.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextKind {
+    /// Uploaded by a client and served by Borough.
+    Hosted,
+    /// Fetched from its URL (or built in) and kept.
+    Cached,
+}
+
+impl ContextKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hosted => "Hosted",
+            Self::Cached => "Cached",
+        }
+    }
+}
+
+/// A context document the registry holds.
+#[derive(Clone, Debug)]
+pub struct ContextEntry {
+    /// The URL; for hosted documents the path only (`/ngsi-ld/v1/jsonldContexts/{id}`).
+    pub url: String,
+    pub local_id: String,
+    pub kind: ContextKind,
+    pub doc: Arc<Value>,
+    pub created_at: i64,
+    pub last_usage: Option<i64>,
+    pub hits: u64,
+    /// Built into the binary: listed, served, never deleted.
+    pub builtin: bool,
+}
+
+/// The path under which hosted contexts are served.
+pub const HOSTED_PATH: &str = "/ngsi-ld/v1/jsonldContexts/";
+
+/// Fetches, caches and processes contexts, and keeps the registry of
+/// `/jsonldContexts`: hosted documents by local id, cached ones by URL.
 pub struct ContextResolver {
     client: reqwest::Client,
-    documents: Mutex<HashMap<String, Arc<Value>>>,
+    /// Every document by URL (hosted ones by their serving URL's path suffix too).
+    registry: Mutex<HashMap<String, ContextEntry>>,
     processed: Mutex<HashMap<String, Arc<Context>>>,
 }
 
@@ -86,10 +132,105 @@ impl ContextResolver {
             .redirect(reqwest::redirect::Policy::limited(3))
             .build()
             .unwrap_or_default();
+        let now = now_micros();
+        let registry = borough_core::context::BUILTIN_CONTEXTS
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (url, doc))| {
+                let doc: Value = serde_json::from_str(doc).ok()?;
+                Some((
+                    url.to_string(),
+                    ContextEntry {
+                        url: url.to_string(),
+                        local_id: format!("core-{i}"),
+                        kind: ContextKind::Cached,
+                        doc: Arc::new(doc),
+                        created_at: now,
+                        last_usage: None,
+                        hits: 0,
+                        builtin: true,
+                    },
+                ))
+            })
+            .collect();
         Self {
             client,
-            documents: Mutex::new(HashMap::new()),
+            registry: Mutex::new(registry),
             processed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, ContextEntry>> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every entry, hosted and cached, ordered by URL.
+    pub fn entries(&self) -> Vec<ContextEntry> {
+        let mut v: Vec<ContextEntry> = self.lock_registry().values().cloned().collect();
+        v.sort_by(|a, b| a.url.cmp(&b.url));
+        v
+    }
+
+    /// The entry addressed by a local id or a URL.
+    pub fn entry(&self, id: &str) -> Option<ContextEntry> {
+        let reg = self.lock_registry();
+        reg.get(id)
+            .or_else(|| reg.values().find(|e| e.local_id == id))
+            .cloned()
+    }
+
+    /// Adds a hosted document under `local_id`; its URL is the serving path,
+    /// which handlers complete with the host the client used.
+    pub fn host(&self, local_id: &str, doc: Value, created_at: i64) {
+        self.lock_registry().insert(
+            hosted_key(local_id),
+            ContextEntry {
+                url: format!("{HOSTED_PATH}{local_id}"),
+                local_id: local_id.to_string(),
+                kind: ContextKind::Hosted,
+                doc: Arc::new(doc),
+                created_at,
+                last_usage: None,
+                hits: 0,
+                builtin: false,
+            },
+        );
+        self.forget_processed();
+    }
+
+    /// Removes an entry (not a built-in one); true if there was one.
+    pub fn remove(&self, id: &str) -> bool {
+        let mut reg = self.lock_registry();
+        let key = reg
+            .iter()
+            .find(|(k, e)| (k.as_str() == id || e.local_id == id) && !e.builtin)
+            .map(|(k, _)| k.clone());
+        let removed = key.and_then(|k| reg.remove(&k)).is_some();
+        drop(reg);
+        if removed {
+            self.forget_processed();
+        }
+        removed
+    }
+
+    /// Fetches a cached context again from its URL.
+    pub async fn reload(&self, url: &str) -> NgsiResult<()> {
+        let doc = self.fetch(url).await?;
+        if let Some(e) = self.lock_registry().get_mut(url) {
+            e.doc = Arc::new(doc);
+        }
+        self.forget_processed();
+        Ok(())
+    }
+
+    fn forget_processed(&self) {
+        self.lock_processed().clear();
+    }
+
+    fn touch(&self, url: &str) {
+        if let Some(e) = self.lock_registry().get_mut(url) {
+            e.hits += 1;
+            e.last_usage = Some(now_micros());
         }
     }
 
@@ -122,6 +263,9 @@ impl ContextResolver {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        if let Value::String(url) = value {
+            self.touch(url);
+        }
         if let Some(c) = self.lock_processed().get(&key) {
             return Ok(c.clone());
         }
@@ -192,14 +336,40 @@ impl ContextResolver {
     }
 
     async fn document(&self, url: &str) -> NgsiResult<Arc<Value>> {
-        if let Some(d) = self
-            .documents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(url)
         {
-            return Ok(d.clone());
+            let reg = self.lock_registry();
+            if let Some(e) = reg.get(url) {
+                return Ok(e.doc.clone());
+            }
+            // A context hosted here, whatever host name the client used for it.
+            if let Some((_, id)) = url.split_once(HOSTED_PATH)
+                && let Some(e) = reg.get(&hosted_key(id))
+            {
+                return Ok(e.doc.clone());
+            }
         }
+        let doc = Arc::new(self.fetch(url).await?);
+        let mut reg = self.lock_registry();
+        let n = reg.len();
+        if n >= MAX_REGISTRY_ENTRIES {
+            // Still usable for this request; not kept.
+            return Ok(doc);
+        }
+        reg.entry(url.to_string()).or_insert_with(|| ContextEntry {
+            url: url.to_string(),
+            local_id: format!("cached-{n}-{:x}", now_micros()),
+            kind: ContextKind::Cached,
+            doc: doc.clone(),
+            created_at: now_micros(),
+            last_usage: Some(now_micros()),
+            hits: 1,
+            builtin: false,
+        });
+        Ok(doc)
+    }
+
+    /// Fetches a document over HTTP(S), bounded in time and size.
+    async fn fetch(&self, url: &str) -> NgsiResult<Value> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(NgsiError::bad_data(format!(
                 "@context '{url}' is not an http(s) URL"
@@ -233,11 +403,12 @@ impl ContextResolver {
         }
         let doc: Value = serde_json::from_slice(&body)
             .map_err(|e| unavailable(url, format!("not JSON: {e}")))?;
-        let doc = Arc::new(doc);
-        self.documents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(url.to_string(), doc.clone());
+        if !doc
+            .get("@context")
+            .is_some_and(|c| c.is_object() || c.is_array() || c.is_string())
+        {
+            return Err(unavailable(url, "the document has no @context member"));
+        }
         Ok(doc)
     }
 }

@@ -2,6 +2,7 @@
 //! core and the store, and renders responses. It holds no state of its own.
 
 pub mod batch;
+pub mod context_registry;
 pub mod contexts;
 pub mod discovery;
 pub mod entities;
@@ -61,7 +62,8 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 /// Builds the full router: `/health` and the NGSI-LD API under `/ngsi-ld/v1`.
-pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
+/// Fails if the store's hosted `@context` documents cannot be read.
+pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, String> {
     let static_body = config.bench_static_bytes.map(|n| {
         let mut s = String::from("{\"id\":\"urn:ngsi-ld:Static:1\",\"type\":\"Static\",\"pad\":\"");
         while s.len() + 2 < n {
@@ -76,6 +78,7 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
         config,
         static_body,
     });
+    context_registry::load_hosted(&state)?;
     let ngsi = Router::new()
         .route(
             "/entities",
@@ -107,14 +110,22 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Router {
         .route("/types", get(discovery::types))
         .route("/types/{type}", get(discovery::type_info))
         .route("/attributes", get(discovery::attributes))
-        .route("/attributes/{attr}", get(discovery::attribute_info));
-    Router::new()
+        .route("/attributes/{attr}", get(discovery::attribute_info))
+        .route(
+            "/jsonldContexts",
+            get(context_registry::list).post(context_registry::add),
+        )
+        .route(
+            "/jsonldContexts/{id}",
+            get(context_registry::serve).delete(context_registry::delete),
+        );
+    Ok(Router::new()
         .route("/health", get(health))
         .route("/bench/static", get(static_body_route))
         .nest("/ngsi-ld/v1", ngsi)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state))
 }
 
 async fn health(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {

@@ -162,3 +162,69 @@ proptest! {
         }
     }
 }
+
+/// Text made of the query language's own characters, so the fuzzer reaches deep
+/// into the grammar rather than failing on the first character.
+fn query_text() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            prop::sample::select(vec![
+                "a",
+                "b.c",
+                "x[y.z]",
+                "==",
+                "!=",
+                ">",
+                ">=",
+                "<",
+                "<=",
+                "~=",
+                "!~=",
+                ";",
+                "|",
+                "(",
+                ")",
+                ",",
+                "..",
+                "\"",
+                "\\",
+                "!",
+                "1",
+                "-2.5e3",
+                "true",
+                "2024-01-01T00:00:00Z",
+                "urn:x:1",
+                "/",
+                "#",
+                "+",
+                "[",
+                "]",
+                ".*",
+                "(?i)",
+                "observedAt",
+                " ",
+            ])
+            .prop_map(String::from),
+            "[\\PC]{0,3}",
+        ],
+        0..40,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_query_text_panics_the_query_parsers(src in query_text()) {
+        let ctx = Context::core();
+        if let Ok(q) = borough_core::query::parse_q(&src, &ctx) {
+            // Whatever parses must evaluate without panicking.
+            let e = parse_entity(&json!({"id": "urn:a:1", "type": "T", "a": 1, "b": {"value": 2, "c": 3}}), &ctx, 0).unwrap();
+            let _ = borough_core::query::q::eval_q(&e, &q);
+        }
+        let _ = borough_core::query::parse_type_expr(&src, &ctx);
+        let _ = borough_core::query::parse_scope_q(&src);
+        let _ = borough_core::query::compile_id_pattern(&src);
+    }
+}

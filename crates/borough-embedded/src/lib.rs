@@ -30,6 +30,8 @@ mod state;
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
 /// Tenants that have been written to.
 const TENANTS: TableDefinition<&str, ()> = TableDefinition::new("tenants");
+/// Hosted @context documents by local id.
+const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contexts");
 
 /// Most operations committed in one transaction; a larger backlog waits for the next.
 const MAX_GROUP_OPS: usize = 20_000;
@@ -78,6 +80,7 @@ enum Job {
 
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
+    db: Arc<Database>,
     shared: Arc<Shared>,
     sender: mpsc::Sender<Job>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -94,17 +97,21 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("borough.redb");
-        let db = Database::create(&path)
-            .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let db = Arc::new(
+            Database::create(&path)
+                .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?,
+        );
         let shared = Arc::new(Shared::default());
         load(&db, &shared)?;
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
+        let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("borough-writer".into())
-            .spawn(move || run_writer(db, writer_shared, receiver))
+            .spawn(move || run_writer(writer_db, writer_shared, receiver))
             .map_err(io)?;
         Ok(Self {
+            db,
             shared,
             sender,
             writer: Mutex::new(Some(writer)),
@@ -123,6 +130,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     // Create the tables on first open so that reads never miss them.
     txn.open_table(ENTITIES).map_err(io)?;
     txn.open_table(TENANTS).map_err(io)?;
+    txn.open_table(CONTEXTS).map_err(io)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
     txn.commit().map_err(io)?;
@@ -162,7 +170,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_writer(db: Database, shared: Arc<Shared>, mut receiver: mpsc::Receiver<Job>) {
+fn run_writer(db: Arc<Database>, shared: Arc<Shared>, mut receiver: mpsc::Receiver<Job>) {
     let mut close_reply = None;
     while close_reply.is_none() {
         let Some(first) = receiver.blocking_recv() else {
@@ -415,6 +423,42 @@ impl EntityStore for EmbeddedStore {
                 .map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
         })
+    }
+
+    fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(io)?;
+        txn.open_table(CONTEXTS)
+            .map_err(io)?
+            .insert(id, doc)
+            .map_err(io)?;
+        txn.commit().map_err(io)
+    }
+
+    fn delete_context(&self, id: &str) -> Result<bool, StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(io)?;
+        let existed = txn
+            .open_table(CONTEXTS)
+            .map_err(io)?
+            .remove(id)
+            .map_err(io)?
+            .is_some();
+        txn.commit().map_err(io)?;
+        Ok(existed)
+    }
+
+    fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let read = self.db.begin_read().map_err(io)?;
+        let table = read.open_table(CONTEXTS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {

@@ -79,6 +79,16 @@ pub trait EntityStore: Send + Sync + 'static {
         ops: Vec<EntityOp>,
     ) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
 
+    /// Stores a hosted `@context` document (clause 5.13) durably under its local id.
+    /// Blocking: call it off the async executor.
+    fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError>;
+
+    /// Deletes a hosted `@context` document; true if it existed. Blocking.
+    fn delete_context(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Every hosted `@context` document, by local id.
+    fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 }

@@ -65,7 +65,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         bench_static_bytes: args.bench_static_bytes,
         ..ApiConfig::default()
     };
-    let app = borough_api::router(store.clone(), config);
+    let app = borough_api::router(store.clone(), config)?;
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.http))?;

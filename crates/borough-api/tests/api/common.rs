@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use borough_api::{ApiConfig, router};
 use borough_embedded::EmbeddedStore;
+use borough_store::EntityStore;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use tower::ServiceExt;
 
 pub struct TestApp {
     pub router: Router,
-    _dir: tempfile::TempDir,
+    store: Arc<EmbeddedStore>,
+    config: ApiConfig,
+    dir: tempfile::TempDir,
 }
 
 pub struct Resp {
@@ -58,8 +61,24 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
         Self {
-            router: router(store, config),
-            _dir: dir,
+            router: router(store.clone(), config.clone()).expect("router"),
+            store,
+            config,
+            dir,
+        }
+    }
+
+    /// Closes the store and opens it again from disk, as a restart would.
+    pub async fn restart(self) -> Self {
+        self.store.close().await.expect("close");
+        drop(self.router);
+        drop(self.store);
+        let store = Arc::new(EmbeddedStore::open(self.dir.path()).expect("store"));
+        Self {
+            router: router(store.clone(), self.config.clone()).expect("router"),
+            store,
+            config: self.config,
+            dir: self.dir,
         }
     }
 

@@ -7,4 +7,5 @@ mod contexts;
 mod entities;
 mod errors;
 mod query;
+mod registry;
 mod tenants;
