@@ -32,7 +32,7 @@ const PATCH_BODIES: usize = 256;
 /// Entities read back after the upsert phase, as proof the writes landed.
 const VERIFY_SAMPLE: usize = 100;
 const PARKING_SITES: usize = 2_000;
-const STREETS: &[&str] = &[
+pub(super) const STREETS: &[&str] = &[
     "Rue de Rivoli",
     "Boulevard Saint-Germain",
     "Avenue des Champs-Elysees",
@@ -106,22 +106,7 @@ impl Dataset {
             ids.push(id);
             docs.push(doc);
         }
-        let batches = docs
-            .chunks(batch.max(1))
-            .map(|chunk| {
-                let len = chunk.iter().map(|d| d.len() + 1).sum::<usize>() + 1;
-                let mut body = Vec::with_capacity(len);
-                body.push(b'[');
-                for (k, doc) in chunk.iter().enumerate() {
-                    if k > 0 {
-                        body.push(b',');
-                    }
-                    body.extend_from_slice(doc.as_bytes());
-                }
-                body.push(b']');
-                Bytes::from(body)
-            })
-            .collect();
+        let batches = load::json_arrays(&docs, batch);
         Ok(Dataset {
             ids: Arc::new(ids),
             docs: Arc::new(docs),
@@ -189,7 +174,7 @@ fn temperature(rng: &mut SmallRng) -> f64 {
 }
 
 /// An ISO 8601 UTC time on day `day` of June 2024.
-fn timestamp(rng: &mut SmallRng, day: u32) -> String {
+pub(super) fn timestamp(rng: &mut SmallRng, day: u32) -> String {
     let ms = rng.random_range(0..86_400_000u32);
     let s = ms / 1000;
     format!(
@@ -227,7 +212,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
     // Fail fast, before the Borough phases, if the baseline cannot run.
     runtime.block_on(postgres::check(&opts.pg))?;
 
-    let mut server = Server::spawn(static_bytes, READY_TIMEOUT)?;
+    let mut server = Server::spawn(Some(static_bytes), READY_TIMEOUT)?;
     eprintln!(
         "server listening on http://{} (static body: {static_bytes} bytes)",
         server.addr()
@@ -472,7 +457,7 @@ impl Report<'_> {
         let mixed_p99 = ms(self.phases[2].latency.p99_us as f64);
         vec![
             Target {
-                name: "upsert throughput",
+                name: "upsert throughput".into(),
                 actual: upsert,
                 actual_text: format!("{} entities/s", thousands(upsert)),
                 at_least: true,
@@ -480,7 +465,7 @@ impl Report<'_> {
                 bound_text: format!("≥ {} entities/s", thousands(TARGET_UPSERT_PER_S)),
             },
             Target {
-                name: "upsert ÷ postgres-jsonb",
+                name: "upsert ÷ postgres-jsonb".into(),
                 actual: self.upsert_vs_pg(),
                 actual_text: format!("{:.2}x", self.upsert_vs_pg()),
                 at_least: true,
@@ -488,7 +473,7 @@ impl Report<'_> {
                 bound_text: format!("≥ {TARGET_UPSERT_VS_PG}x"),
             },
             Target {
-                name: "mixed throughput",
+                name: "mixed throughput".into(),
                 actual: mixed,
                 actual_text: format!("{} req/s", thousands(mixed)),
                 at_least: true,
@@ -496,7 +481,7 @@ impl Report<'_> {
                 bound_text: format!("≥ {} req/s", thousands(TARGET_MIXED_PER_S)),
             },
             Target {
-                name: "mixed p99 latency",
+                name: "mixed p99 latency".into(),
                 actual: mixed_p99,
                 actual_text: format!("{mixed_p99:.2} ms"),
                 at_least: false,
@@ -504,7 +489,7 @@ impl Report<'_> {
                 bound_text: format!("< {TARGET_MIXED_P99_MS} ms"),
             },
             Target {
-                name: "mixed ÷ http-ceiling",
+                name: "mixed ÷ http-ceiling".into(),
                 actual: self.mixed_vs_ceiling(),
                 actual_text: format!("{:.2}x", self.mixed_vs_ceiling()),
                 at_least: true,

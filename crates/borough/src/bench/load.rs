@@ -110,6 +110,39 @@ impl Conn {
     }
 }
 
+/// Upsert bodies: the documents as JSON arrays of `batch` documents each.
+pub fn json_arrays(docs: &[String], batch: usize) -> Vec<Bytes> {
+    docs.chunks(batch.max(1))
+        .map(|chunk| {
+            let len = chunk.iter().map(|d| d.len() + 1).sum::<usize>() + 1;
+            let mut body = Vec::with_capacity(len);
+            body.push(b'[');
+            for (k, doc) in chunk.iter().enumerate() {
+                if k > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(doc.as_bytes());
+            }
+            body.push(b']');
+            Bytes::from(body)
+        })
+        .collect()
+}
+
+/// Percent-encodes every byte but ASCII alphanumerics and `-._~`, for a
+/// query-string value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A response body as a short single line, for error messages.
 pub fn quote(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(QUOTE_BYTES)]);
@@ -238,6 +271,8 @@ pub async fn post_all(
 pub enum Mix {
     /// `GET` of one fixed path.
     Static(Uri),
+    /// `GET` of one of these URIs, picked at random (never empty).
+    Gets(Vec<Uri>),
     /// `GET` of a random entity or, `patch_percent` % of the time, `PATCH`
     /// of a random entity's attributes with one of `bodies`.
     Entities {
@@ -279,6 +314,11 @@ impl Mix {
                 target: 0,
                 body: None,
             },
+            Mix::Gets(uris) => Pick {
+                op: Op::Get,
+                target: rng.random_range(0..uris.len().max(1)),
+                body: None,
+            },
             Mix::Entities {
                 get,
                 bodies,
@@ -307,6 +347,8 @@ impl Mix {
     fn uri(&self, pick: Pick) -> &Uri {
         match (self, pick.op) {
             (Mix::Static(uri), _) => uri,
+            // `pick` drew the index below the length; `run_timed` refuses an empty list.
+            (Mix::Gets(uris), _) => &uris[pick.target],
             (Mix::Entities { get, .. }, Op::Get) => &get[pick.target],
             (Mix::Entities { patch, .. }, Op::Patch) => &patch[pick.target],
         }
@@ -357,6 +399,9 @@ pub async fn run_timed(
     duration: Duration,
     seed: u64,
 ) -> Result<TimedRun, String> {
+    if matches!(mix.as_ref(), Mix::Gets(uris) if uris.is_empty()) {
+        return Err("the request mix has no URI".to_string());
+    }
     // Connect first, so the clock measures requests only.
     let mut conns = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {

@@ -8,6 +8,8 @@
 mod entities;
 mod load;
 mod postgres;
+mod query;
+mod query_pg;
 mod report;
 mod server;
 
@@ -19,7 +21,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities.
+    /// Scenario to run: entities, query.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -43,7 +45,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             out,
             pg: args.pg,
         }),
-        other => Err(format!("unknown scenario '{other}'; available: entities")),
+        "query" => query::run(&query::Options {
+            quick: args.quick,
+            out,
+            pg: args.pg,
+        }),
+        other => Err(format!(
+            "unknown scenario '{other}'; available: entities, query"
+        )),
     }
 }
 

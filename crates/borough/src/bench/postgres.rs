@@ -24,7 +24,7 @@ pub struct PgRun {
 
 /// Opens one connection, or fails with a one-line message naming the
 /// connection string.
-async fn connect(conn_str: &str) -> Result<Client, String> {
+pub async fn connect(conn_str: &str) -> Result<Client, String> {
     let mut config: tokio_postgres::Config = conn_str.parse().map_err(|e| {
         format!(
             "invalid PostgreSQL connection string '{conn_str}': {}",

@@ -68,7 +68,7 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
 
 /// One target of the issue, compared with its measurement.
 pub struct Target {
-    pub name: &'static str,
+    pub name: String,
     pub actual: f64,
     pub actual_text: String,
     /// `true`: actual ≥ bound; `false`: actual < bound.
@@ -98,7 +98,7 @@ impl Target {
 }
 
 /// One line per phase (and per operation of a phase).
-pub fn phase_table(phases: &[Phase]) -> String {
+pub fn phase_table<'a>(phases: impl IntoIterator<Item = &'a Phase>) -> String {
     let mut out = format!(
         "{:<16} {:>20}   {:<12} {:>8} {:>8} {:>8} {:>7}  {}\n",
         "phase",
@@ -172,7 +172,7 @@ fn row(
     )
 }
 
-fn memory_text(m: Option<Memory>) -> String {
+pub fn memory_text(m: Option<Memory>) -> String {
     match m {
         Some(m) => format!(
             "{:.1} / {:.1} MiB",

@@ -30,21 +30,25 @@ pub struct Memory {
 
 impl Server {
     /// Starts `borough serve` (this same executable) and waits for its
-    /// `listening on` line.
-    pub fn spawn(static_bytes: usize, ready_timeout: Duration) -> Result<Server, String> {
+    /// `listening on` line. `static_bytes` sizes the body of `GET
+    /// /bench/static` (the HTTP-ceiling baseline); `None` leaves it off.
+    pub fn spawn(static_bytes: Option<usize>, ready_timeout: Duration) -> Result<Server, String> {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find the borough executable: {e}"))?;
         let data = tempfile::Builder::new()
             .prefix("borough-bench-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary data directory: {e}"))?;
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .arg("serve")
             .args(["--http", "127.0.0.1:0", "--log-level", "warn"])
             .arg("--data")
-            .arg(data.path())
-            .arg("--bench-static-bytes")
-            .arg(static_bytes.to_string())
+            .arg(data.path());
+        if let Some(bytes) = static_bytes {
+            command.arg("--bench-static-bytes").arg(bytes.to_string());
+        }
+        let mut child = command
             // The server under test runs with its defaults, whatever this
             // shell's environment configures.
             .env_remove("BOROUGH_HTTP")
