@@ -127,6 +127,47 @@ pub struct Entity {
     pub modified_at: i64,
 }
 
+impl Entity {
+    /// Releases spare capacity: vectors and maps grown while parsing or
+    /// deserializing keep room for more elements (a one-element `Vec` of
+    /// attributes reserves four), which for an in-memory store of millions of
+    /// entities is most of its memory.
+    pub fn shrink_to_fit(&mut self) {
+        self.types.shrink_to_fit();
+        self.scopes.shrink_to_fit();
+        self.attrs.shrink_to_fit();
+        for list in self.attrs.values_mut() {
+            list.shrink_to_fit();
+            for a in list {
+                a.shrink_to_fit();
+            }
+        }
+    }
+}
+
+impl Attribute {
+    fn shrink_to_fit(&mut self) {
+        shrink_value(&mut self.value);
+        self.sub.shrink_to_fit();
+        for s in self.sub.values_mut() {
+            s.shrink_to_fit();
+        }
+    }
+}
+
+fn shrink_value(v: &mut Value) {
+    match v {
+        Value::Array(a) => {
+            a.shrink_to_fit();
+            a.iter_mut().for_each(shrink_value);
+        }
+        Value::Object(m) => {
+            m.values_mut().for_each(shrink_value);
+        }
+        _ => {}
+    }
+}
+
 /// An attribute as a request gives it: for a create every part is present; for
 /// a merge or partial update only the parts that change. `Some(None)` means
 /// "remove this member" (a JSON `null`).

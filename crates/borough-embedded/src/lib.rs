@@ -33,6 +33,8 @@ const TENANTS: TableDefinition<&str, ()> = TableDefinition::new("tenants");
 /// Hosted @context documents by local id.
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contexts");
 
+/// redb's page cache.
+const REDB_CACHE_BYTES: usize = 64 << 20;
 /// Most operations committed in one transaction; a larger backlog waits for the next.
 const MAX_GROUP_OPS: usize = 20_000;
 /// Writes that may wait for the writer before callers are made to wait.
@@ -98,7 +100,11 @@ impl EmbeddedStore {
             .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("borough.redb");
         let db = Arc::new(
-            Database::create(&path)
+            Database::builder()
+                // The entities live in memory already; redb's page cache only
+                // needs the B-tree's upper levels and the pages being written.
+                .set_cache_size(REDB_CACHE_BYTES)
+                .create(&path)
                 .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?,
         );
         let shared = Arc::new(Shared::default());
@@ -147,7 +153,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     for row in entities.iter().map_err(io)? {
         let (key, value) = row.map_err(io)?;
         let (tenant, id) = key.value();
-        let entity: Entity = serde_json::from_slice(value.value()).map_err(|e| {
+        let mut entity: Entity = serde_json::from_slice(value.value()).map_err(|e| {
             io(format!(
                 "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
             ))
@@ -159,6 +165,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
             }
             current = Some((tenant.to_string(), TenantState::default()));
         }
+        entity.shrink_to_fit();
         if let Some((_, m)) = current.as_mut() {
             m.put(id, Some(Arc::new(entity)));
         }
@@ -246,7 +253,8 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
             match apply(op, current.as_deref(), now) {
                 Ok((change, outcome)) => {
                     match change {
-                        Change::Put(e) => {
+                        Change::Put(mut e) => {
+                            e.shrink_to_fit();
                             staged.insert(key, Some(Arc::new(e)));
                         }
                         Change::Delete => {

@@ -6,7 +6,9 @@ use borough_core::entity::{AttrKind, Entity};
 use borough_core::query::EntityQuery;
 use borough_core::query::expr::BoolExpr;
 use borough_core::query::q::{Lit, Op, QExpr, QTerm, QValue};
+use borough_core::query::geo::{Envelope, envelope};
 use borough_store::QueryPage;
+use rstar::{AABB, RTree, RTreeObject};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -73,6 +75,33 @@ fn keys_of_lit(l: &Lit) -> Vec<IndexKey> {
     }
 }
 
+/// One geometry in the spatial index: its bounding box and its entity.
+#[derive(Clone, Debug, PartialEq)]
+struct GeoEntry {
+    envelope: AABB<[f64; 2]>,
+    id: Id,
+}
+
+impl RTreeObject for GeoEntry {
+    type Envelope = AABB<[f64; 2]>;
+    fn envelope(&self) -> Self::Envelope {
+        self.envelope
+    }
+}
+
+fn aabb(r: &Envelope) -> AABB<[f64; 2]> {
+    AABB::from_corners([r.min().x, r.min().y], [r.max().x, r.max().y])
+}
+
+/// Bounding boxes of an attribute's GeoProperty instances.
+fn geo_envelopes(instances: &[borough_core::Attribute]) -> impl Iterator<Item = AABB<[f64; 2]>> + '_ {
+    instances
+        .iter()
+        .filter(|a| a.kind == AttrKind::GeoProperty)
+        .filter_map(|a| envelope(&a.value))
+        .map(|r| aabb(&r))
+}
+
 #[derive(Default)]
 struct AttrIndex {
     /// Entities that have the attribute.
@@ -87,6 +116,8 @@ pub struct TenantState {
     entities: BTreeMap<Id, Arc<Entity>>,
     by_type: HashMap<String, IdSet>,
     by_attr: HashMap<String, AttrIndex>,
+    /// R-trees of GeoProperty bounding boxes, by GeoProperty name.
+    by_geo: HashMap<String, RTree<GeoEntry>>,
 }
 
 /// Where a plan takes its candidate ids from, in id order.
@@ -144,6 +175,12 @@ impl TenantState {
             for_each_key(instances, |k| {
                 idx.values.entry(k).or_default().insert(id.clone());
             });
+            for envelope in geo_envelopes(instances) {
+                self.by_geo
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(GeoEntry { envelope, id: id.clone() });
+            }
         }
     }
 
@@ -172,6 +209,14 @@ impl TenantState {
             if idx.ids.is_empty() {
                 self.by_attr.remove(name);
             }
+            if let Some(tree) = self.by_geo.get_mut(name) {
+                for envelope in geo_envelopes(instances) {
+                    tree.remove(&GeoEntry { envelope, id: id.clone() });
+                }
+                if tree.size() == 0 {
+                    self.by_geo.remove(name);
+                }
+            }
         }
     }
 
@@ -179,6 +224,9 @@ impl TenantState {
     /// checks every candidate with the reference `EntityQuery::matches`, and
     /// pages in id order.
     pub fn query(&self, q: &EntityQuery, offset: usize, limit: usize, count: bool) -> QueryPage {
+        if q.orders_by_distance() {
+            return self.query_by_distance(q, offset, limit, count);
+        }
         let mut page = QueryPage {
             entities: Vec::with_capacity(limit.min(1024)),
             total: None,
@@ -195,6 +243,31 @@ impl TenantState {
             // Without a count, stop as soon as the page is full.
             count || page.entities.len() < limit
         };
+        self.for_each_candidate(q, &mut visit);
+        if count {
+            page.total = Some(matched);
+        }
+        page
+    }
+
+    /// `near` queries: every match is needed to order by distance (then id).
+    fn query_by_distance(&self, q: &EntityQuery, offset: usize, limit: usize, count: bool) -> QueryPage {
+        let mut hits: Vec<(f64, &Arc<Entity>)> = Vec::new();
+        self.for_each_candidate(q, |e| {
+            if q.matches(e) {
+                hits.push((q.distance(e).unwrap_or(f64::INFINITY), e));
+            }
+            true
+        });
+        hits.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        QueryPage {
+            total: count.then_some(hits.len()),
+            entities: hits.into_iter().skip(offset).take(limit).map(|(_, e)| e.clone()).collect(),
+        }
+    }
+
+    /// Visits the plan's candidates in id order until `visit` returns false.
+    fn for_each_candidate<'a>(&'a self, q: &EntityQuery, mut visit: impl FnMut(&'a Arc<Entity>) -> bool) {
         match self.plan(q) {
             Candidates::All => {
                 for e in self.entities.values() {
@@ -222,10 +295,6 @@ impl TenantState {
                 }
             }
         }
-        if count {
-            page.total = Some(matched);
-        }
-        page
     }
 
     fn plan(&self, q: &EntityQuery) -> Candidates<'_> {
@@ -245,6 +314,20 @@ impl TenantState {
             return Candidates::Owned(ids);
         }
         let mut best: Option<(usize, Candidates)> = None;
+        if let Some(g) = &q.geo
+            && let Some(bbox) = g.search_box()
+        {
+            let Some(tree) = self.by_geo.get(&g.geoproperty) else {
+                return empty();
+            };
+            let mut ids: Vec<Id> = tree
+                .locate_in_envelope_intersecting(&aabb(&bbox))
+                .map(|entry| entry.id.clone())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            consider(ids.len(), Candidates::Owned(ids), &mut best);
+        }
         // The borrowed sets cost nothing to use; owned ones are built only when small.
         if let Some(t) = &q.types {
             match t {

@@ -4,6 +4,7 @@
 //! `matches` would.
 
 pub mod expr;
+pub mod geo;
 pub mod q;
 
 use crate::context::Context;
@@ -77,6 +78,7 @@ pub struct EntityQuery {
     pub scope_q: Option<ScopeExpr>,
     /// Any of these selectors must match (empty: no condition).
     pub selectors: Vec<EntitySelector>,
+    pub geo: Option<geo::GeoQuery>,
 }
 
 impl EntityQuery {
@@ -89,6 +91,20 @@ impl EntityQuery {
             && self.q.is_none()
             && self.scope_q.is_none()
             && self.selectors.is_empty()
+            && self.geo.is_none()
+    }
+
+    /// For `near` queries, the distance that orders results (nearest first);
+    /// other queries are ordered by entity id.
+    pub fn distance(&self, e: &Entity) -> Option<f64> {
+        self.geo.as_ref().and_then(|g| g.distance(e))
+    }
+
+    /// Whether results are ordered by distance rather than by id.
+    pub fn orders_by_distance(&self) -> bool {
+        self.geo
+            .as_ref()
+            .is_some_and(|g| matches!(g.rel, geo::GeoRel::Near { .. }))
     }
 
     /// The reference definition of which entities a query selects.
@@ -103,6 +119,7 @@ impl EntityQuery {
                 .as_ref()
                 .is_none_or(|s| s.eval(&mut |p| e.scopes.iter().any(|sc| p.matches(sc))))
             && self.q.as_ref().is_none_or(|q| q::eval_q(e, q))
+            && self.geo.as_ref().is_none_or(|g| g.matches(e))
     }
 }
 
