@@ -12,6 +12,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::Response;
 use borough_core::entity::{render_entity, render_feature};
+use borough_core::query::geo::{GeoQuery, parse_geo_q, parse_geo_query};
 use borough_core::query::{
     EntityQuery, EntitySelector, compile_id_pattern, parse_q, parse_scope_q, parse_type_expr,
 };
@@ -179,14 +180,23 @@ fn language_preferences(src: &str) -> NgsiResult<Option<Vec<String>>> {
     Ok((!prefs.is_empty()).then(|| prefs.into_iter().map(|(_, t)| t).collect()))
 }
 
-fn reject_geo(params: &HashMap<String, String>) -> NgsiResult<()> {
-    if let Some(p) = GEO_PARAMS.iter().find(|p| params.contains_key(**p)) {
-        return Err(NgsiError::new(
-            borough_core::ProblemKind::OperationNotSupported,
-            format!("geo-queries ('{p}') are not supported by this server yet"),
-        ));
+/// The geo-query of the URL parameters, if any of its parameters is given.
+fn geo_params(
+    params: &HashMap<String, String>,
+    actx: &ActiveContext,
+) -> NgsiResult<Option<GeoQuery>> {
+    if !GEO_PARAMS.iter().any(|p| params.contains_key(*p)) {
+        return Ok(None);
     }
-    Ok(())
+    let get = |k: &str| params.get(k).map(String::as_str);
+    parse_geo_query(
+        get("georel"),
+        get("geometry"),
+        get("coordinates"),
+        get("geoproperty"),
+        &actx.ctx,
+    )
+    .map(Some)
 }
 
 /// `GET /entities`
@@ -202,7 +212,6 @@ pub async fn query_entities(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    reject_geo(&params)?;
     let page = paging(&params)?;
     let (opts, attrs) = projection(&params, None, &actx)?;
     let mut query = EntityQuery {
@@ -231,9 +240,10 @@ pub async fn query_entities(
     if let Some(s) = params.get("scopeQ") {
         query.scope_q = Some(parse_scope_q(s)?);
     }
+    query.geo = geo_params(&params, &actx)?;
     if query.is_unrestricted() {
         return Err(NgsiError::bad_data(
-            "the query is too broad: give at least one of type, id, idPattern, attrs, q or scopeQ",
+            "the query is too broad: give at least one of type, id, idPattern, attrs, q, scopeQ or a geo-query",
         )
         .into());
     }
@@ -260,13 +270,6 @@ pub async fn query_post(
     match obj.get("type").and_then(Value::as_str) {
         Some("Query") => {}
         _ => return Err(NgsiError::bad_data("a query body needs \"type\": \"Query\"").into()),
-    }
-    if obj.contains_key("geoQ") {
-        return Err(NgsiError::new(
-            borough_core::ProblemKind::OperationNotSupported,
-            "geoQ is not supported by this server yet",
-        )
-        .into());
     }
     let page = paging(&params)?;
     let body_attrs = match obj.get("attrs") {
@@ -312,9 +315,12 @@ pub async fn query_post(
             .ok_or_else(|| NgsiError::bad_data("scopeQ must be a string"))?;
         query.scope_q = Some(parse_scope_q(s)?);
     }
+    if let Some(g) = obj.get("geoQ") {
+        query.geo = Some(parse_geo_q(g, &actx.ctx)?);
+    }
     if query.is_unrestricted() {
         return Err(NgsiError::bad_data(
-            "the query is too broad: give at least one of entities, attrs, q or scopeQ",
+            "the query is too broad: give at least one of entities, attrs, q, scopeQ or geoQ",
         )
         .into());
     }

@@ -5,8 +5,8 @@
 use borough_core::entity::{AttrKind, Entity};
 use borough_core::query::EntityQuery;
 use borough_core::query::expr::BoolExpr;
-use borough_core::query::q::{Lit, Op, QExpr, QTerm, QValue};
 use borough_core::query::geo::{Envelope, envelope};
+use borough_core::query::q::{Lit, Op, QExpr, QTerm, QValue};
 use borough_store::QueryPage;
 use rstar::{AABB, RTree, RTreeObject};
 use serde_json::Value;
@@ -94,7 +94,9 @@ fn aabb(r: &Envelope) -> AABB<[f64; 2]> {
 }
 
 /// Bounding boxes of an attribute's GeoProperty instances.
-fn geo_envelopes(instances: &[borough_core::Attribute]) -> impl Iterator<Item = AABB<[f64; 2]>> + '_ {
+fn geo_envelopes(
+    instances: &[borough_core::Attribute],
+) -> impl Iterator<Item = AABB<[f64; 2]>> + '_ {
     instances
         .iter()
         .filter(|a| a.kind == AttrKind::GeoProperty)
@@ -179,7 +181,10 @@ impl TenantState {
                 self.by_geo
                     .entry(name.clone())
                     .or_default()
-                    .insert(GeoEntry { envelope, id: id.clone() });
+                    .insert(GeoEntry {
+                        envelope,
+                        id: id.clone(),
+                    });
             }
         }
     }
@@ -211,7 +216,10 @@ impl TenantState {
             }
             if let Some(tree) = self.by_geo.get_mut(name) {
                 for envelope in geo_envelopes(instances) {
-                    tree.remove(&GeoEntry { envelope, id: id.clone() });
+                    tree.remove(&GeoEntry {
+                        envelope,
+                        id: id.clone(),
+                    });
                 }
                 if tree.size() == 0 {
                     self.by_geo.remove(name);
@@ -251,7 +259,13 @@ impl TenantState {
     }
 
     /// `near` queries: every match is needed to order by distance (then id).
-    fn query_by_distance(&self, q: &EntityQuery, offset: usize, limit: usize, count: bool) -> QueryPage {
+    fn query_by_distance(
+        &self,
+        q: &EntityQuery,
+        offset: usize,
+        limit: usize,
+        count: bool,
+    ) -> QueryPage {
         let mut hits: Vec<(f64, &Arc<Entity>)> = Vec::new();
         self.for_each_candidate(q, |e| {
             if q.matches(e) {
@@ -262,12 +276,21 @@ impl TenantState {
         hits.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
         QueryPage {
             total: count.then_some(hits.len()),
-            entities: hits.into_iter().skip(offset).take(limit).map(|(_, e)| e.clone()).collect(),
+            entities: hits
+                .into_iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect(),
         }
     }
 
     /// Visits the plan's candidates in id order until `visit` returns false.
-    fn for_each_candidate<'a>(&'a self, q: &EntityQuery, mut visit: impl FnMut(&'a Arc<Entity>) -> bool) {
+    fn for_each_candidate<'a>(
+        &'a self,
+        q: &EntityQuery,
+        mut visit: impl FnMut(&'a Arc<Entity>) -> bool,
+    ) {
         match self.plan(q) {
             Candidates::All => {
                 for e in self.entities.values() {

@@ -4,6 +4,7 @@
 //! entities between index entries.
 
 use borough_core::entity::parse_entity;
+use borough_core::query::geo::parse_geo_query;
 use borough_core::query::{EntityQuery, compile_id_pattern, parse_q, parse_type_expr};
 use borough_core::{Context, EntityOp};
 use borough_embedded::EmbeddedStore;
@@ -34,6 +35,24 @@ fn entity(i: u64) -> Value {
     e["tags"] = json!([format!("t{}", r(8) % 4), format!("t{}", r(10) % 4)]);
     e["rel"] = json!({"type": "Relationship", "object": format!("urn:ngsi-ld:R:{}", r(11) % 5)});
     e["category"] = json!({"type": "VocabProperty", "vocab": format!("v{}", r(12) % 3)});
+    // Most entities are located: points on a grid, some lines and polygons, some without a location.
+    let (x, y) = (
+        2.0 + (r(16) % 20) as f64 * 0.001,
+        48.0 + (r(17) % 20) as f64 * 0.001,
+    );
+    match r(18) % 6 {
+        0 => {}
+        1 => {
+            e["location"] = json!({"type": "GeoProperty", "value": {"type": "LineString", "coordinates": [[x, y], [x + 0.003, y + 0.002]]}})
+        }
+        2 => {
+            e["location"] = json!({"type": "GeoProperty", "value": {"type": "Polygon", "coordinates": [[[x, y], [x + 0.002, y], [x + 0.002, y + 0.002], [x, y + 0.002], [x, y]]]}})
+        }
+        _ => {
+            e["location"] =
+                json!({"type": "GeoProperty", "value": {"type": "Point", "coordinates": [x, y]}})
+        }
+    }
     if r(13) % 3 == 0 {
         e["n"] = json!([{"type": "Property", "value": r(14) % 20}, {"type": "Property", "value": r(15) % 20, "datasetId": "urn:ds:1"}]);
     }
@@ -173,6 +192,59 @@ fn q_expr() -> impl Strategy<Value = String> {
     })
 }
 
+fn geo_query() -> impl Strategy<Value = (String, String, String)> {
+    let point = (0u32..22, 0u32..22).prop_map(|(a, b)| {
+        format!(
+            "[{},{}]",
+            2.0 + f64::from(a) * 0.001,
+            48.0 + f64::from(b) * 0.001
+        )
+    });
+    let square = (0u32..20, 0u32..20, 1u32..10).prop_map(|(a, b, w)| {
+        let (x, y, d) = (
+            2.0 + f64::from(a) * 0.001,
+            48.0 + f64::from(b) * 0.001,
+            f64::from(w) * 0.001,
+        );
+        format!(
+            "[[[{x},{y}],[{},{y}],[{},{}],[{x},{}],[{x},{y}]]]",
+            x + d,
+            x + d,
+            y + d,
+            y + d
+        )
+    });
+    prop_oneof![
+        (point.clone(), 0u32..800).prop_map(|(p, d)| (
+            format!("near;maxDistance=={d}"),
+            "Point".to_string(),
+            p
+        )),
+        (point.clone(), 0u32..800).prop_map(|(p, d)| (
+            format!("near;minDistance=={d}"),
+            "Point".to_string(),
+            p
+        )),
+        (
+            square.clone(),
+            prop::sample::select(vec![
+                "within",
+                "intersects",
+                "contains",
+                "overlaps",
+                "disjoint",
+                "equals"
+            ])
+        )
+            .prop_map(|(c, rel)| (rel.to_string(), "Polygon".to_string(), c)),
+        (
+            point,
+            prop::sample::select(vec!["intersects", "equals", "disjoint"])
+        )
+            .prop_map(|(p, rel)| (rel.to_string(), "Point".to_string(), p)),
+    ]
+}
+
 #[derive(Debug, Clone)]
 struct Spec {
     types: Option<&'static str>,
@@ -180,6 +252,7 @@ struct Spec {
     attrs: Vec<&'static str>,
     ids: Vec<u64>,
     id_pattern: Option<&'static str>,
+    geo: Option<(String, String, String)>,
     offset: usize,
     limit: usize,
 }
@@ -197,18 +270,22 @@ fn spec() -> impl Strategy<Value = Spec> {
             "E:01",
             "^urn:ngsi-ld:E:0[0-9]{2}7$",
         ])),
+        prop::option::of(geo_query()),
         0usize..40,
         1usize..60,
     )
-        .prop_map(|(types, q, attrs, ids, id_pattern, offset, limit)| Spec {
-            types,
-            q,
-            attrs,
-            ids,
-            id_pattern,
-            offset,
-            limit,
-        })
+        .prop_map(
+            |(types, q, attrs, ids, id_pattern, geo, offset, limit)| Spec {
+                types,
+                q,
+                attrs,
+                ids,
+                id_pattern,
+                geo,
+                offset,
+                limit,
+            },
+        )
 }
 
 proptest! {
@@ -229,6 +306,7 @@ proptest! {
                 }
                 None => None,
             },
+            geo: s.geo.as_ref().map(|(rel, g, c)| parse_geo_query(Some(rel), Some(g), Some(c), None, &ctx).unwrap()),
             ..Default::default()
         };
         assert_query_matches_scan(store, TENANT, &q, s.offset, s.limit);
@@ -247,4 +325,18 @@ fn the_data_set_exercises_the_planner() {
     let n = store.query(TENANT, &q, 0, 1000, true).total.unwrap();
     let all = store.entity_count(TENANT);
     assert!(n > 20 && n < all, "{n} of {all}");
+    let geo = parse_geo_query(
+        Some("within"),
+        Some("Polygon"),
+        Some("[[[2.0,48.0],[2.01,48.0],[2.01,48.01],[2.0,48.01],[2.0,48.0]]]"),
+        None,
+        &ctx,
+    )
+    .unwrap();
+    let q = EntityQuery {
+        geo: Some(geo),
+        ..Default::default()
+    };
+    let n = store.query(TENANT, &q, 0, 1000, true).total.unwrap();
+    assert!(n > 20 && n < all, "geo: {n} of {all}");
 }

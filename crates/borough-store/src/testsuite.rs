@@ -167,7 +167,8 @@ pub async fn survives_reopen<S: EntityStore>(store: S, reopen: impl FnOnce() -> 
 }
 
 /// Checks one query against the reference: every entity of the tenant filtered
-/// with `EntityQuery::matches`, ordered by id, then paged.
+/// with `EntityQuery::matches`, ordered by id (by distance, then id, for
+/// `near`), then paged.
 pub fn assert_query_matches_scan(
     store: &dyn EntityStore,
     tenant: &str,
@@ -181,7 +182,12 @@ pub fn assert_query_matches_scan(
         true
     });
     all.retain(|e| query.matches(e));
-    all.sort_by(|a, b| a.id.cmp(&b.id));
+    if query.orders_by_distance() {
+        let d = |e: &Entity| query.distance(e).unwrap_or(f64::INFINITY);
+        all.sort_by(|a, b| d(a).total_cmp(&d(b)).then_with(|| a.id.cmp(&b.id)));
+    } else {
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     let expected: Vec<&str> = all
         .iter()
         .skip(offset)

@@ -6,6 +6,7 @@ mod common;
 mod contexts;
 mod entities;
 mod errors;
+mod geo;
 mod query;
 mod registry;
 mod tenants;

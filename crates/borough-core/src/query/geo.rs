@@ -23,7 +23,10 @@ const MAX_COORDINATES_LEN: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum GeoRel {
     /// Within `max` metres and/or at least `min` metres of the query point.
-    Near { max: Option<f64>, min: Option<f64> },
+    Near {
+        max: Option<f64>,
+        min: Option<f64>,
+    },
     Within,
     Contains,
     Intersects,
@@ -60,7 +63,9 @@ pub fn parse_geo_query(
     let geometry = geometry.ok_or_else(|| bad("a geo-query needs geometry"))?;
     let coordinates = coordinates.ok_or_else(|| bad("a geo-query needs coordinates"))?;
     if coordinates.len() > MAX_COORDINATES_LEN {
-        return Err(bad(format!("coordinates are longer than {MAX_COORDINATES_LEN} characters")));
+        return Err(bad(format!(
+            "coordinates are longer than {MAX_COORDINATES_LEN} characters"
+        )));
     }
     let coords: Value = serde_json::from_str(coordinates)
         .map_err(|e| bad(format!("coordinates are not a JSON array of numbers: {e}")))?;
@@ -88,7 +93,13 @@ pub fn parse_geo_q(v: &Value, ctx: &Context) -> NgsiResult<GeoQuery> {
     build(georel, geometry, coords, text("geoproperty")?, ctx)
 }
 
-fn build(georel: &str, geometry: &str, coords: Value, geoproperty: Option<&str>, ctx: &Context) -> NgsiResult<GeoQuery> {
+fn build(
+    georel: &str,
+    geometry: &str,
+    coords: Value,
+    geoproperty: Option<&str>,
+    ctx: &Context,
+) -> NgsiResult<GeoQuery> {
     let rel = parse_georel(georel)?;
     let gj = serde_json::json!({"type": geometry, "coordinates": coords});
     if geometry == "GeometryCollection" || !crate::geojson::GEOMETRY_TYPES.contains(&geometry) {
@@ -97,7 +108,8 @@ fn build(georel: &str, geometry: &str, coords: Value, geoproperty: Option<&str>,
         )));
     }
     validate_geometry(&gj)?;
-    let geometry = to_geometry(&gj).ok_or_else(|| bad("coordinates do not form the given geometry"))?;
+    let geometry =
+        to_geometry(&gj).ok_or_else(|| bad("coordinates do not form the given geometry"))?;
     if matches!(rel, GeoRel::Near { .. }) && !matches!(geometry, Geometry::Point(_)) {
         return Err(bad("georel near needs a Point geometry"));
     }
@@ -130,18 +142,28 @@ fn parse_georel(s: &str) -> NgsiResult<GeoRel> {
         "near" => {
             let (mut max, mut min) = (None, None);
             for m in rest {
-                let (k, v) = m
-                    .split_once("==")
-                    .ok_or_else(|| bad(format!("georel modifier '{m}' must look like maxDistance==500")))?;
+                let (k, v) = m.split_once("==").ok_or_else(|| {
+                    bad(format!(
+                        "georel modifier '{m}' must look like maxDistance==500"
+                    ))
+                })?;
                 let d: f64 = v
                     .parse()
                     .ok()
                     .filter(|d: &f64| d.is_finite() && *d >= 0.0)
-                    .ok_or_else(|| bad(format!("{k} must be a non-negative number of metres, not '{v}'")))?;
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{k} must be a non-negative number of metres, not '{v}'"
+                        ))
+                    })?;
                 match k {
                     "maxDistance" => max = Some(d),
                     "minDistance" => min = Some(d),
-                    _ => return Err(bad(format!("unknown georel modifier '{k}'; use maxDistance or minDistance"))),
+                    _ => {
+                        return Err(bad(format!(
+                            "unknown georel modifier '{k}'; use maxDistance or minDistance"
+                        )));
+                    }
                 }
             }
             if max.is_none() && min.is_none() {
@@ -170,7 +192,9 @@ fn coord(v: &Value) -> Option<Coord<f64>> {
 }
 
 fn line(v: &Value) -> Option<LineString<f64>> {
-    Some(LineString::new(v.as_array()?.iter().map(coord).collect::<Option<_>>()?))
+    Some(LineString::new(
+        v.as_array()?.iter().map(coord).collect::<Option<_>>()?,
+    ))
 }
 
 fn polygon(v: &Value) -> Option<Polygon<f64>> {
@@ -186,7 +210,10 @@ pub fn to_geometry(v: &Value) -> Option<Geometry<f64>> {
     Some(match v.get("type")?.as_str()? {
         "Point" => Geometry::Point(Point(coord(c?)?)),
         "MultiPoint" => Geometry::MultiPoint(MultiPoint::new(
-            c?.as_array()?.iter().map(|p| coord(p).map(Point)).collect::<Option<_>>()?,
+            c?.as_array()?
+                .iter()
+                .map(|p| coord(p).map(Point))
+                .collect::<Option<_>>()?,
         )),
         "LineString" => Geometry::LineString(line(c?)?),
         "MultiLineString" => Geometry::MultiLineString(MultiLineString::new(
@@ -197,7 +224,11 @@ pub fn to_geometry(v: &Value) -> Option<Geometry<f64>> {
             c?.as_array()?.iter().map(polygon).collect::<Option<_>>()?,
         )),
         "GeometryCollection" => Geometry::GeometryCollection(GeometryCollection::new_from(
-            v.get("geometries")?.as_array()?.iter().map(to_geometry).collect::<Option<_>>()?,
+            v.get("geometries")?
+                .as_array()?
+                .iter()
+                .map(to_geometry)
+                .collect::<Option<_>>()?,
         )),
         _ => return None,
     })
@@ -300,7 +331,16 @@ pub fn around(p: &Point<f64>, metres: f64) -> Envelope {
     } else {
         ((p.x() - dlon).max(-180.0), (p.x() + dlon).min(180.0))
     };
-    Rect::new(Coord { x: lon_lo, y: lat_lo }, Coord { x: lon_hi, y: lat_hi })
+    Rect::new(
+        Coord {
+            x: lon_lo,
+            y: lat_lo,
+        },
+        Coord {
+            x: lon_hi,
+            y: lat_hi,
+        },
+    )
 }
 
 /// The bounding box of a stored GeoJSON value, for the spatial index.
@@ -315,7 +355,14 @@ mod tests {
     use serde_json::json;
 
     fn q(georel: &str, geometry: &str, coords: &str) -> GeoQuery {
-        parse_geo_query(Some(georel), Some(geometry), Some(coords), None, &Context::core()).unwrap()
+        parse_geo_query(
+            Some(georel),
+            Some(geometry),
+            Some(coords),
+            None,
+            &Context::core(),
+        )
+        .unwrap()
     }
 
     fn located(geometry: Value) -> Entity {
@@ -330,10 +377,16 @@ mod tests {
     #[test]
     fn geodesic_distance_matches_a_known_value() {
         // Paris (Notre-Dame) to London (Trafalgar Square): about 343.5 km on WGS84.
-        let d = distance_m(&Geometry::Point(Point::new(2.3499, 48.8530)), &Point::new(-0.1281, 51.5080));
+        let d = distance_m(
+            &Geometry::Point(Point::new(2.3499, 48.8530)),
+            &Point::new(-0.1281, 51.5080),
+        );
         assert!((d - 343_500.0).abs() < 1_000.0, "{d}");
         // One degree of latitude at the equator: 110,574 m on WGS84.
-        let d = distance_m(&Geometry::Point(Point::new(0.0, 0.0)), &Point::new(0.0, 1.0));
+        let d = distance_m(
+            &Geometry::Point(Point::new(0.0, 0.0)),
+            &Point::new(0.0, 1.0),
+        );
         assert!((d - 110_574.0).abs() < 5.0, "{d}");
     }
 
@@ -345,14 +398,25 @@ mod tests {
         assert!(!q("near;maxDistance==100", "Point", "[2.0,48.0]").matches(&e));
         assert!(q("near;minDistance==100", "Point", "[2.0,48.0]").matches(&e));
         assert!(!q("near;minDistance==120", "Point", "[2.0,48.0]").matches(&e));
-        assert!(q("near;minDistance==100;maxDistance==120", "Point", "[2.0,48.0]").matches(&e));
-        let d = q("near;maxDistance==1000", "Point", "[2.0,48.0]").distance(&e).unwrap();
+        assert!(
+            q(
+                "near;minDistance==100;maxDistance==120",
+                "Point",
+                "[2.0,48.0]"
+            )
+            .matches(&e)
+        );
+        let d = q("near;maxDistance==1000", "Point", "[2.0,48.0]")
+            .distance(&e)
+            .unwrap();
         assert!((d - 111.2).abs() < 0.5, "{d}");
     }
 
     #[test]
     fn near_a_polygon_measures_to_its_edge() {
-        let square = located(json!({"type": "Polygon", "coordinates": [[[2.0, 48.0], [2.01, 48.0], [2.01, 48.01], [2.0, 48.01], [2.0, 48.0]]]}));
+        let square = located(
+            json!({"type": "Polygon", "coordinates": [[[2.0, 48.0], [2.01, 48.0], [2.01, 48.01], [2.0, 48.01], [2.0, 48.0]]]}),
+        );
         let inside = q("near;maxDistance==1", "Point", "[2.005,48.005]");
         assert_eq!(inside.distance(&square), Some(0.0));
         // 0.001 degrees south of the southern edge: about 111 m.
@@ -370,7 +434,10 @@ mod tests {
         let within = q("within", "Polygon", district);
         assert!(within.matches(&point_in));
         assert!(!within.matches(&point_out));
-        assert!(!within.matches(&on_edge), "a point on the boundary is not within");
+        assert!(
+            !within.matches(&on_edge),
+            "a point on the boundary is not within"
+        );
         assert!(q("intersects", "Polygon", district).matches(&on_edge));
         assert!(q("disjoint", "Polygon", district).matches(&point_out));
         assert!(!q("disjoint", "Polygon", district).matches(&on_edge));
@@ -379,15 +446,21 @@ mod tests {
         let holed = "[[[2.0,48.0],[2.1,48.0],[2.1,48.1],[2.0,48.1],[2.0,48.0]],[[2.04,48.04],[2.06,48.04],[2.06,48.06],[2.04,48.06],[2.04,48.04]]]";
         assert!(!q("within", "Polygon", holed).matches(&point_in));
 
-        let park = located(json!({"type": "Polygon", "coordinates": [[[2.0, 48.0], [2.1, 48.0], [2.1, 48.1], [2.0, 48.1], [2.0, 48.0]]]}));
+        let park = located(
+            json!({"type": "Polygon", "coordinates": [[[2.0, 48.0], [2.1, 48.0], [2.1, 48.1], [2.0, 48.1], [2.0, 48.0]]]}),
+        );
         assert!(q("contains", "Point", "[2.05,48.05]").matches(&park));
         assert!(!q("contains", "Point", "[2.5,48.05]").matches(&park));
         assert!(q("equals", "Polygon", district).matches(&park));
         let shifted = "[[[2.05,48.05],[2.15,48.05],[2.15,48.15],[2.05,48.15],[2.05,48.05]]]";
         assert!(q("overlaps", "Polygon", shifted).matches(&park));
-        assert!(!q("overlaps", "Polygon", district).matches(&park), "equal polygons do not overlap");
+        assert!(
+            !q("overlaps", "Polygon", district).matches(&park),
+            "equal polygons do not overlap"
+        );
 
-        let street = located(json!({"type": "LineString", "coordinates": [[1.9, 48.05], [2.2, 48.05]]}));
+        let street =
+            located(json!({"type": "LineString", "coordinates": [[1.9, 48.05], [2.2, 48.05]]}));
         assert!(q("intersects", "Polygon", district).matches(&street));
         assert!(q("intersects", "LineString", "[[2.05,47.9],[2.05,48.2]]").matches(&street));
         assert!(!q("within", "Polygon", district).matches(&street));
@@ -397,12 +470,22 @@ mod tests {
     fn search_boxes_hold_every_match() {
         let near = q("near;maxDistance==500", "Point", "[2.35,48.85]");
         let b = near.search_box().unwrap();
-        for (dx, dy) in [(0.0068, 0.0), (0.0, 0.00449), (-0.0068, 0.0), (0.0, -0.00449)] {
+        for (dx, dy) in [
+            (0.0068, 0.0),
+            (0.0, 0.00449),
+            (-0.0068, 0.0),
+            (0.0, -0.00449),
+        ] {
             // Points just under 500 m away in each direction lie in the box.
             let p = Point::new(2.35 + dx, 48.85 + dy);
             let d = Geodesic.distance(p, Point::new(2.35, 48.85));
             assert!(d < 500.0, "{d}");
-            assert!(b.min().x <= p.x() && p.x() <= b.max().x && b.min().y <= p.y() && p.y() <= b.max().y);
+            assert!(
+                b.min().x <= p.x()
+                    && p.x() <= b.max().x
+                    && b.min().y <= p.y()
+                    && p.y() <= b.max().y
+            );
         }
         assert!(q("disjoint", "Point", "[0,0]").search_box().is_none());
     }
@@ -411,13 +494,38 @@ mod tests {
     fn bad_geo_queries_say_what_is_wrong() {
         let ctx = Context::core();
         let cases = [
-            (Some("nearby"), Some("Point"), Some("[0,0]"), "unknown georel"),
+            (
+                Some("nearby"),
+                Some("Point"),
+                Some("[0,0]"),
+                "unknown georel",
+            ),
             (Some("near"), Some("Point"), Some("[0,0]"), "maxDistance"),
-            (Some("near;maxDistance==-1"), Some("Point"), Some("[0,0]"), "non-negative"),
-            (Some("near;maxDistance==5"), Some("Polygon"), Some("[[[0,0],[1,0],[1,1],[0,0]]]"), "Point"),
-            (Some("within"), Some("Polygon"), Some("[[[0,0],[1,0],[1,1],[0,1]]]"), "closed"),
+            (
+                Some("near;maxDistance==-1"),
+                Some("Point"),
+                Some("[0,0]"),
+                "non-negative",
+            ),
+            (
+                Some("near;maxDistance==5"),
+                Some("Polygon"),
+                Some("[[[0,0],[1,0],[1,1],[0,0]]]"),
+                "Point",
+            ),
+            (
+                Some("within"),
+                Some("Polygon"),
+                Some("[[[0,0],[1,0],[1,1],[0,1]]]"),
+                "closed",
+            ),
             (Some("within"), Some("Point"), Some("[0,95]"), "latitude"),
-            (Some("within"), Some("Circle"), Some("[0,0]"), "unknown geometry"),
+            (
+                Some("within"),
+                Some("Circle"),
+                Some("[0,0]"),
+                "unknown geometry",
+            ),
             (Some("within"), Some("Point"), Some("[0,"), "JSON"),
             (None, Some("Point"), Some("[0,0]"), "georel"),
             (Some("within"), None, Some("[0,0]"), "geometry"),
