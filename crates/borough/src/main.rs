@@ -1,7 +1,9 @@
 //! The `borough` binary: the server and the commands around it.
 
 mod bench;
+mod demo;
 mod serve;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +29,10 @@ struct Cli {
 enum Command {
     /// Run the server (production entry point).
     Serve(serve::ServeArgs),
+    /// Run a server with a simulated city streaming live data.
+    Demo(demo::DemoArgs),
+    /// Provision a simulated city on a running server and stream its measurements.
+    Simulate(simulate::SimulateArgs),
     /// Run a benchmark scenario against a fresh server on loopback, with its baselines.
     Bench(bench::BenchArgs),
 }
@@ -35,6 +41,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Simulate(args) => simulate::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -43,7 +43,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     runtime.block_on(serve(args))
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
+pub fn init_logging(level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("invalid log level '{level}': {e}"))?;
     tracing_subscriber::fmt()
@@ -53,7 +53,16 @@ fn init_logging(level: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
+/// A running server: the store, the bound address and the task serving HTTP.
+pub struct Running {
+    pub addr: SocketAddr,
+    store: Arc<EmbeddedStore>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store and starts serving on `listener`.
+pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Result<Running, String> {
     let store = Arc::new(
         EmbeddedStore::open(&args.data)
             .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
@@ -66,26 +75,57 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ..ApiConfig::default()
     };
     let app = borough_api::router(store.clone(), config)?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, data = %args.data.display(), "borough is serving");
+    Ok(Running {
+        addr,
+        store,
+        stop,
+        task,
+    })
+}
+
+impl Running {
+    /// Stops accepting requests, lets those in flight finish, then closes the store.
+    pub async fn shutdown(self) -> Result<(), String> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| format!("server task failed: {e}"))?
+            .map_err(|e| format!("server error: {e}"))?;
+        tracing::info!("shutting down: finishing writes and closing the store");
+        self.store
+            .close()
+            .await
+            .map_err(|e| format!("cannot close the store: {e}"))
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.http))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data = %args.data.display(), "borough is serving");
+    let running = start(&args, listener).await?;
     // One line on stdout that scripts and tests can wait for.
-    println!("listening on http://{addr}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
-    tracing::info!("shutting down: finishing writes and closing the store");
-    store
-        .close()
-        .await
-        .map_err(|e| format!("cannot close the store: {e}"))?;
-    Ok(())
+    {
+        use std::io::Write as _;
+        // A closed stdout must not stop the server.
+        let _ = writeln!(std::io::stdout(), "listening on http://{}", running.addr);
+    }
+    shutdown_signal().await;
+    running.shutdown().await
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

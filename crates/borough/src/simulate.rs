@@ -1,0 +1,260 @@
+//! `borough simulate`: provisions a simulated city on a running server and
+//! streams its devices' measurements at a given rate.
+
+use borough_sim::City;
+use chrono::Utc;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Base URL of the Borough server.
+    #[arg(long, default_value = "http://127.0.0.1:1026")]
+    pub target: String,
+    /// Tenant to write to (the default tenant when not given).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Number of devices in the city.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Measurements per second, across the city.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// How long to stream: e.g. 30s, 5m, 2h (0 provisions only).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Seed of the city: one seed, one city.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Hide the progress bar (for logs and scripts).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Parses `30s`, `5m`, `2h`, `1d` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s, 5m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("'{s}' has an unknown unit; use ms, s, m, h or d")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 365.0 * 86_400.0 {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What a simulation did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub created: usize,
+    pub existing: usize,
+    pub sent: usize,
+    pub failed: usize,
+    pub elapsed: Duration,
+}
+
+pub fn run(args: SimulateArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let summary = runtime.block_on(simulate(&args, std::future::pending(), |_| {}))?;
+    println!(
+        "provisioned {} devices ({} created, {} already there); sent {} measurements in {:.1} s ({:.0}/s), {} failed",
+        summary.created + summary.existing,
+        summary.created,
+        summary.existing,
+        summary.sent,
+        summary.elapsed.as_secs_f64(),
+        summary.sent as f64 / summary.elapsed.as_secs_f64().max(1e-9),
+        summary.failed
+    );
+    Ok(())
+}
+
+/// A client for one server and tenant.
+struct Target {
+    client: reqwest::Client,
+    base: String,
+    tenant: Option<String>,
+}
+
+impl Target {
+    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value), String> {
+        let mut req = self
+            .client
+            .post(format!("{}/ngsi-ld/v1{path}", self.base))
+            .json(body);
+        if let Some(t) = &self.tenant {
+            req = req.header("NGSILD-Tenant", t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", self.base, crate::bench::chain(&e)))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+}
+
+/// Provisions the city, calls `on_ready`, then streams measurements until
+/// `duration` passes or `stop` resolves.
+pub async fn simulate(
+    args: &SimulateArgs,
+    stop: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Summary),
+) -> Result<Summary, String> {
+    if args.devices == 0 {
+        return Err("--devices must be at least 1".into());
+    }
+    if !(args.rate > 0.0 && args.rate <= 1_000_000.0) {
+        return Err("--rate must be between 0 and 1,000,000 measurements per second".into());
+    }
+    let target = Target {
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?,
+        base: args.target.trim_end_matches('/').to_string(),
+        tenant: args.tenant.clone(),
+    };
+    let city = City::generate(args.seed, args.devices);
+    let mut summary = provision(&target, &city, args.quiet).await?;
+    on_ready(&summary);
+    if args.duration.is_zero() {
+        return Ok(summary);
+    }
+    tokio::pin!(stop);
+    // Measurements go out as batch updates, ten times a second.
+    let tick = Duration::from_millis(100);
+    let per_tick = args.rate / 10.0;
+    let bar = progress(args.quiet, args.duration.as_secs(), "streaming (s)");
+    let started = Instant::now();
+    let mut owed = 0.0;
+    let mut next = 0usize;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while started.elapsed() < args.duration {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = interval.tick() => {}
+        }
+        owed += per_tick;
+        let n = owed.floor() as usize;
+        owed -= n as f64;
+        if n == 0 {
+            continue;
+        }
+        let now = Utc::now();
+        let batch: Vec<Value> = (0..n)
+            .map(|_| {
+                let d = &city.devices[next % city.devices.len()];
+                next += 1;
+                let mut m = d.measurement(now);
+                m.insert("id".into(), json!(d.id));
+                Value::Object(m)
+            })
+            .collect();
+        match target
+            .post("/entityOperations/update", &Value::Array(batch))
+            .await
+        {
+            Ok((204, _)) => summary.sent += n,
+            Ok((207, body)) => {
+                let failed = body["errors"].as_array().map_or(n, Vec::len);
+                summary.failed += failed;
+                summary.sent += n - failed.min(n);
+            }
+            Ok((status, body)) => {
+                return Err(format!(
+                    "the server refused measurements with {status}: {body}"
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        bar.set_position(started.elapsed().as_secs());
+        bar.set_message(format!("{} sent", summary.sent));
+    }
+    bar.finish_and_clear();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn progress(quiet: bool, len: u64, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} {{msg}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Creates the entities that are missing; existing ones are left as they are.
+async fn provision(target: &Target, city: &City, quiet: bool) -> Result<Summary, String> {
+    let mut summary = Summary::default();
+    let bar = progress(quiet, city.devices.len() as u64, "provisioning");
+    let now = Utc::now();
+    for chunk in city.devices.chunks(500) {
+        let batch: Vec<Value> = chunk.iter().map(|d| d.entity(now)).collect();
+        let (status, body) = target
+            .post("/entityOperations/create", &Value::Array(batch))
+            .await?;
+        match status {
+            201 => summary.created += chunk.len(),
+            207 => {
+                summary.created += body["success"].as_array().map_or(0, Vec::len);
+                for e in body["errors"].as_array().into_iter().flatten() {
+                    let kind = e["error"]["type"].as_str().unwrap_or_default();
+                    if kind.ends_with("AlreadyExists") {
+                        summary.existing += 1;
+                    } else {
+                        return Err(format!(
+                            "the server refused device {}: {}",
+                            e["entityId"], e["error"]["detail"]
+                        ));
+                    }
+                }
+            }
+            other => return Err(format!("the server refused the city with {other}: {body}")),
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}
