@@ -127,6 +127,8 @@ enum Candidates<'a> {
     All,
     Borrowed(&'a IdSet),
     Owned(Vec<Id>),
+    /// Ids that start with a literal prefix (an anchored `idPattern`).
+    Prefix(String),
 }
 
 impl TenantState {
@@ -251,7 +253,8 @@ impl TenantState {
             // Without a count, stop as soon as the page is full.
             count || page.entities.len() < limit
         };
-        self.for_each_candidate(q, &mut visit);
+        let need = (!count).then(|| offset.saturating_add(limit));
+        self.for_each_candidate(q, need, &mut visit);
         if count {
             page.total = Some(matched);
         }
@@ -267,7 +270,7 @@ impl TenantState {
         count: bool,
     ) -> QueryPage {
         let mut hits: Vec<(f64, &Arc<Entity>)> = Vec::new();
-        self.for_each_candidate(q, |e| {
+        self.for_each_candidate(q, None, |e| {
             if q.matches(e) {
                 hits.push((q.distance(e).unwrap_or(f64::INFINITY), e));
             }
@@ -286,12 +289,22 @@ impl TenantState {
     }
 
     /// Visits the plan's candidates in id order until `visit` returns false.
+    /// `need` is how many matches end the walk (`None`: all of them).
     fn for_each_candidate<'a>(
         &'a self,
         q: &EntityQuery,
+        need: Option<usize>,
         mut visit: impl FnMut(&'a Arc<Entity>) -> bool,
     ) {
-        match self.plan(q) {
+        match self.plan(q, need) {
+            Candidates::Prefix(p) => {
+                let from = (Bound::Included(p.as_str()), Bound::Unbounded);
+                for (id, e) in self.entities.range::<str, _>(from) {
+                    if !id.starts_with(p.as_str()) || !visit(e) {
+                        break;
+                    }
+                }
+            }
             Candidates::All => {
                 for e in self.entities.values() {
                     if !visit(e) {
@@ -320,7 +333,14 @@ impl TenantState {
         }
     }
 
-    fn plan(&self, q: &EntityQuery) -> Candidates<'_> {
+    /// Chooses where candidates come from. Borrowed sets and prefix ranges
+    /// cost nothing to set up; a set that must be built (a range of values,
+    /// a union) costs about its size times its log. When only `need` matches
+    /// are wanted, walking a larger set in id order and stopping early is
+    /// often cheaper: if a predicate keeps a fraction f of all entities, about
+    /// need / f candidates are visited. A set of size s is built only when
+    /// s < sqrt(need * n / 4), i.e. when building it beats that walk.
+    fn plan(&self, q: &EntityQuery, need: Option<usize>) -> Candidates<'_> {
         let empty = || Candidates::Owned(Vec::new());
         if !q.ids.is_empty() {
             let mut ids: Vec<Id> = q
@@ -380,15 +400,30 @@ impl TenantState {
                 consider(ids.len(), Candidates::Owned(ids), &mut best);
             }
         }
+        let n = self.entities.len().max(1);
+        if let Some(prefix) = q
+            .id_pattern
+            .as_ref()
+            .and_then(|r| literal_prefix(r.as_str()))
+        {
+            let limit = best.as_ref().map_or(n, |(s, _)| *s);
+            let from = (Bound::Included(prefix.as_str()), Bound::Unbounded);
+            let size = self
+                .entities
+                .range::<str, _>(from)
+                .take_while(|(id, _)| id.starts_with(prefix.as_str()))
+                .take(limit.saturating_add(1))
+                .count();
+            consider(size, Candidates::Prefix(prefix), &mut best);
+        }
         if let Some(expr) = &q.q {
-            let cap = best.as_ref().map_or(usize::MAX, |(s, _)| *s);
+            let best_size = best.as_ref().map_or(n, |(s, _)| *s);
+            let cap = match need {
+                Some(need) => best_size.min(need.saturating_mul(n / 4).isqrt().max(need)),
+                None => best_size,
+            };
             if let Some(c) = self.q_candidates(expr, cap) {
-                let size = match &c {
-                    Candidates::Borrowed(s) => s.len(),
-                    Candidates::Owned(v) => v.len(),
-                    Candidates::All => usize::MAX,
-                };
-                consider(size, c, &mut best);
+                consider(candidate_len(&c), c, &mut best);
             }
         }
         best.map_or(Candidates::All, |(_, c)| c)
@@ -451,7 +486,7 @@ impl TenantState {
                     parts.push(match c {
                         Candidates::Borrowed(s) => s.iter().cloned().collect(),
                         Candidates::Owned(v) => v,
-                        Candidates::All => return None,
+                        Candidates::All | Candidates::Prefix(_) => return None,
                     });
                 }
                 Some(Candidates::Owned(merge_sorted(parts)))
@@ -506,10 +541,32 @@ fn consider<'a>(size: usize, c: Candidates<'a>, best: &mut Option<(usize, Candid
 
 fn candidate_len(c: &Candidates) -> usize {
     match c {
-        Candidates::All => usize::MAX,
+        Candidates::All | Candidates::Prefix(_) => usize::MAX,
         Candidates::Borrowed(s) => s.len(),
         Candidates::Owned(v) => v.len(),
     }
+}
+
+/// The literal text every id matching an anchored pattern starts with, if the
+/// pattern has one (`^urn:ngsi-ld:Streetlight:00` → that text). Conservative:
+/// alternation anywhere, or a quantifier on the last literal, shortens or drops it.
+fn literal_prefix(pattern: &str) -> Option<String> {
+    let body = pattern.strip_prefix('^')?;
+    if pattern.contains('|') {
+        return None;
+    }
+    let mut prefix = String::new();
+    for c in body.chars() {
+        match c {
+            '*' | '?' | '{' => {
+                prefix.pop();
+                break;
+            }
+            '.' | '[' | ']' | '(' | ')' | '}' | '+' | '^' | '$' | '\\' => break,
+            other => prefix.push(other),
+        }
+    }
+    (!prefix.is_empty()).then_some(prefix)
 }
 
 /// Sets for an equality literal; an unindexable literal (a date-time) yields
@@ -597,5 +654,33 @@ fn for_each_key(instances: &[borough_core::Attribute], mut f: impl FnMut(IndexKe
             },
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::literal_prefix;
+
+    #[test]
+    fn literal_prefixes_of_anchored_patterns() {
+        assert_eq!(
+            literal_prefix("^urn:ngsi-ld:Streetlight:00").as_deref(),
+            Some("urn:ngsi-ld:Streetlight:00")
+        );
+        assert_eq!(
+            literal_prefix("^urn:x:0[0-9]+$").as_deref(),
+            Some("urn:x:0")
+        );
+        assert_eq!(
+            literal_prefix("^urn:x:12?3").as_deref(),
+            Some("urn:x:1"),
+            "a quantifier makes the last character optional"
+        );
+        assert_eq!(literal_prefix("^ab*").as_deref(), Some("a"));
+        assert_eq!(literal_prefix("^ab+").as_deref(), Some("ab"));
+        assert_eq!(literal_prefix("urn:x"), None, "unanchored");
+        assert_eq!(literal_prefix("^a|^b"), None, "alternation");
+        assert_eq!(literal_prefix("^(?i)urn"), None);
+        assert_eq!(literal_prefix("^\\d"), None);
     }
 }

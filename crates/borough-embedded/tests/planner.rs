@@ -269,6 +269,8 @@ fn spec() -> impl Strategy<Value = Spec> {
             ".*:00[0-4].$",
             "E:01",
             "^urn:ngsi-ld:E:0[0-9]{2}7$",
+            "^urn:ngsi-ld:E:01",
+            "^urn:ngsi-ld:E:00?3",
         ])),
         prop::option::of(geo_query()),
         0usize..40,
