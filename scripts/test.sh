@@ -32,8 +32,13 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 ensure_postgres
 
+log "PostGIS for the geo benchmark baseline"
+./scripts/setup-postgis.sh
+
 log "cargo test"
 cargo test --workspace
 
 log "benchmarks, quick variant"
-cargo run --quiet -p borough -- bench entities --quick --out target/bench-results/entities-quick.json
+for scenario in entities query geo; do
+  cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
+done

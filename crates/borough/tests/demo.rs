@@ -16,20 +16,23 @@ impl Drop for Proc {
 
 /// Starts `borough ARGS`, returning the process and its stdout lines up to one containing `until`.
 fn start(args: &[&str], until: &str) -> (Proc, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start borough");
-    let out = child.stdout.take().expect("stdout");
+    // Owned by the guard at once, so the process is reaped on every path.
+    let mut proc = Proc(
+        Command::new(env!("CARGO_BIN_EXE_borough"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start borough"),
+    );
+    let out = proc.0.stdout.take().expect("stdout");
     let mut lines = Vec::new();
     for line in BufReader::new(out).lines() {
         let line = line.expect("read stdout");
         let done = line.contains(until);
         lines.push(line);
         if done {
-            return (Proc(child), lines);
+            return (proc, lines);
         }
     }
     panic!("borough exited before printing '{until}': {lines:?}");

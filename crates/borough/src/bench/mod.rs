@@ -6,6 +6,8 @@
 //! writes every figure as JSON.
 
 mod entities;
+mod geo;
+mod geo_pg;
 mod load;
 mod postgres;
 mod query;
@@ -21,7 +23,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query.
+    /// Scenario to run: entities, query, geo.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -29,7 +31,7 @@ pub struct BenchArgs {
     /// Where to write the results as JSON [default: bench-results/<scenario>.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PostgreSQL connection string of the postgres-jsonb baseline.
+    /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS).
     #[arg(long, env = "BOROUGH_BENCH_PG", default_value = DEFAULT_PG)]
     pub pg: String,
 }
@@ -50,8 +52,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             out,
             pg: args.pg,
         }),
+        "geo" => geo::run(&geo::Options {
+            quick: args.quick,
+            out,
+            pg: args.pg,
+        }),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query"
+            "unknown scenario '{other}'; available: entities, query, geo"
         )),
     }
 }

@@ -654,7 +654,7 @@ async fn check_shapes(server: &mut Server, admin: &Client, shapes: &[Shape]) -> 
 }
 
 /// The `id` of each entity of a JSON array.
-fn entity_ids(body: &[u8]) -> Result<Vec<String>, String> {
+pub(super) fn entity_ids(body: &[u8]) -> Result<Vec<String>, String> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("Borough answered invalid JSON ({e}): {}", load::quote(body)))?;
     let items = v

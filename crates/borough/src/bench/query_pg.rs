@@ -47,7 +47,10 @@ pub struct PgTimed {
 }
 
 /// `f` with [`STATEMENT_TIMEOUT`], its error on one line prefixed by `what`.
-async fn bounded<T, E>(what: &str, f: impl Future<Output = Result<T, E>>) -> Result<T, String>
+pub(super) async fn bounded<T, E>(
+    what: &str,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, String>
 where
     E: std::error::Error + 'static,
 {
@@ -61,7 +64,7 @@ where
     }
 }
 
-fn micros(d: Duration) -> u64 {
+pub(super) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 

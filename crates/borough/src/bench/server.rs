@@ -1,22 +1,28 @@
 //! The server under test: a `borough serve` child process on loopback with a
 //! temporary data directory. Dropping a [`Server`] kills the child and removes
-//! the directory, so every error path cleans up.
+//! the directory, so every error path cleans up. [`Server::restart`] stops
+//! the child and starts a new one on the same directory (startup timing).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const READY_PREFIX: &str = "listening on http://";
+/// How often [`Server::restart`] checks whether the stopped child has exited.
+const STOP_POLL: Duration = Duration::from_millis(10);
 
 pub struct Server {
     child: Child,
     addr: SocketAddr,
     last_stderr: Arc<Mutex<String>>,
+    /// `--bench-static-bytes` of the child, kept for [`Server::restart`].
+    static_bytes: Option<usize>,
     // Declared last: removed after `Drop::drop` has killed the child.
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 /// Resident memory of the server, from `/proc/<pid>/status`.
@@ -33,57 +39,95 @@ impl Server {
     /// `listening on` line. `static_bytes` sizes the body of `GET
     /// /bench/static` (the HTTP-ceiling baseline); `None` leaves it off.
     pub fn spawn(static_bytes: Option<usize>, ready_timeout: Duration) -> Result<Server, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find the borough executable: {e}"))?;
         let data = tempfile::Builder::new()
             .prefix("borough-bench-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary data directory: {e}"))?;
-        let mut command = Command::new(&exe);
-        command
-            .arg("serve")
-            .args(["--http", "127.0.0.1:0", "--log-level", "warn"])
-            .arg("--data")
-            .arg(data.path());
-        if let Some(bytes) = static_bytes {
-            command.arg("--bench-static-bytes").arg(bytes.to_string());
-        }
-        let mut child = command
-            // The server under test runs with its defaults, whatever this
-            // shell's environment configures.
-            .env_remove("BOROUGH_HTTP")
-            .env_remove("BOROUGH_DATA")
-            .env_remove("BOROUGH_LOG")
-            .env_remove("BOROUGH_MAX_BODY_BYTES")
-            .env_remove("BOROUGH_MAX_BATCH_BODY_BYTES")
-            .env_remove("BOROUGH_CONTEXT_TIMEOUT_SECS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {} serve: {e}", exe.display()))?;
-
-        let last_stderr = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let last = last_stderr.clone();
-            std::thread::spawn(move || forward_stderr(stderr, &last));
-        }
-        let (tx, rx) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || watch_stdout(stdout, &tx));
-        }
-
+        let started = start_child(data.path(), static_bytes)?;
         // From here on, `server` owns the child: early returns kill it.
         let mut server = Server {
-            child,
+            child: started.child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            last_stderr,
-            _data: data,
+            last_stderr: started.last_stderr,
+            static_bytes,
+            data,
         };
-        match rx.recv_timeout(ready_timeout) {
+        server.wait_ready(&started.ready, ready_timeout)?;
+        Ok(server)
+    }
+
+    /// Stops the server (`SIGTERM`, then `SIGKILL` if it has not exited
+    /// within `grace`) and starts it again on the same data directory,
+    /// waiting for its `listening on` line. The new child has a new address.
+    pub fn restart(&mut self, grace: Duration, ready_timeout: Duration) -> Result<Restart, String> {
+        let stop_started = Instant::now();
+        let graceful = self.stop(grace)?;
+        let stop = stop_started.elapsed();
+
+        let spawned_at = Instant::now();
+        let started = start_child(self.data.path(), self.static_bytes)?;
+        // Own the new child before waiting, so that every error path kills it.
+        self.child = started.child;
+        self.last_stderr = started.last_stderr;
+        self.wait_ready(&started.ready, ready_timeout)?;
+        Ok(Restart {
+            stop,
+            graceful,
+            ready: spawned_at.elapsed(),
+        })
+    }
+
+    /// Sends `SIGTERM` and waits up to `grace` for the child to exit; kills
+    /// it otherwise. `true` when it exited by itself, with success.
+    fn stop(&mut self, grace: Duration) -> Result<bool, String> {
+        if let Some(status) = self
+            .child
+            .try_wait()
+            .map_err(|e| format!("cannot check the server process: {e}"))?
+        {
+            return Err(format!(
+                "the server exited before it was asked to stop ({status}){}",
+                self.last_words()
+            ));
+        }
+        let pid = self.child.id().to_string();
+        // No signal API in std: `kill -TERM`. If that cannot run, SIGKILL below.
+        let termed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if termed {
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                match self.child.try_wait() {
+                    Ok(Some(status)) => return Ok(status.success()),
+                    Ok(None) => std::thread::sleep(STOP_POLL),
+                    Err(e) => return Err(format!("cannot wait for the server to stop: {e}")),
+                }
+            }
+        }
+        self.child
+            .kill()
+            .map_err(|e| format!("cannot kill the server: {e}"))?;
+        self.child
+            .wait()
+            .map_err(|e| format!("cannot wait for the killed server: {e}"))?;
+        Ok(false)
+    }
+
+    /// Waits for the address of the `listening on` line of the current child.
+    fn wait_ready(
+        &mut self,
+        ready: &mpsc::Receiver<SocketAddr>,
+        ready_timeout: Duration,
+    ) -> Result<(), String> {
+        match ready.recv_timeout(ready_timeout) {
             Ok(addr) => {
-                server.addr = addr;
-                Ok(server)
+                self.addr = addr;
+                Ok(())
             }
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
                 "the server did not print its 'listening on' line within {} s",
@@ -93,13 +137,13 @@ impl Server {
                 // Stdout closed without the line: the server is gone. Give the
                 // stderr thread a moment to catch its last words.
                 std::thread::sleep(Duration::from_millis(100));
-                let status = match server.child.try_wait() {
+                let status = match self.child.try_wait() {
                     Ok(Some(s)) => s.to_string(),
                     _ => "no 'listening on' line".to_string(),
                 };
                 Err(format!(
                     "the server stopped before listening ({status}){}",
-                    server.last_words()
+                    self.last_words()
                 ))
             }
         }
@@ -153,6 +197,69 @@ impl Server {
             format!(": {last}")
         }
     }
+}
+
+/// What [`Server::restart`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Restart {
+    /// From `SIGTERM` to the exit of the old child.
+    pub stop: Duration,
+    /// Whether the old child exited by itself, with success, within the grace period.
+    pub graceful: bool,
+    /// From spawning the new child to its `listening on` line: opening the
+    /// store, loading the entities and rebuilding the indexes.
+    pub ready: Duration,
+}
+
+/// A child just spawned, with the receiver of its `listening on` address.
+struct Started {
+    child: Child,
+    last_stderr: Arc<Mutex<String>>,
+    ready: mpsc::Receiver<SocketAddr>,
+}
+
+/// Spawns `borough serve` on `data` with threads that watch its output.
+fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the borough executable: {e}"))?;
+    let mut command = Command::new(&exe);
+    command
+        .arg("serve")
+        .args(["--http", "127.0.0.1:0", "--log-level", "warn"])
+        .arg("--data")
+        .arg(data);
+    if let Some(bytes) = static_bytes {
+        command.arg("--bench-static-bytes").arg(bytes.to_string());
+    }
+    let mut child = command
+        // The server under test runs with its defaults, whatever this
+        // shell's environment configures.
+        .env_remove("BOROUGH_HTTP")
+        .env_remove("BOROUGH_DATA")
+        .env_remove("BOROUGH_LOG")
+        .env_remove("BOROUGH_MAX_BODY_BYTES")
+        .env_remove("BOROUGH_MAX_BATCH_BODY_BYTES")
+        .env_remove("BOROUGH_CONTEXT_TIMEOUT_SECS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {} serve: {e}", exe.display()))?;
+
+    let last_stderr = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let last = last_stderr.clone();
+        std::thread::spawn(move || forward_stderr(stderr, &last));
+    }
+    let (tx, ready) = mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        std::thread::spawn(move || watch_stdout(stdout, &tx));
+    }
+    Ok(Started {
+        child,
+        last_stderr,
+        ready,
+    })
 }
 
 impl Drop for Server {
