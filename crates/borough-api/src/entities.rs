@@ -12,9 +12,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use borough_core::entity::{
-    ParseMode, parse_attribute, parse_entity, parse_fragment, render_entity, render_feature,
+    ParseMode, parse_attribute, parse_entity, parse_fragment, render_feature,
 };
 use borough_core::ops::entity_from_fragment;
+use borough_core::render::EntityView;
 use borough_core::validate::check_uri;
 use borough_core::{EntityOp, Format, NgsiError, OpOutcome, ProblemKind, RenderOptions};
 use serde_json::{Map, Value, json};
@@ -217,6 +218,39 @@ pub(crate) fn link_header(actx: &ActiveContext) -> HeaderValue {
     })
 }
 
+/// Serializes a view straight into a response in the negotiated media type
+/// (the view already holds `@context` for JSON-LD).
+pub(crate) fn represent_view(
+    rt: ResponseType,
+    view: &impl serde::Serialize,
+    actx: &ActiveContext,
+    tenant: &str,
+) -> Response {
+    let media = match rt {
+        ResponseType::Json => "application/json",
+        ResponseType::LdJson => "application/ld+json",
+        ResponseType::GeoJson => "application/geo+json",
+    };
+    let mut resp = match serde_json::to_vec(view) {
+        Ok(bytes) => {
+            let mut r = (StatusCode::OK, bytes).into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+            r
+        }
+        Err(e) => {
+            return crate::problem::ApiError(NgsiError::internal(format!(
+                "cannot serialize the response: {e}"
+            )))
+            .into_response();
+        }
+    };
+    if rt != ResponseType::LdJson {
+        resp.headers_mut().insert(header::LINK, link_header(actx));
+    }
+    with_tenant(resp, tenant)
+}
+
 /// Renders a response body in the negotiated media type.
 pub(crate) fn represent(
     rt: ResponseType,
@@ -270,16 +304,22 @@ pub async fn retrieve(
         .store
         .get(&tenant, &id)
         .ok_or_else(|| NgsiError::not_found(format!("entity '{id}' does not exist")))?;
-    let body = if rt == ResponseType::GeoJson {
+    if rt == ResponseType::GeoJson {
         let geo = params
             .get("geometryProperty")
             .map(|g| actx.ctx.expand(g).into_owned())
             .unwrap_or_else(|| "https://uri.etsi.org/ngsi-ld/location".to_string());
-        render_feature(&entity, &actx.ctx, &opts, &geo)
-    } else {
-        Value::Object(render_entity(&entity, &actx.ctx, &opts))
+        let body = render_feature(&entity, &actx.ctx, &opts, &geo);
+        return Ok(represent(rt, body, &actx, &tenant));
+    }
+    let context = (rt == ResponseType::LdJson).then(|| actx.source.as_value());
+    let view = EntityView {
+        entity: &entity,
+        ctx: &actx.ctx,
+        opts: &opts,
+        context: context.as_ref(),
     };
-    Ok(represent(rt, body, &actx, &tenant))
+    Ok(represent_view(rt, &view, &actx, &tenant))
 }
 
 /// `DELETE /entities/{id}`

@@ -3,7 +3,7 @@
 //! selection, pagination and every representation.
 
 use crate::contexts::ActiveContext;
-use crate::entities::{body_with_context, existing_tenant, represent, with_tenant};
+use crate::entities::{body_with_context, existing_tenant, represent, represent_view};
 use crate::problem::ApiResult;
 use crate::request::{ResponseType, link_context, list_param, negotiate};
 use crate::{AppState, SharedState};
@@ -11,14 +11,15 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::Response;
-use borough_core::entity::{render_entity, render_feature};
+use borough_core::entity::render_feature;
 use borough_core::query::geo::{GeoQuery, parse_geo_q, parse_geo_query};
 use borough_core::query::{
     EntityQuery, EntitySelector, compile_id_pattern, parse_q, parse_scope_q, parse_type_expr,
 };
+use borough_core::render::EntityListView;
 use borough_core::validate::check_uri;
 use borough_core::{NgsiError, NgsiResult, RenderOptions};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::HashMap;
 
 type Params = Query<HashMap<String, String>>;
@@ -384,26 +385,41 @@ fn respond(
                 "features": entities.iter().map(|e| render_feature(e, &actx.ctx, opts, &geo)).collect::<Vec<_>>(),
             })
         }
-        ResponseType::LdJson => Value::Array(
-            entities
-                .iter()
-                .map(|e| {
-                    let mut m = Map::new();
-                    m.insert("@context".into(), actx.source.as_value());
-                    m.extend(render_entity(e, &actx.ctx, opts));
-                    Value::Object(m)
-                })
-                .collect(),
-        ),
-        ResponseType::Json => Value::Array(
-            entities
-                .iter()
-                .map(|e| Value::Object(render_entity(e, &actx.ctx, opts)))
-                .collect(),
-        ),
+        ResponseType::LdJson | ResponseType::Json => {
+            // JSON-LD arrays carry @context in each entity.
+            let context = (rt == ResponseType::LdJson).then(|| actx.source.as_value());
+            let view = EntityListView {
+                entities,
+                ctx: &actx.ctx,
+                opts,
+                context: context.as_ref(),
+            };
+            return Ok(paged(
+                represent_view(rt, &view, actx, tenant),
+                &result,
+                has_next,
+                page,
+                uri,
+            ));
+        }
     };
-    // JSON-LD arrays carry @context in each entity; `represent` sets the media type.
-    let mut resp = represent(rt, body, actx, tenant);
+    Ok(paged(
+        represent(rt, body, actx, tenant),
+        &result,
+        has_next,
+        page,
+        uri,
+    ))
+}
+
+/// Adds the count and page links to a query response.
+fn paged(
+    mut resp: Response,
+    result: &borough_store::QueryPage,
+    has_next: bool,
+    page: Paging,
+    uri: &Uri,
+) -> Response {
     if let Some(total) = result.total
         && let Ok(v) = HeaderValue::from_str(&total.to_string())
     {
@@ -426,7 +442,7 @@ fn respond(
             resp.headers_mut().append(header::LINK, v);
         }
     }
-    Ok(with_tenant(resp, tenant))
+    resp
 }
 
 /// A `Link` to another page: the same request with another offset.

@@ -5,10 +5,10 @@
 use crate::context::{Context, NGSI_LD_NS};
 use crate::error::{NgsiError, NgsiResult};
 use crate::geojson::{looks_like_geometry, validate_geometry};
-use crate::validate::{check_name, check_uri, format_datetime, parse_datetime};
+use crate::validate::{check_name, check_uri, parse_datetime};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The attribute types of NGSI-LD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -125,6 +125,12 @@ pub struct Entity {
     pub attrs: IndexMap<String, Vec<Attribute>>,
     pub created_at: i64,
     pub modified_at: i64,
+}
+
+impl AsRef<Entity> for Entity {
+    fn as_ref(&self) -> &Entity {
+        self
+    }
 }
 
 impl Entity {
@@ -759,284 +765,9 @@ fn expand_vocab(name: &str, member: &str, raw: &Value, ctx: &Context) -> NgsiRes
     }
 }
 
-// ---------------------------------------------------------------------------
-// Rendering
-
-/// The representations of clause 4.5.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Format {
-    #[default]
-    Normalized,
-    Concise,
-    KeyValues,
-}
-
-/// What to render and how.
-#[derive(Clone, Debug, Default)]
-pub struct RenderOptions {
-    pub format: Format,
-    pub sys_attrs: bool,
-    /// Only these attributes (expanded names), when given (`attrs`, `pick`).
-    pub attrs: Option<Vec<String>>,
-    /// Attributes left out (expanded names; `omit`).
-    pub omit: Vec<String>,
-    /// Leave out `id` / `type` (`pick` without them, `omit` with them).
-    pub hide_id: bool,
-    pub hide_type: bool,
-    pub hide_scope: bool,
-    /// Language preference for LanguageProperties (`lang`), best first.
-    pub lang: Option<Vec<String>>,
-    /// Only instances with these datasetIds (`None` is the default instance).
-    pub dataset_ids: Option<Vec<Option<String>>>,
-}
-
-impl RenderOptions {
-    fn wants(&self, name: &str) -> bool {
-        self.attrs
-            .as_ref()
-            .is_none_or(|w| w.iter().any(|x| x == name))
-            && !self.omit.iter().any(|x| x == name)
-    }
-
-    fn wants_instance(&self, a: &Attribute) -> bool {
-        self.dataset_ids
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&a.dataset_id))
-    }
-}
-
-/// The text of a language map in the preferred language: the first listed
-/// language present, else `@none`, else the first entry. Returns the tag too.
-pub fn pick_language<'a>(
-    map: &'a Map<String, Value>,
-    prefs: &[String],
-) -> Option<(&'a str, &'a Value)> {
-    prefs
-        .iter()
-        .find_map(|p| map.get_key_value(p.as_str()))
-        .or_else(|| map.get_key_value("@none"))
-        .or_else(|| map.iter().next())
-        .map(|(k, v)| (k.as_str(), v))
-}
-
-fn render_instances(instances: &[&Attribute], ctx: &Context, opts: &RenderOptions) -> Value {
-    if opts.format == Format::KeyValues {
-        return simplified_value(instances[0], ctx, opts);
-    }
-    if let [one] = instances {
-        return render_attribute(one, ctx, opts);
-    }
-    Value::Array(
-        instances
-            .iter()
-            .map(|a| render_attribute(a, ctx, opts))
-            .collect(),
-    )
-}
-
-/// Renders an entity in the requested representation, compacted against `ctx`.
-pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<String, Value> {
-    let mut out = Map::with_capacity(e.attrs.len() + 4);
-    if !opts.hide_id {
-        out.insert("id".into(), Value::String(e.id.clone()));
-    }
-    if !opts.hide_type {
-        out.insert("type".into(), render_types(&e.types, ctx));
-    }
-    if !e.scopes.is_empty() && !opts.hide_scope {
-        let scopes = if e.scopes.len() == 1 {
-            Value::String(e.scopes[0].clone())
-        } else {
-            Value::Array(e.scopes.iter().cloned().map(Value::String).collect())
-        };
-        out.insert("scope".into(), scopes);
-    }
-    for (name, instances) in &e.attrs {
-        if !opts.wants(name) {
-            continue;
-        }
-        let value = if opts.dataset_ids.is_some() {
-            let chosen: Vec<&Attribute> = instances
-                .iter()
-                .filter(|a| opts.wants_instance(a))
-                .collect();
-            if chosen.is_empty() {
-                continue;
-            }
-            render_instances(&chosen, ctx, opts)
-        } else if opts.format == Format::KeyValues {
-            // keyValues has no room for instances: the default instance (or the first) stands for the attribute.
-            match instances
-                .iter()
-                .find(|a| a.dataset_id.is_none())
-                .or_else(|| instances.first())
-            {
-                Some(a) => simplified_value(a, ctx, opts),
-                None => continue,
-            }
-        } else if let [one] = instances.as_slice() {
-            render_attribute(one, ctx, opts)
-        } else {
-            Value::Array(
-                instances
-                    .iter()
-                    .map(|a| render_attribute(a, ctx, opts))
-                    .collect(),
-            )
-        };
-        out.insert(ctx.compact(name).into_owned(), value);
-    }
-    if opts.sys_attrs && opts.format != Format::KeyValues {
-        out.insert(
-            "createdAt".into(),
-            Value::String(format_datetime(e.created_at)),
-        );
-        out.insert(
-            "modifiedAt".into(),
-            Value::String(format_datetime(e.modified_at)),
-        );
-    }
-    out
-}
-
-fn render_types(types: &[String], ctx: &Context) -> Value {
-    if types.len() == 1 {
-        Value::String(ctx.compact(&types[0]).into_owned())
-    } else {
-        Value::Array(
-            types
-                .iter()
-                .map(|t| Value::String(ctx.compact(t).into_owned()))
-                .collect(),
-        )
-    }
-}
-
-fn compact_vocab(v: &Value, ctx: &Context) -> Value {
-    match v {
-        Value::String(s) => Value::String(ctx.compact(s).into_owned()),
-        Value::Array(a) => Value::Array(a.iter().map(|x| compact_vocab(x, ctx)).collect()),
-        other => other.clone(),
-    }
-}
-
-fn stored_value(a: &Attribute, ctx: &Context) -> Value {
-    if a.kind == AttrKind::VocabProperty {
-        compact_vocab(&a.value, ctx)
-    } else {
-        a.value.clone()
-    }
-}
-
-/// The value alone, as the keyValues representation shows it.
-pub fn simplified_value(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> Value {
-    if a.kind == AttrKind::LanguageProperty
-        && let (Some(prefs), Value::Object(map)) = (&opts.lang, &a.value)
-        && let Some((_, text)) = pick_language(map, prefs)
-    {
-        return text.clone();
-    }
-    stored_value(a, ctx)
-}
-
-/// Renders one attribute instance (normalized or concise).
-pub fn render_attribute(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> Value {
-    let concise = opts.format == Format::Concise;
-    let bare = concise
-        && a.sub.is_empty()
-        && a.observed_at.is_none()
-        && a.unit_code.is_none()
-        && a.dataset_id.is_none()
-        && a.object_type.is_none()
-        && !opts.sys_attrs;
-    if bare {
-        match a.kind {
-            AttrKind::Property if !a.value.is_object() && !a.value.is_array() => {
-                return a.value.clone();
-            }
-            AttrKind::GeoProperty => return a.value.clone(),
-            _ => {}
-        }
-    }
-    let mut m = Map::with_capacity(4 + a.sub.len());
-    let language = match (&opts.lang, &a.value) {
-        (Some(prefs), Value::Object(map)) if a.kind == AttrKind::LanguageProperty => {
-            pick_language(map, prefs)
-        }
-        _ => None,
-    };
-    if let Some((tag, text)) = language {
-        // With `lang`, a LanguageProperty is shown as a Property in that language (clause 4.15).
-        if !concise {
-            m.insert("type".into(), Value::String("Property".into()));
-        }
-        m.insert("value".into(), text.clone());
-        m.insert("lang".into(), Value::String(tag.to_string()));
-    } else {
-        if !concise {
-            m.insert("type".into(), Value::String(a.kind.name().into()));
-        }
-        m.insert(a.kind.value_key().into(), stored_value(a, ctx));
-    }
-    if let Some(t) = &a.object_type {
-        m.insert("objectType".into(), compact_vocab(t, ctx));
-    }
-    if let Some(d) = &a.dataset_id {
-        m.insert("datasetId".into(), Value::String(d.clone()));
-    }
-    if let Some(o) = a.observed_at {
-        m.insert("observedAt".into(), Value::String(format_datetime(o)));
-    }
-    if let Some(u) = &a.unit_code {
-        m.insert("unitCode".into(), Value::String(u.clone()));
-    }
-    for (name, sub) in &a.sub {
-        m.insert(
-            ctx.compact(name).into_owned(),
-            render_attribute(sub, ctx, opts),
-        );
-    }
-    if opts.sys_attrs {
-        m.insert(
-            "createdAt".into(),
-            Value::String(format_datetime(a.created_at)),
-        );
-        m.insert(
-            "modifiedAt".into(),
-            Value::String(format_datetime(a.modified_at)),
-        );
-    }
-    Value::Object(m)
-}
-
-/// Renders an entity as a GeoJSON Feature (clause 4.5.16): the geometry comes
-/// from `geometry_property` (expanded name), everything else goes under `properties`.
-pub fn render_feature(
-    e: &Entity,
-    ctx: &Context,
-    opts: &RenderOptions,
-    geometry_property: &str,
-) -> Value {
-    let mut props = render_entity(e, ctx, opts);
-    props.remove("id");
-    let geometry = e
-        .attrs
-        .get(geometry_property)
-        .and_then(|inst| {
-            inst.iter()
-                .find(|a| a.dataset_id.is_none())
-                .or_else(|| inst.first())
-        })
-        .filter(|a| a.kind == AttrKind::GeoProperty)
-        .map(|a| a.value.clone())
-        .unwrap_or(Value::Null);
-    let mut f = Map::new();
-    f.insert("id".into(), Value::String(e.id.clone()));
-    f.insert("type".into(), Value::String("Feature".into()));
-    f.insert("geometry".into(), geometry);
-    f.insert("properties".into(), Value::Object(props));
-    Value::Object(f)
-}
+pub use crate::render::{
+    Format, RenderOptions, pick_language, render_attribute, render_entity, render_feature,
+};
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod geojson;
 pub mod ops;
 pub mod query;
+pub mod render;
 pub mod validate;
 
 pub use context::Context;
