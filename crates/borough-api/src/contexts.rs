@@ -258,6 +258,15 @@ impl ContextResolver {
         Ok(ActiveContext { ctx, source })
     }
 
+    /// The user context objects a context value stands for, fetched where
+    /// needed (built-in core contexts contribute none: they always apply).
+    pub async fn objects(&self, value: &Value) -> NgsiResult<Vec<Map<String, Value>>> {
+        let mut objects = Vec::new();
+        let mut fetched = 0;
+        self.collect(value, 0, &mut fetched, &mut objects).await?;
+        Ok(objects)
+    }
+
     async fn resolve(&self, value: &Value) -> NgsiResult<Arc<Context>> {
         let key = match value {
             Value::String(s) => s.clone(),

@@ -9,6 +9,7 @@ pub mod entities;
 pub mod problem;
 pub mod query;
 pub mod request;
+pub mod subscriptions;
 
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -111,6 +112,20 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
         .route("/types/{type}", get(discovery::type_info))
         .route("/attributes", get(discovery::attributes))
         .route("/attributes/{attr}", get(discovery::attribute_info))
+        .route(
+            "/subscriptions",
+            get(subscriptions::list).post(subscriptions::create),
+        )
+        .route(
+            "/subscriptions/{id}",
+            get(subscriptions::retrieve)
+                .patch(subscriptions::update)
+                .delete(subscriptions::delete),
+        )
+        .route(
+            "/subscriptions/{id}/deadLetters",
+            get(subscriptions::dead_letters),
+        )
         .route(
             "/jsonldContexts",
             get(context_registry::list).post(context_registry::add),

@@ -9,6 +9,7 @@ pub mod geojson;
 pub mod ops;
 pub mod query;
 pub mod render;
+pub mod subscription;
 pub mod validate;
 
 pub use context::Context;

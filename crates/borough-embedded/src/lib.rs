@@ -24,7 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+mod notices;
 mod state;
+
+use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
+use borough_store::Notice;
+use notices::{MetaOp, Registry};
 
 /// (tenant, entity id) → the entity, serialized.
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
@@ -45,6 +50,7 @@ type TenantMap = RwLock<TenantState>;
 #[derive(Default)]
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
+    subscriptions: Registry,
 }
 
 impl Shared {
@@ -77,6 +83,7 @@ struct WriteJob {
 
 enum Job {
     Write(WriteJob),
+    Meta(MetaOp, oneshot::Sender<Result<bool, StoreError>>),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -109,12 +116,13 @@ impl EmbeddedStore {
         );
         let shared = Arc::new(Shared::default());
         load(&db, &shared)?;
+        let next_notice = notices::load(&db, &shared.subscriptions, now_micros())?;
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("borough-writer".into())
-            .spawn(move || run_writer(writer_db, writer_shared, receiver))
+            .spawn(move || run_writer(writer_db, writer_shared, receiver, next_notice))
             .map_err(io)?;
         Ok(Self {
             db,
@@ -129,6 +137,19 @@ impl EmbeddedStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Sends a meta operation to the writer thread, so it is ordered with writes.
+    fn meta(&self, op: MetaOp) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let sender = self.sender.clone();
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            sender
+                .send(Job::Meta(op, reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
 }
 
 fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
@@ -137,6 +158,9 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     txn.open_table(ENTITIES).map_err(io)?;
     txn.open_table(TENANTS).map_err(io)?;
     txn.open_table(CONTEXTS).map_err(io)?;
+    txn.open_table(notices::SUBSCRIPTIONS).map_err(io)?;
+    txn.open_table(notices::OUTBOX).map_err(io)?;
+    txn.open_table(notices::DEAD_LETTERS).map_err(io)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
     txn.commit().map_err(io)?;
@@ -177,7 +201,12 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_writer(db: Arc<Database>, shared: Arc<Shared>, mut receiver: mpsc::Receiver<Job>) {
+fn run_writer(
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    mut receiver: mpsc::Receiver<Job>,
+    mut next_notice: u64,
+) {
     let mut close_reply = None;
     while close_reply.is_none() {
         let Some(first) = receiver.blocking_recv() else {
@@ -192,6 +221,18 @@ fn run_writer(db: Arc<Database>, shared: Arc<Shared>, mut receiver: mpsc::Receiv
                     ops += w.ops.len();
                     group.push(w);
                 }
+                Job::Meta(op, reply) => {
+                    // Keep the order: writes queued before it commit first.
+                    if !group.is_empty() {
+                        commit_group(&db, &shared, std::mem::take(&mut group), &mut next_notice);
+                    }
+                    let _ = reply.send(notices::apply_meta(
+                        &db,
+                        &shared.subscriptions,
+                        op,
+                        now_micros(),
+                    ));
+                }
                 Job::Close(r) => {
                     close_reply = Some(r);
                     break;
@@ -202,7 +243,7 @@ fn run_writer(db: Arc<Database>, shared: Arc<Shared>, mut receiver: mpsc::Receiv
             }
         }
         if !group.is_empty() {
-            commit_group(&db, &shared, group);
+            commit_group(&db, &shared, group, &mut next_notice);
         }
     }
     // Refuse new writes, then finish the ones already queued.
@@ -211,13 +252,21 @@ fn run_writer(db: Arc<Database>, shared: Arc<Shared>, mut receiver: mpsc::Receiv
     while let Ok(job) = receiver.try_recv() {
         match job {
             Job::Write(w) => rest.push(w),
+            Job::Meta(op, reply) => {
+                let _ = reply.send(notices::apply_meta(
+                    &db,
+                    &shared.subscriptions,
+                    op,
+                    now_micros(),
+                ));
+            }
             Job::Close(r) => {
                 let _ = r.send(Ok(()));
             }
         }
     }
     if !rest.is_empty() {
-        commit_group(&db, &shared, rest);
+        commit_group(&db, &shared, rest, &mut next_notice);
     }
     drop(db);
     if let Some(r) = close_reply {
@@ -231,13 +280,15 @@ type Staged = Option<Arc<Entity>>;
 
 /// Applies a group of writes to the latest state, commits them in one
 /// transaction, then publishes the new state and answers every caller.
-fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
+fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notice: &mut u64) {
     let now = now_micros();
     let mut staged: HashMap<Key, Staged> = HashMap::new();
+    let mut notices: Vec<Notice> = Vec::new();
     let mut new_tenants: Vec<String> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
     for job in group {
         let committed = shared.tenant(&job.tenant);
+        let subscriptions = shared.subscriptions.tenant(&job.tenant);
         let mut results = Vec::with_capacity(job.ops.len());
         for op in job.ops {
             let key = (job.tenant.clone(), op.entity_id().to_string());
@@ -252,15 +303,28 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
             };
             match apply(op, current.as_deref(), now) {
                 Ok((change, outcome)) => {
-                    match change {
+                    let after = match change {
                         Change::Put(mut e) => {
                             e.shrink_to_fit();
-                            staged.insert(key, Some(Arc::new(e)));
+                            let e = Arc::new(e);
+                            staged.insert(key, Some(e.clone()));
+                            Some(Some(e))
                         }
                         Change::Delete => {
                             staged.insert(key, None);
+                            Some(None)
                         }
-                        Change::Unchanged => {}
+                        Change::Unchanged => None,
+                    };
+                    if let (Some(after), Some(subs)) = (after, &subscriptions) {
+                        notices::match_change(
+                            subs,
+                            &job.tenant,
+                            current.as_ref(),
+                            after.as_ref(),
+                            now,
+                            &mut notices,
+                        );
                     }
                     results.push(Ok(outcome));
                 }
@@ -276,7 +340,9 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
         answers.push((job.reply, results));
     }
 
-    if let Err(e) = persist(db, &staged, &new_tenants) {
+    let first_notice = *next_notice;
+    let persisted = persist(db, &staged, &new_tenants, &notices, first_notice);
+    if let Err(e) = persisted {
         tracing::error!(error = %e, "commit failed; the group's writes are rejected");
         for (reply, _) in answers {
             let _ = reply.send(Err(StoreError::Io(e.to_string())));
@@ -299,6 +365,13 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>) {
             map.put(id, v.clone());
         }
     }
+    if !notices.is_empty() {
+        *next_notice = first_notice + notices.len() as u64;
+        for n in &notices {
+            shared.subscriptions.pending(&n.tenant, &n.subscription, 1);
+        }
+        shared.subscriptions.watch.send_replace(*next_notice - 1);
+    }
     for (reply, results) in answers {
         let _ = reply.send(Ok(results));
     }
@@ -308,6 +381,8 @@ fn persist(
     db: &Database,
     staged: &HashMap<Key, Staged>,
     new_tenants: &[String],
+    notices: &[Notice],
+    first_notice: u64,
 ) -> Result<(), StoreError> {
     if staged.is_empty() && new_tenants.is_empty() {
         return Ok(());
@@ -337,6 +412,7 @@ fn persist(
             tenants.insert(t.as_str(), ()).map_err(io)?;
         }
     }
+    notices::write_notices(&txn, notices, first_notice)?;
     txn.commit().map_err(io)
 }
 
@@ -467,6 +543,88 @@ impl EntityStore for EmbeddedStore {
             out.push((k.value().to_string(), v.value().to_vec()));
         }
         Ok(out)
+    }
+
+    fn put_subscription(
+        &self,
+        tenant: &str,
+        record: SubscriptionRecord,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let meta = self.meta(MetaOp::PutSubscription(
+            tenant.to_string(),
+            Box::new(record),
+        ));
+        Box::pin(async move { meta.await.map(|_| ()) })
+    }
+
+    fn delete_subscription(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.meta(MetaOp::DeleteSubscription(
+            tenant.to_string(),
+            id.to_string(),
+        ))
+    }
+
+    fn subscription(&self, tenant: &str, id: &str) -> Option<Arc<CompiledSubscription>> {
+        self.shared
+            .subscriptions
+            .tenant(tenant)?
+            .by_id
+            .get(id)
+            .cloned()
+    }
+
+    fn subscriptions(&self, tenant: &str) -> Vec<Arc<CompiledSubscription>> {
+        self.shared
+            .subscriptions
+            .tenant(tenant)
+            .map(|t| t.by_id.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn all_subscriptions(&self) -> Vec<(String, Arc<CompiledSubscription>)> {
+        self.shared.subscriptions.all()
+    }
+
+    fn pending_notices(&self, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+        notices::pending(&self.db, limit)
+    }
+
+    fn notices_done(
+        &self,
+        done: Vec<(u64, Notice)>,
+        dead: Option<String>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let meta = self.meta(MetaOp::NoticesDone(done, dead));
+        Box::pin(async move { meta.await.map(|_| ()) })
+    }
+
+    fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<(Notice, String)>, StoreError> {
+        notices::dead_letters(&self.db, tenant, id)
+    }
+
+    fn notice_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.subscriptions.watch.subscribe()
+    }
+
+    fn record_delivery(
+        &self,
+        tenant: &str,
+        id: &str,
+        notices: u64,
+        at: i64,
+        error: Option<String>,
+    ) {
+        self.shared
+            .subscriptions
+            .record_delivery(tenant, id, notices, at, error);
+    }
+
+    fn stats(&self, tenant: &str, id: &str) -> Stats {
+        self.shared.subscriptions.stats(tenant, id)
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {

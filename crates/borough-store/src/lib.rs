@@ -3,8 +3,10 @@
 //! and a future PostgreSQL backend plug in behind the same trait.
 
 use borough_core::query::EntityQuery;
+use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
 use borough_core::{Entity, EntityOp, NgsiError, OpOutcome};
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub mod testsuite;
@@ -23,6 +25,20 @@ pub enum StoreError {
 
 /// The outcome of each operation of one write, in order.
 pub type WriteResults = Vec<Result<OpOutcome, NgsiError>>;
+
+/// A notification owed to a subscription, written to the outbox in the same
+/// durable write as the change that caused it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    pub tenant: String,
+    pub subscription: String,
+    pub trigger: String,
+    /// The entity after the change (before it, for a deletion).
+    pub entity: Entity,
+    pub deleted: bool,
+    /// When the change was committed (microseconds).
+    pub at: i64,
+}
 
 /// One page of a query's results, in entity id order.
 #[derive(Debug, Default)]
@@ -88,6 +104,53 @@ pub trait EntityStore: Send + Sync + 'static {
 
     /// Every hosted `@context` document, by local id.
     fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Creates or replaces a subscription durably. Changes committed after this
+    /// resolves are matched against it.
+    fn put_subscription(
+        &self,
+        tenant: &str,
+        record: SubscriptionRecord,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Deletes a subscription and the notices still owed to it; true if it existed.
+    fn delete_subscription(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
+
+    /// One subscription.
+    fn subscription(&self, tenant: &str, id: &str) -> Option<Arc<CompiledSubscription>>;
+
+    /// A tenant's subscriptions, ordered by id.
+    fn subscriptions(&self, tenant: &str) -> Vec<Arc<CompiledSubscription>>;
+
+    /// Every tenant's subscriptions (for periodic notifications).
+    fn all_subscriptions(&self) -> Vec<(String, Arc<CompiledSubscription>)>;
+
+    /// Notices not yet delivered, oldest first, with their sequence numbers.
+    fn pending_notices(&self, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError>;
+
+    /// Removes delivered notices; with `dead`, keeps those (with the last
+    /// error) in the dead-letter table instead.
+    fn notices_done(
+        &self,
+        notices: Vec<(u64, Notice)>,
+        dead: Option<String>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Dead-lettered notices of a subscription, with their last error.
+    fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<(Notice, String)>, StoreError>;
+
+    /// The sequence number of the newest notice; changes when notices are written.
+    fn notice_watch(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Records a delivery attempt's outcome in the subscription's statistics.
+    fn record_delivery(&self, tenant: &str, id: &str, notices: u64, at: i64, error: Option<String>);
+
+    /// A subscription's delivery statistics.
+    fn stats(&self, tenant: &str, id: &str) -> Stats;
 
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;

@@ -84,6 +84,8 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         max_batch_body_bytes: 16 << 20,
         context_timeout_secs: 3,
         bench_static_bytes: None,
+        notify_attempts: 6,
+        notify_retry_ms: 500,
     };
     let listener = bind(args.http).await?;
     let running = serve::start(&serve_args, listener).await?;

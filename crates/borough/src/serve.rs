@@ -29,6 +29,12 @@ pub struct ServeArgs {
     /// Seconds to wait for a remote @context before answering LdContextNotAvailable.
     #[arg(long, env = "BOROUGH_CONTEXT_TIMEOUT_SECS", default_value_t = 3)]
     pub context_timeout_secs: u64,
+    /// Delivery attempts per notification before it goes to the dead letters.
+    #[arg(long, env = "BOROUGH_NOTIFY_ATTEMPTS", default_value_t = 6)]
+    pub notify_attempts: u32,
+    /// Milliseconds before a failed notification is retried (doubled at each retry).
+    #[arg(long, env = "BOROUGH_NOTIFY_RETRY_MS", default_value_t = 500)]
+    pub notify_retry_ms: u64,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -59,6 +65,8 @@ pub struct Running {
     store: Arc<EmbeddedStore>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_notifier: tokio::sync::oneshot::Sender<()>,
+    notifier: tokio::task::JoinHandle<()>,
 }
 
 /// Opens the store and starts serving on `listener`.
@@ -84,12 +92,27 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
             })
             .await
     });
+    // Notifications are delivered from the store's outbox, off the request path.
+    let (stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
+    let notifier = tokio::spawn(borough_notify::run(
+        store.clone(),
+        borough_notify::NotifierConfig {
+            max_attempts: args.notify_attempts.max(1),
+            first_retry: Duration::from_millis(args.notify_retry_ms),
+            ..borough_notify::NotifierConfig::default()
+        },
+        async {
+            let _ = notifier_stopped.await;
+        },
+    ));
     tracing::info!(%addr, data = %args.data.display(), "borough is serving");
     Ok(Running {
         addr,
         store,
         stop,
         task,
+        stop_notifier,
+        notifier,
     })
 }
 
@@ -101,6 +124,9 @@ impl Running {
             .await
             .map_err(|e| format!("server task failed: {e}"))?
             .map_err(|e| format!("server error: {e}"))?;
+        // Undelivered notices stay in the outbox for the next start.
+        let _ = self.stop_notifier.send(());
+        self.notifier.abort();
         tracing::info!("shutting down: finishing writes and closing the store");
         self.store
             .close()

@@ -9,4 +9,5 @@ mod errors;
 mod geo;
 mod query;
 mod registry;
+mod subscriptions;
 mod tenants;

@@ -1,0 +1,247 @@
+//! Subscriptions (clause 5.8): create, retrieve, query, update, delete, and
+//! their dead letters. Matching and delivery happen elsewhere: the store
+//! matches changes as it commits them, `borough-notify` delivers.
+
+use crate::contexts::ActiveContext;
+use crate::entities::{body_with_context, existing_tenant, with_tenant};
+use crate::problem::ApiResult;
+use crate::request::{ResponseType, link_context, negotiate, tenant};
+use crate::{SharedState, json_response, typed_json_response};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use borough_core::subscription::{CompiledSubscription, SubscriptionRecord};
+use borough_core::validate::{check_uri, format_datetime, now_micros};
+use borough_core::{NgsiError, ProblemKind};
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+type Params = Query<HashMap<String, String>>;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// What the body's context was, to echo it and to resolve it again never.
+async fn context_record(
+    state: &crate::AppState,
+    actx: &ActiveContext,
+) -> ApiResult<(Value, Vec<Map<String, Value>>)> {
+    let value = actx.source.as_value();
+    let objects = state.contexts.objects(&value).await?;
+    Ok((value, objects))
+}
+
+/// `POST /subscriptions`
+pub async fn create(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let Value::Object(mut body) = v else {
+        return Err(NgsiError::bad_data("a subscription must be a JSON object").into());
+    };
+    let now = now_micros();
+    let id = match body.get("id") {
+        Some(Value::String(id)) => {
+            check_uri("subscription id", id)?;
+            id.clone()
+        }
+        Some(_) => return Err(NgsiError::bad_data("subscription id must be a string").into()),
+        None => format!(
+            "urn:ngsi-ld:Subscription:{:x}{:04x}",
+            now,
+            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
+        ),
+    };
+    body.remove("id");
+    body.remove("status");
+    if state.store.subscription(&tenant, &id).is_some() {
+        return Err(NgsiError::new(
+            ProblemKind::AlreadyExists,
+            format!("subscription '{id}' already exists"),
+        )
+        .into());
+    }
+    let (context, context_objects) = context_record(&state, &actx).await?;
+    let record = SubscriptionRecord {
+        id: id.clone(),
+        body,
+        context,
+        context_objects,
+        created_at: now,
+        modified_at: now,
+        stats: Default::default(),
+    };
+    // Validate before storing: every error is a 400 and nothing is kept.
+    CompiledSubscription::compile(record.clone(), now, true)?;
+    state.store.put_subscription(&tenant, record).await?;
+    let mut resp = StatusCode::CREATED.into_response();
+    if let Ok(l) = HeaderValue::from_str(&format!(
+        "/ngsi-ld/v1/subscriptions/{}",
+        crate::request::encode_path_segment(&id)
+    )) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(with_tenant(resp, &tenant))
+}
+
+fn render(
+    state: &crate::AppState,
+    tenant: &str,
+    sub: &CompiledSubscription,
+    rt: ResponseType,
+) -> Value {
+    let stats = state.store.stats(tenant, &sub.record.id);
+    sub.to_json(now_micros(), rt == ResponseType::LdJson, &stats)
+}
+
+fn respond(rt: ResponseType, body: &Value, tenant: &str) -> Response {
+    let media = if rt == ResponseType::LdJson {
+        "application/ld+json"
+    } else {
+        "application/json"
+    };
+    with_tenant(typed_json_response(StatusCode::OK, body, media), tenant)
+}
+
+/// `GET /subscriptions` (`limit`, `offset`)
+pub async fn list(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    let number = |k: &str, d: usize| -> ApiResult<usize> {
+        match params.get(k) {
+            None => Ok(d),
+            Some(v) => v.parse().map_err(|_| {
+                NgsiError::bad_data(format!("{k} must be a non-negative integer")).into()
+            }),
+        }
+    };
+    let limit = number("limit", 20)?.min(crate::query::MAX_LIMIT);
+    let offset = number("offset", 0)?;
+    let subs = state.store.subscriptions(&tenant);
+    let body: Vec<Value> = subs
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|s| render(&state, &tenant, s, rt))
+        .collect();
+    let mut resp = respond(rt, &Value::Array(body), &tenant);
+    if params.get("count").is_some_and(|c| c == "true")
+        && let Ok(v) = HeaderValue::from_str(&subs.len().to_string())
+    {
+        resp.headers_mut().insert("ngsild-results-count", v);
+    }
+    Ok(resp)
+}
+
+fn find(
+    state: &crate::AppState,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<std::sync::Arc<CompiledSubscription>> {
+    check_uri("subscription id", id)?;
+    state
+        .store
+        .subscription(tenant, id)
+        .ok_or_else(|| NgsiError::not_found(format!("subscription '{id}' does not exist")).into())
+}
+
+/// `GET /subscriptions/{id}`
+pub async fn retrieve(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    let sub = find(&state, &tenant, &id)?;
+    Ok(respond(rt, &render(&state, &tenant, &sub, rt), &tenant))
+}
+
+/// `PATCH /subscriptions/{id}`: the given members replace theirs; `null` removes.
+pub async fn update(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    let sub = find(&state, &tenant, &id)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
+    let Value::Object(patch) = v else {
+        return Err(NgsiError::bad_data("a subscription update must be a JSON object").into());
+    };
+    let mut record = sub.record.clone();
+    for (k, v) in patch {
+        match k.as_str() {
+            "id" if v != json!(id) => {
+                return Err(NgsiError::bad_data("a subscription's id cannot change").into());
+            }
+            "id" | "status" => {}
+            _ if v.is_null() => {
+                record.body.remove(&k);
+            }
+            _ => {
+                record.body.insert(k, v);
+            }
+        }
+    }
+    // A new context given with the update replaces the old one.
+    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
+        let (context, objects) = context_record(&state, &actx).await?;
+        record.context = context;
+        record.context_objects = objects;
+    }
+    let now = now_micros();
+    record.modified_at = now;
+    CompiledSubscription::compile(record.clone(), now, true)?;
+    state.store.put_subscription(&tenant, record).await?;
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// `DELETE /subscriptions/{id}`
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    find(&state, &tenant, &id)?;
+    state.store.delete_subscription(&tenant, &id).await?;
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// `GET /subscriptions/{id}/deadLetters`: notifications given up on, with the last error.
+pub async fn dead_letters(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    find(&state, &tenant, &id)?;
+    let letters = state.store.dead_letters(&tenant, &id)?;
+    let body: Vec<Value> = letters
+        .iter()
+        .map(|(n, error)| {
+            json!({
+                "entityId": n.entity.id,
+                "trigger": n.trigger,
+                "changedAt": format_datetime(n.at),
+                "error": error,
+            })
+        })
+        .collect();
+    Ok(with_tenant(
+        json_response(StatusCode::OK, &Value::Array(body)),
+        &tenant,
+    ))
+}

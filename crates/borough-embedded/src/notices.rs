@@ -1,0 +1,383 @@
+//! Subscriptions and the notification outbox of the embedded engine.
+//!
+//! Subscriptions are kept in redb and, compiled, in memory, indexed by entity
+//! type so that a change is matched only against subscriptions that can
+//! concern it. The writer thread matches every change of a group and writes
+//! the resulting notices to the outbox table in the same transaction as the
+//! change, so an acknowledged change never loses its notification.
+
+use borough_core::Entity;
+use borough_core::query::expr::BoolExpr;
+use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
+use borough_store::{Notice, StoreError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// (tenant, subscription id) → the subscription record.
+pub const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("subscriptions");
+/// Sequence number → a notice not yet delivered.
+pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Sequence number → a notice whose delivery failed for good, with the error.
+pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// One tenant's subscriptions, indexed by the entity types they name.
+#[derive(Default)]
+pub struct TenantSubscriptions {
+    pub by_id: BTreeMap<String, Arc<CompiledSubscription>>,
+    by_type: HashMap<String, Vec<Arc<CompiledSubscription>>>,
+    /// Subscriptions that may concern any type (no type, or a type expression).
+    untyped: Vec<Arc<CompiledSubscription>>,
+}
+
+impl TenantSubscriptions {
+    fn rebuild(by_id: BTreeMap<String, Arc<CompiledSubscription>>) -> Self {
+        let mut by_type: HashMap<String, Vec<Arc<CompiledSubscription>>> = HashMap::new();
+        let mut untyped = Vec::new();
+        for s in by_id.values() {
+            let types: Option<Vec<&String>> = if s.query.selectors.is_empty() {
+                None
+            } else {
+                s.query
+                    .selectors
+                    .iter()
+                    .map(|sel| match &sel.types {
+                        Some(BoolExpr::Leaf(t)) => Some(t),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            match types {
+                Some(ts) => {
+                    let mut seen: Vec<&String> = Vec::new();
+                    for t in ts {
+                        if !seen.contains(&t) {
+                            seen.push(t);
+                            by_type.entry(t.clone()).or_default().push(s.clone());
+                        }
+                    }
+                }
+                None => untyped.push(s.clone()),
+            }
+        }
+        Self {
+            by_id,
+            by_type,
+            untyped,
+        }
+    }
+
+    /// The subscriptions that can concern an entity of these types.
+    pub fn candidates<'a>(
+        &'a self,
+        types: &'a [String],
+    ) -> impl Iterator<Item = &'a Arc<CompiledSubscription>> {
+        let mut seen: Vec<*const CompiledSubscription> = Vec::new();
+        types
+            .iter()
+            .filter_map(|t| self.by_type.get(t))
+            .flatten()
+            .chain(self.untyped.iter())
+            .filter(move |s| {
+                let p = Arc::as_ptr(s);
+                if seen.contains(&p) {
+                    false
+                } else {
+                    seen.push(p);
+                    true
+                }
+            })
+    }
+}
+
+/// Every tenant's subscriptions, delivery statistics and the outbox's state.
+pub struct Registry {
+    tenants: RwLock<HashMap<String, Arc<TenantSubscriptions>>>,
+    stats: Mutex<HashMap<(String, String), Stats>>,
+    pub watch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            tenants: RwLock::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            watch: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Registry {
+    pub fn tenant(&self, tenant: &str) -> Option<Arc<TenantSubscriptions>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<(String, Arc<CompiledSubscription>)> {
+        let t = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        t.iter()
+            .flat_map(|(tenant, subs)| subs.by_id.values().map(|s| (tenant.clone(), s.clone())))
+            .collect()
+    }
+
+    /// Puts (or with `None`, removes) one subscription of a tenant.
+    pub fn set(&self, tenant: &str, id: &str, sub: Option<Arc<CompiledSubscription>>) {
+        let mut t = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        let mut by_id = t.get(tenant).map(|s| s.by_id.clone()).unwrap_or_default();
+        match sub {
+            Some(s) => {
+                by_id.insert(id.to_string(), s);
+            }
+            None => {
+                by_id.remove(id);
+            }
+        }
+        t.insert(
+            tenant.to_string(),
+            Arc::new(TenantSubscriptions::rebuild(by_id)),
+        );
+    }
+
+    fn with_stats<R>(&self, tenant: &str, id: &str, f: impl FnOnce(&mut Stats) -> R) -> R {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        f(s.entry((tenant.to_string(), id.to_string())).or_default())
+    }
+
+    pub fn stats(&self, tenant: &str, id: &str) -> Stats {
+        self.with_stats(tenant, id, |s| s.clone())
+    }
+
+    pub fn pending(&self, tenant: &str, id: &str, delta: i64) {
+        self.with_stats(tenant, id, |s| {
+            s.pending = s.pending.saturating_add_signed(delta)
+        });
+    }
+
+    pub fn record_delivery(
+        &self,
+        tenant: &str,
+        id: &str,
+        notices: u64,
+        at: i64,
+        error: Option<String>,
+    ) {
+        self.with_stats(tenant, id, |s| {
+            s.last_notification = Some(at);
+            match error {
+                None => {
+                    s.times_sent += notices;
+                    s.last_success = Some(at);
+                }
+                Some(e) => {
+                    s.times_failed += notices;
+                    s.last_failure = Some(at);
+                    s.last_error = Some(e);
+                }
+            }
+        });
+    }
+}
+
+/// Loads subscriptions and counts pending notices; returns the next sequence number.
+pub fn load(db: &Database, registry: &Registry, now: i64) -> Result<u64, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let subs = read.open_table(SUBSCRIPTIONS).map_err(io)?;
+    for row in subs.iter().map_err(io)? {
+        let (key, value) = row.map_err(io)?;
+        let (tenant, id) = key.value();
+        let record: SubscriptionRecord = serde_json::from_slice(value.value()).map_err(|e| {
+            io(format!(
+                "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
+            ))
+        })?;
+        let stats = record.stats.clone();
+        match CompiledSubscription::compile(record, now, false) {
+            Ok(c) => {
+                registry.set(tenant, id, Some(Arc::new(c)));
+                registry.with_stats(tenant, id, |s| {
+                    *s = Stats {
+                        pending: 0,
+                        ..stats
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(tenant, id, error = %e, "a stored subscription no longer compiles; it is ignored")
+            }
+        }
+    }
+    let mut next = 1;
+    let outbox = read.open_table(OUTBOX).map_err(io)?;
+    for row in outbox.iter().map_err(io)? {
+        let (seq, value) = row.map_err(io)?;
+        if let Ok(n) = serde_json::from_slice::<Notice>(value.value()) {
+            registry.pending(&n.tenant, &n.subscription, 1);
+        }
+        next = next.max(seq.value() + 1);
+    }
+    let dead = read.open_table(DEAD_LETTERS).map_err(io)?;
+    if let Some(row) = dead.last().map_err(io)? {
+        next = next.max(row.0.value() + 1);
+    }
+    registry.watch.send_replace(next - 1);
+    Ok(next)
+}
+
+/// Matches one change against a tenant's subscriptions.
+pub fn match_change(
+    subs: &TenantSubscriptions,
+    tenant: &str,
+    before: Option<&Arc<Entity>>,
+    after: Option<&Arc<Entity>>,
+    now: i64,
+    out: &mut Vec<Notice>,
+) {
+    let Some(subject) = after.or(before) else {
+        return;
+    };
+    for s in subs.candidates(&subject.types) {
+        if let Some(trigger) = s.matches(before.map(|e| e.as_ref()), after.map(|e| e.as_ref()), now)
+        {
+            out.push(Notice {
+                tenant: tenant.to_string(),
+                subscription: s.record.id.clone(),
+                trigger: trigger.to_string(),
+                entity: subject.as_ref().clone(),
+                deleted: after.is_none(),
+                at: now,
+            });
+        }
+    }
+}
+
+/// Writes notices to the outbox from `next` on; returns the next free number.
+pub fn write_notices(
+    txn: &WriteTransaction,
+    notices: &[Notice],
+    mut next: u64,
+) -> Result<u64, StoreError> {
+    if notices.is_empty() {
+        return Ok(next);
+    }
+    let mut table = txn.open_table(OUTBOX).map_err(io)?;
+    for n in notices {
+        let bytes = serde_json::to_vec(n).map_err(io)?;
+        table.insert(next, bytes.as_slice()).map_err(io)?;
+        next += 1;
+    }
+    Ok(next)
+}
+
+/// The oldest `limit` notices of the outbox.
+pub fn pending(db: &Database, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let table = read.open_table(OUTBOX).map_err(io)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(io)?.take(limit) {
+        let (seq, value) = row.map_err(io)?;
+        let notice: Notice = serde_json::from_slice(value.value()).map_err(io)?;
+        out.push((seq.value(), notice));
+    }
+    Ok(out)
+}
+
+/// Dead-lettered notices of one subscription.
+pub fn dead_letters(
+    db: &Database,
+    tenant: &str,
+    id: &str,
+) -> Result<Vec<(Notice, String)>, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let table = read.open_table(DEAD_LETTERS).map_err(io)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(io)? {
+        let (_, value) = row.map_err(io)?;
+        let (notice, error): (Notice, String) =
+            serde_json::from_slice(value.value()).map_err(io)?;
+        if notice.tenant == tenant && notice.subscription == id {
+            out.push((notice, error));
+        }
+    }
+    Ok(out)
+}
+
+/// A change to subscriptions or to the outbox, applied by the writer thread.
+pub enum MetaOp {
+    PutSubscription(String, Box<SubscriptionRecord>),
+    DeleteSubscription(String, String),
+    NoticesDone(Vec<(u64, Notice)>, Option<String>),
+}
+
+/// Applies one meta operation in its own transaction.
+pub fn apply_meta(
+    db: &Database,
+    registry: &Registry,
+    op: MetaOp,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let mut txn = db.begin_write().map_err(io)?;
+    let durable = !matches!(op, MetaOp::NoticesDone(_, None));
+    // A delivered notice may be delivered again after a crash (at least once),
+    // so forgetting it need not wait for the disk.
+    txn.set_durability(if durable {
+        redb::Durability::Immediate
+    } else {
+        redb::Durability::None
+    })
+    .map_err(io)?;
+    let result = match &op {
+        MetaOp::PutSubscription(tenant, record) => {
+            let bytes = serde_json::to_vec(record).map_err(io)?;
+            txn.open_table(SUBSCRIPTIONS)
+                .map_err(io)?
+                .insert((tenant.as_str(), record.id.as_str()), bytes.as_slice())
+                .map_err(io)?;
+            true
+        }
+        MetaOp::DeleteSubscription(tenant, id) => txn
+            .open_table(SUBSCRIPTIONS)
+            .map_err(io)?
+            .remove((tenant.as_str(), id.as_str()))
+            .map_err(io)?
+            .is_some(),
+        MetaOp::NoticesDone(notices, dead) => {
+            let mut outbox = txn.open_table(OUTBOX).map_err(io)?;
+            for (seq, _) in notices {
+                outbox.remove(*seq).map_err(io)?;
+            }
+            drop(outbox);
+            if let Some(error) = dead {
+                let mut table = txn.open_table(DEAD_LETTERS).map_err(io)?;
+                for (seq, n) in notices {
+                    let bytes = serde_json::to_vec(&(n, error)).map_err(io)?;
+                    table.insert(*seq, bytes.as_slice()).map_err(io)?;
+                }
+            }
+            true
+        }
+    };
+    txn.commit().map_err(io)?;
+    match op {
+        MetaOp::PutSubscription(tenant, record) => {
+            let id = record.id.clone();
+            let compiled = CompiledSubscription::compile(*record, now, false)
+                .map_err(|e| io(e.to_string()))?;
+            registry.set(&tenant, &id, Some(Arc::new(compiled)));
+        }
+        MetaOp::DeleteSubscription(tenant, id) => registry.set(&tenant, &id, None),
+        MetaOp::NoticesDone(notices, _) => {
+            for (_, n) in &notices {
+                registry.pending(&n.tenant, &n.subscription, -1);
+            }
+        }
+    }
+    Ok(result)
+}

@@ -1,0 +1,402 @@
+//! Delivers notifications from the durable outbox (clause 5.8 and 5.11).
+//!
+//! The store writes a notice in the same transaction as the change that
+//! causes it; this crate reads the outbox and delivers. Every endpoint has its
+//! own queue and task, so a receiver that hangs or fails only delays itself.
+//! A notice leaves the outbox only after its endpoint answered 2xx, or after
+//! the last retry failed (then it goes to the dead letters): delivery is at
+//! least once, across restarts.
+
+use borough_core::render::{EntityListView, RenderOptions};
+use borough_core::subscription::CompiledSubscription;
+use borough_core::validate::{format_datetime, now_micros};
+use borough_core::{Context, Entity};
+use borough_store::{EntityStore, Notice};
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+
+/// How deliveries are paced and bounded.
+#[derive(Clone, Debug)]
+pub struct NotifierConfig {
+    /// Attempts per notification before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled at each further one.
+    pub first_retry: Duration,
+    /// Longest wait between retries.
+    pub max_retry: Duration,
+    /// Timeout of one HTTP delivery.
+    pub timeout: Duration,
+    /// Most notices sent in one notification.
+    pub batch: usize,
+    /// Notices queued per endpoint; beyond that they wait in the outbox.
+    pub queue: usize,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            first_retry: Duration::from_millis(500),
+            max_retry: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            batch: 200,
+            queue: 10_000,
+        }
+    }
+}
+
+/// A subscription by tenant and id.
+type SubKey = (String, String);
+/// Notices with their sequence numbers.
+type Batch = Vec<(u64, Notice)>;
+
+/// Notices read from the outbox per scan.
+const SCAN: usize = 20_000;
+
+struct Shared {
+    store: Arc<dyn EntityStore>,
+    client: reqwest::Client,
+    config: NotifierConfig,
+    /// Sequence numbers handed to an endpoint and not yet done.
+    in_flight: Mutex<HashSet<u64>>,
+    /// Woken when an endpoint finishes a batch (room in its queue).
+    freed: Notify,
+}
+
+/// Runs the notifier until `stop` resolves. Notices still undelivered stay
+/// in the outbox and are delivered after the next start.
+pub async fn run(
+    store: Arc<dyn EntityStore>,
+    config: NotifierConfig,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout)
+        .build()
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        store,
+        client,
+        config,
+        in_flight: Mutex::new(HashSet::new()),
+        freed: Notify::new(),
+    });
+    let mut watch = shared.store.notice_watch();
+    let mut endpoints: HashMap<String, mpsc::Sender<(u64, Notice)>> = HashMap::new();
+    let periodic = tokio::spawn(periodic(shared.clone()));
+    tokio::pin!(stop);
+    loop {
+        dispatch(&shared, &mut endpoints).await;
+        tokio::select! {
+            _ = &mut stop => break,
+            changed = watch.changed() => if changed.is_err() { break },
+            _ = shared.freed.notified() => {},
+            // Picks up notices an endpoint's full queue left behind.
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+        }
+    }
+    periodic.abort();
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Hands pending notices to their endpoints' queues.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    endpoints: &mut HashMap<String, mpsc::Sender<(u64, Notice)>>,
+) {
+    let pending = match shared.store.pending_notices(SCAN) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the notification outbox");
+            return;
+        }
+    };
+    let mut orphans = Vec::new();
+    for (seq, notice) in pending {
+        if lock(&shared.in_flight).contains(&seq) {
+            continue;
+        }
+        let Some(sub) = shared
+            .store
+            .subscription(&notice.tenant, &notice.subscription)
+        else {
+            // The subscription was deleted: nobody is owed this notice any more.
+            orphans.push((seq, notice));
+            continue;
+        };
+        let uri = sub.endpoint.uri.clone();
+        let queue = endpoints.entry(uri.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(shared.config.queue);
+            tokio::spawn(endpoint_worker(shared.clone(), uri.clone(), rx));
+            tx
+        });
+        match queue.try_send((seq, notice)) {
+            Ok(()) => {
+                lock(&shared.in_flight).insert(seq);
+            }
+            // Full: it stays in the outbox until the endpoint catches up.
+            Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                endpoints.remove(&uri);
+            }
+        }
+    }
+    if !orphans.is_empty()
+        && let Err(e) = shared.store.notices_done(orphans, None).await
+    {
+        tracing::error!(error = %e, "cannot drop notices of deleted subscriptions");
+    }
+}
+
+/// Delivers one endpoint's notices, in order, a batch per subscription at a time.
+async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receiver<(u64, Notice)>) {
+    let mut last_sent: HashMap<SubKey, tokio::time::Instant> = HashMap::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < shared.config.batch {
+            match rx.try_recv() {
+                Ok(n) => batch.push(n),
+                Err(_) => break,
+            }
+        }
+        // Group by subscription, keeping the order of first appearance.
+        let mut groups: Vec<(SubKey, Batch)> = Vec::new();
+        for (seq, n) in batch {
+            let key = (n.tenant.clone(), n.subscription.clone());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push((seq, n)),
+                None => groups.push((key, vec![(seq, n)])),
+            }
+        }
+        for ((tenant, id), notices) in groups {
+            let seqs: Vec<u64> = notices.iter().map(|(s, _)| *s).collect();
+            match shared.store.subscription(&tenant, &id) {
+                Some(sub) => {
+                    if let Some(t) = sub.throttling
+                        && let Some(last) = last_sent.get(&(tenant.clone(), id.clone()))
+                    {
+                        tokio::time::sleep_until(*last + Duration::from_secs(t)).await;
+                    }
+                    deliver(&shared, &sub, &tenant, notices).await;
+                    last_sent.insert((tenant, id), tokio::time::Instant::now());
+                }
+                None => {
+                    let _ = shared.store.notices_done(notices, None).await;
+                }
+            }
+            let mut in_flight = lock(&shared.in_flight);
+            for s in seqs {
+                in_flight.remove(&s);
+            }
+        }
+        shared.freed.notify_one();
+        tracing::trace!(%uri, "endpoint batch done");
+    }
+}
+
+/// Sends one notification for `notices`, retrying with backoff; records the
+/// outcome and removes the notices from the outbox (or dead-letters them).
+async fn deliver(
+    shared: &Shared,
+    sub: &CompiledSubscription,
+    tenant: &str,
+    notices: Vec<(u64, Notice)>,
+) {
+    let entities: Vec<&Entity> = notices.iter().map(|(_, n)| &n.entity).collect();
+    let deleted: Vec<bool> = notices.iter().map(|(_, n)| n.deleted).collect();
+    let id = format!(
+        "urn:ngsi-ld:Notification:{}",
+        notices.first().map_or(0, |(s, _)| *s)
+    );
+    let mut wait = shared.config.first_retry;
+    let mut last_error = String::new();
+    for attempt in 1..=shared.config.max_attempts {
+        let now = now_micros();
+        let body = notification(sub, &id, &entities, &deleted, now);
+        let result = send(shared, sub, tenant, &body).await;
+        shared.store.record_delivery(
+            tenant,
+            &sub.record.id,
+            notices.len() as u64,
+            now,
+            result.clone().err(),
+        );
+        match result {
+            Ok(()) => {
+                if let Err(e) = shared.store.notices_done(notices, None).await {
+                    tracing::error!(error = %e, "cannot mark notices delivered; they will be sent again");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(subscription = %sub.record.id, endpoint = %sub.endpoint.uri, attempt, error = %e, "notification failed");
+                last_error = e;
+                if attempt < shared.config.max_attempts {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(shared.config.max_retry);
+                }
+            }
+        }
+    }
+    if let Err(e) = shared
+        .store
+        .notices_done(
+            notices,
+            Some(format!(
+                "after {} attempts: {last_error}",
+                shared.config.max_attempts
+            )),
+        )
+        .await
+    {
+        tracing::error!(error = %e, "cannot dead-letter notices; they will be sent again");
+    }
+}
+
+/// The notification body (clause 5.3.1).
+fn notification(
+    sub: &CompiledSubscription,
+    id: &str,
+    entities: &[&Entity],
+    deleted: &[bool],
+    now: i64,
+) -> Value {
+    let ld = sub.endpoint.accept == "application/ld+json";
+    let data: Vec<Value> = entities
+        .iter()
+        .zip(deleted)
+        .map(|(e, gone)| render(e, *gone, &sub.ctx, &sub.render, now))
+        .collect();
+    let mut n = Map::new();
+    if ld {
+        n.insert("@context".into(), sub.record.context.clone());
+    }
+    n.insert("id".into(), json!(id));
+    n.insert("type".into(), json!("Notification"));
+    n.insert("subscriptionId".into(), json!(sub.record.id));
+    n.insert("notifiedAt".into(), json!(format_datetime(now)));
+    n.insert("data".into(), Value::Array(data));
+    Value::Object(n)
+}
+
+fn render(e: &Entity, deleted: bool, ctx: &Context, opts: &RenderOptions, now: i64) -> Value {
+    if deleted {
+        let types: Vec<Value> = e.types.iter().map(|t| json!(ctx.compact(t))).collect();
+        let t = if types.len() == 1 {
+            types[0].clone()
+        } else {
+            Value::Array(types)
+        };
+        return json!({"id": e.id, "type": t, "deletedAt": format_datetime(now)});
+    }
+    let list = [e];
+    let view = EntityListView {
+        entities: &list[..],
+        ctx,
+        opts,
+        context: None,
+    };
+    match serde_json::to_value(&view) {
+        Ok(Value::Array(mut v)) if !v.is_empty() => v.swap_remove(0),
+        _ => Value::Null,
+    }
+}
+
+async fn send(
+    shared: &Shared,
+    sub: &CompiledSubscription,
+    tenant: &str,
+    body: &Value,
+) -> Result<(), String> {
+    let uri = &sub.endpoint.uri;
+    if uri.starts_with("mqtt://") || uri.starts_with("mqtts://") {
+        return Err("MQTT endpoints are not delivered by this server yet".into());
+    }
+    let media = if sub.endpoint.accept == "application/ld+json" {
+        "application/ld+json"
+    } else {
+        "application/json"
+    };
+    let mut req = shared
+        .client
+        .post(uri)
+        .header("Content-Type", media)
+        .body(body.to_string());
+    if media == "application/json" {
+        let link = match &sub.record.context {
+            Value::String(u) => u.clone(),
+            _ => borough_core::context::CORE_CONTEXT_URL.to_string(),
+        };
+        req = req.header(
+            "Link",
+            format!("<{link}>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\""),
+        );
+    }
+    if !tenant.is_empty() {
+        req = req.header("NGSILD-Tenant", tenant);
+    }
+    for (k, v) in &sub.endpoint.receiver_info {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("the endpoint answered {}", resp.status()))
+    }
+}
+
+/// Periodic subscriptions (`timeInterval`): every interval, the matching
+/// entities as they are, delivered directly (a missed period is not replayed).
+async fn periodic(shared: Arc<Shared>) {
+    let mut due: HashMap<(String, String), i64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = now_micros();
+        for (tenant, sub) in shared.store.all_subscriptions() {
+            let Some(interval) = sub.time_interval else {
+                continue;
+            };
+            if sub.status(now) != "active" {
+                continue;
+            }
+            let key = (tenant.clone(), sub.record.id.clone());
+            let next = *due.entry(key.clone()).or_insert(now);
+            if now < next {
+                continue;
+            }
+            due.insert(key, now + interval as i64 * 1_000_000);
+            let page = shared
+                .store
+                .query(&tenant, &sub.query, 0, shared.config.batch, false);
+            if page.entities.is_empty() {
+                continue;
+            }
+            let entities: Vec<&Entity> = page.entities.iter().map(|e| e.as_ref()).collect();
+            let deleted = vec![false; entities.len()];
+            let body = notification(
+                &sub,
+                &format!("urn:ngsi-ld:Notification:periodic-{now}"),
+                &entities,
+                &deleted,
+                now,
+            );
+            let result = send(&shared, &sub, &tenant, &body).await;
+            shared.store.record_delivery(
+                &tenant,
+                &sub.record.id,
+                entities.len() as u64,
+                now,
+                result.err(),
+            );
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Notifications end to end: the real binary, a real HTTP receiver on
+//! loopback, and the failures a city lives with: a receiver that fails, one
+//! that hangs, and a server killed with SIGKILL in the middle of a stream.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "error",
+            "--data",
+        ])
+        .arg(data)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start borough");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening")
+        .to_string();
+    Server { child, base }
+}
+
+/// What a receiver got: every notification body, in arrival order.
+#[derive(Clone, Default)]
+struct Inbox {
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Inbox {
+    fn entities(&self) -> Vec<Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["data"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let got = self.entities();
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; got {got:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A receiver on loopback: answers `status` after `delay`.
+fn receiver(rt: &tokio::runtime::Runtime, status: StatusCode, delay: Duration) -> (String, Inbox) {
+    let inbox = Inbox::default();
+    let state = (inbox.clone(), status, delay);
+    let app = Router::new()
+        .route(
+            "/notify",
+            post(
+                |State((inbox, status, delay)): State<(Inbox, StatusCode, Duration)>,
+                 body: Bytes| async move {
+                    tokio::time::sleep(delay).await;
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        inbox.bodies.lock().unwrap().push(v);
+                    }
+                    status
+                },
+            ),
+        )
+        .with_state(state);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/notify", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (url, inbox)
+}
+
+fn call(
+    rt: &tokio::runtime::Runtime,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    rt.block_on(async {
+        let mut req = reqwest::Client::new().request(method, url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        match req.send().await {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                (s, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    })
+}
+
+fn subscribe(rt: &tokio::runtime::Runtime, base: &str, id: &str, uri: &str, extra: Value) {
+    let mut body = json!({
+        "id": id, "type": "Subscription",
+        "entities": [{"type": "ParkingSpot"}],
+        "notification": {"format": "keyValues", "endpoint": {"uri": uri}}
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let (s, b) = call(
+        rt,
+        reqwest::Method::POST,
+        &format!("{base}/ngsi-ld/v1/subscriptions"),
+        Some(body),
+    );
+    assert_eq!(s, 201, "{b}");
+}
+
+fn spot(i: u32, status: &str, n: u64) -> Value {
+    json!({"id": format!("urn:ngsi-ld:ParkingSpot:{i}"), "type": "ParkingSpot", "status": status, "n": n})
+}
+
+#[test]
+fn delivers_to_a_real_receiver_with_triggers_filters_and_stats() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let base = server.base.clone();
+    let (uri, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    subscribe(
+        &rt,
+        &base,
+        "urn:ngsi-ld:Subscription:free",
+        &uri,
+        json!({
+            "watchedAttributes": ["status"], "q": "status==\"free\"",
+            "notification": {"format": "keyValues", "attributes": ["status"], "endpoint": {"uri": uri}}
+        }),
+    );
+    let ops = format!("{base}/ngsi-ld/v1/entityOperations");
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{ops}/upsert"),
+        Some(json!([spot(1, "free", 0), spot(2, "occupied", 0)])),
+    );
+    // Spot 1 created free: notified. Spot 2 created occupied: q fails.
+    let got = inbox.wait_for("spot 1", Duration::from_secs(10), |g| !g.is_empty());
+    assert_eq!(
+        got,
+        vec![json!({"id": "urn:ngsi-ld:ParkingSpot:1", "type": "ParkingSpot", "status": "free"})]
+    );
+    // Only status is watched: a change of n alone does not notify; spot 2 turning free does.
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{ops}/update"),
+        Some(json!([{"id": "urn:ngsi-ld:ParkingSpot:1", "n": 5}])),
+    );
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{ops}/update"),
+        Some(json!([{"id": "urn:ngsi-ld:ParkingSpot:2", "status": "free"}])),
+    );
+    let got = inbox.wait_for("spot 2", Duration::from_secs(10), |g| g.len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let got_now = inbox.entities();
+    assert_eq!(got_now.len(), 2, "{got_now:?}");
+    assert_eq!(got[1]["id"], "urn:ngsi-ld:ParkingSpot:2");
+    let body = inbox.bodies.lock().unwrap()[0].clone();
+    assert_eq!(body["type"], "Notification");
+    assert_eq!(body["subscriptionId"], "urn:ngsi-ld:Subscription:free");
+    assert!(body["notifiedAt"].is_string());
+
+    let (_, sub) = call(
+        &rt,
+        reqwest::Method::GET,
+        &format!("{base}/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:free"),
+        None,
+    );
+    assert_eq!(sub["notification"]["timesSent"], 2, "{sub}");
+    assert!(sub["notification"]["lastSuccess"].is_string());
+    assert_eq!(sub["notification"]["status"], "ok");
+}
+
+#[test]
+fn failing_receivers_are_retried_then_dead_lettered_and_do_not_delay_others() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        &["--notify-attempts", "3", "--notify-retry-ms", "100"],
+    );
+    let base = server.base.clone();
+    let (bad_uri, bad_inbox) = receiver(&rt, StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO);
+    let (slow_uri, slow_inbox) = receiver(&rt, StatusCode::OK, Duration::from_secs(5));
+    let (fast_uri, fast_inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    subscribe(
+        &rt,
+        &base,
+        "urn:ngsi-ld:Subscription:bad",
+        &bad_uri,
+        json!({}),
+    );
+    subscribe(
+        &rt,
+        &base,
+        "urn:ngsi-ld:Subscription:slow",
+        &slow_uri,
+        json!({}),
+    );
+    subscribe(
+        &rt,
+        &base,
+        "urn:ngsi-ld:Subscription:fast",
+        &fast_uri,
+        json!({}),
+    );
+    let ops = format!("{base}/ngsi-ld/v1/entityOperations/upsert");
+    for n in 0..20 {
+        let (s, _) = call(
+            &rt,
+            reqwest::Method::POST,
+            &ops,
+            Some(json!([spot(1, "free", n)])),
+        );
+        assert!(s == 201 || s == 204);
+    }
+    // The fast receiver gets every change while the slow one is still on its first.
+    let got = fast_inbox.wait_for(
+        "20 changes at the fast receiver",
+        Duration::from_secs(10),
+        |g| g.iter().any(|e| e["n"] == 19),
+    );
+    let ns: Vec<u64> = got.iter().map(|e| e["n"].as_u64().unwrap()).collect();
+    for n in 0..20 {
+        assert!(
+            ns.contains(&n),
+            "change {n} missing at the fast receiver: {ns:?}"
+        );
+    }
+    assert!(
+        slow_inbox.entities().len() < 20,
+        "the slow receiver cannot have kept up"
+    );
+
+    // The failing endpoint is tried 3 times, then its notices are dead letters.
+    let url = format!("{base}/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:bad");
+    let start = Instant::now();
+    loop {
+        let (_, dead) = call(
+            &rt,
+            reqwest::Method::GET,
+            &format!("{url}/deadLetters"),
+            None,
+        );
+        if dead.as_array().is_some_and(|d| !d.is_empty()) {
+            assert!(dead[0]["error"].as_str().unwrap().contains("500"), "{dead}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no dead letter after 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, sub) = call(&rt, reqwest::Method::GET, &url, None);
+    assert!(
+        sub["notification"]["timesFailed"].as_u64().unwrap() >= 3,
+        "{sub}"
+    );
+    assert_eq!(sub["notification"]["status"], "failed");
+    assert!(
+        sub["notification"]["lastFailureReason"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+    assert!(
+        bad_inbox.bodies.lock().unwrap().len() >= 3,
+        "the failing endpoint was tried at least 3 times"
+    );
+    // Writes were acknowledged throughout: the entity holds the last value.
+    let (_, e) = call(
+        &rt,
+        reqwest::Method::GET,
+        &format!("{base}/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:1?options=keyValues"),
+        None,
+    );
+    assert_eq!(e["n"], 19);
+}
+
+#[test]
+fn no_notification_is_lost_across_kill_9() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (uri, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    let mut acked: Vec<u64> = Vec::new();
+    let mut n = 0u64;
+    for round in 0..4 {
+        let mut server = start(dir.path(), &[]);
+        if round == 0 {
+            subscribe(
+                &rt,
+                &server.base,
+                "urn:ngsi-ld:Subscription:all",
+                &uri,
+                json!({}),
+            );
+        }
+        let ops = format!("{}/ngsi-ld/v1/entityOperations/upsert", server.base);
+        let deadline = Instant::now() + Duration::from_millis(300 + 150 * round);
+        while Instant::now() < deadline {
+            n += 1;
+            let (s, _) = call(
+                &rt,
+                reqwest::Method::POST,
+                &ops,
+                Some(json!([spot(1, "free", n)])),
+            );
+            if s == 201 || s == 204 {
+                acked.push(n);
+            }
+        }
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+    }
+    // After a last restart the outbox drains: every acknowledged change was notified.
+    let _server = start(dir.path(), &[]);
+    let got = inbox.wait_for("every acknowledged change", Duration::from_secs(30), |g| {
+        let seen: std::collections::HashSet<u64> =
+            g.iter().filter_map(|e| e["n"].as_u64()).collect();
+        acked.iter().all(|n| seen.contains(n))
+    });
+    assert!(
+        acked.len() > 20,
+        "the test must write: {} acknowledged",
+        acked.len()
+    );
+    assert!(got.len() >= acked.len());
+}
