@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of Borough: formatting, lints, the unit/integration/HTTP/crash
 # tests, and the quick variant of the benchmarks (so the harness never rots).
-# Services the tests need (PostgreSQL for the benchmark baseline) are started
-# here when they are not already running.
+# Services the tests need (PostgreSQL for the benchmark baselines, Mosquitto
+# for MQTT notifications) are started here when they are not already running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,22 @@ ensure_postgres() {
   exit 1
 }
 
+ensure_mosquitto() {
+  if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+    return
+  fi
+  log "starting Mosquitto"
+  if command -v mosquitto >/dev/null 2>&1; then
+    mosquitto -d -c /etc/mosquitto/mosquitto.conf || true
+  fi
+  for _ in $(seq 1 30); do
+    (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && return
+    sleep 1
+  done
+  echo "Mosquitto is not reachable on 127.0.0.1:1883; the MQTT tests need it" >&2
+  exit 1
+}
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -31,6 +47,7 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 ensure_postgres
+ensure_mosquitto
 
 log "PostGIS for the geo benchmark baseline"
 ./scripts/setup-postgis.sh

@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
+mod mqtt;
+use mqtt::MqttEndpoint;
+
 /// How deliveries are paced and bounded.
 #[derive(Clone, Debug)]
 pub struct NotifierConfig {
@@ -158,6 +161,8 @@ async fn dispatch(
 /// Delivers one endpoint's notices, in order, a batch per subscription at a time.
 async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receiver<(u64, Notice)>) {
     let mut last_sent: HashMap<SubKey, tokio::time::Instant> = HashMap::new();
+    // The endpoint's MQTT connection, opened at the first notification.
+    let mut mqtt: Option<MqttEndpoint> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < shared.config.batch {
@@ -184,7 +189,7 @@ async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receive
                     {
                         tokio::time::sleep_until(*last + Duration::from_secs(t)).await;
                     }
-                    deliver(&shared, &sub, &tenant, notices).await;
+                    deliver(&shared, &sub, &tenant, notices, &mut mqtt).await;
                     last_sent.insert((tenant, id), tokio::time::Instant::now());
                 }
                 None => {
@@ -208,6 +213,7 @@ async fn deliver(
     sub: &CompiledSubscription,
     tenant: &str,
     notices: Vec<(u64, Notice)>,
+    mqtt: &mut Option<MqttEndpoint>,
 ) {
     let entities: Vec<&Entity> = notices.iter().map(|(_, n)| &n.entity).collect();
     let deleted: Vec<bool> = notices.iter().map(|(_, n)| n.deleted).collect();
@@ -220,7 +226,7 @@ async fn deliver(
     for attempt in 1..=shared.config.max_attempts {
         let now = now_micros();
         let body = notification(sub, &id, &entities, &deleted, now);
-        let result = send(shared, sub, tenant, &body).await;
+        let result = send(shared, sub, tenant, &body, mqtt).await;
         shared.store.record_delivery(
             tenant,
             &sub.record.id,
@@ -314,16 +320,39 @@ async fn send(
     sub: &CompiledSubscription,
     tenant: &str,
     body: &Value,
+    mqtt: &mut Option<MqttEndpoint>,
 ) -> Result<(), String> {
     let uri = &sub.endpoint.uri;
-    if uri.starts_with("mqtt://") || uri.starts_with("mqtts://") {
-        return Err("MQTT endpoints are not delivered by this server yet".into());
-    }
     let media = if sub.endpoint.accept == "application/ld+json" {
         "application/ld+json"
     } else {
         "application/json"
     };
+    if uri.starts_with("mqtt://") {
+        // The MQTT binding wraps the notification with its metadata.
+        let mut metadata = Map::new();
+        metadata.insert("Content-Type".into(), json!(media));
+        if !tenant.is_empty() {
+            metadata.insert("NGSILD-Tenant".into(), json!(tenant));
+        }
+        for (k, v) in &sub.endpoint.receiver_info {
+            metadata.insert(k.clone(), json!(v));
+        }
+        let payload = serde_json::to_vec(&json!({"metadata": metadata, "body": body}))
+            .map_err(|e| e.to_string())?;
+        if mqtt.is_none() {
+            *mqtt = Some(MqttEndpoint::connect(uri, &sub.endpoint.notifier_info)?);
+        }
+        let Some(conn) = mqtt.as_mut() else {
+            return Err("no MQTT connection".into());
+        };
+        let result = conn.publish(payload, shared.config.timeout).await;
+        if result.is_err() {
+            // Start afresh on the next attempt.
+            *mqtt = None;
+        }
+        return result;
+    }
     let mut req = shared
         .client
         .post(uri)
@@ -389,7 +418,7 @@ async fn periodic(shared: Arc<Shared>) {
                 &deleted,
                 now,
             );
-            let result = send(&shared, &sub, &tenant, &body).await;
+            let result = send(&shared, &sub, &tenant, &body, &mut None).await;
             shared.store.record_delivery(
                 &tenant,
                 &sub.record.id,

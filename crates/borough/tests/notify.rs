@@ -381,3 +381,140 @@ fn no_notification_is_lost_across_kill_9() {
     );
     assert!(got.len() >= acked.len());
 }
+
+/// The broker the tests use: the local Mosquitto unless told otherwise.
+fn mqtt_broker() -> (String, u16) {
+    let addr = std::env::var("BOROUGH_TEST_MQTT").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    let (h, p) = addr
+        .rsplit_once(':')
+        .expect("BOROUGH_TEST_MQTT is host:port");
+    (h.to_string(), p.parse().expect("port"))
+}
+
+#[test]
+fn delivers_to_an_mqtt_broker() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (host, port) = mqtt_broker();
+    let topic = format!("borough-test/{}", std::process::id());
+    // A real MQTT client subscribed to the topic before anything is sent.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let mut opts = rumqttc::MqttOptions::new(
+        format!("borough-test-{}", std::process::id()),
+        host.clone(),
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let ready = subscribed.clone();
+    rt.spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(_))) => ready.notify_one(),
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
+                    if let Ok(v) = serde_json::from_slice(&p.payload) {
+                        let _ = tx.send(v);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("cannot reach the MQTT broker at {host}:{port}: {e}"),
+            }
+        }
+    });
+    rt.block_on(async {
+        client
+            .subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+            .await
+            .expect("SUBACK");
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let uri = format!("mqtt://{}:{}/{topic}", mqtt_broker().0, port);
+    subscribe(
+        &rt,
+        &server.base,
+        "urn:ngsi-ld:Subscription:mqtt",
+        &uri,
+        json!({
+            "notification": {"format": "keyValues", "endpoint": {"uri": uri,
+                "receiverInfo": [{"key": "city", "value": "borough"}],
+                "notifierInfo": [{"key": "MQTT-QoS", "value": "1"}]}}
+        }),
+    );
+    let ops = format!("{}/ngsi-ld/v1/entityOperations/upsert", server.base);
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &ops,
+        Some(json!([spot(7, "free", 1)])),
+    );
+    let msg = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), rx.recv()).await })
+        .expect("an MQTT notification within 10 s")
+        .expect("message");
+    assert_eq!(msg["metadata"]["city"], "borough");
+    assert_eq!(msg["metadata"]["Content-Type"], "application/json");
+    assert_eq!(msg["body"]["type"], "Notification");
+    assert_eq!(
+        msg["body"]["subscriptionId"],
+        "urn:ngsi-ld:Subscription:mqtt"
+    );
+    assert_eq!(msg["body"]["data"][0]["id"], "urn:ngsi-ld:ParkingSpot:7");
+    assert_eq!(msg["body"]["data"][0]["status"], "free");
+    let (_, sub) = call(
+        &rt,
+        reqwest::Method::GET,
+        &format!(
+            "{}/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:mqtt",
+            server.base
+        ),
+        None,
+    );
+    assert_eq!(sub["notification"]["timesSent"], 1, "{sub}");
+}
+
+#[test]
+fn periodic_subscriptions_notify_every_interval() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let ops = format!("{}/ngsi-ld/v1/entityOperations/upsert", server.base);
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &ops,
+        Some(json!([spot(1, "free", 1), spot(2, "occupied", 1)])),
+    );
+    let (uri, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    subscribe(
+        &rt,
+        &server.base,
+        "urn:ngsi-ld:Subscription:periodic",
+        &uri,
+        json!({"timeInterval": 1, "q": "status==\"free\""}),
+    );
+    let start = Instant::now();
+    inbox.wait_for("two periods", Duration::from_secs(10), |g| g.len() >= 2);
+    let bodies = inbox.bodies.lock().unwrap().clone();
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "the second period came too soon"
+    );
+    for b in &bodies {
+        let ids: Vec<&str> = b["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            ["urn:ngsi-ld:ParkingSpot:1"],
+            "only entities matching q, each period"
+        );
+    }
+}
