@@ -150,8 +150,8 @@ impl Context {
                 }
             };
             if iri.starts_with('@') {
-                // keyword aliases such as "id": "@id" are not attribute names
-                self.terms.insert(term.clone(), TermDef { iri });
+                // Keyword aliases such as "id": "@id" name no attribute, type or
+                // vocabulary value, so they take no part in expansion.
                 continue;
             }
             // Prefer the shortest term when several map to one IRI, so that

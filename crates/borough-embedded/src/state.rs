@@ -5,10 +5,10 @@
 use borough_core::entity::{AttrKind, Entity};
 use borough_core::query::EntityQuery;
 use borough_core::query::expr::BoolExpr;
-use borough_core::query::geo::{Envelope, envelope};
+use borough_core::query::geo::{Envelope, envelope, metres_at_least};
 use borough_core::query::q::{Lit, Op, QExpr, QTerm, QValue};
 use borough_store::QueryPage;
-use rstar::{AABB, RTree, RTreeObject};
+use rstar::{AABB, PointDistance, RTree, RTreeObject};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -75,17 +75,32 @@ fn keys_of_lit(l: &Lit) -> Vec<IndexKey> {
     }
 }
 
-/// One geometry in the spatial index: its bounding box and its entity.
-#[derive(Clone, Debug, PartialEq)]
+/// One geometry in the spatial index: its bounding box and its entity (held
+/// here too, so that nearest-first walks need no lookup by id).
+#[derive(Clone, Debug)]
 struct GeoEntry {
     envelope: AABB<[f64; 2]>,
     id: Id,
+    entity: Arc<Entity>,
+}
+
+impl PartialEq for GeoEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.envelope == other.envelope && self.id == other.id
+    }
 }
 
 impl RTreeObject for GeoEntry {
     type Envelope = AABB<[f64; 2]>;
     fn envelope(&self) -> Self::Envelope {
         self.envelope
+    }
+}
+
+impl PointDistance for GeoEntry {
+    /// Distance to the bounding box: a lower bound of the distance to the geometry.
+    fn distance_2(&self, point: &[f64; 2]) -> f64 {
+        self.envelope.distance_2(point)
     }
 }
 
@@ -166,7 +181,7 @@ impl TenantState {
         }
     }
 
-    fn index(&mut self, id: &Id, e: &Entity) {
+    fn index(&mut self, id: &Id, e: &Arc<Entity>) {
         for t in &e.types {
             self.by_type
                 .entry(t.clone())
@@ -186,12 +201,13 @@ impl TenantState {
                     .insert(GeoEntry {
                         envelope,
                         id: id.clone(),
+                        entity: e.clone(),
                     });
             }
         }
     }
 
-    fn unindex(&mut self, id: &Id, e: &Entity) {
+    fn unindex(&mut self, id: &Id, e: &Arc<Entity>) {
         for t in &e.types {
             if let Some(set) = self.by_type.get_mut(t) {
                 set.remove(id);
@@ -221,6 +237,7 @@ impl TenantState {
                     tree.remove(&GeoEntry {
                         envelope,
                         id: id.clone(),
+                        entity: e.clone(),
                     });
                 }
                 if tree.size() == 0 {
@@ -261,7 +278,9 @@ impl TenantState {
         page
     }
 
-    /// `near` queries: every match is needed to order by distance (then id).
+    /// `near` queries, ordered by distance (then id). A page without a count
+    /// walks the R-tree nearest first and stops once nothing further can
+    /// enter the page; a count needs every match.
     fn query_by_distance(
         &self,
         q: &EntityQuery,
@@ -269,6 +288,18 @@ impl TenantState {
         limit: usize,
         count: bool,
     ) -> QueryPage {
+        if !count
+            && q.ids.is_empty()
+            && let Some(g) = &q.geo
+            && let Some(p) = g.near_point()
+        {
+            let k = offset.saturating_add(limit);
+            let best = self.nearest(q, g, p, k);
+            return QueryPage {
+                total: None,
+                entities: best.into_iter().skip(offset).map(|(_, e)| e).collect(),
+            };
+        }
         let mut hits: Vec<(f64, &Arc<Entity>)> = Vec::new();
         self.for_each_candidate(q, None, |e| {
             if q.matches(e) {
@@ -286,6 +317,50 @@ impl TenantState {
                 .map(|(_, e)| e.clone())
                 .collect(),
         }
+    }
+
+    /// The `k` entities nearest to `p` that match `q`, nearest first (ties by id).
+    fn nearest(
+        &self,
+        q: &EntityQuery,
+        g: &borough_core::query::geo::GeoQuery,
+        p: borough_core::query::geo::Point<f64>,
+        k: usize,
+    ) -> Vec<(f64, Arc<Entity>)> {
+        let mut best: Vec<(f64, Arc<Entity>)> = Vec::with_capacity(k.min(1024) + 1);
+        if k == 0 {
+            return best;
+        }
+        let Some(tree) = self.by_geo.get(&g.geoproperty) else {
+            return best;
+        };
+        let max = g.max_distance();
+        let mut seen: std::collections::HashSet<*const Entity> = std::collections::HashSet::new();
+        for (entry, d2) in tree.nearest_neighbor_iter_with_distance_2(&[p.x(), p.y()]) {
+            // Everything from here on is at least this far away.
+            let bound = metres_at_least(p.y(), d2.sqrt());
+            if max.is_some_and(|m| bound > m) || (best.len() >= k && best[k - 1].0 < bound) {
+                break;
+            }
+            if !seen.insert(Arc::as_ptr(&entry.entity)) {
+                continue;
+            }
+            let e = &entry.entity;
+            if !q.matches_except_geo(e) {
+                continue;
+            }
+            let Some(d) = g.distance(e).filter(|d| g.within_bounds(*d)) else {
+                continue;
+            };
+            let at = best.partition_point(|(bd, be)| {
+                bd.total_cmp(&d).then_with(|| be.id.cmp(&e.id)).is_lt()
+            });
+            if at < k {
+                best.insert(at, (d, e.clone()));
+                best.truncate(k);
+            }
+        }
+        best
     }
 
     /// Visits the plan's candidates in id order until `visit` returns false.

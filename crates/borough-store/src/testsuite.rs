@@ -202,6 +202,10 @@ pub fn assert_query_matches_scan(
     );
     assert_eq!(page.total, Some(all.len()), "count of query {query:?}");
     let uncounted = store.query(tenant, query, offset, limit, false);
-    assert_eq!(uncounted.entities.len(), got.len());
+    let got: Vec<&str> = uncounted.entities.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        got, expected,
+        "uncounted query {query:?} offset {offset} limit {limit}"
+    );
     assert_eq!(uncounted.total, None);
 }

@@ -9,10 +9,13 @@ use crate::error::{NgsiError, NgsiResult};
 use crate::geojson::validate_geometry;
 use geo::{
     BoundingRect, Closest, Contains, Coord, Distance, Geodesic, Geometry, GeometryCollection,
-    HaversineClosestPoint, LineString, MultiLineString, MultiPoint, MultiPolygon, Point, Polygon,
-    Rect, Relate,
+    HaversineClosestPoint, LineString, MultiLineString, MultiPoint, MultiPolygon, Polygon, Rect,
+    Relate,
 };
 use serde_json::Value;
+
+/// A position (longitude, latitude), as geo-queries use it.
+pub use geo::Point;
 
 /// The default GeoProperty of geo-queries.
 pub const DEFAULT_GEOPROPERTY: &str = "https://uri.etsi.org/ngsi-ld/location";
@@ -283,7 +286,12 @@ impl GeoQuery {
     }
 
     /// Whether the entity satisfies the geo-query (any instance of its GeoProperty).
+    ///
+    /// For `near` the entity's distance is that of its closest instance.
     pub fn matches(&self, e: &Entity) -> bool {
+        if self.near_point().is_some() {
+            return self.distance(e).is_some_and(|d| self.within_bounds(d));
+        }
         entity_geometries(e, &self.geoproperty)
             .iter()
             .any(|g| self.matches_geometry(g))
@@ -291,13 +299,41 @@ impl GeoQuery {
 
     /// For `near`, the entity's distance to the query point (its closest instance).
     pub fn distance(&self, e: &Entity) -> Option<f64> {
-        let (GeoRel::Near { .. }, Geometry::Point(p)) = (self.rel, &self.geometry) else {
-            return None;
-        };
-        entity_geometries(e, &self.geoproperty)
+        let p = self.near_point()?;
+        e.attrs
+            .get(&self.geoproperty)?
             .iter()
-            .map(|g| distance_m(g, p))
+            .filter(|a| a.kind == AttrKind::GeoProperty)
+            .filter_map(|a| match point_of(&a.value) {
+                // Points, the common case, need no geometry built.
+                Some(q) => Some(Geodesic.distance(q, p)),
+                None => to_geometry(&a.value).map(|g| distance_m(&g, &p)),
+            })
             .min_by(f64::total_cmp)
+    }
+
+    /// The query point of a `near` query.
+    pub fn near_point(&self) -> Option<Point<f64>> {
+        match (self.rel, &self.geometry) {
+            (GeoRel::Near { .. }, Geometry::Point(p)) => Some(*p),
+            _ => None,
+        }
+    }
+
+    /// Whether a distance satisfies `near`'s bounds.
+    pub fn within_bounds(&self, d: f64) -> bool {
+        match self.rel {
+            GeoRel::Near { max, min } => max.is_none_or(|m| d <= m) && min.is_none_or(|m| d >= m),
+            _ => false,
+        }
+    }
+
+    /// The largest distance `near` accepts, if bounded.
+    pub fn max_distance(&self) -> Option<f64> {
+        match self.rel {
+            GeoRel::Near { max, .. } => max,
+            _ => None,
+        }
     }
 
     /// A box that holds every geometry that can match, or `None` when the
@@ -341,6 +377,24 @@ pub fn around(p: &Point<f64>, metres: f64) -> Envelope {
             y: lat_hi,
         },
     )
+}
+
+/// The position of a GeoJSON Point, read without building a geometry.
+fn point_of(v: &Value) -> Option<Point<f64>> {
+    if v.get("type")?.as_str()? != "Point" {
+        return None;
+    }
+    let c = v.get("coordinates")?.as_array()?;
+    Some(Point::new(c.first()?.as_f64()?, c.get(1)?.as_f64()?))
+}
+
+/// A lower bound, in metres, of the distance from a point at latitude `lat`
+/// to anything `degrees` away from it in plain longitude/latitude terms: a
+/// degree is at least 110,574 m of latitude, and of longitude at least that
+/// times the cosine of the highest latitude within reach. 0.5% is kept in hand.
+pub fn metres_at_least(lat: f64, degrees: f64) -> f64 {
+    let highest = (lat.abs() + degrees).min(90.0);
+    110_574.0 * highest.to_radians().cos() * degrees * 0.995
 }
 
 /// The bounding box of a stored GeoJSON value, for the spatial index.

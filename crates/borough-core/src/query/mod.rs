@@ -109,6 +109,11 @@ impl EntityQuery {
 
     /// The reference definition of which entities a query selects.
     pub fn matches(&self, e: &Entity) -> bool {
+        self.matches_except_geo(e) && self.geo.as_ref().is_none_or(|g| g.matches(e))
+    }
+
+    /// Every condition but the geo-query (for plans that evaluate it themselves).
+    pub fn matches_except_geo(&self, e: &Entity) -> bool {
         (self.ids.is_empty() || self.ids.contains(&e.id))
             && self.id_pattern.as_ref().is_none_or(|r| r.is_match(&e.id))
             && self.types.as_ref().is_none_or(|t| has_types(e, t))
@@ -119,7 +124,6 @@ impl EntityQuery {
                 .as_ref()
                 .is_none_or(|s| s.eval(&mut |p| e.scopes.iter().any(|sc| p.matches(sc))))
             && self.q.as_ref().is_none_or(|q| q::eval_q(e, q))
-            && self.geo.as_ref().is_none_or(|g| g.matches(e))
     }
 }
 
