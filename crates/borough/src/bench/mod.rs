@@ -9,6 +9,7 @@ mod entities;
 mod geo;
 mod geo_pg;
 mod load;
+mod notify;
 mod postgres;
 mod query;
 mod query_pg;
@@ -23,7 +24,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo.
+    /// Scenario to run: entities, query, geo, notify.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -57,8 +58,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             out,
             pg: args.pg,
         }),
+        "notify" => notify::run(&notify::Options {
+            quick: args.quick,
+            out,
+        }),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo"
+            "unknown scenario '{other}'; available: entities, query, geo, notify"
         )),
     }
 }
