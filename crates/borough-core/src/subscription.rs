@@ -58,6 +58,77 @@ pub struct SubscriptionRecord {
     pub stats: Stats,
 }
 
+/// What kind of change an entity went through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+/// One entity's change, summarised once and matched against every
+/// subscription that can concern it.
+#[derive(Debug)]
+pub struct Change<'a> {
+    pub kind: ChangeKind,
+    /// The entity after the change (before it, for a deletion).
+    pub subject: &'a Entity,
+    /// Expanded names of the attributes created, updated and deleted.
+    pub created: Vec<&'a str>,
+    pub updated: Vec<&'a str>,
+    pub deleted: Vec<&'a str>,
+    pub types_changed: bool,
+}
+
+impl<'a> Change<'a> {
+    /// Summarises `before` → `after`; `None` when neither exists.
+    pub fn of(before: Option<&'a Entity>, after: Option<&'a Entity>) -> Option<Self> {
+        let names = |e: &'a Entity| e.attrs.keys().map(String::as_str).collect::<Vec<_>>();
+        Some(match (before, after) {
+            (None, Some(a)) => Self {
+                kind: ChangeKind::Created,
+                subject: a,
+                created: names(a),
+                updated: Vec::new(),
+                deleted: Vec::new(),
+                types_changed: false,
+            },
+            (Some(b), None) => Self {
+                kind: ChangeKind::Deleted,
+                subject: b,
+                created: Vec::new(),
+                updated: Vec::new(),
+                deleted: names(b),
+                types_changed: false,
+            },
+            (Some(b), Some(a)) => Self {
+                kind: ChangeKind::Updated,
+                subject: a,
+                created: a
+                    .attrs
+                    .keys()
+                    .filter(|n| !b.attrs.contains_key(*n))
+                    .map(String::as_str)
+                    .collect(),
+                updated: a
+                    .attrs
+                    .iter()
+                    .filter(|(n, inst)| b.attrs.get(*n).is_some_and(|old| old != *inst))
+                    .map(|(n, _)| n.as_str())
+                    .collect(),
+                deleted: b
+                    .attrs
+                    .keys()
+                    .filter(|n| !a.attrs.contains_key(*n))
+                    .map(String::as_str)
+                    .collect(),
+                types_changed: a.types != b.types,
+            },
+            (None, None) => return None,
+        })
+    }
+}
+
 /// Where notifications go.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Endpoint {
@@ -388,74 +459,61 @@ impl CompiledSubscription {
         after: Option<&Entity>,
         now: i64,
     ) -> Option<&'static str> {
+        self.matches_change(&Change::of(before, after)?, now)
+    }
+
+    /// `matches` for a change already summarised (once for all subscriptions).
+    pub fn matches_change(&self, change: &Change<'_>, now: i64) -> Option<&'static str> {
         if self.status(now) != "active" || self.time_interval.is_some() {
             return None;
         }
-        let subject = after.or(before)?;
+        let subject = change.subject;
         if !self.query.selectors.is_empty()
             && !self.query.selectors.iter().any(|s| s.matches(subject))
         {
             return None;
         }
-        let trigger = self.trigger(before, after)?;
+        let trigger = self.trigger(change)?;
         // Conditions apply to the entity as it now is (to the last state for deletions).
-        let conditions = EntityQuery {
-            q: self.query.q.clone(),
-            geo: self.query.geo.clone(),
-            scope_q: self.query.scope_q.clone(),
-            ..EntityQuery::default()
-        };
-        conditions.matches(subject).then_some(trigger)
+        self.query.content_matches(subject).then_some(trigger)
     }
 
     fn wanted(&self, name: &str) -> bool {
         self.watched.is_empty() || self.watched.iter().any(|w| w == name)
     }
 
-    fn trigger(&self, before: Option<&Entity>, after: Option<&Entity>) -> Option<&'static str> {
+    fn trigger(&self, c: &Change<'_>) -> Option<&'static str> {
         let on = |t: &str| self.triggers.iter().any(|x| x == t);
-        match (before, after) {
-            (None, Some(a)) => {
+        let any = |names: &[&str]| names.iter().any(|n| self.wanted(n));
+        match c.kind {
+            ChangeKind::Created => {
                 if on("entityCreated") {
                     return Some("entityCreated");
                 }
-                (on("attributeCreated") && a.attrs.keys().any(|n| self.wanted(n)))
-                    .then_some("attributeCreated")
+                (on("attributeCreated") && any(&c.created)).then_some("attributeCreated")
             }
-            (Some(b), None) => {
+            ChangeKind::Deleted => {
                 if on("entityDeleted") {
                     return Some("entityDeleted");
                 }
-                (on("attributeDeleted") && b.attrs.keys().any(|n| self.wanted(n)))
-                    .then_some("attributeDeleted")
+                (on("attributeDeleted") && any(&c.deleted)).then_some("attributeDeleted")
             }
-            (Some(b), Some(a)) => {
-                let created = a
-                    .attrs
-                    .keys()
-                    .any(|n| self.wanted(n) && !b.attrs.contains_key(n));
-                let deleted = b
-                    .attrs
-                    .keys()
-                    .any(|n| self.wanted(n) && !a.attrs.contains_key(n));
-                let updated = a.attrs.iter().any(|(n, inst)| {
-                    self.wanted(n) && b.attrs.get(n).is_some_and(|old| old != inst)
-                });
+            ChangeKind::Updated => {
+                let (created, updated, deleted) =
+                    (any(&c.created), any(&c.updated), any(&c.deleted));
                 if created && on("attributeCreated") {
                     Some("attributeCreated")
                 } else if updated && on("attributeUpdated") {
                     Some("attributeUpdated")
                 } else if deleted && on("attributeDeleted") {
                     Some("attributeDeleted")
-                } else if (created || updated || deleted || a.types != b.types)
-                    && on("entityUpdated")
+                } else if (created || updated || deleted || c.types_changed) && on("entityUpdated")
                 {
                     Some("entityUpdated")
                 } else {
                     None
                 }
             }
-            (None, None) => None,
         }
     }
 

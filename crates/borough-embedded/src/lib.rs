@@ -589,8 +589,8 @@ impl EntityStore for EmbeddedStore {
         self.shared.subscriptions.all()
     }
 
-    fn pending_notices(&self, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
-        notices::pending(&self.db, limit)
+    fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+        notices::pending(&self.db, after, limit)
     }
 
     fn notices_done(

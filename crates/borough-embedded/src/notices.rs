@@ -8,7 +8,7 @@
 
 use borough_core::Entity;
 use borough_core::query::expr::BoolExpr;
-use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
+use borough_core::subscription::{Change, CompiledSubscription, Stats, SubscriptionRecord};
 use borough_store::{Notice, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
@@ -243,9 +243,16 @@ pub fn match_change(
     let Some(subject) = after.or(before) else {
         return;
     };
-    for s in subs.candidates(&subject.types) {
-        if let Some(trigger) = s.matches(before.map(|e| e.as_ref()), after.map(|e| e.as_ref()), now)
-        {
+    let mut candidates = subs.candidates(&subject.types).peekable();
+    if candidates.peek().is_none() {
+        return;
+    }
+    // The change is summarised once, whatever the number of subscriptions.
+    let Some(change) = Change::of(before.map(|e| e.as_ref()), after.map(|e| e.as_ref())) else {
+        return;
+    };
+    for s in candidates {
+        if let Some(trigger) = s.matches_change(&change, now) {
             out.push(Notice {
                 tenant: tenant.to_string(),
                 subscription: s.record.id.clone(),
@@ -276,12 +283,16 @@ pub fn write_notices(
     Ok(next)
 }
 
-/// The oldest `limit` notices of the outbox.
-pub fn pending(db: &Database, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+/// The oldest `limit` notices of the outbox numbered above `after`.
+pub fn pending(db: &Database, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
     let read = db.begin_read().map_err(io)?;
     let table = read.open_table(OUTBOX).map_err(io)?;
     let mut out = Vec::new();
-    for row in table.iter().map_err(io)?.take(limit) {
+    for row in table
+        .range(after.saturating_add(1)..)
+        .map_err(io)?
+        .take(limit)
+    {
         let (seq, value) = row.map_err(io)?;
         let notice: Notice = serde_json::from_slice(value.value()).map_err(io)?;
         out.push((seq.value(), notice));

@@ -65,6 +65,10 @@ struct Shared {
     config: NotifierConfig,
     /// Sequence numbers handed to an endpoint and not yet done.
     in_flight: Mutex<HashSet<u64>>,
+    /// Sequence numbers an endpoint finished (removed from the outbox, or
+    /// failed to be); the dispatcher clears them from `in_flight` before it
+    /// next reads the outbox, so it never sees a finished notice as new.
+    completed: Mutex<Vec<u64>>,
     /// Woken when an endpoint finishes a batch (room in its queue).
     freed: Notify,
 }
@@ -86,20 +90,28 @@ pub async fn run(
         client,
         config,
         in_flight: Mutex::new(HashSet::new()),
+        completed: Mutex::new(Vec::new()),
         freed: Notify::new(),
     });
     let mut watch = shared.store.notice_watch();
     let mut endpoints: HashMap<String, mpsc::Sender<(u64, Notice)>> = HashMap::new();
     let periodic = tokio::spawn(periodic(shared.clone()));
     tokio::pin!(stop);
+    // New notices are read from `cursor` on; a full rescan every tick picks up
+    // those a full endpoint queue left behind.
+    let mut cursor = 0u64;
+    let mut full_scan = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        dispatch(&shared, &mut endpoints).await;
+        let from = if full_scan { 0 } else { cursor };
+        let (last, skipped) = dispatch(&shared, &mut endpoints, from).await;
+        cursor = cursor.max(last);
+        full_scan = false;
         tokio::select! {
             _ = &mut stop => break,
             changed = watch.changed() => if changed.is_err() { break },
-            _ = shared.freed.notified() => {},
-            // Picks up notices an endpoint's full queue left behind.
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+            _ = shared.freed.notified() => full_scan = skipped,
+            _ = tick.tick() => full_scan = true,
         }
     }
     periodic.abort();
@@ -109,20 +121,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Hands pending notices to their endpoints' queues.
+/// Hands pending notices numbered above `after` to their endpoints' queues.
+/// Returns the highest number seen and whether a full queue left some behind.
 async fn dispatch(
     shared: &Arc<Shared>,
     endpoints: &mut HashMap<String, mpsc::Sender<(u64, Notice)>>,
-) {
-    let pending = match shared.store.pending_notices(SCAN) {
+    after: u64,
+) -> (u64, bool) {
+    {
+        let done = std::mem::take(&mut *lock(&shared.completed));
+        let mut in_flight = lock(&shared.in_flight);
+        for seq in done {
+            in_flight.remove(&seq);
+        }
+    }
+    let pending = match shared.store.pending_notices(after, SCAN) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the notification outbox");
-            return;
+            return (after, true);
         }
     };
+    let mut last = after;
+    let mut skipped = pending.len() == SCAN;
     let mut orphans = Vec::new();
     for (seq, notice) in pending {
+        last = last.max(seq);
         if lock(&shared.in_flight).contains(&seq) {
             continue;
         }
@@ -145,9 +169,10 @@ async fn dispatch(
                 lock(&shared.in_flight).insert(seq);
             }
             // Full: it stays in the outbox until the endpoint catches up.
-            Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => skipped = true,
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 endpoints.remove(&uri);
+                skipped = true;
             }
         }
     }
@@ -156,13 +181,21 @@ async fn dispatch(
     {
         tracing::error!(error = %e, "cannot drop notices of deleted subscriptions");
     }
+    (last, skipped)
 }
 
-/// Delivers one endpoint's notices, in order, a batch per subscription at a time.
+/// Deliveries in flight at once to one HTTP endpoint (one per subscription).
+const PARALLEL_PER_ENDPOINT: usize = 16;
+
+/// Delivers one endpoint's notices. A batch is split per subscription; each
+/// subscription's notices go out in order, batch after batch. Over HTTP the
+/// subscriptions of a batch are delivered in parallel; over MQTT one at a
+/// time on the endpoint's connection.
 async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receiver<(u64, Notice)>) {
     let mut last_sent: HashMap<SubKey, tokio::time::Instant> = HashMap::new();
     // The endpoint's MQTT connection, opened at the first notification.
     let mut mqtt: Option<MqttEndpoint> = None;
+    let is_mqtt = uri.starts_with("mqtt://");
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < shared.config.batch {
@@ -180,30 +213,62 @@ async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receive
                 None => groups.push((key, vec![(seq, n)])),
             }
         }
-        for ((tenant, id), notices) in groups {
-            let seqs: Vec<u64> = notices.iter().map(|(s, _)| *s).collect();
-            match shared.store.subscription(&tenant, &id) {
-                Some(sub) => {
-                    if let Some(t) = sub.throttling
-                        && let Some(last) = last_sent.get(&(tenant.clone(), id.clone()))
-                    {
-                        tokio::time::sleep_until(*last + Duration::from_secs(t)).await;
-                    }
-                    deliver(&shared, &sub, &tenant, notices, &mut mqtt).await;
-                    last_sent.insert((tenant, id), tokio::time::Instant::now());
+        let mut running = tokio::task::JoinSet::new();
+        for (key, notices) in groups {
+            // Throttling: not before the subscription's last notification plus its interval.
+            let not_before = shared
+                .store
+                .subscription(&key.0, &key.1)
+                .and_then(|sub| sub.throttling)
+                .and_then(|t| last_sent.get(&key).map(|l| *l + Duration::from_secs(t)));
+            last_sent.insert(
+                key.clone(),
+                not_before.unwrap_or_else(tokio::time::Instant::now),
+            );
+            if is_mqtt {
+                let seqs = deliver_group(&shared, key, notices, not_before, &mut mqtt).await;
+                lock(&shared.completed).extend(seqs);
+            } else {
+                if running.len() >= PARALLEL_PER_ENDPOINT
+                    && let Some(Ok(seqs)) = running.join_next().await
+                {
+                    lock(&shared.completed).extend(seqs);
                 }
-                None => {
-                    let _ = shared.store.notices_done(notices, None).await;
-                }
+                let shared = shared.clone();
+                running.spawn(async move {
+                    deliver_group(&shared, key, notices, not_before, &mut None).await
+                });
             }
-            let mut in_flight = lock(&shared.in_flight);
-            for s in seqs {
-                in_flight.remove(&s);
+        }
+        while let Some(done) = running.join_next().await {
+            if let Ok(seqs) = done {
+                lock(&shared.completed).extend(seqs);
             }
         }
         shared.freed.notify_one();
         tracing::trace!(%uri, "endpoint batch done");
     }
+}
+
+/// Delivers one subscription's notices (after `not_before`); returns their numbers.
+async fn deliver_group(
+    shared: &Shared,
+    (tenant, id): SubKey,
+    notices: Batch,
+    not_before: Option<tokio::time::Instant>,
+    mqtt: &mut Option<MqttEndpoint>,
+) -> Vec<u64> {
+    let seqs: Vec<u64> = notices.iter().map(|(s, _)| *s).collect();
+    if let Some(t) = not_before {
+        tokio::time::sleep_until(t).await;
+    }
+    match shared.store.subscription(&tenant, &id) {
+        Some(sub) => deliver(shared, &sub, &tenant, notices, mqtt).await,
+        None => {
+            let _ = shared.store.notices_done(notices, None).await;
+        }
+    }
+    seqs
 }
 
 /// Sends one notification for `notices`, retrying with backoff; records the

@@ -129,8 +129,8 @@ pub trait EntityStore: Send + Sync + 'static {
     /// Every tenant's subscriptions (for periodic notifications).
     fn all_subscriptions(&self) -> Vec<(String, Arc<CompiledSubscription>)>;
 
-    /// Notices not yet delivered, oldest first, with their sequence numbers.
-    fn pending_notices(&self, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError>;
+    /// Notices not yet delivered with a sequence number above `after`, oldest first.
+    fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError>;
 
     /// Removes delivered notices; with `dead`, keeps those (with the last
     /// error) in the dead-letter table instead.

@@ -112,6 +112,16 @@ impl EntityQuery {
         self.matches_except_geo(e) && self.geo.as_ref().is_none_or(|g| g.matches(e))
     }
 
+    /// The conditions on an entity's content only: q, scopeQ and the geo-query
+    /// (not ids, types or attributes), as subscriptions apply them.
+    pub fn content_matches(&self, e: &Entity) -> bool {
+        self.scope_q
+            .as_ref()
+            .is_none_or(|s| s.eval(&mut |p| e.scopes.iter().any(|sc| p.matches(sc))))
+            && self.q.as_ref().is_none_or(|q| q::eval_q(e, q))
+            && self.geo.as_ref().is_none_or(|g| g.matches(e))
+    }
+
     /// Every condition but the geo-query (for plans that evaluate it themselves).
     pub fn matches_except_geo(&self, e: &Entity) -> bool {
         (self.ids.is_empty() || self.ids.contains(&e.id))
