@@ -8,6 +8,7 @@
 
 use borough_core::Entity;
 use borough_core::query::expr::BoolExpr;
+use borough_core::query::q::{equality_anchor, value_keys};
 use borough_core::subscription::{Change, CompiledSubscription, Stats, SubscriptionRecord};
 use borough_store::{Notice, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -26,10 +27,14 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-/// One tenant's subscriptions, indexed by the entity types they name.
+/// A tenant's subscriptions, indexed so that a change is matched only against
+/// those that can concern it: by the value an equality term of their `q`
+/// requires (`zone==7`), else by the entity types they name.
 #[derive(Default)]
 pub struct TenantSubscriptions {
     pub by_id: BTreeMap<String, Arc<CompiledSubscription>>,
+    /// attribute → equality key → subscriptions whose q needs that value.
+    by_value: HashMap<String, HashMap<String, Vec<Arc<CompiledSubscription>>>>,
     by_type: HashMap<String, Vec<Arc<CompiledSubscription>>>,
     /// Subscriptions that may concern any type (no type, or a type expression).
     untyped: Vec<Arc<CompiledSubscription>>,
@@ -37,9 +42,15 @@ pub struct TenantSubscriptions {
 
 impl TenantSubscriptions {
     fn rebuild(by_id: BTreeMap<String, Arc<CompiledSubscription>>) -> Self {
-        let mut by_type: HashMap<String, Vec<Arc<CompiledSubscription>>> = HashMap::new();
-        let mut untyped = Vec::new();
+        let mut index = Self::default();
         for s in by_id.values() {
+            if let Some((attr, keys)) = s.query.q.as_ref().and_then(equality_anchor) {
+                let by_key = index.by_value.entry(attr).or_default();
+                for k in keys {
+                    by_key.entry(k).or_default().push(s.clone());
+                }
+                continue;
+            }
             let types: Option<Vec<&String>> = if s.query.selectors.is_empty() {
                 None
             } else {
@@ -53,45 +64,50 @@ impl TenantSubscriptions {
                     .collect()
             };
             match types {
-                Some(ts) => {
-                    let mut seen: Vec<&String> = Vec::new();
+                Some(mut ts) => {
+                    ts.sort();
+                    ts.dedup();
                     for t in ts {
-                        if !seen.contains(&t) {
-                            seen.push(t);
-                            by_type.entry(t.clone()).or_default().push(s.clone());
-                        }
+                        index.by_type.entry(t.clone()).or_default().push(s.clone());
                     }
                 }
-                None => untyped.push(s.clone()),
+                None => index.untyped.push(s.clone()),
             }
         }
-        Self {
-            by_id,
-            by_type,
-            untyped,
-        }
+        index.by_id = by_id;
+        index
     }
 
-    /// The subscriptions that can concern an entity of these types.
-    pub fn candidates<'a>(
-        &'a self,
-        types: &'a [String],
-    ) -> impl Iterator<Item = &'a Arc<CompiledSubscription>> {
-        let mut seen: Vec<*const CompiledSubscription> = Vec::new();
-        types
+    /// The subscriptions that can concern a change of `subject` (the entity
+    /// after the change, or before it for a deletion); each at most once.
+    pub fn candidates(&self, subject: &Entity) -> Vec<&Arc<CompiledSubscription>> {
+        let mut out: Vec<&Arc<CompiledSubscription>> = subject
+            .types
             .iter()
             .filter_map(|t| self.by_type.get(t))
             .flatten()
             .chain(self.untyped.iter())
-            .filter(move |s| {
-                let p = Arc::as_ptr(s);
-                if seen.contains(&p) {
-                    false
-                } else {
-                    seen.push(p);
-                    true
+            .collect();
+        let mut keys = Vec::new();
+        let mut may_repeat = subject.types.len() > 1;
+        for (attr, by_key) in &self.by_value {
+            let Some(instances) = subject.attrs.get(attr) else {
+                continue;
+            };
+            keys.clear();
+            value_keys(instances, &mut keys);
+            may_repeat |= keys.len() > 1;
+            for k in &keys {
+                if let Some(subs) = by_key.get(k) {
+                    out.extend(subs);
                 }
-            })
+            }
+        }
+        if may_repeat {
+            out.sort_by_key(|s| Arc::as_ptr(s));
+            out.dedup_by_key(|s| Arc::as_ptr(s));
+        }
+        out
     }
 }
 
@@ -243,8 +259,8 @@ pub fn match_change(
     let Some(subject) = after.or(before) else {
         return;
     };
-    let mut candidates = subs.candidates(&subject.types).peekable();
-    if candidates.peek().is_none() {
+    let candidates = subs.candidates(subject);
+    if candidates.is_empty() {
         return;
     }
     // The change is summarised once, whatever the number of subscriptions.
@@ -391,4 +407,111 @@ pub fn apply_meta(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use borough_core::Context;
+    use borough_core::entity::parse_entity;
+    use borough_core::subscription::Stats;
+    use serde_json::{Value, json};
+
+    fn sub(id: usize, extra: Value) -> Arc<CompiledSubscription> {
+        let mut body = json!({"type": "Subscription", "entities": [{"type": "Meter"}],
+            "notification": {"endpoint": {"uri": "http://127.0.0.1:9/n"}}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let record = SubscriptionRecord {
+            id: format!("urn:s:{id}"),
+            body: body.as_object().cloned().unwrap(),
+            context: Value::Null,
+            context_objects: Vec::new(),
+            created_at: 0,
+            modified_at: 0,
+            stats: Stats::default(),
+        };
+        Arc::new(CompiledSubscription::compile(record, 0, false).unwrap())
+    }
+
+    #[test]
+    fn indexed_candidates_find_every_subscription_that_matches() {
+        let subs = vec![
+            sub(0, json!({"q": "zone==3"})),
+            sub(1, json!({"q": "zone==1,2;level>0"})),
+            sub(2, json!({"q": "status==\"free\""})),
+            sub(3, json!({"q": "zone==3|status==\"free\""})),
+            sub(4, json!({})),
+            sub(5, json!({"q": "kind==meterA"})),
+            sub(6, json!({"q": "tags==\"a\""})),
+            sub(7, json!({"q": "zone==-0"})),
+            sub(8, json!({"entities": [{"type": "Other"}], "q": "zone==3"})),
+            sub(
+                9,
+                json!({"entities": [{"idPattern": ".*"}], "q": "level==2"}),
+            ),
+            sub(10, json!({"q": "seen==2024-01-01T00:00:00Z"})),
+            sub(11, json!({"q": "zone==3.0"})),
+        ];
+        let by_id = subs
+            .iter()
+            .map(|s| (s.record.id.clone(), s.clone()))
+            .collect();
+        let index = TenantSubscriptions::rebuild(by_id);
+        let ctx = Context::core();
+        let entity = |zone: f64, status: &str, level: i64| {
+            Arc::new(
+                parse_entity(
+                    &json!({"id": "urn:m:1", "type": ["Meter"], "zone": zone, "status": status, "level": level,
+                            "kind": {"type": "VocabProperty", "vocab": "meterA"}, "tags": ["a", "b"],
+                            "seen": "2024-01-01T00:00:00.000Z"}),
+                    &ctx,
+                    0,
+                )
+                .unwrap(),
+            )
+        };
+        let states = [
+            entity(3.0, "free", 1),
+            entity(1.0, "occupied", 1),
+            entity(2.0, "occupied", 0),
+            entity(0.0, "occupied", 2),
+            entity(-0.0, "free", 2),
+        ];
+        for before in states.iter() {
+            for after in states.iter() {
+                for (b, a) in [
+                    (Some(before), Some(after)),
+                    (None, Some(after)),
+                    (Some(before), None),
+                ] {
+                    let change = Change::of(b.map(|e| e.as_ref()), a.map(|e| e.as_ref())).unwrap();
+                    let mut indexed: Vec<&str> = index
+                        .candidates(change.subject)
+                        .into_iter()
+                        .filter(|s| s.matches_change(&change, 1).is_some())
+                        .map(|s| s.record.id.as_str())
+                        .collect();
+                    let mut all: Vec<&str> = subs
+                        .iter()
+                        .filter(|s| s.matches_change(&change, 1).is_some())
+                        .map(|s| s.record.id.as_str())
+                        .collect();
+                    indexed.sort();
+                    all.sort();
+                    assert_eq!(
+                        indexed,
+                        all,
+                        "{:?} -> {:?}",
+                        b.map(|e| &e.attrs),
+                        a.map(|e| &e.attrs)
+                    );
+                }
+            }
+        }
+        // The index does narrow: a zone-1 meter is not checked against zone==3 subscriptions.
+        let c = index.candidates(&states[1]);
+        assert!(!c.iter().any(|s| s.record.id == "urn:s:0"));
+    }
 }

@@ -478,6 +478,88 @@ fn path_exists(e: &Entity, path: &AttrPath) -> bool {
     })
 }
 
+// ---------------------------------------------------------------------------
+// Equality keys: for indexes that must find which terms an entity can satisfy.
+
+fn num_key(n: f64) -> String {
+    // 0.0 and -0.0 compare equal in queries: one key for both.
+    let n = if n == 0.0 { 0.0 } else { n };
+    format!("n:{}", n.to_bits())
+}
+
+fn target_key(t: &Target) -> Option<String> {
+    match t {
+        Target::Json(Value::Number(n), _) => n.as_f64().map(num_key),
+        Target::Json(Value::String(s), _) => Some(format!("s:{s}")),
+        Target::Str(s) => Some(format!("s:{s}")),
+        Target::Json(Value::Bool(b), _) => Some(format!("b:{b}")),
+        _ => None,
+    }
+}
+
+/// The equality keys of an attribute's values, as `eval_term` would compare
+/// them for a term naming the attribute alone (no sub-attribute, member or path).
+pub fn value_keys(instances: &[Attribute], out: &mut Vec<String>) {
+    let path = AttrPath {
+        attrs: Vec::new(),
+        member: None,
+        compound: Vec::new(),
+    };
+    let mut targets = Vec::new();
+    for a in instances {
+        attribute_targets(a, &path, &mut targets);
+    }
+    out.extend(targets.iter().filter_map(target_key));
+}
+
+/// If `q` can only hold for entities whose attribute `name` equals one of some
+/// scalar literals (a term `name==v` or `name==v1,v2` at its top level, alone or
+/// in a conjunction), that attribute and the literals' equality keys.
+pub fn equality_anchor(q: &QExpr) -> Option<(String, Vec<String>)> {
+    let terms: Vec<&QTerm> = match q {
+        BoolExpr::Leaf(t) => vec![t],
+        BoolExpr::And(xs) => xs
+            .iter()
+            .filter_map(|x| match x {
+                BoolExpr::Leaf(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        BoolExpr::Or(_) => return None,
+    };
+    'terms: for t in terms {
+        if t.negated
+            || t.path.attrs.len() != 1
+            || t.path.member.is_some()
+            || !t.path.compound.is_empty()
+        {
+            continue;
+        }
+        let lits: Vec<&Lit> = match &t.cmp {
+            Some((Op::Eq, QValue::One(l))) => vec![l],
+            Some((Op::Eq, QValue::List(ls))) => ls.iter().collect(),
+            _ => continue,
+        };
+        let mut keys = Vec::new();
+        for l in lits {
+            match l {
+                Lit::Num(n) => keys.push(num_key(*n)),
+                Lit::Bool(b) => keys.push(format!("b:{b}")),
+                Lit::Str { raw, expanded } => {
+                    keys.push(format!("s:{raw}"));
+                    if expanded != raw {
+                        keys.push(format!("s:{expanded}"));
+                    }
+                }
+                // Date-times compare across formats: no single key.
+                Lit::DateTime(_) => continue 'terms,
+            }
+        }
+        return Some((t.path.attrs[0].clone(), keys));
+    }
+    None
+}
+
 /// Whether `e` satisfies `q`.
 pub fn eval_q(e: &Entity, q: &QExpr) -> bool {
     q.eval(&mut |t| eval_term(e, t))
