@@ -276,6 +276,11 @@ pub fn match_change(
                 entity: subject.as_ref().clone(),
                 deleted: after.is_none(),
                 at: now,
+                previous: if s.show_changes && after.is_some() {
+                    before.map(|b| b.as_ref().clone())
+                } else {
+                    None
+                },
             });
         }
     }

@@ -280,8 +280,10 @@ async fn deliver(
     notices: Vec<(u64, Notice)>,
     mqtt: &mut Option<MqttEndpoint>,
 ) {
-    let entities: Vec<&Entity> = notices.iter().map(|(_, n)| &n.entity).collect();
-    let deleted: Vec<bool> = notices.iter().map(|(_, n)| n.deleted).collect();
+    let items: Vec<Item> = notices
+        .iter()
+        .map(|(_, n)| (&n.entity, n.deleted, n.previous.as_ref()))
+        .collect();
     let id = format!(
         "urn:ngsi-ld:Notification:{}",
         notices.first().map_or(0, |(s, _)| *s)
@@ -290,7 +292,7 @@ async fn deliver(
     let mut last_error = String::new();
     for attempt in 1..=shared.config.max_attempts {
         let now = now_micros();
-        let body = notification(sub, &id, &entities, &deleted, now);
+        let body = notification(sub, &id, &items, now);
         let result = send(shared, sub, tenant, &body, mqtt).await;
         shared.store.record_delivery(
             tenant,
@@ -332,18 +334,15 @@ async fn deliver(
 }
 
 /// The notification body (clause 5.3.1).
-fn notification(
-    sub: &CompiledSubscription,
-    id: &str,
-    entities: &[&Entity],
-    deleted: &[bool],
-    now: i64,
-) -> Value {
+/// An entity to notify: its state, whether it was deleted, and its previous
+/// state when the subscription shows changes.
+type Item<'a> = (&'a Entity, bool, Option<&'a Entity>);
+
+fn notification(sub: &CompiledSubscription, id: &str, items: &[Item<'_>], now: i64) -> Value {
     let ld = sub.endpoint.accept == "application/ld+json";
-    let data: Vec<Value> = entities
+    let data: Vec<Value> = items
         .iter()
-        .zip(deleted)
-        .map(|(e, gone)| render(e, *gone, &sub.ctx, &sub.render, now))
+        .map(|(e, gone, previous)| render(e, *gone, *previous, &sub.ctx, &sub.render, now))
         .collect();
     let mut n = Map::new();
     if ld {
@@ -357,7 +356,14 @@ fn notification(
     Value::Object(n)
 }
 
-fn render(e: &Entity, deleted: bool, ctx: &Context, opts: &RenderOptions, now: i64) -> Value {
+fn render(
+    e: &Entity,
+    deleted: bool,
+    previous: Option<&Entity>,
+    ctx: &Context,
+    opts: &RenderOptions,
+    now: i64,
+) -> Value {
     if deleted {
         let types: Vec<Value> = e.types.iter().map(|t| json!(ctx.compact(t))).collect();
         let t = if types.len() == 1 {
@@ -374,9 +380,47 @@ fn render(e: &Entity, deleted: bool, ctx: &Context, opts: &RenderOptions, now: i
         opts,
         context: None,
     };
-    match serde_json::to_value(&view) {
+    let mut out = match serde_json::to_value(&view) {
         Ok(Value::Array(mut v)) if !v.is_empty() => v.swap_remove(0),
         _ => Value::Null,
+    };
+    if let Some(before) = previous {
+        show_changes(&mut out, e, before, ctx);
+    }
+    out
+}
+
+/// Adds the previous value (`previousValue`, `previousObject`, …) to every
+/// attribute instance whose value changed (clause 5.2.12, `showChanges`).
+/// keyValues, and concise attributes shown as bare values, have no room for it.
+fn show_changes(out: &mut Value, e: &Entity, before: &Entity, ctx: &Context) {
+    for (name, instances) in &e.attrs {
+        let Some(old) = before.attrs.get(name) else {
+            continue;
+        };
+        let Some(rendered) = out.get_mut(ctx.compact(name).as_ref()) else {
+            continue;
+        };
+        for (i, a) in instances.iter().enumerate() {
+            let Some(prev) = old.iter().find(|o| o.dataset_id == a.dataset_id) else {
+                continue;
+            };
+            if prev.value == a.value {
+                continue;
+            }
+            let slot = match &mut *rendered {
+                Value::Array(items) => items.get_mut(i),
+                other => Some(other),
+            };
+            if let Some(Value::Object(m)) = slot {
+                let key = format!(
+                    "previous{}{}",
+                    a.kind.value_key()[..1].to_uppercase(),
+                    &a.kind.value_key()[1..]
+                );
+                m.insert(key, prev.value.clone());
+            }
+        }
     }
 }
 
@@ -474,20 +518,22 @@ async fn periodic(shared: Arc<Shared>) {
             if page.entities.is_empty() {
                 continue;
             }
-            let entities: Vec<&Entity> = page.entities.iter().map(|e| e.as_ref()).collect();
-            let deleted = vec![false; entities.len()];
+            let items: Vec<Item> = page
+                .entities
+                .iter()
+                .map(|e| (e.as_ref(), false, None))
+                .collect();
             let body = notification(
                 &sub,
                 &format!("urn:ngsi-ld:Notification:periodic-{now}"),
-                &entities,
-                &deleted,
+                &items,
                 now,
             );
             let result = send(&shared, &sub, &tenant, &body, &mut None).await;
             shared.store.record_delivery(
                 &tenant,
                 &sub.record.id,
-                entities.len() as u64,
+                items.len() as u64,
                 now,
                 result.err(),
             );

@@ -38,6 +38,9 @@ pub struct Notice {
     pub deleted: bool,
     /// When the change was committed (microseconds).
     pub at: i64,
+    /// The entity before the change, for subscriptions that show changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Entity>,
 }
 
 /// One page of a query's results, in entity id order.
