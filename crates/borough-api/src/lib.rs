@@ -6,6 +6,7 @@ pub mod context_registry;
 pub mod contexts;
 pub mod discovery;
 pub mod entities;
+pub mod metrics;
 pub mod problem;
 pub mod query;
 pub mod request;
@@ -136,6 +137,7 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
         );
     Ok(Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics::metrics))
         .route("/bench/static", get(static_body_route))
         .nest("/ngsi-ld/v1", ngsi)
         .fallback(not_found)

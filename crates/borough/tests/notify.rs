@@ -230,6 +230,28 @@ fn delivers_to_a_real_receiver_with_triggers_filters_and_stats() {
     };
     assert!(sub["notification"]["lastSuccess"].is_string());
     assert_eq!(sub["notification"]["status"], "ok");
+
+    // The same figures, and the lag, for Prometheus.
+    let text = rt.block_on(async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("urn:ngsi-ld:Subscription:free"))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(line("borough_subscription_notifications_sent"), "2");
+    assert_eq!(line("borough_subscription_pending_notifications"), "0");
+    assert!(text.contains("borough_entities{tenant=\"\"} 2"), "{text}");
 }
 
 #[test]
