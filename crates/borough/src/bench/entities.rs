@@ -2,10 +2,13 @@
 //! and their baselines (PostgreSQL `jsonb` upserts, and the HTTP ceiling of a
 //! static body of the same size as one entity).
 
+use super::common::{
+    self, ENTITIES_PATH, Options, READY_TIMEOUT, RunInfo, UPSERT_WORKERS, mean_len, relationship,
+};
 use super::load::{self, Conn, Mix, Summary, ms};
 use super::postgres;
 use super::report::{
-    Phase, Target, phase_table, ratio, round_to, target_table, thousands, write_json,
+    Phase, Target, phase_table, publish, ratio, round_to, targets_json, thousands,
 };
 use super::server::Server;
 use bytes::Bytes;
@@ -14,18 +17,11 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Seed of the documents and of the request mix: runs are reproducible.
 const SEED: u64 = 0x5EED_B0B0;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
-const ENTITIES_PATH: &str = "/ngsi-ld/v1/entities";
-const UPSERT_WORKERS: usize = 4;
-/// Answers of a successful upsert: 201 (some created) or 204 (all updated).
-const UPSERT_OK: &[StatusCode] = &[StatusCode::CREATED, StatusCode::NO_CONTENT];
 const PATCH_PERCENT: u32 = 20;
 /// Distinct PATCH bodies, picked at random (built before the clock starts).
 const PATCH_BODIES: usize = 256;
@@ -52,12 +48,6 @@ const TARGET_MIXED_PER_S: f64 = 15_000.0;
 const TARGET_MIXED_P99_MS: f64 = 10.0;
 const TARGET_MIXED_VS_CEILING: f64 = 0.5;
 
-pub struct Options {
-    pub quick: bool,
-    pub out: PathBuf,
-    pub pg: String,
-}
-
 struct Sizes {
     entities: usize,
     batch: usize,
@@ -65,25 +55,20 @@ struct Sizes {
     concurrency: usize,
 }
 
-impl Sizes {
-    fn new(quick: bool) -> Sizes {
-        if quick {
-            Sizes {
-                entities: 2_000,
-                batch: 100,
-                duration: Duration::from_secs(2),
-                concurrency: 16,
-            }
-        } else {
-            Sizes {
-                entities: 100_000,
-                batch: 1_000,
-                duration: Duration::from_secs(10),
-                concurrency: 64,
-            }
-        }
-    }
-}
+/// Tiny sizes (`--quick`): they check the harness, and measure nothing.
+const QUICK: Sizes = Sizes {
+    entities: 2_000,
+    batch: 100,
+    duration: Duration::from_secs(2),
+    concurrency: 16,
+};
+
+const FULL: Sizes = Sizes {
+    entities: 100_000,
+    batch: 1_000,
+    duration: Duration::from_secs(10),
+    concurrency: 64,
+};
 
 /// The documents, built once before anything is measured.
 struct Dataset {
@@ -112,11 +97,6 @@ impl Dataset {
             docs: Arc::new(docs),
             batches: Arc::new(batches),
         })
-    }
-
-    fn mean_doc_bytes(&self) -> f64 {
-        let total: usize = self.docs.iter().map(String::len).sum();
-        total as f64 / self.docs.len().max(1) as f64
     }
 }
 
@@ -147,10 +127,7 @@ fn parking_spot(id: &str, i: usize, rng: &mut SmallRng) -> Value {
             "type": "GeoProperty",
             "value": {"type": "Point", "coordinates": [lon, lat]},
         },
-        "refParkingSite": {
-            "type": "Relationship",
-            "object": format!("urn:ngsi-ld:ParkingSite:{site:04}"),
-        },
+        "refParkingSite": relationship(format!("urn:ngsi-ld:ParkingSite:{site:04}")),
     })
 }
 
@@ -187,15 +164,8 @@ pub(super) fn timestamp(rng: &mut SmallRng, day: u32) -> String {
 }
 
 pub fn run(opts: &Options) -> Result<(), String> {
-    let sizes = Sizes::new(opts.quick);
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    if build == "debug" {
-        eprintln!("note: debug build; the figures are not representative (build with --release)");
-    }
+    let sizes = if opts.quick { QUICK } else { FULL };
+    let info = RunInfo::new("entities", opts.quick);
     eprintln!("generating {} entities (seed {SEED:#x})", sizes.entities);
     let data = Dataset::generate(sizes.entities, sizes.batch)?;
     let static_bytes = data
@@ -204,11 +174,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
         .map(String::len)
         .ok_or_else(|| "the scenario generated no entity".to_string())?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bench-load")
-        .build()
-        .map_err(|e| format!("cannot start the load generator runtime: {e}"))?;
+    let runtime = common::load_runtime()?;
     // Fail fast, before the Borough phases, if the baseline cannot run.
     runtime.block_on(postgres::check(&opts.pg))?;
 
@@ -224,7 +190,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
         "postgres-jsonb: upserting {} documents, {} per transaction, {UPSERT_WORKERS} connections",
         sizes.entities, sizes.batch
     );
-    let pg = runtime.block_on(postgres::run(
+    let pg = runtime.block_on(postgres::upsert_entities(
         &opts.pg,
         data.ids.clone(),
         data.docs.clone(),
@@ -238,41 +204,24 @@ pub fn run(opts: &Options) -> Result<(), String> {
             data.ids.len()
         ));
     }
-    let mut pg_latencies = pg.latencies_us;
-    let postgres = Phase {
-        name: "postgres-jsonb",
-        unit: "entities/s",
-        count: data.ids.len(),
-        elapsed: pg.elapsed,
-        latency_of: "transaction",
-        latency: Summary::of(&mut pg_latencies),
-        errors: 0,
-        first_error: None,
-        memory: None,
-        ops: Vec::new(),
-    };
+    let postgres = Phase::entities_written(
+        "postgres-jsonb",
+        data.ids.len(),
+        "transaction",
+        pg.elapsed,
+        pg.latencies_us,
+    );
 
     let report = Report {
-        quick: opts.quick,
-        build,
+        info,
         sizes: &sizes,
         static_bytes,
-        mean_doc_bytes: data.mean_doc_bytes(),
+        mean_doc_bytes: mean_len(&data.docs),
         phases: [upsert, postgres, mixed, ceiling],
     };
-    println!("{}", report.table());
-    write_json(&opts.out, &report.to_json())?;
-    println!("results written to {}", opts.out.display());
-
+    publish(&report.table(), &report.to_json(), &opts.out)?;
     for phase in &report.phases {
-        if phase.errors > 0 {
-            return Err(format!(
-                "{}: {} requests failed; first: {}",
-                phase.name,
-                phase.errors,
-                phase.first_error.as_deref().unwrap_or("(no detail)")
-            ));
-        }
+        phase.check_failures(phase.name, "requests")?;
     }
     Ok(())
 }
@@ -283,32 +232,17 @@ async fn borough_phases(
     data: &Dataset,
     sizes: &Sizes,
 ) -> Result<[Phase; 3], String> {
-    let addr = server.addr();
-
-    eprintln!(
-        "upsert: {} entities in batches of {}, {UPSERT_WORKERS} workers",
-        sizes.entities, sizes.batch
+    let entities = data.ids.len();
+    let upsert = common::upsert(
+        server,
+        "upsert",
+        data.batches.clone(),
+        entities,
+        sizes.batch,
     );
-    let uri = Uri::from_static(UPSERT_PATH);
-    let batches = load::post_all(addr, uri, data.batches.clone(), UPSERT_WORKERS, UPSERT_OK)
-        .await
-        .map_err(|e| format!("upsert: {e}"))?;
-    server.check_alive()?;
-    let mut batch_latencies = batches.latencies_us;
-    let upsert = Phase {
-        name: "upsert",
-        unit: "entities/s",
-        count: data.ids.len(),
-        elapsed: batches.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut batch_latencies),
-        errors: 0,
-        first_error: None,
-        memory: server.memory(),
-        ops: Vec::new(),
-    };
+    let upsert = upsert.await?;
 
-    verify(addr, &data.ids).await?;
+    verify(server.addr(), &data.ids).await?;
 
     eprintln!(
         "mixed: {} s at concurrency {}, {}% GET / {PATCH_PERCENT}% PATCH",
@@ -318,7 +252,7 @@ async fn borough_phases(
     );
     let mix = entity_mix(&data.ids)?;
     let run = load::run_timed(
-        addr,
+        server.addr(),
         Arc::new(mix),
         sizes.concurrency,
         sizes.duration,
@@ -326,23 +260,15 @@ async fn borough_phases(
     )
     .await?;
     server.check_alive()?;
-    let mut all: Vec<u64> = run.get_us.iter().chain(&run.patch_us).copied().collect();
+    let all: Vec<u64> = run.get_us.iter().chain(&run.patch_us).copied().collect();
     let (mut get_us, mut patch_us) = (run.get_us, run.patch_us);
-    let mixed = Phase {
-        name: "mixed",
-        unit: "req/s",
-        count: all.len(),
-        elapsed: run.elapsed,
-        latency_of: "request",
-        latency: Summary::of(&mut all),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: server.memory(),
-        ops: vec![
+    let mixed = Phase::timed("mixed", "req/s", "request", run.elapsed, all)
+        .with_failures(run.failures)
+        .with_memory(server.memory())
+        .with_ops(vec![
             ("GET", get_us.len(), Summary::of(&mut get_us)),
             ("PATCH", patch_us.len(), Summary::of(&mut patch_us)),
-        ],
-    };
+        ]);
 
     eprintln!(
         "http-ceiling: {} s at concurrency {}, GET /bench/static",
@@ -350,28 +276,15 @@ async fn borough_phases(
         sizes.concurrency
     );
     let mix = Mix::Static(Uri::from_static("/bench/static"));
-    let run = load::run_timed(
-        addr,
-        Arc::new(mix),
+    let ceiling = common::timed_gets(
+        server,
+        "http-ceiling",
+        mix,
         sizes.concurrency,
         sizes.duration,
         SEED ^ 0x4854,
     )
     .await?;
-    server.check_alive()?;
-    let mut get_us = run.get_us;
-    let ceiling = Phase {
-        name: "http-ceiling",
-        unit: "req/s",
-        count: get_us.len(),
-        elapsed: run.elapsed,
-        latency_of: "request",
-        latency: Summary::of(&mut get_us),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: server.memory(),
-        ops: Vec::new(),
-    };
     Ok([upsert, mixed, ceiling])
 }
 
@@ -433,8 +346,7 @@ async fn verify(addr: SocketAddr, ids: &[String]) -> Result<(), String> {
 }
 
 struct Report<'a> {
-    quick: bool,
-    build: &'static str,
+    info: RunInfo,
     sizes: &'a Sizes,
     static_bytes: usize,
     mean_doc_bytes: f64,
@@ -456,56 +368,33 @@ impl Report<'_> {
         let mixed = self.phases[2].throughput();
         let mixed_p99 = ms(self.phases[2].latency.p99_us as f64);
         vec![
-            Target {
-                name: "upsert throughput".into(),
-                actual: upsert,
-                actual_text: format!("{} entities/s", thousands(upsert)),
-                at_least: true,
-                bound: TARGET_UPSERT_PER_S,
-                bound_text: format!("≥ {} entities/s", thousands(TARGET_UPSERT_PER_S)),
-            },
-            Target {
-                name: "upsert ÷ postgres-jsonb".into(),
-                actual: self.upsert_vs_pg(),
-                actual_text: format!("{:.2}x", self.upsert_vs_pg()),
-                at_least: true,
-                bound: TARGET_UPSERT_VS_PG,
-                bound_text: format!("≥ {TARGET_UPSERT_VS_PG}x"),
-            },
-            Target {
-                name: "mixed throughput".into(),
-                actual: mixed,
-                actual_text: format!("{} req/s", thousands(mixed)),
-                at_least: true,
-                bound: TARGET_MIXED_PER_S,
-                bound_text: format!("≥ {} req/s", thousands(TARGET_MIXED_PER_S)),
-            },
-            Target {
-                name: "mixed p99 latency".into(),
-                actual: mixed_p99,
-                actual_text: format!("{mixed_p99:.2} ms"),
-                at_least: false,
-                bound: TARGET_MIXED_P99_MS,
-                bound_text: format!("< {TARGET_MIXED_P99_MS} ms"),
-            },
-            Target {
-                name: "mixed ÷ http-ceiling".into(),
-                actual: self.mixed_vs_ceiling(),
-                actual_text: format!("{:.2}x", self.mixed_vs_ceiling()),
-                at_least: true,
-                bound: TARGET_MIXED_VS_CEILING,
-                bound_text: format!("≥ {TARGET_MIXED_VS_CEILING}x"),
-            },
+            Target::rate_at_least(
+                "upsert throughput",
+                upsert,
+                TARGET_UPSERT_PER_S,
+                "entities/s",
+            ),
+            Target::ratio_at_least(
+                "upsert ÷ postgres-jsonb",
+                self.upsert_vs_pg(),
+                TARGET_UPSERT_VS_PG,
+            ),
+            Target::rate_at_least("mixed throughput", mixed, TARGET_MIXED_PER_S, "req/s"),
+            Target::latency_below("mixed p99 latency", mixed_p99, TARGET_MIXED_P99_MS),
+            Target::ratio_at_least(
+                "mixed ÷ http-ceiling",
+                self.mixed_vs_ceiling(),
+                TARGET_MIXED_VS_CEILING,
+            ),
         ]
     }
 
     fn table(&self) -> String {
         let s = self.sizes;
         let mut out = format!(
-            "\nborough bench entities ({}, {} build): {} entities, batches of {}, {UPSERT_WORKERS} upsert workers; \
+            "{}{} entities, batches of {}, {UPSERT_WORKERS} upsert workers; \
              mixed and http-ceiling {} s at concurrency {}\n\n",
-            if self.quick { "quick" } else { "full" },
-            self.build,
+            self.info.title(),
             thousands(s.entities as f64),
             s.batch,
             s.duration.as_secs(),
@@ -517,10 +406,7 @@ impl Report<'_> {
             self.upsert_vs_pg(),
             self.mixed_vs_ceiling()
         ));
-        out.push_str(&target_table("targets (from the issue)", &self.targets()));
-        if self.quick || self.build == "debug" {
-            out.push_str("(quick runs and debug builds measure nothing meaningful; targets are informative only)\n");
-        }
+        out.push_str(&self.info.targets_section(&self.targets(), ""));
         out
     }
 
@@ -530,18 +416,7 @@ impl Report<'_> {
             .iter()
             .map(|p| (p.name.to_string(), p.to_json()))
             .collect();
-        let targets: Vec<Value> = self.targets().iter().map(Target::to_json).collect();
-        let unix_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        json!({
-            "scenario": "entities",
-            "quick": self.quick,
-            "build": self.build,
-            "version": env!("CARGO_PKG_VERSION"),
-            "unix_time": unix_time,
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "entities": self.sizes.entities,
@@ -558,7 +433,7 @@ impl Report<'_> {
                 "upsert_vs_postgres": round_to(self.upsert_vs_pg(), 1e3),
                 "mixed_vs_http_ceiling": round_to(self.mixed_vs_ceiling(), 1e3),
             },
-            "targets": targets,
-        })
+            "targets": targets_json(&self.targets()),
+        }))
     }
 }

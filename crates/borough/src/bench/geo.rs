@@ -9,41 +9,36 @@
 //! positions of every shape (Borough and PostGIS must answer the same ids);
 //! then run each shape on both, rotating through seeded random positions.
 
-use super::geo_pg::{self, GEOM_INDEX, Param, Rows, TABLE};
-use super::load::{self, Conn, Mix, Summary, ms, percent_encode};
-use super::query::entity_ids;
+use super::common::{
+    self, BothSystems, Options, RunInfo, UPSERT_WORKERS, entities_query, mean_len, property,
+};
+use super::geo_pg::{self, GEOM_INDEX, TABLE};
+use super::load::{self, Conn, ms};
+use super::postgres::{self, Column, Param, TimedQuery};
 use super::report::{
-    Phase, Target, memory_text, phase_table, ratio, round_to, target_table, thousands, write_json,
+    Bound, Phase, ShapeRun, Target, memory_json, memory_text, phase_table, publish, round_to,
+    shape_table, targets_json, thousands,
 };
 use super::server::{Memory, Restart, Server};
 use bytes::Bytes;
-use hyper::{Method, StatusCode, Uri};
+use hyper::Uri;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::f64::consts::PI;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
 
 /// Seed of the entities, the query positions and the request picks.
 const SEED: u64 = 0x5EED_6E00;
-/// Wait for the first, empty server.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wait for the server to stop by itself after `SIGTERM` before killing it.
 const STOP_GRACE: Duration = Duration::from_secs(120);
-const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
-const ENTITIES_PATH: &str = "/ngsi-ld/v1/entities";
-const UPSERT_WORKERS: usize = 4;
 const BATCH: usize = 1_000;
 const CONCURRENCY: usize = 16;
 /// Page size of every query.
 const LIMIT: usize = 100;
-/// Answers of a successful upsert: 201 (some created) or 204 (all updated).
-const UPSERT_OK: &[StatusCode] = &[StatusCode::CREATED, StatusCode::NO_CONTENT];
-
 /// Located things, as Points; they take turns in this order.
 const POINT_TYPES: [&str; 3] = ["ParkingSpot", "Streetlight", "AirQualityObserved"];
 /// Areas, as Polygons; they take turns in this order.
@@ -79,12 +74,6 @@ const TARGET_STARTUP_S: f64 = 10.0;
 /// Size at which the issue states the targets.
 const TARGET_POINTS: usize = 1_000_000;
 
-pub struct Options {
-    pub quick: bool,
-    pub out: PathBuf,
-    pub pg: String,
-}
-
 struct Sizes {
     points: usize,
     polygons: usize,
@@ -93,25 +82,22 @@ struct Sizes {
     restart_timeout: Duration,
 }
 
-impl Sizes {
-    fn new(quick: bool) -> Sizes {
-        if quick {
-            Sizes {
-                points: 20_000,
-                polygons: 500,
-                duration: Duration::from_secs(1),
-                restart_timeout: Duration::from_secs(120),
-            }
-        } else {
-            Sizes {
-                points: TARGET_POINTS,
-                polygons: 10_000,
-                duration: Duration::from_secs(10),
-                restart_timeout: Duration::from_secs(900),
-            }
-        }
-    }
+/// Tiny sizes (`--quick`): they check the harness, and measure nothing.
+const QUICK: Sizes = Sizes {
+    points: 20_000,
+    polygons: 500,
+    duration: Duration::from_secs(1),
+    restart_timeout: Duration::from_secs(120),
+};
 
+const FULL: Sizes = Sizes {
+    points: TARGET_POINTS,
+    polygons: 10_000,
+    duration: Duration::from_secs(10),
+    restart_timeout: Duration::from_secs(900),
+};
+
+impl Sizes {
     fn entities(&self) -> usize {
         self.points + self.polygons
     }
@@ -222,7 +208,10 @@ fn street(rng: &mut SmallRng) -> Vec<[f64; 2]> {
 
 /// The entities, built once before anything is measured.
 struct Dataset {
-    rows: Rows,
+    /// The rows of the PostGIS table, in the order of its columns: ids,
+    /// types, GeoJSON geometries (`location.value`), documents.
+    columns: Vec<Column>,
+    mean_doc_bytes: f64,
     /// Upsert bodies: JSON arrays of [`BATCH`] entities.
     batches: Arc<Vec<Bytes>>,
 }
@@ -270,26 +259,17 @@ impl Dataset {
             geometries.push(geometry);
             docs.push(doc);
         }
-        let batches = load::json_arrays(&docs, BATCH);
         Ok(Dataset {
-            rows: Rows {
-                ids: Arc::new(ids),
-                types: Arc::new(types),
-                geometries: Arc::new(geometries),
-                docs: Arc::new(docs),
-            },
-            batches: Arc::new(batches),
+            mean_doc_bytes: mean_len(&docs),
+            batches: Arc::new(load::json_arrays(&docs, BATCH)),
+            columns: vec![
+                Column::Strings(Arc::new(ids)),
+                Column::Names(Arc::new(types)),
+                Column::Strings(Arc::new(geometries)),
+                Column::Strings(Arc::new(docs)),
+            ],
         })
     }
-
-    fn mean_doc_bytes(&self) -> f64 {
-        let total: usize = self.rows.docs.iter().map(String::len).sum();
-        total as f64 / self.rows.docs.len().max(1) as f64
-    }
-}
-
-fn property(value: Value) -> Value {
-    json!({"type": "Property", "value": value})
 }
 
 fn parking_spot(id: &str, rng: &mut SmallRng) -> Value {
@@ -367,17 +347,7 @@ struct Position {
 
 impl Position {
     fn new(query: &[(&str, String)], params: Vec<Param>) -> Result<Position, String> {
-        let display = query
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let encoded: String = query
-            .iter()
-            .map(|(k, v)| format!("{k}={}&", percent_encode(v)))
-            .collect();
-        let uri = Uri::try_from(format!("{ENTITIES_PATH}?{encoded}limit={LIMIT}"))
-            .map_err(|e| format!("invalid request URI for {display}: {e}"))?;
+        let (display, uri) = entities_query(query, LIMIT)?;
         Ok(Position {
             display,
             uri,
@@ -397,6 +367,29 @@ struct Shape {
     /// `near`: ordered by distance, ties by id; otherwise by id.
     by_distance: bool,
     positions: Vec<Position>,
+}
+
+impl Shape {
+    /// The shape's requests on Borough and its queries on PostGIS: one
+    /// statement, run with the parameters of each position.
+    fn both_systems(&self) -> BothSystems {
+        let queries = self
+            .positions
+            .iter()
+            .map(|p| TimedQuery {
+                statement: 0,
+                params: p.params.clone(),
+                label: format!("{:?}", p.params),
+            })
+            .collect();
+        BothSystems {
+            shape: self.name,
+            uris: self.positions.iter().map(|p| p.uri.clone()).collect(),
+            baseline: "postgis",
+            sqls: vec![self.sql.clone()],
+            queries,
+        }
+    }
 }
 
 /// The query point of the near statements ($2 = lon, $3 = lat).
@@ -536,18 +529,6 @@ fn shapes() -> Result<Vec<Shape>, String> {
 // ---------------------------------------------------------------------------
 // Measurement
 
-/// Borough and PostGIS on one shape.
-struct ShapeRun {
-    borough: Phase,
-    postgis: Phase,
-}
-
-impl ShapeRun {
-    fn rps_vs_pg(&self) -> f64 {
-        ratio(self.borough.throughput(), self.postgis.throughput())
-    }
-}
-
 /// The comparison of Borough's and PostGIS's answers for one shape.
 #[derive(Default)]
 struct Check {
@@ -614,15 +595,8 @@ struct Measured {
 }
 
 pub fn run(opts: &Options) -> Result<(), String> {
-    let sizes = Sizes::new(opts.quick);
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    if build == "debug" {
-        eprintln!("note: debug build; the figures are not representative (build with --release)");
-    }
+    let sizes = if opts.quick { QUICK } else { FULL };
+    let info = RunInfo::new("geo", opts.quick);
     eprintln!(
         "generating {} points of {} types and {} polygons of {} types (seed {SEED:#x})",
         sizes.points,
@@ -633,16 +607,11 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let data = Dataset::generate(sizes.points, sizes.polygons)?;
     let shapes = shapes()?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bench-load")
-        .build()
-        .map_err(|e| format!("cannot start the load generator runtime: {e}"))?;
+    let runtime = common::load_runtime()?;
     // Fail fast, before loading Borough, if the baseline cannot run.
     let admin = runtime.block_on(geo_pg::admin(&opts.pg))?;
 
-    let mut server = Server::spawn(None, READY_TIMEOUT)?;
-    eprintln!("server listening on http://{}", server.addr());
+    let mut server = common::start_server()?;
     let result = measure(
         &runtime,
         &mut server,
@@ -653,35 +622,21 @@ pub fn run(opts: &Options) -> Result<(), String> {
         &opts.pg,
     );
     // The table goes, whatever happened; the server child is killed on drop.
-    let dropped = runtime.block_on(geo_pg::drop_table(&admin));
+    let dropped = runtime.block_on(postgres::drop_table(&admin, TABLE));
     drop(server);
     let measured = result?;
     dropped?;
 
     let report = Report {
-        quick: opts.quick,
-        build,
+        info,
         sizes: &sizes,
-        mean_doc_bytes: data.mean_doc_bytes(),
+        mean_doc_bytes: data.mean_doc_bytes,
         shapes: &shapes,
         measured,
     };
-    println!("{}", report.table());
-    write_json(&opts.out, &report.to_json())?;
-    println!("results written to {}", opts.out.display());
-
+    publish(&report.table(), &report.to_json(), &opts.out)?;
     for (shape, run) in shapes.iter().zip(&report.measured.runs) {
-        for phase in [&run.borough, &run.postgis] {
-            if phase.errors > 0 {
-                return Err(format!(
-                    "{} ({}): {} requests failed; first: {}",
-                    shape.name,
-                    phase.name,
-                    phase.errors,
-                    phase.first_error.as_deref().unwrap_or("(no detail)")
-                ));
-            }
-        }
+        run.check_failures(shape.name)?;
     }
     Ok(())
 }
@@ -698,31 +653,9 @@ fn measure(
     pg: &str,
 ) -> Result<Measured, String> {
     let entities = sizes.entities();
-    eprintln!("upsert: {entities} entities in batches of {BATCH}, {UPSERT_WORKERS} workers");
-    let batches = runtime
-        .block_on(load::post_all(
-            server.addr(),
-            Uri::from_static(UPSERT_PATH),
-            data.batches.clone(),
-            UPSERT_WORKERS,
-            UPSERT_OK,
-        ))
-        .map_err(|e| format!("upsert: {e}"))?;
-    server.check_alive()?;
-    let memory_after_load = server.memory();
-    let mut batch_latencies = batches.latencies_us;
-    let upsert = Phase {
-        name: "borough upsert",
-        unit: "entities/s",
-        count: entities,
-        elapsed: batches.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut batch_latencies),
-        errors: 0,
-        first_error: None,
-        memory: memory_after_load,
-        ops: Vec::new(),
-    };
+    let batches = data.batches.clone();
+    let upsert = common::upsert(server, "borough upsert", batches, entities, BATCH);
+    let upsert = runtime.block_on(upsert)?;
 
     eprintln!("restart: SIGTERM, then serve again on the same data ({entities} entities)");
     let restart = server.restart(STOP_GRACE, sizes.restart_timeout)?;
@@ -742,22 +675,25 @@ fn measure(
     eprintln!(
         "postgis: inserting {entities} rows, {BATCH} per statement, {UPSERT_WORKERS} connections, then GiST index + ANALYZE"
     );
+    let table = geo_pg::table();
+    let columns = data.columns.clone();
     let loaded = runtime
-        .block_on(geo_pg::load(admin, pg, &data.rows, BATCH, UPSERT_WORKERS))
+        .block_on(postgres::load(
+            admin,
+            pg,
+            &table,
+            columns,
+            BATCH,
+            UPSERT_WORKERS,
+        ))
         .map_err(|e| format!("postgis: {e}"))?;
-    let mut insert_latencies = loaded.latencies_us;
-    let pg_load = Phase {
-        name: "postgis insert",
-        unit: "entities/s",
-        count: entities,
-        elapsed: loaded.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut insert_latencies),
-        errors: 0,
-        first_error: None,
-        memory: None,
-        ops: Vec::new(),
-    };
+    let pg_load = Phase::entities_written(
+        "postgis insert",
+        entities,
+        "batch",
+        loaded.elapsed,
+        loaded.latencies_us,
+    );
 
     let mut plans = Vec::with_capacity(shapes.len());
     for shape in shapes {
@@ -779,11 +715,20 @@ fn measure(
 
     let mut runs = Vec::with_capacity(shapes.len());
     for (n, shape) in shapes.iter().enumerate() {
-        runs.push(runtime.block_on(measure_shape(server, pg, shape, sizes, n as u64))?);
+        let secs = sizes.duration.as_secs_f64();
+        eprintln!(
+            "{}: {secs} s at concurrency {CONCURRENCY} each, {} positions",
+            shape.name,
+            shape.positions.len()
+        );
+        let seed = SEED ^ ((n as u64) << 8);
+        let both = shape.both_systems();
+        let run = common::measure_shape(server, pg, both, CONCURRENCY, sizes.duration, seed);
+        runs.push(runtime.block_on(run)?);
     }
     Ok(Measured {
+        memory_after_load: upsert.memory,
         upsert,
-        memory_after_load,
         restart,
         memory_after_startup,
         pg_load,
@@ -814,17 +759,7 @@ async fn check_shapes(
         let mut check = Check::default();
         for p in shape.positions.iter().take(CHECK_POSITIONS) {
             let what = format!("check {} ({})", shape.name, p.display);
-            let (status, body) = conn
-                .request_with_timeout(Method::GET, p.uri.clone(), None, true)
-                .await
-                .map_err(|e| format!("{what}: {e}"))?;
-            if status != StatusCode::OK {
-                return Err(format!(
-                    "{what}: Borough answered {status}: {}",
-                    load::quote(&body)
-                ));
-            }
-            let borough = entity_ids(&body).map_err(|e| format!("{what}: {e}"))?;
+            let borough = common::fetch_ids(&mut conn, &p.uri, &what).await?;
             let expected = geo_pg::rows(admin, &shape.check_sql, &p.params, shape.by_distance)
                 .await
                 .map_err(|e| format!("{what}: postgis: {e}"))?;
@@ -909,72 +844,11 @@ fn compare(borough: &[String], postgis: &[(String, f64)], by_distance: bool) -> 
     (compared, only_borough + only_pg + reordered)
 }
 
-/// One shape for the duration on Borough, then on PostGIS.
-async fn measure_shape(
-    server: &mut Server,
-    pg: &str,
-    shape: &Shape,
-    sizes: &Sizes,
-    n: u64,
-) -> Result<ShapeRun, String> {
-    let secs = sizes.duration.as_secs_f64();
-    eprintln!(
-        "{}: {secs} s at concurrency {CONCURRENCY} each, {} positions",
-        shape.name,
-        shape.positions.len()
-    );
-    let mix = Mix::Gets(shape.positions.iter().map(|p| p.uri.clone()).collect());
-    let seed = SEED ^ (n << 8);
-    let run = load::run_timed(
-        server.addr(),
-        Arc::new(mix),
-        CONCURRENCY,
-        sizes.duration,
-        seed,
-    )
-    .await
-    .map_err(|e| format!("{}: {e}", shape.name))?;
-    server.check_alive()?;
-    let mut latencies = run.get_us;
-    let borough = Phase {
-        name: "borough",
-        unit: "req/s",
-        count: latencies.len(),
-        elapsed: run.elapsed,
-        latency_of: "request",
-        latency: Summary::of(&mut latencies),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: server.memory(),
-        ops: Vec::new(),
-    };
-
-    let params = Arc::new(shape.positions.iter().map(|p| p.params.clone()).collect());
-    let run = geo_pg::run_timed(pg, &shape.sql, params, CONCURRENCY, sizes.duration, seed)
-        .await
-        .map_err(|e| format!("{} (postgis): {e}", shape.name))?;
-    let mut latencies = run.latencies_us;
-    let postgis = Phase {
-        name: "postgis",
-        unit: "req/s",
-        count: latencies.len(),
-        elapsed: run.elapsed,
-        latency_of: "query",
-        latency: Summary::of(&mut latencies),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: None,
-        ops: Vec::new(),
-    };
-    Ok(ShapeRun { borough, postgis })
-}
-
 // ---------------------------------------------------------------------------
 // Report
 
 struct Report<'a> {
-    quick: bool,
-    build: &'static str,
+    info: RunInfo,
     sizes: &'a Sizes,
     mean_doc_bytes: f64,
     shapes: &'a [Shape],
@@ -992,45 +866,35 @@ impl Report<'_> {
             .find_map(|(s, r)| (s.name == "near").then_some(r))
         {
             let p99 = ms(run.borough.latency.p99_us as f64);
-            targets.push(Target {
-                name: "near p99".to_string(),
-                actual: p99,
-                actual_text: format!("{p99:.2} ms"),
-                at_least: false,
-                bound: TARGET_NEAR_P99_MS,
-                bound_text: format!("< {TARGET_NEAR_P99_MS} ms"),
-            });
+            targets.push(Target::latency_below("near p99", p99, TARGET_NEAR_P99_MS));
         }
         for (shape, run) in self.shapes.iter().zip(&m.runs) {
-            targets.push(Target {
-                name: format!("{} ÷ postgis", shape.name),
-                actual: run.rps_vs_pg(),
-                actual_text: format!("{:.2}x req/s", run.rps_vs_pg()),
-                at_least: true,
-                bound: TARGET_VS_PG,
-                bound_text: format!("≥ {TARGET_VS_PG:.1}x req/s"),
-            });
+            targets.push(Target::new(
+                format!("{} ÷ postgis", shape.name),
+                run.rps_vs_baseline(),
+                format!("{:.2}x req/s", run.rps_vs_baseline()),
+                Bound::AtLeast(TARGET_VS_PG),
+                format!("≥ {TARGET_VS_PG:.1}x req/s"),
+            ));
         }
         let startup = m.restart.ready.as_secs_f64();
-        targets.push(Target {
-            name: "startup".to_string(),
-            actual: startup,
-            actual_text: format!("{startup:.2} s"),
-            at_least: false,
-            bound: TARGET_STARTUP_S,
-            bound_text: format!("< {TARGET_STARTUP_S} s"),
-        });
+        targets.push(Target::new(
+            "startup",
+            startup,
+            format!("{startup:.2} s"),
+            Bound::Below(TARGET_STARTUP_S),
+            format!("< {TARGET_STARTUP_S} s"),
+        ));
         targets
     }
 
     fn table(&self) -> String {
         let m = &self.measured;
         let mut out = format!(
-            "\nborough bench geo ({}, {} build): {} points ({}) + {} polygons ({}), \
+            "{}{} points ({}) + {} polygons ({}), \
              lon {}..{} lat {}..{}; batches of {BATCH}, {UPSERT_WORKERS} upsert workers; \
              each shape {} s at concurrency {CONCURRENCY}, limit={LIMIT}\n\n",
-            if self.quick { "quick" } else { "full" },
-            self.build,
+            self.info.title(),
             thousands(self.sizes.points as f64),
             POINT_TYPES.join("/"),
             thousands(self.sizes.polygons as f64),
@@ -1061,35 +925,12 @@ impl Report<'_> {
             memory_text(m.memory_after_startup),
             memory_text(m.memory_after_queries),
         ));
-        out.push_str(&format!(
-            "{:<12} {:<9} {:>10} {:>8} {:>8} {:>8} {:>7}  {:>11}\n",
-            "shape", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "÷ pg req/s"
-        ));
-        for (shape, run) in self.shapes.iter().zip(&m.runs) {
-            for (k, p) in [&run.borough, &run.postgis].into_iter().enumerate() {
-                let (name, ratio_text) = if k == 0 {
-                    (
-                        shape.name,
-                        format!("{:>11}", format!("{:.2}x", run.rps_vs_pg())),
-                    )
-                } else {
-                    ("", String::new())
-                };
-                let line = format!(
-                    "{:<12} {:<9} {:>10} {:>8.2} {:>8.2} {:>8.2} {:>7}  {}",
-                    name,
-                    p.name,
-                    thousands(p.throughput()),
-                    ms(p.latency.p50_us as f64),
-                    ms(p.latency.p95_us as f64),
-                    ms(p.latency.p99_us as f64),
-                    p.errors,
-                    ratio_text
-                );
-                out.push_str(line.trim_end());
-                out.push('\n');
-            }
-        }
+        let ratio_headings = format!("{:>11}", "÷ pg req/s");
+        let rows = self.shapes.iter().zip(&m.runs).map(|(shape, run)| {
+            let ratios = format!("{:>11}", format!("{:.2}x", run.rps_vs_baseline()));
+            (shape.name, run, ratios)
+        });
+        out.push_str(&shape_table(9, &ratio_headings, rows));
         out.push_str(&format!(
             "\nchecks ({CHECK_POSITIONS} positions per shape, Borough against PostGIS) and PostGIS plans\n"
         ));
@@ -1117,20 +958,16 @@ impl Report<'_> {
             ));
         }
         out.push('\n');
-        out.push_str(&target_table("targets (from the issue)", &self.targets()));
-        out.push_str(&format!(
+        let note = format!(
             "(the targets apply at {} points; \"÷ postgis\" is Borough req/s ÷ PostGIS req/s)\n",
             thousands(TARGET_POINTS as f64)
-        ));
-        if self.quick || self.build == "debug" {
-            out.push_str("(quick runs and debug builds measure nothing meaningful; targets are informative only)\n");
-        }
+        );
+        out.push_str(&self.info.targets_section(&self.targets(), &note));
         out
     }
 
     fn to_json(&self) -> Value {
         let m = &self.measured;
-        let memory = |m: Option<Memory>| m.map(|m| json!({"rss_kb": m.rss_kb, "hwm_kb": m.hwm_kb}));
         let shapes: serde_json::Map<String, Value> = self
             .shapes
             .iter()
@@ -1149,8 +986,8 @@ impl Report<'_> {
                     "examples": examples,
                     "sql": shape.sql,
                     "borough": run.borough.to_json(),
-                    "postgis": run.postgis.to_json(),
-                    "ratios": {"rps_vs_postgis": round_to(run.rps_vs_pg(), 1e3)},
+                    "postgis": run.baseline.to_json(),
+                    "ratios": {"rps_vs_postgis": round_to(run.rps_vs_baseline(), 1e3)},
                     "check": check.to_json(),
                     "postgis_plan": {
                         "custom_uses_gist": plan.custom_uses_index(),
@@ -1162,18 +999,7 @@ impl Report<'_> {
                 (shape.name.to_string(), value)
             })
             .collect();
-        let targets: Vec<Value> = self.targets().iter().map(Target::to_json).collect();
-        let unix_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        json!({
-            "scenario": "geo",
-            "quick": self.quick,
-            "build": self.build,
-            "version": env!("CARGO_PKG_VERSION"),
-            "unix_time": unix_time,
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "points": self.sizes.points,
@@ -1209,13 +1035,13 @@ impl Report<'_> {
                 "ready_s": round_to(m.restart.ready.as_secs_f64(), 1e3),
                 "stop_s": round_to(m.restart.stop.as_secs_f64(), 1e3),
                 "graceful_stop": m.restart.graceful,
-                "server_memory_after_startup": memory(m.memory_after_startup),
+                "server_memory_after_startup": memory_json(m.memory_after_startup),
             },
-            "server_memory_after_load": memory(m.memory_after_load),
-            "server_memory_after_queries": memory(m.memory_after_queries),
+            "server_memory_after_load": memory_json(m.memory_after_load),
+            "server_memory_after_queries": memory_json(m.memory_after_queries),
             "shapes": shapes,
-            "targets": targets,
+            "targets": targets_json(&self.targets()),
             "targets_apply_at_points": TARGET_POINTS,
-        })
+        }))
     }
 }

@@ -1,5 +1,6 @@
 //! HTTP load generator: keep-alive HTTP/1.1 connections (one per worker),
-//! a batch uploader, a time-bounded request mix, and latency statistics.
+//! a batch uploader, time-bounded workers (a request mix, or a scenario's
+//! own), failure counts and latency statistics.
 
 use super::chain;
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +29,8 @@ const QUOTE_BYTES: usize = 300;
 pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
     host: HeaderValue,
+    /// Kept for [`Conn::reopen_before`].
+    addr: SocketAddr,
 }
 
 impl Conn {
@@ -47,7 +51,7 @@ impl Conn {
         });
         let host = HeaderValue::from_str(&addr.to_string())
             .map_err(|e| format!("invalid Host header '{addr}': {e}"))?;
-        Ok(Conn { sender, host })
+        Ok(Conn { sender, host, addr })
     }
 
     /// Sends one request and reads the whole response body. The body is kept
@@ -108,6 +112,44 @@ impl Conn {
             .map_err(|_| format!("{what}: no response within {} s", REQUEST_TIMEOUT.as_secs()))?
             .map_err(|e| format!("{what}: {e}"))
     }
+
+    /// [`Conn::request`], body discarded, unless `deadline` cuts it off
+    /// (`None`); with its latency in microseconds.
+    pub async fn request_before(
+        &mut self,
+        deadline: Instant,
+        method: Method,
+        uri: Uri,
+        body: Option<Bytes>,
+    ) -> Option<(Result<(StatusCode, Bytes), String>, u64)> {
+        let t = Instant::now();
+        let result = tokio::time::timeout_at(deadline, self.request(method, uri, body, false))
+            .await
+            .ok()?;
+        Some((result, micros(t.elapsed())))
+    }
+
+    /// Replaces a connection that a failed request left unusable, unless
+    /// `deadline` passes first (`Ok(false)`).
+    pub async fn reopen_before(&mut self, deadline: Instant) -> Result<bool, String> {
+        match tokio::time::timeout_at(deadline, Conn::open(self.addr)).await {
+            Ok(Ok(conn)) => {
+                *self = conn;
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+/// `n` connections to `addr`, opened before any clock starts.
+pub async fn open_conns(addr: SocketAddr, n: usize) -> Result<Vec<Conn>, String> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(Conn::open(addr).await?);
+    }
+    Ok(conns)
 }
 
 /// Upsert bodies: the documents as JSON arrays of `batch` documents each.
@@ -205,8 +247,34 @@ pub fn ms(us: f64) -> f64 {
     us.round() / 1000.0
 }
 
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Failed requests (error answers, transport errors): how many, and the
+/// first one's message.
+#[derive(Clone, Debug, Default)]
+pub struct Failures {
+    pub count: u64,
+    pub first: Option<String>,
+}
+
+impl Failures {
+    /// Counts one failure; the message is only built for the first.
+    pub fn record(&mut self, message: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(message());
+        }
+    }
+
+    /// Adds another worker's failures (the first one seen stays first).
+    pub fn merge(&mut self, other: Failures) {
+        self.count += other.count;
+        if self.first.is_none() {
+            self.first = other.first;
+        }
+    }
 }
 
 /// What [`post_all`] measured.
@@ -226,10 +294,7 @@ pub async fn post_all(
     workers: usize,
     accepted: &'static [StatusCode],
 ) -> Result<BatchRun, String> {
-    let mut conns = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        conns.push(Conn::open(addr).await?);
-    }
+    let conns = open_conns(addr, workers).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -376,17 +441,7 @@ pub struct TimedRun {
     /// Latencies of completed PATCHes, in microseconds.
     pub patch_us: Vec<u64>,
     /// Non-2xx answers and failed requests.
-    pub errors: u64,
-    pub first_error: Option<String>,
-}
-
-impl TimedRun {
-    fn error(&mut self, message: impl FnOnce() -> String) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(message());
-        }
-    }
+    pub failures: Failures,
 }
 
 /// Runs `mix` for `duration` with `concurrency` workers, each on its own
@@ -402,35 +457,53 @@ pub async fn run_timed(
     if matches!(mix.as_ref(), Mix::Gets(uris) if uris.is_empty()) {
         return Err("the request mix has no URI".to_string());
     }
-    // Connect first, so the clock measures requests only.
-    let mut conns = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        conns.push(Conn::open(addr).await?);
+    let conns = open_conns(addr, concurrency).await?;
+    let (runs, elapsed) = run_workers(conns, duration, seed, |conn, deadline, rng| {
+        timed_worker(conn, mix.clone(), deadline, rng)
+    })
+    .await?;
+    let mut total = TimedRun {
+        elapsed,
+        ..TimedRun::default()
+    };
+    for mut run in runs {
+        total.get_us.append(&mut run.get_us);
+        total.patch_us.append(&mut run.patch_us);
+        total.failures.merge(run.failures);
     }
+    Ok(total)
+}
+
+/// Runs one `worker` per connection (each with its deadline and an RNG
+/// seeded from `seed` and its number) and returns what they recorded, with
+/// the time they took. Open the connections first (HTTP or PostgreSQL), so
+/// the clock measures requests only.
+pub async fn run_workers<C, R, F>(
+    conns: Vec<C>,
+    duration: Duration,
+    seed: u64,
+    worker: impl Fn(C, Instant, SmallRng) -> F,
+) -> Result<(Vec<R>, Duration), String>
+where
+    F: Future<Output = Result<R, String>> + Send + 'static,
+    R: Send + 'static,
+{
     let start = Instant::now();
     let deadline = start + duration;
     let mut set = JoinSet::new();
     for (n, conn) in conns.into_iter().enumerate() {
         let rng = SmallRng::seed_from_u64(seed.wrapping_add(n as u64));
-        set.spawn(timed_worker(conn, addr, mix.clone(), deadline, rng));
+        set.spawn(worker(conn, deadline, rng));
     }
-    let mut total = TimedRun::default();
+    let mut runs = Vec::with_capacity(set.len());
     while let Some(joined) = set.join_next().await {
-        let mut run = joined.map_err(|e| format!("a load worker crashed: {e}"))??;
-        total.get_us.append(&mut run.get_us);
-        total.patch_us.append(&mut run.patch_us);
-        total.errors += run.errors;
-        if total.first_error.is_none() {
-            total.first_error = run.first_error;
-        }
+        runs.push(joined.map_err(|e| format!("a load worker crashed: {e}"))??);
     }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    Ok((runs, start.elapsed()))
 }
 
 async fn timed_worker(
     mut conn: Conn,
-    addr: SocketAddr,
     mix: Arc<Mix>,
     deadline: Instant,
     mut rng: SmallRng,
@@ -438,17 +511,15 @@ async fn timed_worker(
     let mut run = TimedRun::default();
     while Instant::now() < deadline {
         let pick = mix.pick(&mut rng);
-        let request = conn.request(
+        let request = conn.request_before(
+            deadline,
             pick.op.method(),
             mix.uri(pick).clone(),
             mix.body(pick),
-            false,
         );
-        let t = Instant::now();
-        let Ok(result) = tokio::time::timeout_at(deadline, request).await else {
+        let Some((result, us)) = request.await else {
             break; // cut off by the time limit
         };
-        let us = micros(t.elapsed());
         match result {
             Ok((status, reply)) => {
                 match pick.op {
@@ -456,7 +527,7 @@ async fn timed_worker(
                     Op::Patch => run.patch_us.push(us),
                 }
                 if !status.is_success() {
-                    run.error(|| {
+                    run.failures.record(|| {
                         format!(
                             "{} answered {status}: {}",
                             mix.describe(pick),
@@ -466,12 +537,10 @@ async fn timed_worker(
                 }
             }
             Err(e) => {
-                run.error(|| format!("{}: {e}", mix.describe(pick)));
-                // The connection is unusable; open a new one within the time limit.
-                match tokio::time::timeout_at(deadline, Conn::open(addr)).await {
-                    Ok(Ok(c)) => conn = c,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => break,
+                run.failures
+                    .record(|| format!("{}: {e}", mix.describe(pick)));
+                if !conn.reopen_before(deadline).await? {
+                    break;
                 }
             }
         }

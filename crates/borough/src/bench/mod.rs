@@ -5,6 +5,7 @@
 //! own tokio runtime, measures the baselines next to it, prints a table and
 //! writes every figure as JSON.
 
+mod common;
 mod entities;
 mod geo;
 mod geo_pg;
@@ -38,30 +39,18 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.json", args.scenario)));
+    let opts = common::Options {
+        out: args
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.json", args.scenario))),
+        quick: args.quick,
+        pg: args.pg,
+    };
     match args.scenario.as_str() {
-        "entities" => entities::run(&entities::Options {
-            quick: args.quick,
-            out,
-            pg: args.pg,
-        }),
-        "query" => query::run(&query::Options {
-            quick: args.quick,
-            out,
-            pg: args.pg,
-        }),
-        "geo" => geo::run(&geo::Options {
-            quick: args.quick,
-            out,
-            pg: args.pg,
-        }),
-        "notify" => notify::run(&notify::Options {
-            quick: args.quick,
-            out,
-        }),
+        "entities" => entities::run(&opts),
+        "query" => query::run(&opts),
+        "geo" => geo::run(&opts),
+        "notify" => notify::run(&opts),
         other => Err(format!(
             "unknown scenario '{other}'; available: entities, query, geo, notify"
         )),

@@ -23,9 +23,11 @@
 //! uniformly at random in both phases (the same load), so 10% of them match
 //! exactly one subscription. Quick runs have 100 subscriptions, all live.
 
-use super::load::{self, Conn, Summary, ms};
+use super::common::{self, ENTITIES_PATH, Options, RunInfo, UPSERT_WORKERS};
+use super::load::{self, Conn, Failures, Summary, ms};
 use super::report::{
-    Phase, Target, per_second, phase_table, ratio, round_to, target_table, thousands, write_json,
+    Bound, Phase, Target, per_second, phase_table, publish, ratio, round_to, targets_json,
+    thousands,
 };
 use super::server::Server;
 use axum::Router;
@@ -38,21 +40,15 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Seed of the documents and of the update picks: runs are reproducible.
 const SEED: u64 = 0x5EED_4071;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
-const ENTITIES_PATH: &str = "/ngsi-ld/v1/entities";
 const SUBSCRIPTIONS_PATH: &str = "/ngsi-ld/v1/subscriptions";
 const RECEIVER_PATH: &str = "/notify";
 const ENTITY_TYPE: &str = "Meter";
-const UPSERT_WORKERS: usize = 4;
 const BATCH: usize = 1_000;
 const CONCURRENCY: usize = 32;
 /// Zones of the entities: entity `i` is in zone `i % ZONES`.
@@ -61,8 +57,6 @@ const ZONES: usize = 1_000;
 const MATCH_PERCENT: usize = 10;
 /// Zones with a subscription (0..LIVE_ZONES): [`MATCH_PERCENT`] % of the zones.
 const LIVE_ZONES: usize = ZONES * MATCH_PERCENT / 100;
-/// Answers of a successful upsert: 201 (some created) or 204 (all updated).
-const UPSERT_OK: &[StatusCode] = &[StatusCode::CREATED, StatusCode::NO_CONTENT];
 /// Longest wait for the receiver to see every expected notification.
 const DELIVERY_WAIT: Duration = Duration::from_secs(60);
 /// How often the wait checks the receiver.
@@ -79,34 +73,24 @@ const TARGET_WRITE_RATIO: f64 = 0.8;
 /// Size at which the issue states the targets.
 const TARGET_SUBSCRIPTIONS: usize = 1_000;
 
-pub struct Options {
-    pub quick: bool,
-    pub out: PathBuf,
-}
-
 struct Sizes {
     entities: usize,
     subscriptions: usize,
     duration: Duration,
 }
 
-impl Sizes {
-    fn new(quick: bool) -> Sizes {
-        if quick {
-            Sizes {
-                entities: 5_000,
-                subscriptions: 100,
-                duration: Duration::from_secs(2),
-            }
-        } else {
-            Sizes {
-                entities: 100_000,
-                subscriptions: TARGET_SUBSCRIPTIONS,
-                duration: Duration::from_secs(10),
-            }
-        }
-    }
-}
+/// Tiny sizes (`--quick`): they check the harness, and measure nothing.
+const QUICK: Sizes = Sizes {
+    entities: 5_000,
+    subscriptions: 100,
+    duration: Duration::from_secs(2),
+};
+
+const FULL: Sizes = Sizes {
+    entities: 100_000,
+    subscriptions: TARGET_SUBSCRIPTIONS,
+    duration: Duration::from_secs(10),
+};
 
 /// The zone of entity `i`.
 fn zone(i: usize) -> usize {
@@ -203,8 +187,7 @@ struct Inbox {
     /// Entities in those notifications.
     entities: u64,
     /// Bodies that were not JSON, and entities without `id` or integer `sentAt`.
-    malformed: u64,
-    first_malformed: Option<String>,
+    malformed: Failures,
     seen: HashMap<(String, i64), Receipt>,
 }
 
@@ -215,12 +198,14 @@ impl Inbox {
             Ok(mut v) => match v.get_mut("data").map(Value::take) {
                 Some(Value::Array(data)) => data,
                 _ => {
-                    self.malformed(|| format!("no data array: {}", load::quote(body)));
+                    self.malformed
+                        .record(|| format!("no data array: {}", load::quote(body)));
                     return;
                 }
             },
             Err(e) => {
-                self.malformed(|| format!("invalid JSON ({e}): {}", load::quote(body)));
+                self.malformed
+                    .record(|| format!("invalid JSON ({e}): {}", load::quote(body)));
                 return;
             }
         };
@@ -229,7 +214,8 @@ impl Inbox {
             let id = entity.get("id").and_then(Value::as_str);
             let sent = entity.get("sentAt").and_then(Value::as_i64);
             let (Some(id), Some(sent)) = (id, sent) else {
-                self.malformed(|| format!("entity without id or integer sentAt: {entity}"));
+                self.malformed
+                    .record(|| format!("entity without id or integer sentAt: {entity}"));
                 continue;
             };
             self.seen
@@ -240,13 +226,6 @@ impl Inbox {
                     latency_us: u64::try_from(now - sent).unwrap_or(0),
                     at_us: now,
                 });
-        }
-    }
-
-    fn malformed(&mut self, message: impl FnOnce() -> String) {
-        self.malformed += 1;
-        if self.first_malformed.is_none() {
-            self.first_malformed = Some(message());
         }
     }
 
@@ -340,8 +319,7 @@ struct WriteRun {
     /// Send time of the first update, microseconds since the epoch.
     started_us: i64,
     latencies_us: Vec<u64>,
-    errors: u64,
-    first_error: Option<String>,
+    failures: Failures,
     /// Acknowledged updates that match a subscription: (entity index, sentAt).
     expected: Vec<(usize, i64)>,
 }
@@ -355,43 +333,27 @@ async fn write_phase(
     duration: Duration,
     seed: u64,
 ) -> Result<WriteRun, String> {
-    let mut conns = Vec::with_capacity(CONCURRENCY);
-    for _ in 0..CONCURRENCY {
-        conns.push(Conn::open(addr).await?);
-    }
+    let conns = load::open_conns(addr, CONCURRENCY).await?;
     let started_us = now_us();
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut set = JoinSet::new();
-    for (n, conn) in conns.into_iter().enumerate() {
-        let rng = SmallRng::seed_from_u64(seed.wrapping_add(n as u64));
-        set.spawn(write_worker(
-            conn,
-            addr,
-            data.clone(),
-            subscriptions,
-            deadline,
-            rng,
-        ));
-    }
-    let mut total = WriteRun::default();
-    while let Some(joined) = set.join_next().await {
-        let mut run = joined.map_err(|e| format!("a write worker crashed: {e}"))??;
+    let (runs, elapsed) = load::run_workers(conns, duration, seed, |conn, deadline, rng| {
+        write_worker(conn, data.clone(), subscriptions, deadline, rng)
+    })
+    .await?;
+    let mut total = WriteRun {
+        elapsed,
+        started_us,
+        ..WriteRun::default()
+    };
+    for mut run in runs {
         total.latencies_us.append(&mut run.latencies_us);
         total.expected.append(&mut run.expected);
-        total.errors += run.errors;
-        if total.first_error.is_none() {
-            total.first_error = run.first_error;
-        }
+        total.failures.merge(run.failures);
     }
-    total.elapsed = start.elapsed();
-    total.started_us = started_us;
     Ok(total)
 }
 
 async fn write_worker(
     mut conn: Conn,
-    addr: SocketAddr,
     data: Arc<Dataset>,
     subscriptions: usize,
     deadline: Instant,
@@ -404,40 +366,30 @@ async fn write_worker(
         let value = reading(&mut rng);
         let sent = now_us();
         let body = format!("{{\"reading\":{value},\"sentAt\":{sent}}}");
-        let t = Instant::now();
-        let request = conn.request(Method::PATCH, uri, Some(Bytes::from(body)), false);
-        let Ok(result) = tokio::time::timeout_at(deadline, request).await else {
+        let request = conn.request_before(deadline, Method::PATCH, uri, Some(Bytes::from(body)));
+        let Some((result, us)) = request.await else {
             break; // cut off by the time limit
         };
-        let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok((status, reply)) => {
                 run.latencies_us.push(us);
-                if status.is_success() {
-                    if notifies(i, subscriptions) {
-                        run.expected.push((i, sent));
-                    }
-                } else {
-                    run.errors += 1;
-                    if run.first_error.is_none() {
-                        run.first_error = Some(format!(
+                if !status.is_success() {
+                    run.failures.record(|| {
+                        format!(
                             "PATCH {} answered {status}: {}",
                             data.patch[i],
                             load::quote(&reply)
-                        ));
-                    }
+                        )
+                    });
+                } else if notifies(i, subscriptions) {
+                    run.expected.push((i, sent));
                 }
             }
             Err(e) => {
-                run.errors += 1;
-                if run.first_error.is_none() {
-                    run.first_error = Some(format!("PATCH {}: {e}", data.patch[i]));
-                }
-                // The connection is unusable; open a new one within the time limit.
-                match tokio::time::timeout_at(deadline, Conn::open(addr)).await {
-                    Ok(Ok(c)) => conn = c,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => break,
+                run.failures
+                    .record(|| format!("PATCH {}: {e}", data.patch[i]));
+                if !conn.reopen_before(deadline).await? {
+                    break;
                 }
             }
         }
@@ -446,18 +398,10 @@ async fn write_worker(
 }
 
 fn write_phase_record(name: &'static str, run: &mut WriteRun, server: &Server) -> Phase {
-    Phase {
-        name,
-        unit: "updates/s",
-        count: run.latencies_us.len(),
-        elapsed: run.elapsed,
-        latency_of: "PATCH",
-        latency: Summary::of(&mut run.latencies_us),
-        errors: run.errors,
-        first_error: run.first_error.clone(),
-        memory: server.memory(),
-        ops: Vec::new(),
-    }
+    let latencies_us = std::mem::take(&mut run.latencies_us);
+    Phase::timed(name, "updates/s", "PATCH", run.elapsed, latencies_us)
+        .with_failures(run.failures.clone())
+        .with_memory(server.memory())
 }
 
 /// Delivery figures, from the expected pairs and the receiver's record.
@@ -474,8 +418,7 @@ struct Delivery {
     /// Pairs received that no acknowledged update sent: updates cut off by
     /// the end of the phase but applied by the server.
     unacknowledged: usize,
-    malformed: u64,
-    first_malformed: Option<String>,
+    malformed: Failures,
     posts: u64,
     entities_received: u64,
     /// From the first update of the phase to the last first receipt of an
@@ -506,8 +449,8 @@ impl Delivery {
             "lost": self.lost,
             "duplicates": self.duplicates,
             "unacknowledged_received": self.unacknowledged,
-            "malformed": self.malformed,
-            "first_malformed": self.first_malformed,
+            "malformed": self.malformed.count,
+            "first_malformed": self.malformed.first,
             "notification_requests": self.posts,
             "entities_received": self.entities_received,
             "mean_entities_per_request": round_to(ratio(self.entities_received as f64, self.posts as f64), 100.0),
@@ -537,15 +480,8 @@ struct Measured {
 }
 
 pub fn run(opts: &Options) -> Result<(), String> {
-    let sizes = Sizes::new(opts.quick);
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    if build == "debug" {
-        eprintln!("note: debug build; the figures are not representative (build with --release)");
-    }
+    let sizes = if opts.quick { QUICK } else { FULL };
+    let info = RunInfo::new("notify", opts.quick);
     eprintln!(
         "generating {} {ENTITY_TYPE} entities in {ZONES} zones (seed {SEED:#x})",
         sizes.entities
@@ -558,13 +494,8 @@ pub fn run(opts: &Options) -> Result<(), String> {
         ));
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bench-load")
-        .build()
-        .map_err(|e| format!("cannot start the load generator runtime: {e}"))?;
-    let mut server = Server::spawn(None, READY_TIMEOUT)?;
-    eprintln!("server listening on http://{}", server.addr());
+    let runtime = common::load_runtime()?;
+    let mut server = common::start_server()?;
 
     let (upsert, without) = runtime.block_on(load_and_write(&mut server, &data, &sizes))?;
 
@@ -583,26 +514,16 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let measured = measured?;
 
     let report = Report {
-        quick: opts.quick,
-        build,
+        info,
         sizes: &sizes,
         live,
         measured,
     };
-    println!("{}", report.table());
-    write_json(&opts.out, &report.to_json())?;
-    println!("results written to {}", opts.out.display());
+    publish(&report.table(), &report.to_json(), &opts.out)?;
 
     let m = &report.measured;
     for phase in [&m.without, &m.with] {
-        if phase.errors > 0 {
-            return Err(format!(
-                "{}: {} updates failed; first: {}",
-                phase.name,
-                phase.errors,
-                phase.first_error.as_deref().unwrap_or("(no detail)")
-            ));
-        }
+        phase.check_failures(phase.name, "updates")?;
     }
     let d = &m.delivery;
     if d.lost > 0 {
@@ -611,7 +532,8 @@ pub fn run(opts: &Options) -> Result<(), String> {
             d.lost,
             d.expected,
             DELIVERY_WAIT.as_secs(),
-            d.first_malformed
+            d.malformed
+                .first
                 .as_deref()
                 .map(|m| format!("; first malformed: {m}"))
                 .unwrap_or_default()
@@ -629,35 +551,14 @@ async fn load_and_write(
     data: &Arc<Dataset>,
     sizes: &Sizes,
 ) -> Result<(Phase, Phase), String> {
-    let addr = server.addr();
-    eprintln!(
-        "upsert: {} entities in batches of {BATCH}, {UPSERT_WORKERS} workers",
-        sizes.entities
-    );
-    let uri = Uri::from_static(UPSERT_PATH);
-    let batches = load::post_all(addr, uri, data.batches.clone(), UPSERT_WORKERS, UPSERT_OK)
-        .await
-        .map_err(|e| format!("upsert: {e}"))?;
-    server.check_alive()?;
-    let mut batch_latencies = batches.latencies_us;
-    let upsert = Phase {
-        name: "upsert",
-        unit: "entities/s",
-        count: sizes.entities,
-        elapsed: batches.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut batch_latencies),
-        errors: 0,
-        first_error: None,
-        memory: server.memory(),
-        ops: Vec::new(),
-    };
+    let batches = data.batches.clone();
+    let upsert = common::upsert(server, "upsert", batches, sizes.entities, BATCH).await?;
 
     eprintln!(
         "writes: {} s at concurrency {CONCURRENCY}, PATCH of random entities, no subscription",
         sizes.duration.as_secs()
     );
-    let mut run = write_phase(addr, data, 0, sizes.duration, SEED ^ 0x5752).await?;
+    let mut run = write_phase(server.addr(), data, 0, sizes.duration, SEED ^ 0x5752).await?;
     server.check_alive()?;
     let without = write_phase_record("writes", &mut run, server);
     Ok((upsert, without))
@@ -751,8 +652,7 @@ async fn with_subscriptions(
         elapsed: delivery.window,
         latency_of: "update→recv",
         latency: delivery.latency,
-        errors: 0,
-        first_error: None,
+        failures: Failures::default(),
         memory,
         ops: Vec::new(),
     };
@@ -773,8 +673,7 @@ fn delivery_figures(
 ) -> Delivery {
     let mut d = Delivery {
         expected: expected.values().map(|&n| n as usize).sum(),
-        malformed: inbox.malformed,
-        first_malformed: inbox.first_malformed.clone(),
+        malformed: inbox.malformed.clone(),
         posts: inbox.posts,
         entities_received: inbox.entities,
         ..Delivery::default()
@@ -874,8 +773,7 @@ async fn subscription_stats(addr: SocketAddr, n: usize) -> Result<(u64, u64, u64
 }
 
 struct Report<'a> {
-    quick: bool,
-    build: &'static str,
+    info: RunInfo,
     sizes: &'a Sizes,
     /// Subscriptions on zones that hold entities.
     live: usize,
@@ -897,38 +795,22 @@ impl Report<'_> {
         let p99 = ms(d.latency.p99_us as f64);
         let write_ratio = self.write_ratio();
         vec![
-            Target {
-                name: "notifications/s".into(),
-                actual: rate,
-                actual_text: format!("{} /s", thousands(rate)),
-                at_least: true,
-                bound: TARGET_NOTIFY_PER_S,
-                bound_text: format!("≥ {} /s", thousands(TARGET_NOTIFY_PER_S)),
-            },
-            Target {
-                name: "notification p99".into(),
-                actual: p99,
-                actual_text: format!("{p99:.2} ms"),
-                at_least: false,
-                bound: TARGET_NOTIFY_P99_MS,
-                bound_text: format!("< {TARGET_NOTIFY_P99_MS} ms"),
-            },
-            Target {
-                name: "writes+subs ÷ writes".into(),
-                actual: write_ratio,
-                actual_text: format!("{write_ratio:.2}x"),
-                at_least: true,
-                bound: TARGET_WRITE_RATIO,
-                bound_text: format!("≥ {TARGET_WRITE_RATIO}x (≤ 20% lost)"),
-            },
-            Target {
-                name: "lost notifications".into(),
-                actual: d.lost as f64,
-                actual_text: d.lost.to_string(),
-                at_least: false,
-                bound: 1.0,
-                bound_text: "0".into(),
-            },
+            Target::rate_at_least("notifications/s", rate, TARGET_NOTIFY_PER_S, "/s"),
+            Target::latency_below("notification p99", p99, TARGET_NOTIFY_P99_MS),
+            Target::new(
+                "writes+subs ÷ writes",
+                write_ratio,
+                format!("{write_ratio:.2}x"),
+                Bound::AtLeast(TARGET_WRITE_RATIO),
+                format!("≥ {TARGET_WRITE_RATIO}x (≤ 20% lost)"),
+            ),
+            Target::new(
+                "lost notifications",
+                d.lost as f64,
+                d.lost.to_string(),
+                Bound::Below(1.0),
+                "0".into(),
+            ),
         ]
     }
 
@@ -937,10 +819,9 @@ impl Report<'_> {
         let m = &self.measured;
         let d = &m.delivery;
         let mut out = format!(
-            "\nborough bench notify ({}, {} build): {} {ENTITY_TYPE} entities in {ZONES} zones, \
+            "{}{} {ENTITY_TYPE} entities in {ZONES} zones, \
              {} subscriptions ({} live); writes {} s at concurrency {CONCURRENCY}\n\n",
-            if self.quick { "quick" } else { "full" },
-            self.build,
+            self.info.title(),
             thousands(s.entities as f64),
             thousands(s.subscriptions as f64),
             self.live,
@@ -982,11 +863,11 @@ impl Report<'_> {
             m.subscribe_elapsed.as_secs_f64(),
             s.subscriptions,
         ));
-        if d.malformed > 0 {
+        if d.malformed.count > 0 {
             out.push_str(&format!(
                 "  malformed       {:>10}   first: {}\n",
-                d.malformed,
-                d.first_malformed.as_deref().unwrap_or("-")
+                d.malformed.count,
+                d.malformed.first.as_deref().unwrap_or("-")
             ));
         }
         out.push_str(&format!(
@@ -994,33 +875,19 @@ impl Report<'_> {
             self.write_ratio(),
             s.subscriptions
         ));
-        out.push_str(&target_table("targets (from the issue)", &self.targets()));
-        out.push_str(&format!(
+        let note = format!(
             "(baseline: none external; the only comparison is the same server without subscriptions, \
              which the issue defines as the write ratio. The targets apply at {} subscriptions; \
              notifications/s cannot exceed the offered rate, {MATCH_PERCENT}% of the write rate)\n",
             thousands(TARGET_SUBSCRIPTIONS as f64)
-        ));
-        if self.quick || self.build == "debug" {
-            out.push_str("(quick runs and debug builds measure nothing meaningful; targets are informative only)\n");
-        }
+        );
+        out.push_str(&self.info.targets_section(&self.targets(), &note));
         out
     }
 
     fn to_json(&self) -> Value {
         let m = &self.measured;
-        let targets: Vec<Value> = self.targets().iter().map(Target::to_json).collect();
-        let unix_time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        json!({
-            "scenario": "notify",
-            "quick": self.quick,
-            "build": self.build,
-            "version": env!("CARGO_PKG_VERSION"),
-            "unix_time": unix_time,
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "entities": self.sizes.entities,
@@ -1059,8 +926,8 @@ impl Report<'_> {
             },
             "baseline": "none external: the only comparison is the same server without \
                          subscriptions (the write ratio, as the issue defines it)",
-            "targets": targets,
+            "targets": targets_json(&self.targets()),
             "targets_apply_at_subscriptions": TARGET_SUBSCRIPTIONS,
-        })
+        }))
     }
 }

@@ -7,36 +7,34 @@
 //! it is measured: Borough and PostgreSQL must answer the same, non-empty
 //! list of ids for every value.
 
+use super::common::{
+    self, BothSystems, Options, RunInfo, UPSERT_WORKERS, entities_query, mean_len, property,
+    relationship,
+};
 use super::entities::{STREETS, timestamp};
-use super::load::{self, Conn, Mix, Summary, ms, percent_encode};
-use super::postgres;
-use super::query_pg::{self, Rows, TABLE};
+use super::load::{self, Conn, ms};
+use super::postgres::{self, Column, TimedQuery};
+use super::query_pg::{self, TABLE};
 use super::report::{
-    Phase, Target, memory_text, phase_table, ratio, round_to, target_table, thousands, write_json,
+    Bound, Phase, ShapeRun, Target, memory_json, memory_text, phase_table, publish, round_to,
+    shape_table, targets_json, thousands,
 };
 use super::server::{Memory, Server};
 use bytes::Bytes;
-use hyper::{Method, StatusCode, Uri};
+use hyper::Uri;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::Client;
 
 /// Seed of the documents and of the request picks: runs are reproducible.
 const SEED: u64 = 0x5EED_C17E;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
-const ENTITIES_PATH: &str = "/ngsi-ld/v1/entities";
-const UPSERT_WORKERS: usize = 4;
 const BATCH: usize = 1_000;
 const CONCURRENCY: usize = 16;
 /// Page size of every query.
 const LIMIT: usize = 100;
-/// Answers of a successful upsert: 201 (some created) or 204 (all updated).
-const UPSERT_OK: &[StatusCode] = &[StatusCode::CREATED, StatusCode::NO_CONTENT];
 /// Entities of each type, in this order, one after the other.
 const TYPES: [&str; 3] = ["ParkingSpot", "Streetlight", "WasteContainer"];
 /// Entities matched by one `idPattern` (a block of consecutive ids).
@@ -53,36 +51,28 @@ const TARGET_VS_PG: f64 = 1.0;
 /// Size at which the issue states the targets.
 const TARGET_ENTITIES: usize = 100_000;
 
-pub struct Options {
-    pub quick: bool,
-    pub out: PathBuf,
-    pub pg: String,
-}
-
 struct Sizes {
     entities: usize,
     duration: Duration,
 }
 
-impl Sizes {
-    fn new(quick: bool) -> Sizes {
-        if quick {
-            Sizes {
-                entities: 3_000,
-                duration: Duration::from_secs(1),
-            }
-        } else {
-            Sizes {
-                entities: TARGET_ENTITIES,
-                duration: Duration::from_secs(10),
-            }
-        }
-    }
-}
+/// Tiny sizes (`--quick`): they check the harness, and measure nothing.
+const QUICK: Sizes = Sizes {
+    entities: 3_000,
+    duration: Duration::from_secs(1),
+};
+
+const FULL: Sizes = Sizes {
+    entities: TARGET_ENTITIES,
+    duration: Duration::from_secs(10),
+};
 
 /// The documents, built once before anything is measured.
 struct Dataset {
-    rows: Rows,
+    /// The rows of the PostgreSQL table, in the order of its columns: ids,
+    /// types, documents.
+    columns: Vec<Column>,
+    mean_doc_bytes: f64,
     /// Upsert bodies: JSON arrays of [`BATCH`] documents.
     batches: Arc<Vec<Bytes>>,
     /// Entities of the smallest type.
@@ -112,30 +102,27 @@ impl Dataset {
             types.push(kind);
             docs.push(doc);
         }
-        let batches = load::json_arrays(&docs, BATCH);
         Ok(Dataset {
-            rows: Rows {
-                ids: Arc::new(ids),
-                types: Arc::new(types),
-                docs: Arc::new(docs),
-            },
-            batches: Arc::new(batches),
+            mean_doc_bytes: mean_len(&docs),
+            batches: Arc::new(load::json_arrays(&docs, BATCH)),
+            columns: vec![
+                Column::Strings(Arc::new(ids)),
+                Column::Names(Arc::new(types)),
+                Column::Strings(Arc::new(docs)),
+            ],
             per_type: n / TYPES.len(),
         })
     }
-
-    fn mean_doc_bytes(&self) -> f64 {
-        let total: usize = self.rows.docs.iter().map(String::len).sum();
-        total as f64 / self.rows.docs.len().max(1) as f64
-    }
-}
-
-fn property(value: Value) -> Value {
-    json!({"type": "Property", "value": value})
 }
 
 fn observed(value: Value, rng: &mut SmallRng) -> Value {
     json!({"type": "Property", "value": value, "observedAt": timestamp(rng, 1)})
+}
+
+/// A percentage observed on day 1.
+fn observed_percent(rng: &mut SmallRng) -> Value {
+    let value = rng.random_range(0..=100u32);
+    json!({"type": "Property", "value": value, "unitCode": "P1", "observedAt": timestamp(rng, 1)})
 }
 
 /// A point somewhere in Paris.
@@ -171,18 +158,10 @@ fn parking_spot(id: &str, k: usize, rng: &mut SmallRng) -> Value {
         "type": "ParkingSpot",
         "name": property(json!(format!("{street}, spot {}", k % 100 + 1))),
         "status": observed(json!(status), rng),
-        "occupancy": {
-            "type": "Property",
-            "value": rng.random_range(0..=100u32),
-            "unitCode": "P1",
-            "observedAt": timestamp(rng, 1),
-        },
+        "occupancy": observed_percent(rng),
         "category": property(json!(category)),
         "location": location(rng),
-        "refParkingSite": {
-            "type": "Relationship",
-            "object": format!("urn:ngsi-ld:ParkingSite:{site:04}"),
-        },
+        "refParkingSite": relationship(format!("urn:ngsi-ld:ParkingSite:{site:04}")),
     })
 }
 
@@ -207,18 +186,10 @@ fn streetlight(id: &str, rng: &mut SmallRng) -> Value {
             "value": round_to(rng.random_range(4.0..12.0), 10.0),
             "unitCode": "MTR",
         },
-        "illuminanceLevel": {
-            "type": "Property",
-            "value": rng.random_range(0..=100u32),
-            "unitCode": "P1",
-            "observedAt": timestamp(rng, 1),
-        },
+        "illuminanceLevel": observed_percent(rng),
         "status": property(json!(status)),
         "location": location(rng),
-        "refStreetlightGroup": {
-            "type": "Relationship",
-            "object": format!("urn:ngsi-ld:StreetlightGroup:{group:03}"),
-        },
+        "refStreetlightGroup": relationship(format!("urn:ngsi-ld:StreetlightGroup:{group:03}")),
     })
 }
 
@@ -251,17 +222,7 @@ struct Variant {
 
 impl Variant {
     fn new(params: &[(&str, String)], condition: &str) -> Result<Variant, String> {
-        let display = params
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let query: String = params
-            .iter()
-            .map(|(k, v)| format!("{k}={}&", percent_encode(v)))
-            .collect();
-        let uri = Uri::try_from(format!("{ENTITIES_PATH}?{query}limit={LIMIT}"))
-            .map_err(|e| format!("invalid request URI for {display}: {e}"))?;
+        let (display, uri) = entities_query(params, LIMIT)?;
         let sql =
             format!("SELECT id, doc FROM {TABLE} WHERE {condition} ORDER BY id LIMIT {LIMIT}");
         Ok(Variant { display, uri, sql })
@@ -273,6 +234,30 @@ struct Shape {
     name: &'static str,
     about: &'static str,
     variants: Vec<Variant>,
+}
+
+impl Shape {
+    /// The shape's requests on Borough and its queries on PostgreSQL: one
+    /// statement per value, each run without parameters.
+    fn both_systems(&self) -> BothSystems {
+        let sqls: Vec<String> = self.variants.iter().map(|v| v.sql.clone()).collect();
+        let queries = sqls
+            .iter()
+            .enumerate()
+            .map(|(statement, sql)| TimedQuery {
+                statement,
+                params: Vec::new(),
+                label: sql.clone(),
+            })
+            .collect();
+        BothSystems {
+            shape: self.name,
+            uris: self.variants.iter().map(|v| v.uri.clone()).collect(),
+            baseline: "postgres-jsonb",
+            sqls,
+            queries,
+        }
+    }
 }
 
 /// An SQL string literal.
@@ -297,6 +282,12 @@ fn type_is(t: &str) -> String {
     format!("type = {}", lit(t))
 }
 
+/// `type=<t>&q=<q>` on Borough; `<condition>` on the rows of that type in SQL.
+fn type_and_q(t: &str, q: String, condition: String) -> Result<Variant, String> {
+    let sql_condition = format!("{} AND {condition}", type_is(t));
+    Variant::new(&[("type", t.to_string()), ("q", q)], &sql_condition)
+}
+
 fn shapes(per_type: usize) -> Result<Vec<Shape>, String> {
     let pair = |k: &'static str, v: String| (k, v);
 
@@ -308,69 +299,40 @@ fn shapes(per_type: usize) -> Result<Vec<Shape>, String> {
     let equality = ["free", "occupied", "closed"]
         .iter()
         .map(|s| {
-            Variant::new(
-                &[
-                    pair("type", "ParkingSpot".into()),
-                    pair("q", format!("status==\"{s}\"")),
-                ],
-                &format!("{} AND {}", type_is("ParkingSpot"), has_value("status", s)),
-            )
+            let q = format!("status==\"{s}\"");
+            type_and_q("ParkingSpot", q, has_value("status", s))
         })
         .collect::<Result<_, _>>()?;
 
     let range = [(0, 20), (20, 40), (40, 60), (60, 80), (80, 100)]
         .iter()
         .map(|(lo, hi)| {
-            Variant::new(
-                &[
-                    pair("type", "Streetlight".into()),
-                    pair("q", format!("illuminanceLevel=={lo}..{hi}")),
-                ],
-                &format!(
-                    "{} AND {} BETWEEN {lo} AND {hi}",
-                    type_is("Streetlight"),
-                    number("illuminanceLevel")
-                ),
-            )
+            let q = format!("illuminanceLevel=={lo}..{hi}");
+            let condition = format!("{} BETWEEN {lo} AND {hi}", number("illuminanceLevel"));
+            type_and_q("Streetlight", q, condition)
         })
         .collect::<Result<_, _>>()?;
 
     let greater = ["0.5", "0.6", "0.7", "0.8", "0.9"]
         .iter()
         .map(|x| {
-            Variant::new(
-                &[
-                    pair("type", "WasteContainer".into()),
-                    pair("q", format!("fillingLevel>{x}")),
-                ],
-                &format!(
-                    "{} AND {} > {x}",
-                    type_is("WasteContainer"),
-                    number("fillingLevel")
-                ),
-            )
+            let q = format!("fillingLevel>{x}");
+            let condition = format!("{} > {x}", number("fillingLevel"));
+            type_and_q("WasteContainer", q, condition)
         })
         .collect::<Result<_, _>>()?;
 
     let mut combined = Vec::new();
     for waste in WASTE_TYPES {
         for x in ["0.85", "0.9"] {
-            combined.push(Variant::new(
-                &[
-                    pair("type", "WasteContainer".into()),
-                    pair(
-                        "q",
-                        format!("(status==\"full\"|fillingLevel>{x});wasteType==\"{waste}\""),
-                    ),
-                ],
-                &format!(
-                    "{} AND ({} OR {} > {x}) AND {}",
-                    type_is("WasteContainer"),
-                    has_value("status", "full"),
-                    number("fillingLevel"),
-                    has_value("wasteType", waste)
-                ),
-            )?);
+            let q = format!("(status==\"full\"|fillingLevel>{x});wasteType==\"{waste}\"");
+            let condition = format!(
+                "({} OR {} > {x}) AND {}",
+                has_value("status", "full"),
+                number("fillingLevel"),
+                has_value("wasteType", waste)
+            );
+            combined.push(type_and_q("WasteContainer", q, condition)?);
         }
     }
 
@@ -426,25 +388,6 @@ fn shapes(per_type: usize) -> Result<Vec<Shape>, String> {
     ])
 }
 
-/// Borough and PostgreSQL on one shape.
-struct ShapeRun {
-    borough: Phase,
-    postgres: Phase,
-}
-
-impl ShapeRun {
-    fn rps_vs_pg(&self) -> f64 {
-        ratio(self.borough.throughput(), self.postgres.throughput())
-    }
-
-    fn pg_p95_vs_p95(&self) -> f64 {
-        ratio(
-            self.postgres.latency.p95_us as f64,
-            self.borough.latency.p95_us as f64,
-        )
-    }
-}
-
 /// Everything measured, before the report.
 struct Measured {
     upsert: Phase,
@@ -456,15 +399,8 @@ struct Measured {
 }
 
 pub fn run(opts: &Options) -> Result<(), String> {
-    let sizes = Sizes::new(opts.quick);
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    if build == "debug" {
-        eprintln!("note: debug build; the figures are not representative (build with --release)");
-    }
+    let sizes = if opts.quick { QUICK } else { FULL };
+    let info = RunInfo::new("query", opts.quick);
     eprintln!(
         "generating {} entities of {} types (seed {SEED:#x})",
         sizes.entities,
@@ -473,43 +409,24 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let data = Dataset::generate(sizes.entities)?;
     let shapes = shapes(data.per_type)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bench-load")
-        .build()
-        .map_err(|e| format!("cannot start the load generator runtime: {e}"))?;
+    let runtime = common::load_runtime()?;
     // Fail fast, before loading Borough, if the baseline cannot run.
     runtime.block_on(postgres::check(&opts.pg))?;
 
-    let mut server = Server::spawn(None, READY_TIMEOUT)?;
-    eprintln!("server listening on http://{}", server.addr());
+    let mut server = common::start_server()?;
     let measured = runtime.block_on(measure(&mut server, &data, &shapes, &sizes, &opts.pg))?;
     drop(server);
 
     let report = Report {
-        quick: opts.quick,
-        build,
+        info,
         sizes: &sizes,
-        mean_doc_bytes: data.mean_doc_bytes(),
+        mean_doc_bytes: data.mean_doc_bytes,
         shapes: &shapes,
         measured,
     };
-    println!("{}", report.table());
-    write_json(&opts.out, &report.to_json())?;
-    println!("results written to {}", opts.out.display());
-
+    publish(&report.table(), &report.to_json(), &opts.out)?;
     for (shape, run) in shapes.iter().zip(&report.measured.runs) {
-        for phase in [&run.borough, &run.postgres] {
-            if phase.errors > 0 {
-                return Err(format!(
-                    "{} ({}): {} requests failed; first: {}",
-                    shape.name,
-                    phase.name,
-                    phase.errors,
-                    phase.first_error.as_deref().unwrap_or("(no detail)")
-                ));
-            }
-        }
+        run.check_failures(shape.name)?;
     }
     Ok(())
 }
@@ -523,41 +440,19 @@ async fn measure(
     sizes: &Sizes,
     pg: &str,
 ) -> Result<Measured, String> {
-    let addr = server.addr();
-    eprintln!(
-        "upsert: {} entities in batches of {BATCH}, {UPSERT_WORKERS} workers",
-        sizes.entities
-    );
-    let uri = Uri::from_static(UPSERT_PATH);
-    let batches = load::post_all(addr, uri, data.batches.clone(), UPSERT_WORKERS, UPSERT_OK)
-        .await
-        .map_err(|e| format!("upsert: {e}"))?;
-    server.check_alive()?;
-    let memory_after_load = server.memory();
-    let mut batch_latencies = batches.latencies_us;
-    let upsert = Phase {
-        name: "borough upsert",
-        unit: "entities/s",
-        count: sizes.entities,
-        elapsed: batches.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut batch_latencies),
-        errors: 0,
-        first_error: None,
-        memory: memory_after_load,
-        ops: Vec::new(),
-    };
+    let batches = data.batches.clone();
+    let upsert = common::upsert(server, "borough upsert", batches, sizes.entities, BATCH).await?;
 
-    let admin = query_pg::admin(pg).await?;
+    let admin = postgres::connect(pg).await?;
     let result = with_table(&admin, server, data, shapes, sizes, pg).await;
-    let dropped = query_pg::drop_table(&admin).await;
+    let dropped = postgres::drop_table(&admin, TABLE).await;
     let (pg_load, pg_index_elapsed, runs) = result?;
     dropped?;
     Ok(Measured {
+        memory_after_load: upsert.memory,
         upsert,
         pg_load,
         pg_index_elapsed,
-        memory_after_load,
         memory_after_queries: server.memory(),
         runs,
     })
@@ -576,28 +471,41 @@ async fn with_table(
         "postgres-jsonb: inserting {} documents, {BATCH} per statement, {UPSERT_WORKERS} connections, then indexing",
         sizes.entities
     );
-    let loaded = query_pg::load(admin, pg, &data.rows, BATCH, UPSERT_WORKERS)
-        .await
-        .map_err(|e| format!("postgres-jsonb: {e}"))?;
-    let mut insert_latencies = loaded.latencies_us;
-    let pg_load = Phase {
-        name: "postgres insert",
-        unit: "entities/s",
-        count: sizes.entities,
-        elapsed: loaded.elapsed,
-        latency_of: "batch",
-        latency: Summary::of(&mut insert_latencies),
-        errors: 0,
-        first_error: None,
-        memory: None,
-        ops: Vec::new(),
-    };
+    let table = query_pg::table();
+    let loaded = postgres::load(
+        admin,
+        pg,
+        &table,
+        data.columns.clone(),
+        BATCH,
+        UPSERT_WORKERS,
+    )
+    .await
+    .map_err(|e| format!("postgres-jsonb: {e}"))?;
+    let pg_load = Phase::entities_written(
+        "postgres insert",
+        sizes.entities,
+        "batch",
+        loaded.elapsed,
+        loaded.latencies_us,
+    );
 
     check_shapes(server, admin, shapes).await?;
 
     let mut runs = Vec::with_capacity(shapes.len());
     for (n, shape) in shapes.iter().enumerate() {
-        runs.push(measure_shape(server, pg, shape, sizes, n as u64).await?);
+        let secs = sizes.duration.as_secs_f64();
+        let example = shape.variants.first().map_or("", |v| v.display.as_str());
+        eprintln!(
+            "{}: {secs} s at concurrency {CONCURRENCY} each, {} values, e.g. {example}",
+            shape.name,
+            shape.variants.len()
+        );
+        let seed = SEED ^ ((n as u64) << 8);
+        let both = shape.both_systems();
+        runs.push(
+            common::measure_shape(server, pg, both, CONCURRENCY, sizes.duration, seed).await?,
+        );
     }
     Ok((pg_load, loaded.index_elapsed, runs))
 }
@@ -614,17 +522,7 @@ async fn check_shapes(server: &mut Server, admin: &Client, shapes: &[Shape]) -> 
     for shape in shapes {
         for v in &shape.variants {
             let what = format!("check {} ({})", shape.name, v.display);
-            let (status, body) = conn
-                .request_with_timeout(Method::GET, v.uri.clone(), None, true)
-                .await
-                .map_err(|e| format!("{what}: {e}"))?;
-            if status != StatusCode::OK {
-                return Err(format!(
-                    "{what}: Borough answered {status}: {}",
-                    load::quote(&body)
-                ));
-            }
-            let borough = entity_ids(&body).map_err(|e| format!("{what}: {e}"))?;
+            let borough = common::fetch_ids(&mut conn, &v.uri, &what).await?;
             let expected = query_pg::ids(admin, &v.sql)
                 .await
                 .map_err(|e| format!("{what}: postgres-jsonb: {e}"))?;
@@ -653,88 +551,8 @@ async fn check_shapes(server: &mut Server, admin: &Client, shapes: &[Shape]) -> 
     server.check_alive()
 }
 
-/// The `id` of each entity of a JSON array.
-pub(super) fn entity_ids(body: &[u8]) -> Result<Vec<String>, String> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| format!("Borough answered invalid JSON ({e}): {}", load::quote(body)))?;
-    let items = v
-        .as_array()
-        .ok_or_else(|| format!("Borough answered no array: {}", load::quote(body)))?;
-    items
-        .iter()
-        .map(|e| {
-            e.get("id")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| format!("Borough answered an entity without id: {e}"))
-        })
-        .collect()
-}
-
-/// One shape for the duration on Borough, then on PostgreSQL.
-async fn measure_shape(
-    server: &mut Server,
-    pg: &str,
-    shape: &Shape,
-    sizes: &Sizes,
-    n: u64,
-) -> Result<ShapeRun, String> {
-    let secs = sizes.duration.as_secs_f64();
-    let example = shape.variants.first().map_or("", |v| v.display.as_str());
-    eprintln!(
-        "{}: {secs} s at concurrency {CONCURRENCY} each, {} values, e.g. {example}",
-        shape.name,
-        shape.variants.len()
-    );
-    let mix = Mix::Gets(shape.variants.iter().map(|v| v.uri.clone()).collect());
-    let seed = SEED ^ (n << 8);
-    let run = load::run_timed(
-        server.addr(),
-        Arc::new(mix),
-        CONCURRENCY,
-        sizes.duration,
-        seed,
-    )
-    .await
-    .map_err(|e| format!("{}: {e}", shape.name))?;
-    server.check_alive()?;
-    let mut latencies = run.get_us;
-    let borough = Phase {
-        name: "borough",
-        unit: "req/s",
-        count: latencies.len(),
-        elapsed: run.elapsed,
-        latency_of: "request",
-        latency: Summary::of(&mut latencies),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: server.memory(),
-        ops: Vec::new(),
-    };
-
-    let sqls: Vec<String> = shape.variants.iter().map(|v| v.sql.clone()).collect();
-    let run = query_pg::run_timed(pg, &sqls, CONCURRENCY, sizes.duration, seed)
-        .await
-        .map_err(|e| format!("{} (postgres-jsonb): {e}", shape.name))?;
-    let mut latencies = run.latencies_us;
-    let postgres = Phase {
-        name: "postgres-jsonb",
-        unit: "req/s",
-        count: latencies.len(),
-        elapsed: run.elapsed,
-        latency_of: "query",
-        latency: Summary::of(&mut latencies),
-        errors: run.errors,
-        first_error: run.first_error,
-        memory: None,
-        ops: Vec::new(),
-    };
-    Ok(ShapeRun { borough, postgres })
-}
-
 struct Report<'a> {
-    quick: bool,
-    build: &'static str,
+    info: RunInfo,
     sizes: &'a Sizes,
     mean_doc_bytes: f64,
     shapes: &'a [Shape],
@@ -746,22 +564,18 @@ impl Report<'_> {
         let mut targets = Vec::new();
         for (shape, run) in self.shapes.iter().zip(&self.measured.runs) {
             let p95 = ms(run.borough.latency.p95_us as f64);
-            targets.push(Target {
-                name: format!("{} p95", shape.name),
-                actual: p95,
-                actual_text: format!("{p95:.2} ms"),
-                at_least: false,
-                bound: TARGET_P95_MS,
-                bound_text: format!("< {TARGET_P95_MS} ms"),
-            });
-            targets.push(Target {
-                name: format!("{} ÷ postgres", shape.name),
-                actual: run.rps_vs_pg(),
-                actual_text: format!("{:.2}x req/s", run.rps_vs_pg()),
-                at_least: true,
-                bound: TARGET_VS_PG,
-                bound_text: format!("≥ {TARGET_VS_PG:.1}x req/s"),
-            });
+            targets.push(Target::latency_below(
+                format!("{} p95", shape.name),
+                p95,
+                TARGET_P95_MS,
+            ));
+            targets.push(Target::new(
+                format!("{} ÷ postgres", shape.name),
+                run.rps_vs_baseline(),
+                format!("{:.2}x req/s", run.rps_vs_baseline()),
+                Bound::AtLeast(TARGET_VS_PG),
+                format!("≥ {TARGET_VS_PG:.1}x req/s"),
+            ));
         }
         targets
     }
@@ -769,10 +583,9 @@ impl Report<'_> {
     fn table(&self) -> String {
         let m = &self.measured;
         let mut out = format!(
-            "\nborough bench query ({}, {} build): {} entities ({} types), batches of {BATCH}, \
+            "{}{} entities ({} types), batches of {BATCH}, \
              {UPSERT_WORKERS} upsert workers; each shape {} s at concurrency {CONCURRENCY}, limit={LIMIT}\n\n",
-            if self.quick { "quick" } else { "full" },
-            self.build,
+            self.info.title(),
             thousands(self.sizes.entities as f64),
             TYPES.len(),
             self.sizes.duration.as_secs(),
@@ -783,47 +596,16 @@ impl Report<'_> {
             m.pg_index_elapsed.as_secs_f64(),
             memory_text(m.memory_after_load)
         ));
-        out.push_str(&format!(
-            "{:<12} {:<15} {:>10} {:>8} {:>8} {:>8} {:>7}  {:>11} {:>13}\n",
-            "shape",
-            "system",
-            "req/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "errors",
-            "÷ pg req/s",
-            "pg p95 ÷ p95"
-        ));
-        for (shape, run) in self.shapes.iter().zip(&m.runs) {
-            for (k, p) in [&run.borough, &run.postgres].into_iter().enumerate() {
-                let (name, ratios) = if k == 0 {
-                    (
-                        shape.name,
-                        format!(
-                            "{:>11} {:>13}",
-                            format!("{:.2}x", run.rps_vs_pg()),
-                            format!("{:.2}x", run.pg_p95_vs_p95())
-                        ),
-                    )
-                } else {
-                    ("", String::new())
-                };
-                let line = format!(
-                    "{:<12} {:<15} {:>10} {:>8.2} {:>8.2} {:>8.2} {:>7}  {}",
-                    name,
-                    p.name,
-                    thousands(p.throughput()),
-                    ms(p.latency.p50_us as f64),
-                    ms(p.latency.p95_us as f64),
-                    ms(p.latency.p99_us as f64),
-                    p.errors,
-                    ratios
-                );
-                out.push_str(line.trim_end());
-                out.push('\n');
-            }
-        }
+        let ratio_headings = format!("{:>11} {:>13}", "÷ pg req/s", "pg p95 ÷ p95");
+        let rows = self.shapes.iter().zip(&m.runs).map(|(shape, run)| {
+            let ratios = format!(
+                "{:>11} {:>13}",
+                format!("{:.2}x", run.rps_vs_baseline()),
+                format!("{:.2}x", run.baseline_p95_vs_p95())
+            );
+            (shape.name, run, ratios)
+        });
+        out.push_str(&shape_table(15, &ratio_headings, rows));
         out.push_str("\nqueries (each rotates through its values; first one shown)\n");
         for shape in self.shapes {
             out.push_str(&format!(
@@ -834,14 +616,11 @@ impl Report<'_> {
             ));
         }
         out.push('\n');
-        out.push_str(&target_table("targets (from the issue)", &self.targets()));
-        out.push_str(&format!(
+        let note = format!(
             "(the targets apply at {} entities; \"÷ postgres\" is Borough req/s ÷ PostgreSQL req/s)\n",
             thousands(TARGET_ENTITIES as f64)
-        ));
-        if self.quick || self.build == "debug" {
-            out.push_str("(quick runs and debug builds measure nothing meaningful; targets are informative only)\n");
-        }
+        );
+        out.push_str(&self.info.targets_section(&self.targets(), &note));
         out
     }
 
@@ -861,28 +640,16 @@ impl Report<'_> {
                     "about": shape.about,
                     "variants": variants,
                     "borough": run.borough.to_json(),
-                    "postgres": run.postgres.to_json(),
+                    "postgres": run.baseline.to_json(),
                     "ratios": {
-                        "rps_vs_postgres": round_to(run.rps_vs_pg(), 1e3),
-                        "postgres_p95_vs_borough_p95": round_to(run.pg_p95_vs_p95(), 1e3),
+                        "rps_vs_postgres": round_to(run.rps_vs_baseline(), 1e3),
+                        "postgres_p95_vs_borough_p95": round_to(run.baseline_p95_vs_p95(), 1e3),
                     },
                 });
                 (shape.name.to_string(), value)
             })
             .collect();
-        let targets: Vec<Value> = self.targets().iter().map(Target::to_json).collect();
-        let memory = |m: Option<Memory>| m.map(|m| json!({"rss_kb": m.rss_kb, "hwm_kb": m.hwm_kb}));
-        let unix_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        json!({
-            "scenario": "query",
-            "quick": self.quick,
-            "build": self.build,
-            "version": env!("CARGO_PKG_VERSION"),
-            "unix_time": unix_time,
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "entities": self.sizes.entities,
@@ -903,11 +670,11 @@ impl Report<'_> {
                 "postgres": m.pg_load.to_json(),
                 "postgres_index_s": round_to(m.pg_index_elapsed.as_secs_f64(), 1e3),
             },
-            "server_memory_after_load": memory(m.memory_after_load),
-            "server_memory_after_queries": memory(m.memory_after_queries),
+            "server_memory_after_load": memory_json(m.memory_after_load),
+            "server_memory_after_queries": memory_json(m.memory_after_queries),
             "shapes": shapes,
-            "targets": targets,
+            "targets": targets_json(&self.targets()),
             "targets_apply_at_entities": TARGET_ENTITIES,
-        })
+        }))
     }
 }

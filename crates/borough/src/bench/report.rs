@@ -1,7 +1,8 @@
 //! Result records and their rendering: the phase table, the target table,
-//! number formatting and the JSON file.
+//! the per-shape table of the query scenarios, number formatting and the
+//! JSON file.
 
-use super::load::{Summary, ms};
+use super::load::{Failures, Summary, ms};
 use super::server::Memory;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -17,8 +18,7 @@ pub struct Phase {
     /// What one latency sample is: a batch, a transaction or a request.
     pub latency_of: &'static str,
     pub latency: Summary,
-    pub errors: u64,
-    pub first_error: Option<String>,
+    pub failures: Failures,
     /// Server memory right after the phase (`None` for the PostgreSQL baseline).
     pub memory: Option<Memory>,
     /// Per-operation breakdown of the mixed phase: (name, count, latency).
@@ -26,6 +26,67 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// Requests (or queries) for a time: one latency sample per completed one.
+    pub fn timed(
+        name: &'static str,
+        unit: &'static str,
+        latency_of: &'static str,
+        elapsed: Duration,
+        mut latencies_us: Vec<u64>,
+    ) -> Phase {
+        Phase {
+            name,
+            unit,
+            count: latencies_us.len(),
+            elapsed,
+            latency_of,
+            latency: Summary::of(&mut latencies_us),
+            failures: Failures::default(),
+            memory: None,
+            ops: Vec::new(),
+        }
+    }
+
+    /// `count` entities written in batches (or transactions), one latency
+    /// sample each. A failed batch fails the run, so there are no failures.
+    pub fn entities_written(
+        name: &'static str,
+        count: usize,
+        latency_of: &'static str,
+        elapsed: Duration,
+        latencies_us: Vec<u64>,
+    ) -> Phase {
+        Phase {
+            count,
+            ..Phase::timed(name, "entities/s", latency_of, elapsed, latencies_us)
+        }
+    }
+
+    pub fn with_failures(self, failures: Failures) -> Phase {
+        Phase { failures, ..self }
+    }
+
+    pub fn with_memory(self, memory: Option<Memory>) -> Phase {
+        Phase { memory, ..self }
+    }
+
+    pub fn with_ops(self, ops: Vec<(&'static str, usize, Summary)>) -> Phase {
+        Phase { ops, ..self }
+    }
+
+    /// Fails when some of the phase's `what` (requests, updates) failed: its
+    /// figures would not mean what they say. `label` names the phase.
+    pub fn check_failures(&self, label: &str, what: &str) -> Result<(), String> {
+        if self.failures.count == 0 {
+            return Ok(());
+        }
+        Err(format!(
+            "{label}: {} {what} failed; first: {}",
+            self.failures.count,
+            self.failures.first.as_deref().unwrap_or("(no detail)")
+        ))
+    }
+
     pub fn throughput(&self) -> f64 {
         per_second(self.count, self.elapsed)
     }
@@ -38,9 +99,9 @@ impl Phase {
             "elapsed_s": round_to(self.elapsed.as_secs_f64(), 1e3),
             "latency_of": self.latency_of,
             "latency": self.latency.to_json(),
-            "errors": self.errors,
-            "first_error": self.first_error,
-            "server_memory": self.memory.map(|m| json!({"rss_kb": m.rss_kb, "hwm_kb": m.hwm_kb})),
+            "errors": self.failures.count,
+            "first_error": self.failures.first,
+            "server_memory": memory_json(self.memory),
         });
         if !self.ops.is_empty() {
             let ops: serde_json::Map<String, Value> = self
@@ -66,32 +127,83 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
     if secs > 0.0 { count as f64 / secs } else { 0.0 }
 }
 
+/// What a target asks of its measurement.
+#[derive(Clone, Copy)]
+pub enum Bound {
+    AtLeast(f64),
+    Below(f64),
+}
+
 /// One target of the issue, compared with its measurement.
 pub struct Target {
     pub name: String,
     pub actual: f64,
     pub actual_text: String,
-    /// `true`: actual ≥ bound; `false`: actual < bound.
-    pub at_least: bool,
-    pub bound: f64,
+    pub bound: Bound,
     pub bound_text: String,
 }
 
 impl Target {
+    pub fn new(
+        name: impl Into<String>,
+        actual: f64,
+        actual_text: String,
+        bound: Bound,
+        bound_text: String,
+    ) -> Target {
+        Target {
+            name: name.into(),
+            actual,
+            actual_text,
+            bound,
+            bound_text,
+        }
+    }
+
+    /// A latency in milliseconds, met below `bound_ms`.
+    pub fn latency_below(name: impl Into<String>, actual_ms: f64, bound_ms: f64) -> Target {
+        let actual_text = format!("{actual_ms:.2} ms");
+        let bound_text = format!("< {bound_ms} ms");
+        Target::new(
+            name,
+            actual_ms,
+            actual_text,
+            Bound::Below(bound_ms),
+            bound_text,
+        )
+    }
+
+    /// A throughput in `unit`, met at `bound` or more.
+    pub fn rate_at_least(name: impl Into<String>, actual: f64, bound: f64, unit: &str) -> Target {
+        let actual_text = format!("{} {unit}", thousands(actual));
+        let bound_text = format!("≥ {} {unit}", thousands(bound));
+        Target::new(name, actual, actual_text, Bound::AtLeast(bound), bound_text)
+    }
+
+    /// A ratio, met at `bound` or more.
+    pub fn ratio_at_least(name: impl Into<String>, actual: f64, bound: f64) -> Target {
+        let actual_text = format!("{actual:.2}x");
+        let bound_text = format!("≥ {bound}x");
+        Target::new(name, actual, actual_text, Bound::AtLeast(bound), bound_text)
+    }
+
     pub fn met(&self) -> bool {
-        if self.at_least {
-            self.actual >= self.bound
-        } else {
-            self.actual < self.bound
+        match self.bound {
+            Bound::AtLeast(bound) => self.actual >= bound,
+            Bound::Below(bound) => self.actual < bound,
         }
     }
 
     pub fn to_json(&self) -> Value {
+        let (comparison, bound) = match self.bound {
+            Bound::AtLeast(bound) => (">=", bound),
+            Bound::Below(bound) => ("<", bound),
+        };
         json!({
             "name": self.name,
             "actual": round_to(self.actual, 1e3),
-            "comparison": if self.at_least { ">=" } else { "<" },
-            "target": self.bound,
+            "comparison": comparison,
+            "target": bound,
             "met": self.met(),
         })
     }
@@ -117,7 +229,7 @@ pub fn phase_table<'a>(phases: impl IntoIterator<Item = &'a Phase>) -> String {
             p.unit,
             p.latency_of,
             &p.latency,
-            &p.errors.to_string(),
+            &p.failures.count.to_string(),
             &memory_text(p.memory),
         ));
         for (name, count, summary) in &p.ops {
@@ -135,6 +247,11 @@ pub fn phase_table<'a>(phases: impl IntoIterator<Item = &'a Phase>) -> String {
     out
 }
 
+/// The targets as JSON, in order.
+pub fn targets_json(targets: &[Target]) -> Vec<Value> {
+    targets.iter().map(Target::to_json).collect()
+}
+
 /// One line per target: actual, bound, met or not.
 pub fn target_table(title: &str, targets: &[Target]) -> String {
     let mut out = format!("{title:<26} {:>22}   {:<22} status\n", "actual", "target");
@@ -146,6 +263,70 @@ pub fn target_table(title: &str, targets: &[Target]) -> String {
             t.bound_text,
             if t.met() { "met" } else { "NOT MET" }
         ));
+    }
+    out
+}
+
+/// Borough and its baseline on one query shape, measured alike.
+pub struct ShapeRun {
+    pub borough: Phase,
+    pub baseline: Phase,
+}
+
+impl ShapeRun {
+    /// Borough's requests per second ÷ the baseline's.
+    pub fn rps_vs_baseline(&self) -> f64 {
+        ratio(self.borough.throughput(), self.baseline.throughput())
+    }
+
+    /// The baseline's p95 latency ÷ Borough's.
+    pub fn baseline_p95_vs_p95(&self) -> f64 {
+        ratio(
+            self.baseline.latency.p95_us as f64,
+            self.borough.latency.p95_us as f64,
+        )
+    }
+
+    /// Fails when requests of either system failed.
+    pub fn check_failures(&self, shape: &str) -> Result<(), String> {
+        for phase in [&self.borough, &self.baseline] {
+            phase.check_failures(&format!("{shape} ({})", phase.name), "requests")?;
+        }
+        Ok(())
+    }
+}
+
+/// The per-shape table: a heading, then two lines per shape, Borough's
+/// (named after the shape, with its `ratios` columns) and the baseline's.
+/// `system_width` fits the longest phase name.
+pub fn shape_table<'a>(
+    system_width: usize,
+    ratio_headings: &str,
+    shapes: impl IntoIterator<Item = (&'a str, &'a ShapeRun, String)>,
+) -> String {
+    let mut out = format!(
+        "{:<12} {:<system_width$} {:>10} {:>8} {:>8} {:>8} {:>7}  {ratio_headings}\n",
+        "shape", "system", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+    );
+    for (shape, run, ratios) in shapes {
+        for (name, p, ratios) in [
+            (shape, &run.borough, ratios),
+            ("", &run.baseline, String::new()),
+        ] {
+            let line = format!(
+                "{:<12} {:<system_width$} {:>10} {:>8.2} {:>8.2} {:>8.2} {:>7}  {}",
+                name,
+                p.name,
+                thousands(p.throughput()),
+                ms(p.latency.p50_us as f64),
+                ms(p.latency.p95_us as f64),
+                ms(p.latency.p99_us as f64),
+                p.failures.count,
+                ratios
+            );
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
     }
     out
 }
@@ -183,6 +364,10 @@ pub fn memory_text(m: Option<Memory>) -> String {
     }
 }
 
+pub fn memory_json(m: Option<Memory>) -> Value {
+    json!(m.map(|m| json!({"rss_kb": m.rss_kb, "hwm_kb": m.hwm_kb})))
+}
+
 pub fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
@@ -198,6 +383,14 @@ pub fn thousands(x: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Prints the table, then writes the JSON to `out`.
+pub fn publish(table: &str, json: &Value, out: &std::path::Path) -> Result<(), String> {
+    println!("{table}");
+    write_json(out, json)?;
+    println!("results written to {}", out.display());
+    Ok(())
 }
 
 pub fn write_json(path: &std::path::Path, value: &Value) -> Result<(), String> {
