@@ -333,9 +333,9 @@ impl CompiledSubscription {
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        if !["http", "https", "mqtt"].contains(&scheme.as_str()) {
+        if !["http", "https", "mqtt", "mqtts"].contains(&scheme.as_str()) {
             return Err(bad(format!(
-                "endpoint scheme '{scheme}' is not supported; use http, https or mqtt (mqtts is not available yet)"
+                "endpoint scheme '{scheme}' is not supported; use http, https, mqtt or mqtts"
             )));
         }
         let accept = match ep.get("accept") {

@@ -36,6 +36,9 @@ pub struct NotifierConfig {
     pub batch: usize,
     /// Notices queued per endpoint; beyond that they wait in the outbox.
     pub queue: usize,
+    /// PEM certificates of CAs trusted for `mqtts://` endpoints besides the
+    /// usual public roots.
+    pub mqtt_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for NotifierConfig {
@@ -47,6 +50,7 @@ impl Default for NotifierConfig {
             timeout: Duration::from_secs(10),
             batch: 200,
             queue: 10_000,
+            mqtt_ca_pem: None,
         }
     }
 }
@@ -62,6 +66,8 @@ const SCAN: usize = 20_000;
 struct Shared {
     store: Arc<dyn EntityStore>,
     client: reqwest::Client,
+    /// TLS settings of `mqtts://` endpoints.
+    mqtt_tls: Arc<rustls::ClientConfig>,
     config: NotifierConfig,
     /// Sequence numbers handed to an endpoint and not yet done.
     in_flight: Mutex<HashSet<u64>>,
@@ -74,10 +80,21 @@ struct Shared {
 }
 
 /// Runs the notifier until `stop` resolves. Notices still undelivered stay
-/// in the outbox and are delivered after the next start.
-pub async fn run(
+/// in the outbox and are delivered after the next start. Fails at once if the
+/// MQTT CA certificates cannot be read.
+pub fn start(
     store: Arc<dyn EntityStore>,
     config: NotifierConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let mqtt_tls = mqtt::tls_config(config.mqtt_ca_pem.as_deref())?;
+    Ok(tokio::spawn(run(store, config, mqtt_tls, stop)))
+}
+
+async fn run(
+    store: Arc<dyn EntityStore>,
+    config: NotifierConfig,
+    mqtt_tls: Arc<rustls::ClientConfig>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let client = reqwest::Client::builder()
@@ -88,6 +105,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         store,
         client,
+        mqtt_tls,
         config,
         in_flight: Mutex::new(HashSet::new()),
         completed: Mutex::new(Vec::new()),
@@ -195,7 +213,7 @@ async fn endpoint_worker(shared: Arc<Shared>, uri: String, mut rx: mpsc::Receive
     let mut last_sent: HashMap<SubKey, tokio::time::Instant> = HashMap::new();
     // The endpoint's MQTT connection, opened at the first notification.
     let mut mqtt: Option<MqttEndpoint> = None;
-    let is_mqtt = uri.starts_with("mqtt://");
+    let is_mqtt = uri.starts_with("mqtt://") || uri.starts_with("mqtts://");
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < shared.config.batch {
@@ -437,7 +455,7 @@ async fn send(
     } else {
         "application/json"
     };
-    if uri.starts_with("mqtt://") {
+    if uri.starts_with("mqtt://") || uri.starts_with("mqtts://") {
         // The MQTT binding wraps the notification with its metadata.
         let mut metadata = Map::new();
         metadata.insert("Content-Type".into(), json!(media));
@@ -450,7 +468,11 @@ async fn send(
         let payload = serde_json::to_vec(&json!({"metadata": metadata, "body": body}))
             .map_err(|e| e.to_string())?;
         if mqtt.is_none() {
-            *mqtt = Some(MqttEndpoint::connect(uri, &sub.endpoint.notifier_info)?);
+            *mqtt = Some(MqttEndpoint::connect(
+                uri,
+                &sub.endpoint.notifier_info,
+                &shared.mqtt_tls,
+            )?);
         }
         let Some(conn) = mqtt.as_mut() else {
             return Err("no MQTT connection".into());

@@ -1,11 +1,45 @@
-//! MQTT endpoints (`mqtt://[user:password@]host[:port]/topic`): one
-//! connection per endpoint; a notification counts as delivered when the
+//! MQTT endpoints (`mqtt://` or, over TLS, `mqtts://[user:password@]host[:port]/topic`):
+//! one connection per endpoint; a notification counts as delivered when the
 //! broker acknowledges it (PUBACK for QoS 1, PUBCOMP for QoS 2, the packet
 //! written for QoS 0).
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{
+    AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// The TLS client configuration of `mqtts://` endpoints: the Mozilla root
+/// certificates, plus the operator's own CAs (`--mqtt-ca-file`).
+pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = extra_ca_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("the MQTT CA file is not PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the MQTT CA file holds an unusable certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("the MQTT CA file holds no certificate".into());
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
 
 /// A connection to one broker and topic.
 pub struct MqttEndpoint {
@@ -25,17 +59,20 @@ impl Drop for MqttEndpoint {
 /// The parts of an MQTT endpoint URI.
 #[derive(Debug, PartialEq)]
 pub struct MqttUri {
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub user: Option<(String, String)>,
     pub topic: String,
 }
 
-/// Parses `mqtt://[user:password@]host[:port]/topic`.
+/// Parses `mqtt[s]://[user:password@]host[:port]/topic`.
 pub fn parse_uri(uri: &str) -> Result<MqttUri, String> {
-    let rest = uri
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("'{uri}' is not an mqtt:// URI"))?;
+    let (tls, rest) = match (uri.strip_prefix("mqtt://"), uri.strip_prefix("mqtts://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(format!("'{uri}' is not an mqtt:// or mqtts:// URI")),
+    };
     let (authority, topic) = rest
         .split_once('/')
         .ok_or_else(|| format!("'{uri}' names no topic"))?;
@@ -51,12 +88,13 @@ pub fn parse_uri(uri: &str) -> Result<MqttUri, String> {
     };
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port in '{uri}'"))?),
-        None => (hostport, 1883),
+        None => (hostport, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
         return Err(format!("'{uri}' names no host"));
     }
     Ok(MqttUri {
+        tls,
         host: host.to_string(),
         port,
         user,
@@ -79,7 +117,11 @@ pub fn qos(notifier_info: &[(String, String)]) -> Result<QoS, String> {
 }
 
 impl MqttEndpoint {
-    pub fn connect(uri: &str, notifier_info: &[(String, String)]) -> Result<Self, String> {
+    pub fn connect(
+        uri: &str,
+        notifier_info: &[(String, String)],
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Self, String> {
         let parts = parse_uri(uri)?;
         let qos = qos(notifier_info)?;
         let client_id = format!("borough-{:x}", borough_core::validate::now_micros());
@@ -87,6 +129,11 @@ impl MqttEndpoint {
         opts.set_keep_alive(Duration::from_secs(30));
         if let Some((u, p)) = parts.user {
             opts.set_credentials(u, p);
+        }
+        if parts.tls {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 16);
         let (tx, acks) = mpsc::channel(64);
@@ -153,6 +200,7 @@ mod tests {
         assert_eq!(
             parse_uri("mqtt://127.0.0.1:1883/city/notify").unwrap(),
             MqttUri {
+                tls: false,
                 host: "127.0.0.1".into(),
                 port: 1883,
                 user: None,
@@ -162,12 +210,17 @@ mod tests {
         assert_eq!(
             parse_uri("mqtt://u:p@broker/t").unwrap(),
             MqttUri {
+                tls: false,
                 host: "broker".into(),
                 port: 1883,
                 user: Some(("u".into(), "p".into())),
                 topic: "t".into()
             }
         );
+        assert_eq!(parse_uri("mqtts://broker/t").unwrap().port, 8883);
+        assert!(parse_uri("mqtts://broker/t").unwrap().tls);
+        assert!(tls_config(Some(b"not pem")).is_err());
+        assert!(tls_config(None).is_ok());
         assert!(parse_uri("mqtt://broker").is_err());
         assert!(parse_uri("mqtt://broker:x/t").is_err());
         assert!(qos(&[("MQTT-QoS".into(), "1".into())]).is_ok_and(|q| q == QoS::AtLeastOnce));

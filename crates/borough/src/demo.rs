@@ -86,6 +86,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         bench_static_bytes: None,
         notify_attempts: 6,
         notify_retry_ms: 500,
+        mqtt_ca_file: None,
     };
     let listener = bind(args.http).await?;
     let running = serve::start(&serve_args, listener).await?;

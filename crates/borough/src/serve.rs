@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Milliseconds before a failed notification is retried (doubled at each retry).
     #[arg(long, env = "BOROUGH_NOTIFY_RETRY_MS", default_value_t = 500)]
     pub notify_retry_ms: u64,
+    /// PEM file of CA certificates trusted for mqtts:// notification endpoints,
+    /// besides the usual public roots.
+    #[arg(long, env = "BOROUGH_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -94,17 +98,22 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
     });
     // Notifications are delivered from the store's outbox, off the request path.
     let (stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
-    let notifier = tokio::spawn(borough_notify::run(
+    let mqtt_ca_pem = match &args.mqtt_ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?),
+        None => None,
+    };
+    let notifier = borough_notify::start(
         store.clone(),
         borough_notify::NotifierConfig {
             max_attempts: args.notify_attempts.max(1),
             first_retry: Duration::from_millis(args.notify_retry_ms),
+            mqtt_ca_pem,
             ..borough_notify::NotifierConfig::default()
         },
         async {
             let _ = notifier_stopped.await;
         },
-    ));
+    )?;
     tracing::info!(%addr, data = %args.data.display(), "borough is serving");
     Ok(Running {
         addr,

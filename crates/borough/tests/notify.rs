@@ -595,3 +595,229 @@ fn show_changes_carries_the_previous_value() {
         json!({"type": "Property", "value": "occupied", "previousValue": "free"})
     );
 }
+
+/// A Mosquitto of the test's own with a plain and a TLS listener, and a CA of
+/// the test's own that signed the TLS listener's certificate.
+struct TlsBroker {
+    child: Child,
+    plain: u16,
+    tls: u16,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tls_broker() -> TlsBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=borough-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+    let (plain, tls) = (free_port(), free_port());
+    let conf = format!(
+        "allow_anonymous true\npersistence false\nlistener {plain} 127.0.0.1\nlistener {tls} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n",
+        ca = d.join("ca.pem").display(),
+        cert = d.join("server.pem").display(),
+        key = d.join("server.key").display(),
+    );
+    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
+    // Started as root, Mosquitto drops to its own user, which must read these.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["ca.pem", "server.pem", "server.key", "mosquitto.conf"] {
+        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(d.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (Debian's package) must be installed");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mosquitto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsBroker {
+        child,
+        plain,
+        tls,
+        ca: d.join("ca.pem"),
+        _dir: dir,
+    }
+}
+
+#[test]
+fn delivers_to_an_mqtts_broker_with_a_private_ca() {
+    let broker = tls_broker();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let topic = "borough-test/tls";
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let opts = rumqttc::MqttOptions::new("borough-tls-test", "127.0.0.1", broker.plain);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
+    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let ready = subscribed.clone();
+    rt.spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(_))) => ready.notify_one(),
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
+                    if let Ok(v) = serde_json::from_slice(&p.payload) {
+                        let _ = tx.send(v);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    rt.block_on(async {
+        client
+            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+            .await
+            .expect("SUBACK");
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = broker.ca.to_str().unwrap().to_string();
+    let server = start(dir.path(), &["--mqtt-ca-file", &ca]);
+    let uri = format!("mqtts://127.0.0.1:{}/{topic}", broker.tls);
+    subscribe(
+        &rt,
+        &server.base,
+        "urn:ngsi-ld:Subscription:tls",
+        &uri,
+        json!({
+            "notification": {"format": "keyValues", "endpoint": {"uri": uri,
+                "notifierInfo": [{"key": "MQTT-QoS", "value": "1"}]}}
+        }),
+    );
+    let ops = format!("{}/ngsi-ld/v1/entityOperations/upsert", server.base);
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &ops,
+        Some(json!([spot(9, "free", 1)])),
+    );
+    let msg = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(15), rx.recv()).await })
+        .expect("a notification over TLS within 15 s")
+        .expect("message");
+    assert_eq!(msg["body"]["data"][0]["id"], "urn:ngsi-ld:ParkingSpot:9");
+
+    // Without the private CA the broker's certificate is not trusted: delivery fails.
+    let dir2 = tempfile::tempdir().unwrap();
+    let untrusting = start(dir2.path(), &["--notify-attempts", "1"]);
+    subscribe(
+        &rt,
+        &untrusting.base,
+        "urn:ngsi-ld:Subscription:tls",
+        &uri,
+        json!({
+            "notification": {"format": "keyValues", "endpoint": {"uri": uri}}
+        }),
+    );
+    let ops = format!("{}/ngsi-ld/v1/entityOperations/upsert", untrusting.base);
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &ops,
+        Some(json!([spot(10, "free", 1)])),
+    );
+    let url = format!(
+        "{}/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:tls",
+        untrusting.base
+    );
+    let start_at = Instant::now();
+    loop {
+        let (_, sub) = call(&rt, reqwest::Method::GET, &url, None);
+        if sub["notification"]["timesFailed"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            start_at.elapsed() < Duration::from_secs(15),
+            "an untrusted broker must fail: {sub}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(500), rx.recv()).await })
+            .is_err(),
+        "nothing may reach the broker without trust"
+    );
+}
