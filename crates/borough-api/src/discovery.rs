@@ -78,6 +78,22 @@ fn compact(actx: &ActiveContext, iri: &str) -> Value {
     Value::String(actx.ctx.compact(iri).into_owned())
 }
 
+/// An EntityTypeList or AttributeList: the compacted names, sorted.
+fn name_list(
+    actx: &ActiveContext,
+    counts: Vec<(String, usize)>,
+    kind: &str,
+    member: &str,
+) -> Value {
+    let mut names: Vec<Value> = counts.into_iter().map(|(n, _)| compact(actx, &n)).collect();
+    names.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    json!({
+        "id": format!("urn:ngsi-ld:{kind}:{}", now_micros()),
+        "type": kind,
+        member: names,
+    })
+}
+
 /// `GET /types`
 pub async fn types(
     State(state): State<SharedState>,
@@ -103,18 +119,12 @@ pub async fn types(
                 .collect(),
         )
     } else {
-        let mut names: Vec<Value> = state
-            .store
-            .type_counts(&tenant)
-            .into_iter()
-            .map(|(t, _)| compact(&actx, &t))
-            .collect();
-        names.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
-        json!({
-            "id": format!("urn:ngsi-ld:EntityTypeList:{}", now_micros()),
-            "type": "EntityTypeList",
-            "typeList": names,
-        })
+        name_list(
+            &actx,
+            state.store.type_counts(&tenant),
+            "EntityTypeList",
+            "typeList",
+        )
     };
     Ok(represent(rt, body, &actx, &tenant))
 }
@@ -179,18 +189,12 @@ pub async fn attributes(
                 .collect(),
         )
     } else {
-        let mut names: Vec<Value> = state
-            .store
-            .attribute_counts(&tenant)
-            .into_iter()
-            .map(|(a, _)| compact(&actx, &a))
-            .collect();
-        names.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
-        json!({
-            "id": format!("urn:ngsi-ld:AttributeList:{}", now_micros()),
-            "type": "AttributeList",
-            "attributeList": names,
-        })
+        name_list(
+            &actx,
+            state.store.attribute_counts(&tenant),
+            "AttributeList",
+            "attributeList",
+        )
     };
     Ok(represent(rt, body, &actx, &tenant))
 }
