@@ -226,19 +226,35 @@ fn run_writer(
                     if !group.is_empty() {
                         commit_group(&db, &shared, std::mem::take(&mut group), &mut next_notice);
                     }
-                    let _ = reply.send(notices::apply_meta(
-                        &db,
-                        &shared.subscriptions,
-                        op,
-                        now_micros(),
-                    ));
+                    if let MetaOp::NoticesDone(..) = op {
+                        // Deliveries finish in bursts: forget all that are waiting in one transaction.
+                        let mut done = vec![(op, reply)];
+                        loop {
+                            match receiver.try_recv() {
+                                Ok(Job::Meta(m @ MetaOp::NoticesDone(..), r)) => done.push((m, r)),
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        notices::apply_done(&db, &shared.subscriptions, done);
+                    } else {
+                        let _ = reply.send(notices::apply_meta(
+                            &db,
+                            &shared.subscriptions,
+                            op,
+                            now_micros(),
+                        ));
+                    }
                 }
                 Job::Close(r) => {
                     close_reply = Some(r);
                     break;
                 }
             }
-            if ops < MAX_GROUP_OPS {
+            if next.is_none() && ops < MAX_GROUP_OPS {
                 next = receiver.try_recv().ok();
             }
         }

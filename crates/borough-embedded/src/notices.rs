@@ -348,6 +348,62 @@ pub enum MetaOp {
     NoticesDone(Vec<(u64, Notice)>, Option<String>),
 }
 
+/// Applies several `NoticesDone` operations in one transaction and answers each.
+pub fn apply_done(
+    db: &Database,
+    registry: &Registry,
+    done: Vec<(
+        MetaOp,
+        tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    )>,
+) {
+    let result = (|| -> Result<(), StoreError> {
+        let mut txn = db.begin_write().map_err(io)?;
+        let durable = done
+            .iter()
+            .any(|(op, _)| matches!(op, MetaOp::NoticesDone(_, Some(_))));
+        // Forgetting a delivered notice need not wait for the disk (a redelivery
+        // after a crash is allowed); a dead letter must be kept.
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(io)?;
+        {
+            let mut outbox = txn.open_table(OUTBOX).map_err(io)?;
+            let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(io)?;
+            for (op, _) in &done {
+                if let MetaOp::NoticesDone(notices, dead) = op {
+                    for (seq, n) in notices {
+                        outbox.remove(*seq).map_err(io)?;
+                        if let Some(error) = dead {
+                            let bytes = serde_json::to_vec(&(n, error)).map_err(io)?;
+                            dead_letters.insert(*seq, bytes.as_slice()).map_err(io)?;
+                        }
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(io)
+    })();
+    for (op, reply) in done {
+        if result.is_ok()
+            && let MetaOp::NoticesDone(notices, _) = &op
+        {
+            for (_, n) in notices {
+                registry.pending(&n.tenant, &n.subscription, -1);
+            }
+        }
+        let _ = reply.send(
+            result
+                .as_ref()
+                .map(|()| true)
+                .map_err(|e| StoreError::Io(e.to_string())),
+        );
+    }
+}
+
 /// Applies one meta operation in its own transaction.
 pub fn apply_meta(
     db: &Database,
