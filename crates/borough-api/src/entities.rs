@@ -206,16 +206,17 @@ pub(crate) fn render_options(params: &HashMap<String, String>) -> ApiResult<Rend
 
 /// A `Link` header pointing at the context the response was compacted with.
 pub(crate) fn link_header(actx: &ActiveContext) -> HeaderValue {
+    const CORE_LINK: &str = "<https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\"";
+    if actx.source.link_url() == borough_core::context::CORE_CONTEXT_URL {
+        // Most responses name the core context: no formatting for them.
+        return HeaderValue::from_static(CORE_LINK);
+    }
     let v = format!(
         "<{}>; rel=\"{}\"; type=\"application/ld+json\"",
         actx.source.link_url(),
         crate::request::JSONLD_CONTEXT_REL
     );
-    HeaderValue::from_str(&v).unwrap_or_else(|_| {
-        HeaderValue::from_static(
-            "<https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld>; rel=\"http://www.w3.org/ns/json-ld#context\"; type=\"application/ld+json\"",
-        )
-    })
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(CORE_LINK))
 }
 
 /// Serializes a view straight into a response in the negotiated media type

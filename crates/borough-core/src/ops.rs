@@ -5,7 +5,6 @@
 
 use crate::entity::{AttrPatch, Attribute, Entity, Fragment, fragment_into_entity, short_name};
 use crate::error::{NgsiError, NgsiResult, ProblemKind};
-use indexmap::IndexMap;
 use serde::Serialize;
 
 /// One write to one entity.
@@ -439,11 +438,6 @@ pub fn entity_from_fragment(
         }
     }
     fragment_into_entity(frag, now)
-}
-
-/// Attribute names of a map, for results.
-pub fn names<V>(m: &IndexMap<String, V>) -> Vec<String> {
-    m.keys().cloned().collect()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use state::TenantState;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
@@ -93,7 +93,6 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
     sender: mpsc::Sender<Job>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    path: PathBuf,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -129,13 +128,7 @@ impl EmbeddedStore {
             shared,
             sender,
             writer: Mutex::new(Some(writer)),
-            path,
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Sends a meta operation to the writer thread, so it is ordered with writes.
