@@ -115,6 +115,10 @@ impl TenantSubscriptions {
 pub struct Registry {
     tenants: RwLock<HashMap<String, Arc<TenantSubscriptions>>>,
     stats: Mutex<HashMap<(String, String), Stats>>,
+    /// Notices written and not yet done, per subscription. Signed: the notifier
+    /// may finish a notice (its full rescan reads the committed outbox) a moment
+    /// before the writer has counted it in.
+    pending: Mutex<HashMap<(String, String), i64>>,
     pub watch: tokio::sync::watch::Sender<u64>,
 }
 
@@ -123,6 +127,7 @@ impl Default for Registry {
         Self {
             tenants: RwLock::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             watch: tokio::sync::watch::channel(0).0,
         }
     }
@@ -168,13 +173,25 @@ impl Registry {
     }
 
     pub fn stats(&self, tenant: &str, id: &str) -> Stats {
-        self.with_stats(tenant, id, |s| s.clone())
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(tenant.to_string(), id.to_string()))
+            .copied()
+            .unwrap_or(0);
+        let mut s = self.with_stats(tenant, id, |s| s.clone());
+        s.pending = u64::try_from(pending).unwrap_or(0);
+        s
     }
 
     pub fn pending(&self, tenant: &str, id: &str, delta: i64) {
-        self.with_stats(tenant, id, |s| {
-            s.pending = s.pending.saturating_add_signed(delta)
-        });
+        *self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((tenant.to_string(), id.to_string()))
+            .or_default() += delta;
     }
 
     pub fn record_delivery(
