@@ -1,9 +1,9 @@
 //! Batch entity operations (ETSI GS CIM 009, clause 5.9): each entity succeeds
 //! or fails on its own; a mixed result is a 207 with a BatchOperationResult.
 
-use crate::entities::{context_of, with_tenant};
+use crate::entities::{context_of, options, with_tenant};
 use crate::problem::ApiResult;
-use crate::request::{BodyType, body_type, link_context, list_param, read_json, tenant};
+use crate::request::{BodyType, body_type, link_context, read_json, tenant};
 use crate::{AppState, SharedState, json_response};
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -183,19 +183,9 @@ pub async fn upsert(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let mut replace = false;
-    for o in list_param(params.get("options").map(String::as_str)) {
-        match o {
-            "update" => replace = false,
-            "replace" => replace = true,
-            other => {
-                return Err(NgsiError::bad_data(format!(
-                    "unknown option '{other}'; use update or replace"
-                ))
-                .into());
-            }
-        }
-    }
+    let replace = options(&params, &["update", "replace"])?
+        .last()
+        .is_some_and(|o| o == "replace");
     let slots = slots(&state, &headers, body, |v, ctx| {
         Ok(EntityOp::Upsert {
             entity: parse_entity(v, ctx, 0)?,
@@ -239,18 +229,9 @@ pub async fn update(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let mut no_overwrite = false;
-    for o in list_param(params.get("options").map(String::as_str)) {
-        match o {
-            "noOverwrite" => no_overwrite = true,
-            other => {
-                return Err(NgsiError::bad_data(format!(
-                    "unknown option '{other}'; use noOverwrite"
-                ))
-                .into());
-            }
-        }
-    }
+    let no_overwrite = options(&params, &["noOverwrite"])?
+        .iter()
+        .any(|o| o == "noOverwrite");
     let slots = slots(&state, &headers, body, |v, ctx| {
         let (id, frag) = fragment_op(v, ctx, ParseMode::Full)?;
         Ok(EntityOp::Append {

@@ -137,7 +137,11 @@ fn update_response(outcome: OpOutcome, actx: &ActiveContext, tenant: &str) -> Re
     }
 }
 
-fn options(params: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<Vec<String>> {
+/// The `options` parameter, each value checked against those `allowed` here.
+pub(crate) fn options(
+    params: &HashMap<String, String>,
+    allowed: &[&str],
+) -> ApiResult<Vec<String>> {
     let opts: Vec<String> = list_param(params.get("options").map(String::as_str))
         .into_iter()
         .map(str::to_string)

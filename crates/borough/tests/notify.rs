@@ -420,22 +420,25 @@ fn mqtt_broker() -> (String, u16) {
     (h.to_string(), p.parse().expect("port"))
 }
 
-#[test]
-fn delivers_to_an_mqtt_broker() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (host, port) = mqtt_broker();
-    let topic = format!("borough-test/{}", std::process::id());
-    // A real MQTT client subscribed to the topic before anything is sent.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+/// A real MQTT client subscribed to `topic` (SUBACK received) that hands on
+/// every JSON message it gets.
+fn mqtt_subscriber(
+    rt: &tokio::runtime::Runtime,
+    host: &str,
+    port: u16,
+    topic: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     let mut opts = rumqttc::MqttOptions::new(
-        format!("borough-test-{}", std::process::id()),
-        host.clone(),
+        format!("borough-test-{port}-{}", std::process::id()),
+        host,
         port,
     );
     opts.set_keep_alive(Duration::from_secs(10));
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
     let subscribed = Arc::new(tokio::sync::Notify::new());
     let ready = subscribed.clone();
+    let broker = format!("{host}:{port}");
     rt.spawn(async move {
         loop {
             match eventloop.poll().await {
@@ -446,19 +449,29 @@ fn delivers_to_an_mqtt_broker() {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => panic!("cannot reach the MQTT broker at {host}:{port}: {e}"),
+                Err(e) => panic!("cannot reach the MQTT broker at {broker}: {e}"),
             }
         }
     });
     rt.block_on(async {
         client
-            .subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce)
+            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
             .await
             .expect("SUBACK");
     });
+    rx
+}
+
+#[test]
+fn delivers_to_an_mqtt_broker() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (host, port) = mqtt_broker();
+    let topic = format!("borough-test/{}", std::process::id());
+    // A real MQTT client subscribed to the topic before anything is sent.
+    let mut rx = mqtt_subscriber(&rt, &host, port, &topic);
 
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
@@ -724,34 +737,7 @@ fn delivers_to_an_mqtts_broker_with_a_private_ca() {
     let broker = tls_broker();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let topic = "borough-test/tls";
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let opts = rumqttc::MqttOptions::new("borough-tls-test", "127.0.0.1", broker.plain);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 16);
-    let subscribed = Arc::new(tokio::sync::Notify::new());
-    let ready = subscribed.clone();
-    rt.spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::SubAck(_))) => ready.notify_one(),
-                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::Publish(p))) => {
-                    if let Ok(v) = serde_json::from_slice(&p.payload) {
-                        let _ = tx.send(v);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    rt.block_on(async {
-        client
-            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
-            .await
-            .expect("SUBACK");
-    });
+    let mut rx = mqtt_subscriber(&rt, "127.0.0.1", broker.plain, topic);
 
     let dir = tempfile::tempdir().unwrap();
     let ca = broker.ca.to_str().unwrap().to_string();
