@@ -584,7 +584,7 @@ impl History {
         self.series
             .remove(&series_key(tenant, entity, name, dataset));
         self.hot.remove(&s);
-        drop_range(txn, s, i64::MIN, i64::MAX)?;
+        drop_before(txn, s, i64::MAX)?;
         Ok(())
     }
 
@@ -621,7 +621,7 @@ impl History {
             }
             for (entity, cutoff) in targets {
                 for (_, _, s) in series_of_write(txn, &tenant, &entity)? {
-                    removed += drop_range(txn, s, i64::MIN, cutoff)?;
+                    removed += drop_before(txn, s, cutoff)?;
                     if let Some(h) = self.hot.get_mut(&s) {
                         // Recount lazily: the oldest row is gone, the count is an upper bound.
                         h.oldest = h.oldest.max(cutoff);
@@ -633,15 +633,20 @@ impl History {
     }
 }
 
-/// Removes a series' hot rows with time key in `[from, to)` and its chunks that
-/// end before `to` (whole chunks only when `from` is unbounded). Returns the
-/// number of instances removed.
-fn drop_range(txn: &WriteTransaction, s: u64, from: i64, to: i64) -> Result<u64, StoreError> {
+/// Removes a series' instances with time key before `to` (everything, with
+/// `to == i64::MAX`): hot rows, whole chunks, and the old part of a chunk
+/// that straddles `to`. Returns the number of instances removed.
+fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
     let mut removed = 0;
     {
         let mut hot = txn.open_table(HOT).map_err(io)?;
+        let end = if to == i64::MAX {
+            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+        } else {
+            std::ops::Bound::Excluded((s, to, 0))
+        };
         let keys: Vec<(u64, i64, u64)> = hot
-            .range((s, from, 0)..(s, to, 0))
+            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
             .map_err(io)?
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()
@@ -653,19 +658,43 @@ fn drop_range(txn: &WriteTransaction, s: u64, from: i64, to: i64) -> Result<u64,
     }
     let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
     let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
-    let mut doomed = Vec::new();
-    for row in index.range((s, i64::MIN, 0)..(s, to, 0)).map_err(io)? {
+    let mut affected = Vec::new();
+    let end = if to == i64::MAX {
+        std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+    } else {
+        std::ops::Bound::Excluded((s, to, 0))
+    };
+    for row in index
+        .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        .map_err(io)?
+    {
         let (k, v) = row.map_err(io)?;
         let meta = ChunkMeta::decode(v.value()).ok_or_else(|| corrupt("a chunk index"))?;
-        let whole = to == i64::MAX || meta.max_at < to;
-        if whole && (from == i64::MIN || meta.min_at >= from) {
-            doomed.push((k.value(), meta.summary.count));
-        }
+        affected.push((k.value(), meta));
     }
-    for ((series, min_at, no), count) in doomed {
+    for ((series, min_at, no), meta) in affected {
         index.remove((series, min_at, no)).map_err(io)?;
-        chunks.remove(no).map_err(io)?;
-        removed += count;
+        if to == i64::MAX || meta.max_at < to {
+            chunks.remove(no).map_err(io)?;
+            removed += meta.summary.count;
+            continue;
+        }
+        // Straddles the cut: keep its newer part.
+        let bytes = chunks
+            .get(no)
+            .map_err(io)?
+            .ok_or_else(|| corrupt("a chunk"))?
+            .value()
+            .to_vec();
+        let mut rows = chunk::decode(&bytes).ok_or_else(|| corrupt("a chunk"))?;
+        let before = rows.len();
+        rows.retain(|r| r.0 >= to);
+        removed += (before - rows.len()) as u64;
+        let (bytes, meta) = chunk::encode(&rows).map_err(io)?;
+        chunks.insert(no, bytes.as_slice()).map_err(io)?;
+        index
+            .insert((series, meta.min_at, no), meta.encode().as_slice())
+            .map_err(io)?;
     }
     Ok(removed)
 }
@@ -926,11 +955,7 @@ pub fn read(
         truncated: None,
     };
     for (name, dataset, s) in series {
-        if req
-            .attrs
-            .as_ref()
-            .is_some_and(|w| !w.contains(&name))
-        {
+        if req.attrs.as_ref().is_some_and(|w| !w.contains(&name)) {
             continue;
         }
         let dataset_id = (!dataset.is_empty()).then_some(dataset);
