@@ -536,15 +536,13 @@ fn persist(
 }
 
 /// Adds to `out` every attribute instance that `after` holds and `before` did
-/// not (new, or rewritten: its modifiedAt moved). This is the history of a write.
+/// not: new, or rewritten. Operations of one group share a write time, so a
+/// rewrite is told by content, not by modifiedAt alone. This is the history of a write.
 fn record_history(tenant: &str, before: Option<&Entity>, after: &Entity, out: &mut Vec<Recorded>) {
     for (name, list) in &after.attrs {
         let old = before.and_then(|b| b.attrs.get(name));
         for a in list {
-            let unchanged = old.is_some_and(|o| {
-                o.iter()
-                    .any(|x| x.dataset_id == a.dataset_id && x.modified_at == a.modified_at)
-            });
+            let unchanged = old.is_some_and(|o| o.iter().any(|x| x == a));
             if !unchanged {
                 out.push(Recorded {
                     tenant: tenant.to_string(),
