@@ -44,7 +44,7 @@ fn point(i: i64) -> (i64, Value, Value) {
 
 struct Fixture {
     store: EmbeddedStore,
-    rt: tokio::runtime::Runtime,
+    _rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
     /// (time, value) of each attribute, in write order.
     numbers: Vec<(i64, Value)>,
@@ -131,7 +131,7 @@ fn fixture() -> &'static Fixture {
         rt.block_on(store.write(TENANT, ops)).unwrap();
         Fixture {
             store,
-            rt,
+            _rt: rt,
             _dir: dir,
             numbers,
             texts,
