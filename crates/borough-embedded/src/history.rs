@@ -18,13 +18,14 @@ use borough_core::temporal::{
     HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
     TimeProperty, TimeRange,
 };
-use borough_core::{AttrKind, Attribute};
+use borough_core::{AttrKind, Attribute, Entity};
 use borough_store::StoreError;
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// (tenant, entity, attribute, datasetId or "") → series number.
 pub const SERIES: TableDefinition<(&str, &str, &str, &str), u64> =
@@ -74,13 +75,12 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An instance a write made, to be recorded in the same transaction.
+/// The attribute instances one change of an entity made, to be recorded in
+/// the same transaction: (attribute index, instance index) into `entity.attrs`.
 pub struct Recorded {
     pub tenant: String,
-    pub entity: String,
-    pub types: Vec<String>,
-    pub name: String,
-    pub attr: Attribute,
+    pub entity: Arc<Entity>,
+    pub instances: Vec<(usize, usize)>,
 }
 
 #[derive(Clone, Copy)]
@@ -202,13 +202,20 @@ impl History {
         &mut self,
         txn: &WriteTransaction,
         series: u64,
-        mut attr: Attribute,
+        attr: &Attribute,
     ) -> Result<InstanceId, StoreError> {
-        let at = time_key(&attr);
+        let at = time_key(attr);
         let seq = self.next_seq;
         self.next_seq += 1;
-        attr.dataset_id = None;
-        let json = serde_json::to_vec(&attr).map_err(io)?;
+        // The series holds the datasetId: rows do not repeat it.
+        let json = if attr.dataset_id.is_some() {
+            let mut bare = attr.clone();
+            bare.dataset_id = None;
+            serde_json::to_vec(&bare)
+        } else {
+            serde_json::to_vec(attr)
+        }
+        .map_err(io)?;
         txn.open_table(HOT)
             .map_err(io)?
             .insert((series, at, seq), json.as_slice())
@@ -228,15 +235,21 @@ impl History {
             return Ok(());
         }
         for r in rows {
-            let s = self.series_for(
-                txn,
-                &r.tenant,
-                &r.entity,
-                &r.types,
-                &r.name,
-                r.attr.dataset_id.as_deref(),
-            )?;
-            self.put_hot(txn, s, r.attr.clone())?;
+            for &(a, i) in &r.instances {
+                let Some((name, list)) = r.entity.attrs.get_index(a) else {
+                    continue;
+                };
+                let Some(attr) = list.get(i) else { continue };
+                let s = self.series_for(
+                    txn,
+                    &r.tenant,
+                    &r.entity.id,
+                    &r.entity.types,
+                    name,
+                    attr.dataset_id.as_deref(),
+                )?;
+                self.put_hot(txn, s, attr)?;
+            }
         }
         self.seal_full(txn)?;
         self.save_counters(txn)
@@ -407,7 +420,7 @@ impl History {
                         &name,
                         attr.dataset_id.as_deref(),
                     )?;
-                    self.put_hot(txn, s, attr)?;
+                    self.put_hot(txn, s, &attr)?;
                 }
                 self.seal_full(txn)?;
                 if existed {
