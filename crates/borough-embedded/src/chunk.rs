@@ -166,24 +166,19 @@ pub fn encode(rows: &[Row]) -> Result<(Vec<u8>, ChunkMeta), String> {
     }
     let mut out = Vec::new();
     if let Some((has_observed, all_integers, unit)) = numeric_shape(rows) {
-        out.push(NUMERIC);
-        out.push(
-            if has_observed { HAS_OBSERVED } else { 0 }
-                | if all_integers { ALL_INTEGERS } else { 0 },
-        );
-        put_section(&mut out, unit.unwrap_or("").as_bytes());
-        out.push(u8::from(unit.is_some()));
-        let at: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let seq: Vec<u64> = rows.iter().map(|r| r.1).collect();
-        let written: Vec<i64> = rows.iter().map(|r| r.2.modified_at).collect();
-        let values: Vec<f64> = rows
-            .iter()
-            .map(|r| r.2.value.as_f64().unwrap_or(0.0))
-            .collect();
-        put_section(&mut out, &compress(&at)?);
-        put_section(&mut out, &compress(&seq)?);
-        put_section(&mut out, &compress(&written)?);
-        put_section(&mut out, &compress(&values)?);
+        let columns = NumericColumns {
+            has_observed,
+            all_integers,
+            unit,
+            at: &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            seq: &rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            written: &rows.iter().map(|r| r.2.modified_at).collect::<Vec<_>>(),
+            values: &rows
+                .iter()
+                .map(|r| r.2.value.as_f64().unwrap_or(0.0))
+                .collect::<Vec<_>>(),
+        };
+        out = columns.encode()?;
     } else {
         out.push(GENERIC);
         let json = serde_json::to_vec(rows).map_err(|e| e.to_string())?;
@@ -214,17 +209,42 @@ pub fn encode_numeric(
     };
     let seq: Vec<u64> = (seq0..seq0 + at.len() as u64).collect();
     let written = vec![written; at.len()];
-    let mut out = vec![
-        NUMERIC,
-        HAS_OBSERVED | if all_integers { ALL_INTEGERS } else { 0 },
-    ];
-    put_section(&mut out, b"");
-    out.push(0);
-    put_section(&mut out, &compress(at)?);
-    put_section(&mut out, &compress(&seq)?);
-    put_section(&mut out, &compress(&written)?);
-    put_section(&mut out, &compress(values)?);
-    Ok((out, meta))
+    let columns = NumericColumns {
+        has_observed: true,
+        all_integers,
+        unit: None,
+        at,
+        seq: &seq,
+        written: &written,
+        values,
+    };
+    Ok((columns.encode()?, meta))
+}
+
+/// The parts of a numeric chunk before compression.
+struct NumericColumns<'a> {
+    has_observed: bool,
+    all_integers: bool,
+    unit: Option<&'a str>,
+    at: &'a [i64],
+    seq: &'a [u64],
+    written: &'a [i64],
+    values: &'a [f64],
+}
+
+impl NumericColumns<'_> {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let flags = if self.has_observed { HAS_OBSERVED } else { 0 }
+            | if self.all_integers { ALL_INTEGERS } else { 0 };
+        let mut out = vec![NUMERIC, flags];
+        put_section(&mut out, self.unit.unwrap_or("").as_bytes());
+        out.push(u8::from(self.unit.is_some()));
+        put_section(&mut out, &compress(self.at)?);
+        put_section(&mut out, &compress(self.seq)?);
+        put_section(&mut out, &compress(self.written)?);
+        put_section(&mut out, &compress(self.values)?);
+        Ok(out)
+    }
 }
 
 struct NumericHeader<'a> {

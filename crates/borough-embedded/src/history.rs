@@ -25,6 +25,7 @@ use redb::{
     WriteTransaction,
 };
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// (tenant, entity, attribute, datasetId or "") → series number.
@@ -653,13 +654,8 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
     let mut removed = 0;
     {
         let mut hot = txn.open_table(HOT).map_err(io)?;
-        let end = if to == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, to, 0))
-        };
-        let keys: Vec<(u64, i64, u64)> = hot
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        let keys: Vec<RowKey> = hot
+            .range::<RowKey>(key_range(s, i64::MIN, to))
             .map_err(io)?
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()
@@ -672,13 +668,8 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
     let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
     let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
     let mut affected = Vec::new();
-    let end = if to == i64::MAX {
-        std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-    } else {
-        std::ops::Bound::Excluded((s, to, 0))
-    };
     for row in index
-        .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        .range::<RowKey>(key_range(s, i64::MIN, to))
         .map_err(io)?
     {
         let (k, v) = row.map_err(io)?;
@@ -710,6 +701,18 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
             .map_err(io)?;
     }
     Ok(removed)
+}
+
+type RowKey = (u64, i64, u64);
+
+/// The keys of series `s` with time key in `[from, to)` (`to == i64::MAX`: no end).
+fn key_range(s: u64, from: i64, to: i64) -> (Bound<RowKey>, Bound<RowKey>) {
+    let end = if to == i64::MAX {
+        Bound::Included((s, i64::MAX, u64::MAX))
+    } else {
+        Bound::Excluded((s, to, 0))
+    };
+    (Bound::Included((s, from, 0)), end)
 }
 
 /// Whether `series` is one of (tenant, entity, name)'s series.
@@ -856,14 +859,9 @@ impl Reader {
             i64::MAX
         };
         let mut out = Vec::new();
-        let end = if upper == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, upper, 0))
-        };
         for row in self
             .index
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+            .range::<RowKey>(key_range(s, i64::MIN, upper))
             .map_err(io)?
         {
             let (k, v) = row.map_err(io)?;
@@ -906,14 +904,9 @@ impl Reader {
             (i64::MIN, i64::MAX)
         };
         let mut out = Vec::new();
-        let end = if to == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, to, 0))
-        };
         for row in self
             .hot
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, from, 0)), end))
+            .range::<RowKey>(key_range(s, from, to))
             .map_err(io)?
         {
             let (k, v) = row.map_err(io)?;
@@ -1003,6 +996,11 @@ fn instances(
     let mut rows = reader.hot_rows(s, prop, req.range)?;
     let mut chunks = reader.chunks_in(s, prop, req.range)?;
     let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
+    let load = |c: &Candidate, rows: &mut Vec<Row>| -> Result<(), StoreError> {
+        let inside = |r: &Row| req.range.contains(key_of(prop, r.0, &r.2));
+        rows.extend(reader.chunk_rows(c.no)?.into_iter().filter(inside));
+        Ok(())
+    };
     let mut cut = None;
     if let Some(n) = req.last_n {
         // Newest first: stop once n instances are newer than every chunk left.
@@ -1015,12 +1013,7 @@ fn instances(
                     break;
                 }
             }
-            rows.extend(
-                reader
-                    .chunk_rows(c.no)?
-                    .into_iter()
-                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
-            );
+            load(c, &mut rows)?;
         }
         rows.sort_by_key(key);
         let skip = rows.len().saturating_sub(n);
@@ -1034,12 +1027,7 @@ fn instances(
                     break;
                 }
             }
-            rows.extend(
-                reader
-                    .chunk_rows(c.no)?
-                    .into_iter()
-                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
-            );
+            load(c, &mut rows)?;
         }
         rows.sort_by_key(key);
         if rows.len() > req.max_instances {
