@@ -4,9 +4,11 @@
 //! datasetId), numbered. New instances are written as *hot* rows keyed by
 //! (series, time key, sequence number) in the same redb transaction as the
 //! entity change that made them, so an acknowledged write has its history.
-//! When a series has [`SEAL_AT`] hot rows, or its oldest is older than
-//! [`SEAL_AGE_MICROS`], the rows are sealed into a compressed chunk
-//! (crate::chunk) with an index entry; bulk imports write chunks directly.
+//! When a series has [`SEAL_AT`] hot rows, or at least [`SEAL_OLD_MIN`] of
+//! which the oldest is older than [`SEAL_AGE_MICROS`], the rows are sealed
+//! into a compressed chunk (crate::chunk) with an index entry; bulk imports
+//! write chunks directly. A series with a few rows stays hot: a chunk of one
+//! or two instances would take more room than their rows.
 //! The time key is `observedAt`, or the write time for instances without one.
 //!
 //! Only the writer thread changes history; readers use a redb read
@@ -49,8 +51,10 @@ pub const RETENTION: TableDefinition<&str, &[u8]> = TableDefinition::new("histor
 
 /// Hot rows of one series that are sealed into a chunk.
 const SEAL_AT: u32 = 512;
-/// Hot rows older than this (by time key) are sealed by maintenance.
-pub const SEAL_AGE_MICROS: i64 = 3_600_000_000;
+/// Hot rows older than this (by time key) are sealed by maintenance...
+pub const SEAL_AGE_MICROS: i64 = 6 * 3_600_000_000;
+/// ...when the series has at least this many.
+const SEAL_OLD_MIN: u32 = 64;
 /// Most instances in one chunk.
 const CHUNK_MAX: usize = 4096;
 /// Most series sealed by one maintenance pass (bounds its transaction).
@@ -274,7 +278,7 @@ impl History {
         let old: Vec<u64> = self
             .hot
             .iter()
-            .filter(|(_, h)| h.oldest < cutoff)
+            .filter(|(_, h)| h.oldest < cutoff && h.count >= SEAL_OLD_MIN)
             .map(|(s, _)| *s)
             .take(SEAL_PER_PASS)
             .collect();
