@@ -18,7 +18,7 @@ use crate::query::{Paging, paging, projection, query_from_body, query_from_param
 use crate::request::{ResponseType, link_context, negotiate, tenant};
 use crate::{SharedState, typed_json_response};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use borough_core::entity::{ParseMode, parse_attribute};
@@ -488,7 +488,7 @@ async fn query_and_respond(
 pub async fn query_get(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
@@ -509,7 +509,7 @@ pub async fn query_get(
 pub async fn query_post(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
