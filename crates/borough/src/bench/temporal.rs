@@ -45,6 +45,7 @@ use tokio_postgres::types::ToSql;
 const SEED: u64 = 0x7E3F_0A11_2025;
 const TENANT: &str = "bench";
 const IMPORT_PATH: &str = "/api/v1/history/import";
+const API_ROOT: &str = "/ngsi-ld/v1";
 const TEMPORAL_PATH: &str = "/ngsi-ld/v1/temporal/entities";
 /// Page size of the sweep (b).
 const PAGE: usize = 100;
@@ -612,6 +613,9 @@ async fn time_pg(
 /// What a sweep of (b) read.
 struct Sweep {
     pages: usize,
+    /// A `Link` rel="next" target outside the API (without its
+    /// `/ngsi-ld/v1` prefix): followed with the prefix restored, and reported.
+    link_defect: Option<String>,
     /// Each entity's hourly averages, when kept.
     entities: BTreeMap<String, Vec<(i64, f64)>>,
 }
@@ -626,6 +630,7 @@ async fn sweep(
 ) -> Result<Sweep, String> {
     let mut out = Sweep {
         pages: 0,
+        link_defect: None,
         entities: BTreeMap::new(),
     };
     let mut next = Some(first.to_string());
@@ -655,7 +660,17 @@ async fn sweep(
                 return Err(format!("GET {path}: entity {id} appears on two pages"));
             }
         }
-        next = answer.next_link();
+        next = answer.next_link().map(|link| {
+            if link.starts_with(API_ROOT) {
+                return link;
+            }
+            if out.link_defect.is_none() {
+                out.link_defect = Some(format!(
+                    "the Link rel=\"next\" of GET {path} is <{link}>, outside {API_ROOT}; followed as {API_ROOT}{link}"
+                ));
+            }
+            format!("{API_ROOT}{link}")
+        });
     }
     Ok(out)
 }
@@ -880,11 +895,15 @@ async fn check(
         compare(&format!("{what}: {id}"), &swept.entities[&id], &expected)?;
         hours += expected.len();
     }
+    if let Some(defect) = &swept.link_defect {
+        lines.push(format!("(b) WARNING: {defect}"));
+    }
     lines.push(format!(
-        "(b) {} month: {} entities in {} pages, each once; {hours} hourly averages of {} entities equal PostgreSQL's",
+        "(b) month from {}: {} entities in {} page{}, each once; {hours} hourly averages of {} entities equal PostgreSQL's",
         rfc3339(month.0),
         got_ids.len(),
         swept.pages,
+        if swept.pages == 1 { "" } else { "s" },
         samples.len()
     ));
 
@@ -1114,7 +1133,7 @@ impl Report {
         for q in &m.queries {
             let pages = q
                 .pages
-                .map_or(String::new(), |p| format!(" ({p} pages a sweep)"));
+                .map_or(String::new(), |p| format!(" ({p} requests a sweep)"));
             out.push_str(&format!(
                 "  {:<13} {}{pages}\n  {:<13} e.g. {}\n",
                 q.kind.name(),
