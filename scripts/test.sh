@@ -52,10 +52,13 @@ ensure_mosquitto
 log "PostGIS for the geo benchmark baseline"
 ./scripts/setup-postgis.sh
 
+log "VictoriaMetrics for the temporal benchmark baseline"
+./scripts/setup-victoria-metrics.sh >/dev/null
+
 log "cargo test"
 cargo test --workspace
 
 log "benchmarks, quick variant"
-for scenario in entities query geo; do
+for scenario in entities query geo temporal; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

@@ -16,6 +16,11 @@ mod query;
 mod query_pg;
 mod report;
 mod server;
+mod temporal;
+mod temporal_data;
+mod temporal_http;
+mod temporal_pg;
+mod temporal_vm;
 
 use clap::Args;
 use std::path::PathBuf;
@@ -25,7 +30,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify.
+    /// Scenario to run: entities, query, geo, notify, temporal.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -33,7 +38,7 @@ pub struct BenchArgs {
     /// Where to write the results as JSON [default: bench-results/<scenario>.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS).
+    /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS, temporal).
     #[arg(long, env = "BOROUGH_BENCH_PG", default_value = DEFAULT_PG)]
     pub pg: String,
 }
@@ -51,8 +56,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "query" => query::run(&opts),
         "geo" => geo::run(&opts),
         "notify" => notify::run(&opts),
+        "temporal" => temporal::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal"
         )),
     }
 }
