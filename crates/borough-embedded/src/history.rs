@@ -55,8 +55,11 @@ const SEAL_AT: u32 = 512;
 pub const SEAL_AGE_MICROS: i64 = 6 * 3_600_000_000;
 /// ...when the series has at least this many.
 const SEAL_OLD_MIN: u32 = 64;
-/// Most instances in one chunk.
+/// Most instances in one sealed chunk, and the first chunk of an import.
 const CHUNK_MAX: usize = 4096;
+/// Imported chunks are sized to about this many bytes: one 4 KiB page of
+/// storage with room for the page's own header.
+const CHUNK_TARGET_BYTES: usize = 3_900;
 /// Most series sealed by one maintenance pass (bounds its transaction).
 const SEAL_PER_PASS: usize = 5_000;
 
@@ -352,14 +355,20 @@ impl History {
             let numbers: Option<Vec<f64>> = one.points.iter().map(|p| p.1.as_f64()).collect();
             let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
             let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
-            for (i, part) in one.points.chunks(CHUNK_MAX).enumerate() {
-                let seq0 = first_seq + (i * CHUNK_MAX) as u64;
+            // The first chunk tells how well the series compresses; later ones
+            // are sized to fill a storage page (redb gives a large value pages of
+            // its own, so a chunk just over a page would waste most of the next).
+            let mut start = 0;
+            let mut size = CHUNK_MAX;
+            while start < one.points.len() {
+                let end = (start + size).min(one.points.len());
+                let part = &one.points[start..end];
+                let seq0 = first_seq + start as u64;
                 let (bytes, meta) = match &numbers {
                     Some(values) => {
                         let at: Vec<i64> = part.iter().map(|p| p.0).collect();
                         let all_integers = part.iter().all(|p| p.1.is_i64() || p.1.is_u64());
-                        let values = &values[i * CHUNK_MAX..i * CHUNK_MAX + part.len()];
-                        chunk::encode_numeric(&at, seq0, now, values, all_integers)
+                        chunk::encode_numeric(&at, seq0, now, &values[start..end], all_integers)
                     }
                     None => {
                         let rows: Vec<Row> = part
@@ -390,6 +399,10 @@ impl History {
                 index
                     .insert((s, meta.min_at, no), meta.encode().as_slice())
                     .map_err(io)?;
+                let per_point = bytes.len().max(1) as f64 / part.len() as f64;
+                size = ((CHUNK_TARGET_BYTES as f64 / per_point) as usize)
+                    .clamp(CHUNK_MAX / 8, CHUNK_MAX * 4);
+                start = end;
             }
         }
         self.save_counters(txn)?;
