@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+mod feed;
 mod notices;
 mod state;
 
@@ -51,6 +52,7 @@ type TenantMap = RwLock<TenantState>;
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
     subscriptions: Registry,
+    feed: feed::Feed,
 }
 
 impl Shared {
@@ -374,6 +376,7 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notic
             map.put(id, v.clone());
         }
     }
+    shared.feed.publish(&staged);
     if !notices.is_empty() {
         *next_notice = first_notice + notices.len() as u64;
         for n in &notices {
@@ -465,6 +468,23 @@ impl EntityStore for EmbeddedStore {
                 break;
             }
         }
+    }
+
+    fn within_box(
+        &self,
+        tenant: &str,
+        geoproperty: &str,
+        bbox: borough_store::GeoBox,
+        visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
+    ) {
+        if let Some(map) = self.shared.tenant(tenant) {
+            let map = map.read().unwrap_or_else(|e| e.into_inner());
+            map.within_box(geoproperty, bbox, visit);
+        }
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<borough_store::EntityChange> {
+        self.shared.feed.subscribe()
     }
 
     fn query(
