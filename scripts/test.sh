@@ -55,6 +55,9 @@ log "PostGIS for the geo benchmark baseline"
 log "cargo test"
 cargo test --workspace
 
+log "dashboard end-to-end tests (headless Chromium)"
+./scripts/test-dashboard.sh
+
 log "benchmarks, quick variant"
 for scenario in entities query geo; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"

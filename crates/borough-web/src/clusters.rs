@@ -1,6 +1,7 @@
-//! Server-side clustering: the located entities of a viewport, grouped per
-//! entity type into a grid of screen cells at the map's zoom, so that the page
-//! receives only what it shows (a few hundred clusters, not every entity).
+//! Server-side clustering: the located entities of a viewport (of the layers,
+//! i.e. entity types, that are shown) grouped into a grid of screen cells at
+//! the map's zoom, with counts per type, so that the page receives only what
+//! it shows (a few hundred clusters, not every entity).
 
 use crate::alerts::{Severity, severity_of, state_of};
 use borough_core::{Context, Entity, NgsiError, NgsiResult};
@@ -152,9 +153,15 @@ fn pixel_size(b: &[f64; 4], zoom: u32) -> (f64, f64) {
 }
 
 #[derive(Debug, Serialize, PartialEq)]
-pub struct Cluster {
+pub struct TypeCount {
     #[serde(rename = "type")]
     pub entity_type: String,
+    pub count: u64,
+}
+
+/// Two or more entities of one grid cell, with how many of each type.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Cluster {
     pub lon: f64,
     pub lat: f64,
     pub count: u64,
@@ -162,6 +169,8 @@ pub struct Cluster {
     pub alerts: u64,
     /// Of those, in a critical one.
     pub critical: u64,
+    /// Counts per type, largest first.
+    pub types: Vec<TypeCount>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -194,6 +203,8 @@ pub struct ClusterResponse {
 
 struct Cell {
     count: u64,
+    /// Count per layer (index into the request's types).
+    per_layer: Vec<u64>,
     sum_x: f64,
     sum_y: f64,
     alerts: u64,
@@ -232,7 +243,7 @@ pub fn cluster(
         .collect();
     let world = world_pixels(req.zoom);
     let cell = cell_pixels(req.zoom);
-    let mut cells: HashMap<(u32, u32, u32), Cell> = HashMap::new();
+    let mut cells: HashMap<(u32, u32), Cell> = HashMap::new();
     let mut total = 0u64;
     let mut alerts = 0u64;
     store.within_box(tenant, location, req.bbox, &mut |e, [lon, lat]| {
@@ -244,11 +255,12 @@ pub fn cluster(
             return true;
         }
         let (x, y) = project(lon, lat, world);
-        let key = (*layer, (x / cell) as u32, (y / cell) as u32);
+        let key = ((x / cell) as u32, (y / cell) as u32);
         let severity = severity_of(e);
         total += 1;
         let c = cells.entry(key).or_insert_with(|| Cell {
             count: 0,
+            per_layer: vec![0; layers.len()],
             sum_x: 0.0,
             sum_y: 0.0,
             alerts: 0,
@@ -259,6 +271,7 @@ pub fn cluster(
             c.first = Some((e.clone(), [lon, lat]));
         }
         c.count += 1;
+        c.per_layer[*layer as usize] += 1;
         c.sum_x += lon;
         c.sum_y += lat;
         if let Some(s) = severity {
@@ -272,25 +285,44 @@ pub fn cluster(
     });
     let mut clusters = Vec::new();
     let mut markers = Vec::new();
-    for ((layer, _, _), c) in cells {
-        let entity_type = layers[layer as usize].1.clone();
+    for c in cells.into_values() {
         match c.first {
-            Some((e, [lon, lat])) if c.count == 1 => markers.push(Marker {
-                id: e.id.clone(),
-                entity_type,
-                lon,
-                lat,
-                state: state_of(&e).map(str::to_string),
-                alert: severity_of(&e),
-            }),
-            _ => clusters.push(Cluster {
-                entity_type,
-                lon: c.sum_x / c.count as f64,
-                lat: c.sum_y / c.count as f64,
-                count: c.count,
-                alerts: c.alerts,
-                critical: c.critical,
-            }),
+            Some((e, [lon, lat])) if c.count == 1 => {
+                let layer = c.per_layer.iter().position(|n| *n > 0).unwrap_or_default();
+                markers.push(Marker {
+                    id: e.id.clone(),
+                    entity_type: layers.get(layer).map(|l| l.1.clone()).unwrap_or_default(),
+                    lon,
+                    lat,
+                    state: state_of(&e).map(str::to_string),
+                    alert: severity_of(&e),
+                })
+            }
+            _ => {
+                let mut types: Vec<TypeCount> = c
+                    .per_layer
+                    .iter()
+                    .zip(&layers)
+                    .filter(|(n, _)| **n > 0)
+                    .map(|(n, (_, short))| TypeCount {
+                        entity_type: short.clone(),
+                        count: *n,
+                    })
+                    .collect();
+                types.sort_by(|a, b| {
+                    b.count
+                        .cmp(&a.count)
+                        .then(a.entity_type.cmp(&b.entity_type))
+                });
+                clusters.push(Cluster {
+                    lon: c.sum_x / c.count as f64,
+                    lat: c.sum_y / c.count as f64,
+                    count: c.count,
+                    alerts: c.alerts,
+                    critical: c.critical,
+                    types,
+                })
+            }
         }
     }
     ClusterResponse {

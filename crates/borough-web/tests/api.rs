@@ -124,13 +124,17 @@ async fn cluster_counts_add_up_to_the_entities_in_the_box() {
         assert_eq!(counted(&v), 800, "zoom {zoom}");
         assert_eq!(v["alerts"], 8, "zoom {zoom}");
     }
-    // Zoomed out everything of a type is one cluster; zoomed in, single markers.
+    // Zoomed out everything is one cluster, with counts per type; zoomed in, single markers.
     let (_, _, v) = get(
         &f.app,
         &format!("/dashboard/api/clusters?tenant=t&bbox={whole}&zoom=10"),
     )
     .await;
-    assert_eq!(v["clusters"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["clusters"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        v["clusters"][0]["types"],
+        json!([{"type": "ParkingSpot", "count": 400}, {"type": "Streetlight", "count": 400}])
+    );
     assert!(v["markers"].as_array().is_some_and(Vec::is_empty));
     let part = "2.3,48.85,2.3013,48.8509";
     let (s, _, v) = get(
@@ -172,13 +176,12 @@ async fn cluster_counts_add_up_to_the_entities_in_the_box() {
     )
     .await;
     assert_eq!(v["total"], 400);
-    assert!(
-        v["clusters"]
-            .as_array()
-            .expect("clusters")
-            .iter()
-            .all(|c| c["type"] == "Streetlight")
-    );
+    for c in v["clusters"].as_array().expect("clusters") {
+        assert_eq!(
+            c["types"],
+            json!([{"type": "Streetlight", "count": c["count"]}])
+        );
+    }
     // An empty box.
     let (_, _, v) = get(
         &f.app,
