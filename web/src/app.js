@@ -61,6 +61,13 @@ function setPageState(s) { document.body.dataset.state = s; }
 function setLive(mode, text) {
   $('live').dataset.live = mode;
   $('live-text').textContent = text;
+  const banner = $('banner');
+  if (mode === 'reconnecting' || mode === 'offline') {
+    banner.hidden = false;
+    banner.textContent = 'Connection to the server lost: reconnecting… (the map shows the last known state)';
+  } else {
+    banner.hidden = true;
+  }
 }
 
 // ---------- tenants and summary ----------
@@ -118,7 +125,9 @@ async function loadSummary(fit) {
   for (const { type } of s.types) if (!state.layers.has(type)) state.layers.set(type, true);
   for (const t of [...state.layers.keys()]) if (!s.types.some((x) => x.type === t)) state.layers.delete(t);
   renderLayers();
-  if (s.entities === 0 || !s.extent) {
+  if (!state.map) {
+    // The missing-library notice stays; alerts and entity details still work.
+  } else if (s.entities === 0 || !s.extent) {
     setPageState('empty');
     overlay('empty', s.entities === 0 ? 'This city is empty' : 'No entity has a location',
       s.entities === 0
@@ -143,6 +152,7 @@ async function loadSummary(fit) {
 function renderLayers() {
   const ul = $('layers');
   const types = state.summary ? state.summary.types : [];
+  $('layers-empty').hidden = types.length > 0;
   ul.replaceChildren(...types.map(({ type, count }) => {
     const li = document.createElement('li');
     li.dataset.type = type;
@@ -238,7 +248,7 @@ async function fetchClusters() {
     if (e.name === 'AbortError') return;
     if (e instanceof HttpError && e.status === 404) { loadSummary(false); return; }
     if (e instanceof HttpError && e.status === 400) { loadSummary(false); return; }
-    setLive('offline', 'Server unreachable');
+    setLive('reconnecting', 'Server unreachable');
     return;
   }
   if (ctl !== state.fetchAbort) return;
@@ -279,7 +289,7 @@ function markerStyle(m) {
   const ring = m.alert === 'critical' ? '#ef4444' : m.alert === 'warning' ? '#f59e0b' : 'rgba(10,15,26,0.9)';
   return {
     renderer: state.renderer,
-    radius: m.alert ? 7 : 6,
+    radius: (m.alert ? 7 : 6) + (state.map && state.map.getZoom() >= 18 ? 2 : 0),
     color: ring,
     weight: m.alert ? 3 : 1.5,
     fillColor: color,
