@@ -6,11 +6,13 @@ pub mod context_registry;
 pub mod contexts;
 pub mod discovery;
 pub mod entities;
+pub mod import;
 pub mod metrics;
 pub mod problem;
 pub mod query;
 pub mod request;
 pub mod subscriptions;
+pub mod temporal;
 
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -128,6 +130,27 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
             get(subscriptions::dead_letters),
         )
         .route(
+            "/temporal/entities",
+            get(temporal::query_get).post(temporal::create),
+        )
+        .route(
+            "/temporal/entities/{id}",
+            get(temporal::retrieve).delete(temporal::delete),
+        )
+        .route("/temporal/entities/{id}/attrs", post(temporal::append))
+        .route(
+            "/temporal/entities/{id}/attrs/{attr}",
+            axum::routing::delete(temporal::delete_attr),
+        )
+        .route(
+            "/temporal/entities/{id}/attrs/{attr}/{instance}",
+            axum::routing::patch(temporal::modify_instance).delete(temporal::delete_instance),
+        )
+        .route(
+            "/temporal/entityOperations/query",
+            post(temporal::query_post),
+        )
+        .route(
             "/jsonldContexts",
             get(context_registry::list).post(context_registry::add),
         )
@@ -139,6 +162,11 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
         .route("/health", get(health))
         .route("/metrics", get(metrics::metrics))
         .route("/bench/static", get(static_body_route))
+        .route(
+            "/api/v1/history/retention",
+            get(temporal::get_retention).put(temporal::put_retention),
+        )
+        .route("/api/v1/history/import", post(import::import))
         .nest("/ngsi-ld/v1", ngsi)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -35,13 +35,13 @@ pub const GEO_PARAMS: [&str; 4] = ["georel", "geometry", "coordinates", "geoprop
 
 /// Paging parameters.
 #[derive(Clone, Copy, Debug)]
-struct Paging {
-    offset: usize,
-    limit: usize,
-    count: bool,
+pub(crate) struct Paging {
+    pub offset: usize,
+    pub limit: usize,
+    pub count: bool,
 }
 
-fn paging(params: &HashMap<String, String>) -> NgsiResult<Paging> {
+pub(crate) fn paging(params: &HashMap<String, String>) -> NgsiResult<Paging> {
     let number = |name: &str, default: usize| -> NgsiResult<usize> {
         match params.get(name) {
             None => Ok(default),
@@ -200,21 +200,12 @@ fn geo_params(
     .map(Some)
 }
 
-/// `GET /entities`
-pub async fn query_entities(
-    State(state): State<SharedState>,
-    Query(params): Params,
-    uri: Uri,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let rt = negotiate(&headers, true)?;
-    let tenant = existing_tenant(&state, &headers)?;
-    let actx = state
-        .contexts
-        .for_link(link_context(&headers)?.as_deref())
-        .await?;
-    let page = paging(&params)?;
-    let (opts, attrs) = projection(&params, None, &actx)?;
+/// The entity selection of URL parameters: id, idPattern, type, q, scopeQ, geo-query.
+pub(crate) fn query_from_params(
+    params: &HashMap<String, String>,
+    attrs: Vec<String>,
+    actx: &ActiveContext,
+) -> NgsiResult<EntityQuery> {
     let mut query = EntityQuery {
         attrs,
         ..Default::default()
@@ -222,7 +213,9 @@ pub async fn query_entities(
     if let Some(ids) = params.get("id") {
         let ids: Vec<&str> = list_param(Some(ids));
         if ids.len() > MAX_IDS {
-            return Err(NgsiError::bad_data(format!("at most {MAX_IDS} ids may be given")).into());
+            return Err(NgsiError::bad_data(format!(
+                "at most {MAX_IDS} ids may be given"
+            )));
         }
         for id in &ids {
             check_uri("entity id", id)?;
@@ -241,7 +234,26 @@ pub async fn query_entities(
     if let Some(s) = params.get("scopeQ") {
         query.scope_q = Some(parse_scope_q(s)?);
     }
-    query.geo = geo_params(&params, &actx)?;
+    query.geo = geo_params(params, actx)?;
+    Ok(query)
+}
+
+/// `GET /entities`
+pub async fn query_entities(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, true)?;
+    let tenant = existing_tenant(&state, &headers)?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
+    let page = paging(&params)?;
+    let (opts, attrs) = projection(&params, None, &actx)?;
+    let query = query_from_params(&params, attrs, &actx)?;
     if query.is_unrestricted() {
         return Err(NgsiError::bad_data(
             "the query is too broad: give at least one of type, id, idPattern, attrs, q, scopeQ or a geo-query",
@@ -273,27 +285,59 @@ pub async fn query_post(
         _ => return Err(NgsiError::bad_data("a query body needs \"type\": \"Query\"").into()),
     }
     let page = paging(&params)?;
-    let body_attrs = match obj.get("attrs") {
-        None => None,
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| NgsiError::bad_data("attrs must be an array of strings"))
-                })
-                .collect::<NgsiResult<Vec<_>>>()?,
-        ),
-        Some(_) => return Err(NgsiError::bad_data("attrs must be an array of strings").into()),
-    };
-    // Query-body members that are also URL parameters count as parameters for projection.
+    let (query, _) = query_from_body(obj, &params, &actx)?;
+    let merged = merged_params(obj, &params);
+    let (opts, _) = projection(&merged, body_attrs(obj)?, &actx)?;
+    if query.is_unrestricted() {
+        return Err(NgsiError::bad_data(
+            "the query is too broad: give at least one of entities, attrs, q, scopeQ or geoQ",
+        )
+        .into());
+    }
+    respond(
+        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
+    )
+}
+
+/// Query-body members that are also URL parameters count as parameters for projection.
+fn merged_params(
+    obj: &serde_json::Map<String, Value>,
+    params: &HashMap<String, String>,
+) -> HashMap<String, String> {
     let mut merged = params.clone();
     if let Some(lang) = obj.get("lang").and_then(Value::as_str) {
         merged.insert("lang".into(), lang.to_string());
     }
-    let (opts, attrs) = projection(&merged, body_attrs, &actx)?;
+    merged
+}
+
+fn body_attrs(obj: &serde_json::Map<String, Value>) -> NgsiResult<Option<Vec<String>>> {
+    match obj.get("attrs") {
+        None => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| NgsiError::bad_data("attrs must be an array of strings"))
+            })
+            .collect::<NgsiResult<Vec<_>>>()
+            .map(Some),
+        Some(_) => Err(NgsiError::bad_data("attrs must be an array of strings")),
+    }
+}
+
+/// The entity selection of a query body (entities, attrs, q, scopeQ, geoQ),
+/// with the expanded attrs.
+pub(crate) fn query_from_body(
+    obj: &serde_json::Map<String, Value>,
+    params: &HashMap<String, String>,
+    actx: &ActiveContext,
+) -> NgsiResult<(EntityQuery, Vec<String>)> {
+    let merged = merged_params(obj, params);
+    let (_, attrs) = projection(&merged, body_attrs(obj)?, actx)?;
     let mut query = EntityQuery {
-        attrs,
+        attrs: attrs.clone(),
         ..Default::default()
     };
     if let Some(entities) = obj.get("entities") {
@@ -301,7 +345,7 @@ pub async fn query_post(
             .as_array()
             .ok_or_else(|| NgsiError::bad_data("entities must be an array"))?;
         for sel in list {
-            query.selectors.push(selector(sel, &actx)?);
+            query.selectors.push(selector(sel, actx)?);
         }
     }
     if let Some(q) = obj.get("q") {
@@ -319,15 +363,7 @@ pub async fn query_post(
     if let Some(g) = obj.get("geoQ") {
         query.geo = Some(parse_geo_q(g, &actx.ctx)?);
     }
-    if query.is_unrestricted() {
-        return Err(NgsiError::bad_data(
-            "the query is too broad: give at least one of entities, attrs, q, scopeQ or geoQ",
-        )
-        .into());
-    }
-    respond(
-        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
-    )
+    Ok((query, attrs))
 }
 
 fn selector(v: &Value, actx: &ActiveContext) -> NgsiResult<EntitySelector> {
@@ -413,7 +449,7 @@ fn respond(
 }
 
 /// Adds the count and page links to a query response.
-fn paged(
+pub(crate) fn paged(
     mut resp: Response,
     result: &borough_store::QueryPage,
     has_next: bool,

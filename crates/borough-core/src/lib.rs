@@ -10,6 +10,7 @@ pub mod ops;
 pub mod query;
 pub mod render;
 pub mod subscription;
+pub mod temporal;
 pub mod validate;
 
 pub use context::Context;

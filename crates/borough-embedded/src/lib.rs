@@ -24,12 +24,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+mod chunk;
 mod feed;
+mod history;
 mod notices;
 mod state;
 
 use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
-use borough_store::Notice;
+use borough_core::temporal::{
+    EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
+};
+use borough_store::{ImportCounts, Notice};
+use history::{History, Recorded};
 use notices::{MetaOp, Registry};
 
 /// (tenant, entity id) → the entity, serialized.
@@ -83,9 +89,27 @@ struct WriteJob {
     reply: oneshot::Sender<Result<WriteResults, StoreError>>,
 }
 
+/// A change to history alone, ordered with the writes.
+enum HistoryJob {
+    Op(
+        String,
+        HistoryOp,
+        oneshot::Sender<Result<HistoryOutcome, StoreError>>,
+    ),
+    Import(
+        String,
+        Vec<ImportSeries>,
+        oneshot::Sender<Result<ImportCounts, StoreError>>,
+    ),
+    SetRetention(String, Retention, oneshot::Sender<Result<(), StoreError>>),
+    /// Seals old hot rows and applies retention; answers the instances removed.
+    Maintain(oneshot::Sender<Result<u64, StoreError>>),
+}
+
 enum Job {
     Write(WriteJob),
     Meta(MetaOp, oneshot::Sender<Result<bool, StoreError>>),
+    History(HistoryJob),
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -118,18 +142,47 @@ impl EmbeddedStore {
         let shared = Arc::new(Shared::default());
         load(&db, &shared)?;
         let next_notice = notices::load(&db, &shared.subscriptions, now_micros())?;
+        let history = History::load(&db)?;
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("borough-writer".into())
-            .spawn(move || run_writer(writer_db, writer_shared, receiver, next_notice))
+            .spawn(move || {
+                run_writer(
+                    writer_db,
+                    writer_shared,
+                    receiver,
+                    Writer {
+                        next_notice,
+                        history,
+                    },
+                )
+            })
             .map_err(io)?;
+        spawn_maintenance(sender.clone())?;
         Ok(Self {
             db,
             shared,
             sender,
             writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Sends a history job to the writer thread and waits for its answer.
+    fn history_job<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> HistoryJob,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        let sender = self.sender.clone();
+        let (reply, answer) = oneshot::channel();
+        let job = job(reply);
+        Box::pin(async move {
+            sender
+                .send(Job::History(job))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
         })
     }
 
@@ -156,6 +209,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     txn.open_table(notices::SUBSCRIPTIONS).map_err(io)?;
     txn.open_table(notices::OUTBOX).map_err(io)?;
     txn.open_table(notices::DEAD_LETTERS).map_err(io)?;
+    history::create_tables(&txn)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
     txn.commit().map_err(io)?;
@@ -196,11 +250,39 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What only the writer thread keeps.
+struct Writer {
+    next_notice: u64,
+    history: History,
+}
+
+/// How often maintenance (sealing old hot rows, retention) runs.
+const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn spawn_maintenance(sender: mpsc::Sender<Job>) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("borough-maintenance".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(MAINTENANCE_EVERY);
+                let (reply, _) = oneshot::channel();
+                if sender
+                    .blocking_send(Job::History(HistoryJob::Maintain(reply)))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+        .map_err(io)?;
+    Ok(())
+}
+
 fn run_writer(
     db: Arc<Database>,
     shared: Arc<Shared>,
     mut receiver: mpsc::Receiver<Job>,
-    mut next_notice: u64,
+    mut w: Writer,
 ) {
     let mut close_reply = None;
     while close_reply.is_none() {
@@ -219,7 +301,7 @@ fn run_writer(
                 Job::Meta(op, reply) => {
                     // Keep the order: writes queued before it commit first.
                     if !group.is_empty() {
-                        commit_group(&db, &shared, std::mem::take(&mut group), &mut next_notice);
+                        commit_group(&db, &shared, std::mem::take(&mut group), &mut w);
                     }
                     if let MetaOp::NoticesDone(..) = op {
                         // Deliveries finish in bursts: forget all that are waiting in one transaction.
@@ -244,6 +326,12 @@ fn run_writer(
                         ));
                     }
                 }
+                Job::History(job) => {
+                    if !group.is_empty() {
+                        commit_group(&db, &shared, std::mem::take(&mut group), &mut w);
+                    }
+                    apply_history(&db, &shared, &mut w.history, job);
+                }
                 Job::Close(r) => {
                     close_reply = Some(r);
                     break;
@@ -254,7 +342,7 @@ fn run_writer(
             }
         }
         if !group.is_empty() {
-            commit_group(&db, &shared, group, &mut next_notice);
+            commit_group(&db, &shared, group, &mut w);
         }
     }
     // Refuse new writes, then finish the ones already queued.
@@ -271,13 +359,19 @@ fn run_writer(
                     now_micros(),
                 ));
             }
+            Job::History(job) => {
+                if !rest.is_empty() {
+                    commit_group(&db, &shared, std::mem::take(&mut rest), &mut w);
+                }
+                apply_history(&db, &shared, &mut w.history, job);
+            }
             Job::Close(r) => {
                 let _ = r.send(Ok(()));
             }
         }
     }
     if !rest.is_empty() {
-        commit_group(&db, &shared, rest, &mut next_notice);
+        commit_group(&db, &shared, rest, &mut w);
     }
     drop(db);
     if let Some(r) = close_reply {
@@ -291,10 +385,11 @@ type Staged = Option<Arc<Entity>>;
 
 /// Applies a group of writes to the latest state, commits them in one
 /// transaction, then publishes the new state and answers every caller.
-fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notice: &mut u64) {
+fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Writer) {
     let now = now_micros();
     let mut staged: HashMap<Key, Staged> = HashMap::new();
     let mut notices: Vec<Notice> = Vec::new();
+    let mut recorded: Vec<Recorded> = Vec::new();
     let mut new_tenants: Vec<String> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
     for job in group {
@@ -327,6 +422,9 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notic
                         }
                         Change::Unchanged => None,
                     };
+                    if let Some(Some(after)) = &after {
+                        record_history(&job.tenant, current.as_deref(), after, &mut recorded);
+                    }
                     if let (Some(after), Some(subs)) = (after, &subscriptions) {
                         notices::match_change(
                             subs,
@@ -351,10 +449,19 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notic
         answers.push((job.reply, results));
     }
 
-    let first_notice = *next_notice;
-    let persisted = persist(db, &staged, &new_tenants, &notices, first_notice);
+    let first_notice = w.next_notice;
+    let persisted = persist(
+        db,
+        &staged,
+        &new_tenants,
+        &notices,
+        first_notice,
+        &mut w.history,
+        &recorded,
+    );
     if let Err(e) = persisted {
         tracing::error!(error = %e, "commit failed; the group's writes are rejected");
+        reload_history(db, &mut w.history);
         for (reply, _) in answers {
             let _ = reply.send(Err(StoreError::Io(e.to_string())));
         }
@@ -378,11 +485,11 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, next_notic
     }
     shared.feed.publish(&staged);
     if !notices.is_empty() {
-        *next_notice = first_notice + notices.len() as u64;
+        w.next_notice = first_notice + notices.len() as u64;
         for n in &notices {
             shared.subscriptions.pending(&n.tenant, &n.subscription, 1);
         }
-        shared.subscriptions.watch.send_replace(*next_notice - 1);
+        shared.subscriptions.watch.send_replace(w.next_notice - 1);
     }
     for (reply, results) in answers {
         let _ = reply.send(Ok(results));
@@ -395,6 +502,8 @@ fn persist(
     new_tenants: &[String],
     notices: &[Notice],
     first_notice: u64,
+    history: &mut History,
+    recorded: &[Recorded],
 ) -> Result<(), StoreError> {
     if staged.is_empty() && new_tenants.is_empty() {
         return Ok(());
@@ -425,7 +534,109 @@ fn persist(
         }
     }
     notices::write_notices(&txn, notices, first_notice)?;
+    history.record(&txn, recorded)?;
     txn.commit().map_err(io)
+}
+
+/// Adds to `out` every attribute instance that `after` holds and `before` did
+/// not (new, or rewritten: its modifiedAt moved). This is the history of a write.
+fn record_history(tenant: &str, before: Option<&Entity>, after: &Entity, out: &mut Vec<Recorded>) {
+    for (name, list) in &after.attrs {
+        let old = before.and_then(|b| b.attrs.get(name));
+        for a in list {
+            let unchanged = old.is_some_and(|o| {
+                o.iter()
+                    .any(|x| x.dataset_id == a.dataset_id && x.modified_at == a.modified_at)
+            });
+            if !unchanged {
+                out.push(Recorded {
+                    tenant: tenant.to_string(),
+                    entity: after.id.clone(),
+                    types: after.types.clone(),
+                    name: name.clone(),
+                    attr: a.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// After a failed commit the writer's history state may be ahead of the file.
+fn reload_history(db: &Database, history: &mut History) {
+    match History::load(db) {
+        Ok(h) => *history = h,
+        Err(e) => tracing::error!(error = %e, "history state cannot be reloaded"),
+    }
+}
+
+/// Runs one history job in its own durable transaction.
+fn apply_history(db: &Database, shared: &Shared, history: &mut History, job: HistoryJob) {
+    fn run<T>(
+        db: &Database,
+        history: &mut History,
+        f: impl FnOnce(&redb::WriteTransaction, &mut History) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = (|| {
+            let mut txn = db.begin_write().map_err(io)?;
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(io)?;
+            let out = f(&txn, history)?;
+            txn.commit().map_err(io)?;
+            Ok(out)
+        })();
+        if result.is_err() {
+            reload_history(db, history);
+        }
+        result
+    }
+    // History can be a tenant's first data: the tenant then exists.
+    let add_tenant = |txn: &redb::WriteTransaction, tenant: &str| -> Result<(), StoreError> {
+        if shared.tenant(tenant).is_none() {
+            txn.open_table(TENANTS)
+                .map_err(io)?
+                .insert(tenant, ())
+                .map_err(io)?;
+        }
+        Ok(())
+    };
+    let now = now_micros();
+    match job {
+        HistoryJob::Op(tenant, op, reply) => {
+            let result = run(db, history, |txn, h| {
+                let out = h.apply(txn, &tenant, op, now)?;
+                if out == HistoryOutcome::Created {
+                    add_tenant(txn, &tenant)?;
+                }
+                Ok(out)
+            });
+            if matches!(result, Ok(HistoryOutcome::Created)) {
+                shared.tenant_or_create(&tenant);
+            }
+            let _ = reply.send(result);
+        }
+        HistoryJob::Import(tenant, series, reply) => {
+            let result = run(db, history, |txn, h| {
+                add_tenant(txn, &tenant)?;
+                let (points, series) = h.import(txn, &tenant, series, now)?;
+                Ok(ImportCounts { points, series })
+            });
+            if result.is_ok() {
+                shared.tenant_or_create(&tenant);
+            }
+            let _ = reply.send(result);
+        }
+        HistoryJob::SetRetention(tenant, r, reply) => {
+            let _ = reply.send(run(db, history, |txn, _| {
+                history::set_retention(txn, &tenant, &r)
+            }));
+        }
+        HistoryJob::Maintain(reply) => {
+            let _ = reply.send(run(db, history, |txn, h| {
+                h.seal_old(txn, now - history::SEAL_AGE_MICROS)?;
+                h.apply_retention(txn, now)
+            }));
+        }
+    }
 }
 
 impl EntityStore for EmbeddedStore {
@@ -654,6 +865,58 @@ impl EntityStore for EmbeddedStore {
 
     fn stats(&self, tenant: &str, id: &str) -> Stats {
         self.shared.subscriptions.stats(tenant, id)
+    }
+
+    fn history(
+        &self,
+        tenant: &str,
+        id: &str,
+        request: &HistoryRequest,
+    ) -> Result<Option<EntityHistory>, StoreError> {
+        history::read(&self.db, tenant, id, request)
+    }
+
+    fn history_entities(
+        &self,
+        tenant: &str,
+        types: Option<&[String]>,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        history::entities(&self.db, tenant, types)
+    }
+
+    fn write_history(
+        &self,
+        tenant: &str,
+        op: HistoryOp,
+    ) -> BoxFuture<'static, Result<HistoryOutcome, StoreError>> {
+        let tenant = tenant.to_string();
+        self.history_job(|reply| HistoryJob::Op(tenant, op, reply))
+    }
+
+    fn import_history(
+        &self,
+        tenant: &str,
+        series: Vec<ImportSeries>,
+    ) -> BoxFuture<'static, Result<ImportCounts, StoreError>> {
+        let tenant = tenant.to_string();
+        self.history_job(|reply| HistoryJob::Import(tenant, series, reply))
+    }
+
+    fn set_retention(
+        &self,
+        tenant: &str,
+        retention: Retention,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let tenant = tenant.to_string();
+        self.history_job(|reply| HistoryJob::SetRetention(tenant, retention, reply))
+    }
+
+    fn retention(&self, tenant: &str) -> Result<Retention, StoreError> {
+        history::retention(&self.db, tenant)
+    }
+
+    fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
+        self.history_job(HistoryJob::Maintain)
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {

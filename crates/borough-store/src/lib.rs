@@ -4,6 +4,9 @@
 
 use borough_core::query::EntityQuery;
 use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
+use borough_core::temporal::{
+    EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
+};
 use borough_core::{Entity, EntityOp, NgsiError, OpOutcome};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -41,6 +44,13 @@ pub struct Notice {
     /// The entity before the change, for subscriptions that show changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Entity>,
+}
+
+/// What a bulk import stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ImportCounts {
+    pub points: u64,
+    pub series: u64,
 }
 
 /// One page of a query's results, in entity id order.
@@ -183,6 +193,52 @@ pub trait EntityStore: Send + Sync + 'static {
 
     /// A subscription's delivery statistics.
     fn stats(&self, tenant: &str, id: &str) -> Stats;
+
+    /// The history of one entity (`None` if it has none). Every change made
+    /// through [`EntityStore::write`] records the attribute instances it wrote
+    /// in the same durable write. Blocking: call it off the async executor.
+    fn history(
+        &self,
+        tenant: &str,
+        id: &str,
+        request: &HistoryRequest,
+    ) -> Result<Option<EntityHistory>, StoreError>;
+
+    /// Entities that have history (id, types), ordered by id; with `types`,
+    /// only those of one of them. Blocking.
+    fn history_entities(
+        &self,
+        tenant: &str,
+        types: Option<&[String]>,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError>;
+
+    /// Applies a temporal API write, durably, ordered with other writes.
+    fn write_history(
+        &self,
+        tenant: &str,
+        op: HistoryOp,
+    ) -> BoxFuture<'static, Result<HistoryOutcome, StoreError>>;
+
+    /// Stores a batch of historic points durably (the bulk path).
+    fn import_history(
+        &self,
+        tenant: &str,
+        series: Vec<ImportSeries>,
+    ) -> BoxFuture<'static, Result<ImportCounts, StoreError>>;
+
+    /// Sets a tenant's history retention durably.
+    fn set_retention(
+        &self,
+        tenant: &str,
+        retention: Retention,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// A tenant's history retention.
+    fn retention(&self, tenant: &str) -> Result<Retention, StoreError>;
+
+    /// Runs history maintenance now (sealing, retention); answers the number
+    /// of instances retention removed. It also runs periodically by itself.
+    fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>>;
 
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;

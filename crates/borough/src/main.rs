@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod import;
 mod serve;
 mod simulate;
 
@@ -33,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Provision a simulated city on a running server and stream its measurements.
     Simulate(simulate::SimulateArgs),
+    /// Import historic points from a CSV file into a running server.
+    Import(import::ImportArgs),
     /// Run a benchmark scenario against a fresh server on loopback, with its baselines.
     Bench(bench::BenchArgs),
 }
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Simulate(args) => simulate::run(args),
+        Command::Import(args) => import::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -10,4 +10,5 @@ mod geo;
 mod query;
 mod registry;
 mod subscriptions;
+mod temporal;
 mod tenants;

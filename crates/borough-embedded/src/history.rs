@@ -1,0 +1,1243 @@
+//! History (the temporal evolution of entities) in the embedded engine.
+//!
+//! Every attribute instance belongs to a *series*: (tenant, entity, attribute,
+//! datasetId), numbered. New instances are written as *hot* rows keyed by
+//! (series, time key, sequence number) in the same redb transaction as the
+//! entity change that made them, so an acknowledged write has its history.
+//! When a series has [`SEAL_AT`] hot rows, or its oldest is older than
+//! [`SEAL_AGE_MICROS`], the rows are sealed into a compressed chunk
+//! (crate::chunk) with an index entry; bulk imports write chunks directly.
+//! The time key is `observedAt`, or the write time for instances without one.
+//!
+//! Only the writer thread changes history; readers use a redb read
+//! transaction, which sees hot rows, chunks and index entries of one commit.
+
+use crate::chunk::{self, ChunkMeta, Row};
+use borough_core::temporal::{
+    Accumulator, AggrMethod, AttrHistory, BucketResult, Buckets, EntityHistory, HistoryBody,
+    HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
+    TimeProperty, TimeRange,
+};
+use borough_core::{AttrKind, Attribute};
+use borough_store::StoreError;
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use std::collections::{BTreeMap, HashMap};
+
+/// (tenant, entity, attribute, datasetId or "") → series number.
+pub const SERIES: TableDefinition<(&str, &str, &str, &str), u64> =
+    TableDefinition::new("history_series");
+/// (tenant, entity) → the entity's types (JSON), for every entity with history.
+pub const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("history_entities");
+/// (tenant, type, entity): entities with history by type.
+pub const TYPES: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("history_types");
+/// (series, time key, sequence) → an instance not yet sealed (JSON).
+pub const HOT: TableDefinition<(u64, i64, u64), &[u8]> = TableDefinition::new("history_hot");
+/// (series, first time key, chunk number) → the chunk's [`ChunkMeta`].
+pub const CHUNK_INDEX: TableDefinition<(u64, i64, u64), &[u8]> =
+    TableDefinition::new("history_chunk_index");
+/// Chunk number → the compressed chunk.
+pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("history_chunks");
+/// Counters: next series, sequence and chunk numbers.
+pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("history_counters");
+/// Tenant → its retention rules (JSON).
+pub const RETENTION: TableDefinition<&str, &[u8]> = TableDefinition::new("history_retention");
+
+/// Hot rows of one series that are sealed into a chunk.
+const SEAL_AT: u32 = 512;
+/// Hot rows older than this (by time key) are sealed by maintenance.
+pub const SEAL_AGE_MICROS: i64 = 3_600_000_000;
+/// Most instances in one chunk.
+const CHUNK_MAX: usize = 4096;
+/// Most series sealed by one maintenance pass (bounds its transaction).
+const SEAL_PER_PASS: usize = 5_000;
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Io(format!("history: {what} cannot be read"))
+}
+
+pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(SERIES).map_err(io)?;
+    txn.open_table(ENTITIES).map_err(io)?;
+    txn.open_table(TYPES).map_err(io)?;
+    txn.open_table(HOT).map_err(io)?;
+    txn.open_table(CHUNK_INDEX).map_err(io)?;
+    txn.open_table(CHUNKS).map_err(io)?;
+    txn.open_table(COUNTERS).map_err(io)?;
+    txn.open_table(RETENTION).map_err(io)?;
+    Ok(())
+}
+
+/// An instance a write made, to be recorded in the same transaction.
+pub struct Recorded {
+    pub tenant: String,
+    pub entity: String,
+    pub types: Vec<String>,
+    pub name: String,
+    pub attr: Attribute,
+}
+
+#[derive(Clone, Copy)]
+struct Hot {
+    count: u32,
+    oldest: i64,
+}
+
+/// The writer's view of history: series numbers and hot-row counts. Rebuilt
+/// from the file at open, and again if a commit fails.
+pub struct History {
+    series: HashMap<String, u64>,
+    hot: HashMap<u64, Hot>,
+    next_series: u64,
+    next_seq: u64,
+    next_chunk: u64,
+}
+
+fn series_key(tenant: &str, entity: &str, name: &str, dataset: &str) -> String {
+    let mut k = String::with_capacity(tenant.len() + entity.len() + name.len() + dataset.len() + 3);
+    for (i, part) in [tenant, entity, name, dataset].into_iter().enumerate() {
+        if i > 0 {
+            k.push('\0');
+        }
+        k.push_str(part);
+    }
+    k
+}
+
+fn time_key(a: &Attribute) -> i64 {
+    a.observed_at.unwrap_or(a.modified_at)
+}
+
+impl History {
+    pub fn load(db: &Database) -> Result<Self, StoreError> {
+        let read = db.begin_read().map_err(io)?;
+        let mut h = History {
+            series: HashMap::new(),
+            hot: HashMap::new(),
+            next_series: 1,
+            next_seq: 1,
+            next_chunk: 1,
+        };
+        let counters = read.open_table(COUNTERS).map_err(io)?;
+        for (name, slot) in [
+            ("series", &mut h.next_series),
+            ("seq", &mut h.next_seq),
+            ("chunk", &mut h.next_chunk),
+        ] {
+            if let Some(v) = counters.get(name).map_err(io)? {
+                *slot = v.value();
+            }
+        }
+        for row in read.open_table(SERIES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            let (t, e, n, d) = k.value();
+            h.series.insert(series_key(t, e, n, d), v.value());
+        }
+        for row in read.open_table(HOT).map_err(io)?.iter().map_err(io)? {
+            let (k, _) = row.map_err(io)?;
+            let (s, at, _) = k.value();
+            let hot = h.hot.entry(s).or_insert(Hot {
+                count: 0,
+                oldest: at,
+            });
+            hot.count += 1;
+            hot.oldest = hot.oldest.min(at);
+        }
+        Ok(h)
+    }
+
+    fn save_counters(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let mut c = txn.open_table(COUNTERS).map_err(io)?;
+        c.insert("series", self.next_series).map_err(io)?;
+        c.insert("seq", self.next_seq).map_err(io)?;
+        c.insert("chunk", self.next_chunk).map_err(io)?;
+        Ok(())
+    }
+
+    /// The series of (tenant, entity, name, dataset), created when new.
+    fn series_for(
+        &mut self,
+        txn: &WriteTransaction,
+        tenant: &str,
+        entity: &str,
+        types: &[String],
+        name: &str,
+        dataset: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let dataset = dataset.unwrap_or("");
+        let key = series_key(tenant, entity, name, dataset);
+        if let Some(s) = self.series.get(&key) {
+            return Ok(*s);
+        }
+        let s = self.next_series;
+        self.next_series += 1;
+        txn.open_table(SERIES)
+            .map_err(io)?
+            .insert((tenant, entity, name, dataset), s)
+            .map_err(io)?;
+        let mut entities = txn.open_table(ENTITIES).map_err(io)?;
+        if entities.get((tenant, entity)).map_err(io)?.is_none() {
+            let json = serde_json::to_vec(types).map_err(io)?;
+            entities
+                .insert((tenant, entity), json.as_slice())
+                .map_err(io)?;
+            let mut by_type = txn.open_table(TYPES).map_err(io)?;
+            for t in types {
+                by_type
+                    .insert((tenant, t.as_str(), entity), ())
+                    .map_err(io)?;
+            }
+        }
+        self.series.insert(key, s);
+        Ok(s)
+    }
+
+    fn put_hot(
+        &mut self,
+        txn: &WriteTransaction,
+        series: u64,
+        mut attr: Attribute,
+    ) -> Result<InstanceId, StoreError> {
+        let at = time_key(&attr);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        attr.dataset_id = None;
+        let json = serde_json::to_vec(&attr).map_err(io)?;
+        txn.open_table(HOT)
+            .map_err(io)?
+            .insert((series, at, seq), json.as_slice())
+            .map_err(io)?;
+        let hot = self.hot.entry(series).or_insert(Hot {
+            count: 0,
+            oldest: at,
+        });
+        hot.count += 1;
+        hot.oldest = hot.oldest.min(at);
+        Ok(InstanceId { series, at, seq })
+    }
+
+    /// Records the instances of a group's writes, sealing full series.
+    pub fn record(&mut self, txn: &WriteTransaction, rows: &[Recorded]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for r in rows {
+            let s = self.series_for(
+                txn,
+                &r.tenant,
+                &r.entity,
+                &r.types,
+                &r.name,
+                r.attr.dataset_id.as_deref(),
+            )?;
+            self.put_hot(txn, s, r.attr.clone())?;
+        }
+        self.seal_full(txn)?;
+        self.save_counters(txn)
+    }
+
+    fn seal_full(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let full: Vec<u64> = self
+            .hot
+            .iter()
+            .filter(|(_, h)| h.count >= SEAL_AT)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in full {
+            self.seal(txn, s)?;
+        }
+        Ok(())
+    }
+
+    /// Seals series whose oldest hot row is older than `cutoff`.
+    pub fn seal_old(&mut self, txn: &WriteTransaction, cutoff: i64) -> Result<usize, StoreError> {
+        let old: Vec<u64> = self
+            .hot
+            .iter()
+            .filter(|(_, h)| h.oldest < cutoff)
+            .map(|(s, _)| *s)
+            .take(SEAL_PER_PASS)
+            .collect();
+        for s in &old {
+            self.seal(txn, *s)?;
+        }
+        self.save_counters(txn)?;
+        Ok(old.len())
+    }
+
+    /// Moves every hot row of a series into chunks.
+    fn seal(&mut self, txn: &WriteTransaction, series: u64) -> Result<(), StoreError> {
+        let mut hot = txn.open_table(HOT).map_err(io)?;
+        let mut rows: Vec<Row> = Vec::new();
+        for row in hot
+            .range((series, i64::MIN, 0)..=(series, i64::MAX, u64::MAX))
+            .map_err(io)?
+        {
+            let (k, v) = row.map_err(io)?;
+            let (_, at, seq) = k.value();
+            let attr: Attribute =
+                serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
+            rows.push((at, seq, attr));
+        }
+        for (at, seq, _) in &rows {
+            hot.remove((series, *at, *seq)).map_err(io)?;
+        }
+        drop(hot);
+        self.hot.remove(&series);
+        self.write_chunks(txn, series, &rows)
+    }
+
+    /// Writes sorted rows as chunks of at most [`CHUNK_MAX`].
+    fn write_chunks(
+        &mut self,
+        txn: &WriteTransaction,
+        series: u64,
+        rows: &[Row],
+    ) -> Result<(), StoreError> {
+        let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
+        let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
+        for part in rows.chunks(CHUNK_MAX) {
+            let (bytes, meta) = chunk::encode(part).map_err(io)?;
+            let no = self.next_chunk;
+            self.next_chunk += 1;
+            chunks.insert(no, bytes.as_slice()).map_err(io)?;
+            index
+                .insert((series, meta.min_at, no), meta.encode().as_slice())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch of imported series straight into chunks.
+    pub fn import(
+        &mut self,
+        txn: &WriteTransaction,
+        tenant: &str,
+        batch: Vec<ImportSeries>,
+        now: i64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut points = 0;
+        let series = batch.len() as u64;
+        for mut one in batch {
+            let types = [std::mem::take(&mut one.entity_type)];
+            let s = self.series_for(txn, tenant, &one.entity, &types, &one.name, None)?;
+            one.points.sort_by_key(|p| p.0);
+            points += one.points.len() as u64;
+            let first_seq = self.next_seq;
+            self.next_seq += one.points.len() as u64;
+            let numbers: Option<Vec<f64>> = one.points.iter().map(|p| p.1.as_f64()).collect();
+            let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
+            let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
+            for (i, part) in one.points.chunks(CHUNK_MAX).enumerate() {
+                let seq0 = first_seq + (i * CHUNK_MAX) as u64;
+                let (bytes, meta) = match &numbers {
+                    Some(values) => {
+                        let at: Vec<i64> = part.iter().map(|p| p.0).collect();
+                        let all_integers = part.iter().all(|p| p.1.is_i64() || p.1.is_u64());
+                        let values = &values[i * CHUNK_MAX..i * CHUNK_MAX + part.len()];
+                        chunk::encode_numeric(&at, seq0, now, values, all_integers)
+                    }
+                    None => {
+                        let rows: Vec<Row> = part
+                            .iter()
+                            .enumerate()
+                            .map(|(j, (at, value))| {
+                                let attr = Attribute {
+                                    kind: AttrKind::Property,
+                                    value: value.clone(),
+                                    dataset_id: None,
+                                    observed_at: Some(*at),
+                                    unit_code: None,
+                                    object_type: None,
+                                    sub: Default::default(),
+                                    created_at: now,
+                                    modified_at: now,
+                                };
+                                (*at, seq0 + j as u64, attr)
+                            })
+                            .collect();
+                        chunk::encode(&rows)
+                    }
+                }
+                .map_err(io)?;
+                let no = self.next_chunk;
+                self.next_chunk += 1;
+                chunks.insert(no, bytes.as_slice()).map_err(io)?;
+                index
+                    .insert((s, meta.min_at, no), meta.encode().as_slice())
+                    .map_err(io)?;
+            }
+        }
+        self.save_counters(txn)?;
+        Ok((points, series))
+    }
+
+    /// Applies a temporal API write.
+    pub fn apply(
+        &mut self,
+        txn: &WriteTransaction,
+        tenant: &str,
+        op: HistoryOp,
+        now: i64,
+    ) -> Result<HistoryOutcome, StoreError> {
+        let outcome = match op {
+            HistoryOp::Append {
+                id,
+                types,
+                instances,
+            } => {
+                let existed = txn
+                    .open_table(ENTITIES)
+                    .map_err(io)?
+                    .get((tenant, id.as_str()))
+                    .map_err(io)?
+                    .is_some();
+                for (name, attr) in instances {
+                    let s = self.series_for(
+                        txn,
+                        tenant,
+                        &id,
+                        &types,
+                        &name,
+                        attr.dataset_id.as_deref(),
+                    )?;
+                    self.put_hot(txn, s, attr)?;
+                }
+                self.seal_full(txn)?;
+                if existed {
+                    HistoryOutcome::Changed
+                } else {
+                    HistoryOutcome::Created
+                }
+            }
+            HistoryOp::DeleteEntity { id } => {
+                let types: Vec<String> = match txn
+                    .open_table(ENTITIES)
+                    .map_err(io)?
+                    .remove((tenant, id.as_str()))
+                    .map_err(io)?
+                {
+                    Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                    None => return Ok(HistoryOutcome::NotFound),
+                };
+                let mut by_type = txn.open_table(TYPES).map_err(io)?;
+                for t in &types {
+                    by_type
+                        .remove((tenant, t.as_str(), id.as_str()))
+                        .map_err(io)?;
+                }
+                drop(by_type);
+                for (name, dataset, s) in series_of_write(txn, tenant, &id)? {
+                    self.drop_series(txn, tenant, &id, &name, &dataset, s)?;
+                }
+                HistoryOutcome::Changed
+            }
+            HistoryOp::DeleteAttr {
+                id,
+                name,
+                dataset_id,
+                all,
+            } => {
+                let mut found = false;
+                for (n, dataset, s) in series_of_write(txn, tenant, &id)? {
+                    let same_dataset = dataset.as_str() == dataset_id.as_deref().unwrap_or("");
+                    if n == name && (all || same_dataset) {
+                        self.drop_series(txn, tenant, &id, &n, &dataset, s)?;
+                        found = true;
+                    }
+                }
+                if found {
+                    HistoryOutcome::Changed
+                } else {
+                    HistoryOutcome::NotFound
+                }
+            }
+            HistoryOp::DeleteInstance { id, name, instance } => {
+                if !owns(txn, tenant, &id, &name, instance.series)? {
+                    return Ok(HistoryOutcome::NotFound);
+                }
+                self.edit_instance(txn, instance, |_| None)?
+            }
+            HistoryOp::ModifyInstance {
+                id,
+                name,
+                instance,
+                attr,
+            } => {
+                if !owns(txn, tenant, &id, &name, instance.series)? {
+                    return Ok(HistoryOutcome::NotFound);
+                }
+                self.edit_instance(txn, instance, |old| {
+                    let mut new = (*attr).clone();
+                    // The time key stays: an instance keeps its place in time.
+                    new.observed_at = old.observed_at;
+                    new.dataset_id = None;
+                    new.created_at = old.created_at;
+                    new.modified_at = now;
+                    if old.observed_at.is_none() {
+                        // Without observedAt the time key is the write time: keep it.
+                        new.modified_at = old.modified_at;
+                    }
+                    Some(new)
+                })?
+            }
+        };
+        self.save_counters(txn)?;
+        Ok(outcome)
+    }
+
+    /// Changes (`Some`) or removes (`None`) one instance, hot or sealed.
+    fn edit_instance(
+        &mut self,
+        txn: &WriteTransaction,
+        id: InstanceId,
+        edit: impl FnOnce(&Attribute) -> Option<Attribute>,
+    ) -> Result<HistoryOutcome, StoreError> {
+        let key = (id.series, id.at, id.seq);
+        let mut hot = txn.open_table(HOT).map_err(io)?;
+        let old = hot
+            .get(key)
+            .map_err(io)?
+            .map(|v| serde_json::from_slice::<Attribute>(v.value()));
+        if let Some(old) = old {
+            let old = old.map_err(|_| corrupt("an instance"))?;
+            match edit(&old) {
+                Some(new) => {
+                    let json = serde_json::to_vec(&new).map_err(io)?;
+                    hot.insert(key, json.as_slice()).map_err(io)?;
+                }
+                None => {
+                    hot.remove(key).map_err(io)?;
+                    if let Some(h) = self.hot.get_mut(&id.series) {
+                        h.count = h.count.saturating_sub(1);
+                    }
+                }
+            }
+            return Ok(HistoryOutcome::Changed);
+        }
+        drop(hot);
+        let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
+        let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
+        let mut holder = None;
+        for row in index
+            .range((id.series, i64::MIN, 0)..=(id.series, id.at, u64::MAX))
+            .map_err(io)?
+        {
+            let (k, v) = row.map_err(io)?;
+            let meta = ChunkMeta::decode(v.value()).ok_or_else(|| corrupt("a chunk index"))?;
+            if meta.max_at >= id.at {
+                let (_, min_at, no) = k.value();
+                let bytes = chunks
+                    .get(no)
+                    .map_err(io)?
+                    .ok_or_else(|| corrupt("a chunk"))?
+                    .value()
+                    .to_vec();
+                let rows = chunk::decode(&bytes).ok_or_else(|| corrupt("a chunk"))?;
+                if let Some(pos) = rows.iter().position(|r| r.0 == id.at && r.1 == id.seq) {
+                    holder = Some((min_at, no, rows, pos));
+                    break;
+                }
+            }
+        }
+        let Some((min_at, no, mut rows, pos)) = holder else {
+            return Ok(HistoryOutcome::NotFound);
+        };
+        match edit(&rows[pos].2) {
+            Some(new) => rows[pos].2 = new,
+            None => {
+                rows.remove(pos);
+            }
+        }
+        index.remove((id.series, min_at, no)).map_err(io)?;
+        if rows.is_empty() {
+            chunks.remove(no).map_err(io)?;
+        } else {
+            let (bytes, meta) = chunk::encode(&rows).map_err(io)?;
+            chunks.insert(no, bytes.as_slice()).map_err(io)?;
+            index
+                .insert((id.series, meta.min_at, no), meta.encode().as_slice())
+                .map_err(io)?;
+        }
+        Ok(HistoryOutcome::Changed)
+    }
+
+    fn drop_series(
+        &mut self,
+        txn: &WriteTransaction,
+        tenant: &str,
+        entity: &str,
+        name: &str,
+        dataset: &str,
+        s: u64,
+    ) -> Result<(), StoreError> {
+        txn.open_table(SERIES)
+            .map_err(io)?
+            .remove((tenant, entity, name, dataset))
+            .map_err(io)?;
+        self.series
+            .remove(&series_key(tenant, entity, name, dataset));
+        self.hot.remove(&s);
+        drop_before(txn, s, i64::MAX)?;
+        Ok(())
+    }
+
+    /// Drops history older than each tenant's retention allows. Returns the
+    /// number of instances removed.
+    pub fn apply_retention(&mut self, txn: &WriteTransaction, now: i64) -> Result<u64, StoreError> {
+        let policies: Vec<(String, Retention)> = {
+            let table = txn.open_table(RETENTION).map_err(io)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                if let Ok(r) = serde_json::from_slice(v.value()) {
+                    out.push((k.value().to_string(), r));
+                }
+            }
+            out
+        };
+        let mut removed = 0;
+        for (tenant, policy) in policies {
+            let mut targets = Vec::new();
+            {
+                let entities = txn.open_table(ENTITIES).map_err(io)?;
+                for row in entities.range((tenant.as_str(), "")..).map_err(io)? {
+                    let (k, v) = row.map_err(io)?;
+                    let (t, e) = k.value();
+                    if t != tenant {
+                        break;
+                    }
+                    let types: Vec<String> = serde_json::from_slice(v.value()).unwrap_or_default();
+                    if let Some(keep) = policy.keep_for(&types) {
+                        targets.push((e.to_string(), now.saturating_sub(keep)));
+                    }
+                }
+            }
+            for (entity, cutoff) in targets {
+                for (_, _, s) in series_of_write(txn, &tenant, &entity)? {
+                    removed += drop_before(txn, s, cutoff)?;
+                    if let Some(h) = self.hot.get_mut(&s) {
+                        // Recount lazily: the oldest row is gone, the count is an upper bound.
+                        h.oldest = h.oldest.max(cutoff);
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes a series' instances with time key before `to` (everything, with
+/// `to == i64::MAX`): hot rows, whole chunks, and the old part of a chunk
+/// that straddles `to`. Returns the number of instances removed.
+fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    {
+        let mut hot = txn.open_table(HOT).map_err(io)?;
+        let end = if to == i64::MAX {
+            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+        } else {
+            std::ops::Bound::Excluded((s, to, 0))
+        };
+        let keys: Vec<(u64, i64, u64)> = hot
+            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+            .map_err(io)?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        for k in keys {
+            hot.remove(k).map_err(io)?;
+            removed += 1;
+        }
+    }
+    let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
+    let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
+    let mut affected = Vec::new();
+    let end = if to == i64::MAX {
+        std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+    } else {
+        std::ops::Bound::Excluded((s, to, 0))
+    };
+    for row in index
+        .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        .map_err(io)?
+    {
+        let (k, v) = row.map_err(io)?;
+        let meta = ChunkMeta::decode(v.value()).ok_or_else(|| corrupt("a chunk index"))?;
+        affected.push((k.value(), meta));
+    }
+    for ((series, min_at, no), meta) in affected {
+        index.remove((series, min_at, no)).map_err(io)?;
+        if to == i64::MAX || meta.max_at < to {
+            chunks.remove(no).map_err(io)?;
+            removed += meta.summary.count;
+            continue;
+        }
+        // Straddles the cut: keep its newer part.
+        let bytes = chunks
+            .get(no)
+            .map_err(io)?
+            .ok_or_else(|| corrupt("a chunk"))?
+            .value()
+            .to_vec();
+        let mut rows = chunk::decode(&bytes).ok_or_else(|| corrupt("a chunk"))?;
+        let before = rows.len();
+        rows.retain(|r| r.0 >= to);
+        removed += (before - rows.len()) as u64;
+        let (bytes, meta) = chunk::encode(&rows).map_err(io)?;
+        chunks.insert(no, bytes.as_slice()).map_err(io)?;
+        index
+            .insert((series, meta.min_at, no), meta.encode().as_slice())
+            .map_err(io)?;
+    }
+    Ok(removed)
+}
+
+/// Whether `series` is one of (tenant, entity, name)'s series.
+fn owns(
+    txn: &WriteTransaction,
+    tenant: &str,
+    entity: &str,
+    name: &str,
+    series: u64,
+) -> Result<bool, StoreError> {
+    Ok(series_of_write(txn, tenant, entity)?
+        .iter()
+        .any(|(n, _, s)| n == name && *s == series))
+}
+
+type SeriesList = Vec<(String, String, u64)>;
+
+fn collect_series<
+    T: ReadableTable<(&'static str, &'static str, &'static str, &'static str), u64>,
+>(
+    table: &T,
+    tenant: &str,
+    entity: &str,
+) -> Result<SeriesList, StoreError> {
+    let mut out = Vec::new();
+    for row in table.range((tenant, entity, "", "")..).map_err(io)? {
+        let (k, v) = row.map_err(io)?;
+        let (t, e, n, d) = k.value();
+        if t != tenant || e != entity {
+            break;
+        }
+        out.push((n.to_string(), d.to_string(), v.value()));
+    }
+    Ok(out)
+}
+
+fn series_of_write(
+    txn: &WriteTransaction,
+    tenant: &str,
+    entity: &str,
+) -> Result<SeriesList, StoreError> {
+    collect_series(&txn.open_table(SERIES).map_err(io)?, tenant, entity)
+}
+
+pub fn set_retention(
+    txn: &WriteTransaction,
+    tenant: &str,
+    r: &Retention,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(r).map_err(io)?;
+    txn.open_table(RETENTION)
+        .map_err(io)?
+        .insert(tenant, json.as_slice())
+        .map_err(io)?;
+    Ok(())
+}
+
+pub fn retention(db: &Database, tenant: &str) -> Result<Retention, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let table = read.open_table(RETENTION).map_err(io)?;
+    Ok(table
+        .get(tenant)
+        .map_err(io)?
+        .and_then(|v| serde_json::from_slice(v.value()).ok())
+        .unwrap_or_default())
+}
+
+/// Entities with history, ordered by id, optionally only those of some types.
+pub fn entities(
+    db: &Database,
+    tenant: &str,
+    types: Option<&[String]>,
+) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let table = read.open_table(ENTITIES).map_err(io)?;
+    let mut out = Vec::new();
+    match types {
+        None => {
+            for row in table.range((tenant, "")..).map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let (t, e) = k.value();
+                if t != tenant {
+                    break;
+                }
+                let types: Vec<String> = serde_json::from_slice(v.value()).unwrap_or_default();
+                out.push((e.to_string(), types));
+            }
+        }
+        Some(wanted) => {
+            let by_type = read.open_table(TYPES).map_err(io)?;
+            let mut ids = std::collections::BTreeSet::new();
+            for ty in wanted {
+                for row in by_type.range((tenant, ty.as_str(), "")..).map_err(io)? {
+                    let (k, _) = row.map_err(io)?;
+                    let (t, tt, e) = k.value();
+                    if t != tenant || tt != ty {
+                        break;
+                    }
+                    ids.insert(e.to_string());
+                }
+            }
+            for id in ids {
+                if let Some(v) = table.get((tenant, id.as_str())).map_err(io)? {
+                    let types: Vec<String> = serde_json::from_slice(v.value()).unwrap_or_default();
+                    out.push((id, types));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the tables of one snapshot.
+struct Reader {
+    hot: ReadOnlyTable<(u64, i64, u64), &'static [u8]>,
+    index: ReadOnlyTable<(u64, i64, u64), &'static [u8]>,
+    chunks: ReadOnlyTable<u64, &'static [u8]>,
+}
+
+struct Candidate {
+    no: u64,
+    meta: ChunkMeta,
+}
+
+impl Reader {
+    fn open(read: &ReadTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            hot: read.open_table(HOT).map_err(io)?,
+            index: read.open_table(CHUNK_INDEX).map_err(io)?,
+            chunks: read.open_table(CHUNKS).map_err(io)?,
+        })
+    }
+
+    /// The series' chunks that may hold instances in `range` (under `prop`).
+    fn chunks_in(
+        &self,
+        s: u64,
+        prop: TimeProperty,
+        range: TimeRange,
+    ) -> Result<Vec<Candidate>, StoreError> {
+        let upper = if prop == TimeProperty::ObservedAt {
+            range.to
+        } else {
+            i64::MAX
+        };
+        let mut out = Vec::new();
+        let end = if upper == i64::MAX {
+            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+        } else {
+            std::ops::Bound::Excluded((s, upper, 0))
+        };
+        for row in self
+            .index
+            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+            .map_err(io)?
+        {
+            let (k, v) = row.map_err(io)?;
+            let meta = ChunkMeta::decode(v.value()).ok_or_else(|| corrupt("a chunk index"))?;
+            let (min, max) = bounds(&meta, prop);
+            if range.overlaps(min, max) {
+                out.push(Candidate {
+                    no: k.value().2,
+                    meta,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunk_bytes(&self, no: u64) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .chunks
+            .get(no)
+            .map_err(io)?
+            .ok_or_else(|| corrupt("a chunk"))?
+            .value()
+            .to_vec())
+    }
+
+    fn chunk_rows(&self, no: u64) -> Result<Vec<Row>, StoreError> {
+        chunk::decode(&self.chunk_bytes(no)?).ok_or_else(|| corrupt("a chunk"))
+    }
+
+    /// The series' hot rows in `range` (under `prop`).
+    fn hot_rows(
+        &self,
+        s: u64,
+        prop: TimeProperty,
+        range: TimeRange,
+    ) -> Result<Vec<Row>, StoreError> {
+        let (from, to) = if prop == TimeProperty::ObservedAt {
+            (range.from, range.to)
+        } else {
+            (i64::MIN, i64::MAX)
+        };
+        let mut out = Vec::new();
+        let end = if to == i64::MAX {
+            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
+        } else {
+            std::ops::Bound::Excluded((s, to, 0))
+        };
+        for row in self
+            .hot
+            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, from, 0)), end))
+            .map_err(io)?
+        {
+            let (k, v) = row.map_err(io)?;
+            let (_, at, seq) = k.value();
+            let attr: Attribute =
+                serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
+            if range.contains(key_of(prop, at, &attr)) {
+                out.push((at, seq, attr));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn bounds(meta: &ChunkMeta, prop: TimeProperty) -> (i64, i64) {
+    match prop {
+        TimeProperty::ObservedAt => (meta.min_at, meta.max_at),
+        _ => (meta.min_written, meta.max_written),
+    }
+}
+
+fn key_of(prop: TimeProperty, at: i64, attr: &Attribute) -> i64 {
+    match prop {
+        TimeProperty::ObservedAt => at,
+        _ => attr.modified_at,
+    }
+}
+
+/// The history of one entity, or `None` if it has none.
+pub fn read(
+    db: &Database,
+    tenant: &str,
+    id: &str,
+    req: &HistoryRequest,
+) -> Result<Option<EntityHistory>, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let types: Vec<String> = match read
+        .open_table(ENTITIES)
+        .map_err(io)?
+        .get((tenant, id))
+        .map_err(io)?
+    {
+        Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+        None => return Ok(None),
+    };
+    let series = collect_series(&read.open_table(SERIES).map_err(io)?, tenant, id)?;
+    let reader = Reader::open(&read)?;
+    let mut out = EntityHistory {
+        id: id.to_string(),
+        types,
+        attrs: Vec::new(),
+        truncated: None,
+    };
+    for (name, dataset, s) in series {
+        if req.attrs.as_ref().is_some_and(|w| !w.contains(&name)) {
+            continue;
+        }
+        let dataset_id = (!dataset.is_empty()).then_some(dataset);
+        let (body, cut) = match &req.aggregation {
+            Some(aggr) => aggregate(&reader, s, req, &aggr.methods, aggr.period)?,
+            None => instances(&reader, s, req, dataset_id.as_deref())?,
+        };
+        if let Some((a, b)) = cut {
+            out.truncated = Some(match out.truncated {
+                Some((x, y)) => (x.min(a), y.max(b)),
+                None => (a, b),
+            });
+        }
+        out.attrs.push(AttrHistory {
+            name,
+            dataset_id,
+            body,
+        });
+    }
+    Ok(Some(out))
+}
+
+type Cut = Option<(i64, i64)>;
+
+fn instances(
+    reader: &Reader,
+    s: u64,
+    req: &HistoryRequest,
+    dataset: Option<&str>,
+) -> Result<(HistoryBody, Cut), StoreError> {
+    let prop = req.time_property;
+    let mut rows = reader.hot_rows(s, prop, req.range)?;
+    let mut chunks = reader.chunks_in(s, prop, req.range)?;
+    let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
+    let mut cut = None;
+    if let Some(n) = req.last_n {
+        // Newest first: stop once n instances are newer than every chunk left.
+        chunks.sort_by_key(|c| std::cmp::Reverse(bounds(&c.meta, prop).1));
+        for c in &chunks {
+            if rows.len() >= n {
+                let mut keys: Vec<i64> = rows.iter().map(|r| key(r).0).collect();
+                keys.sort_unstable_by(|a, b| b.cmp(a));
+                if keys[n - 1] > bounds(&c.meta, prop).1 {
+                    break;
+                }
+            }
+            rows.extend(
+                reader
+                    .chunk_rows(c.no)?
+                    .into_iter()
+                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
+            );
+        }
+        rows.sort_by_key(key);
+        let skip = rows.len().saturating_sub(n);
+        rows.drain(..skip);
+    } else {
+        chunks.sort_by_key(|c| bounds(&c.meta, prop).0);
+        for c in &chunks {
+            if rows.len() >= req.max_instances {
+                rows.sort_by_key(key);
+                if key(&rows[req.max_instances - 1]).0 < bounds(&c.meta, prop).0 {
+                    break;
+                }
+            }
+            rows.extend(
+                reader
+                    .chunk_rows(c.no)?
+                    .into_iter()
+                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
+            );
+        }
+        rows.sort_by_key(key);
+        if rows.len() > req.max_instances {
+            rows.truncate(req.max_instances);
+            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+                cut = Some((key(first).0, key(last).0));
+            }
+        }
+    }
+    let list = rows
+        .into_iter()
+        .map(|(at, seq, mut attr)| {
+            attr.dataset_id = dataset.map(str::to_string);
+            Instance {
+                id: InstanceId { series: s, at, seq },
+                attr,
+            }
+        })
+        .collect();
+    Ok((HistoryBody::Instances(list), cut))
+}
+
+fn aggregate(
+    reader: &Reader,
+    s: u64,
+    req: &HistoryRequest,
+    methods: &[AggrMethod],
+    period: Option<borough_core::temporal::Period>,
+) -> Result<(HistoryBody, Cut), StoreError> {
+    let prop = req.time_property;
+    let hot = reader.hot_rows(s, prop, req.range)?;
+    let mut chunks = reader.chunks_in(s, prop, req.range)?;
+    chunks.sort_by_key(|c| bounds(&c.meta, prop).0);
+    let mut kind = hot.first().map(|r| r.2.kind);
+    // The buckets start at timeAt, else at the first instance.
+    let first = hot
+        .iter()
+        .map(|r| key_of(prop, r.0, &r.2))
+        .chain(chunks.iter().map(|c| bounds(&c.meta, prop).0))
+        .min();
+    let last = hot
+        .iter()
+        .map(|r| key_of(prop, r.0, &r.2))
+        .chain(chunks.iter().map(|c| bounds(&c.meta, prop).1))
+        .max();
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok((
+            HistoryBody::Aggregated {
+                kind: kind.unwrap_or(AttrKind::Property),
+                buckets: Vec::new(),
+            },
+            None,
+        ));
+    };
+    let origin = if req.range.from == i64::MIN {
+        first
+    } else {
+        req.range.from
+    };
+    // Periods run on as long as there is data; one bucket ends after the last instance.
+    let limit = if req.range.to != i64::MAX || period.is_some() {
+        req.range.to
+    } else {
+        last.saturating_add(1)
+    };
+    let mut acc = BucketMap {
+        buckets: BTreeMap::new(),
+        methods,
+        max: req.max_instances.max(1),
+        cut: false,
+    };
+    let summary_only = methods.iter().all(|m| m.from_summary());
+    let mut values: Vec<(i64, f64)> = Vec::new();
+    for c in &chunks {
+        let (min, max) = bounds(&c.meta, prop);
+        let mut b = Buckets::new(period, origin, limit);
+        let numeric = c.meta.summary.count == c.meta.summary.numbers;
+        if summary_only && numeric && req.range.contains(min) && req.range.contains(max) {
+            // A chunk inside one bucket is aggregated from its summary alone.
+            if b.advance_to(min) && max < b.current().1 {
+                if let Some(a) = acc.get(b.current()) {
+                    a.summary.merge(&c.meta.summary);
+                }
+                kind.get_or_insert(AttrKind::Property);
+                continue;
+            }
+        }
+        let bytes = reader.chunk_bytes(c.no)?;
+        if let Some(cols) = chunk::columns(&bytes) {
+            kind.get_or_insert(AttrKind::Property);
+            let keys = if prop == TimeProperty::ObservedAt {
+                &cols.at
+            } else {
+                &cols.written
+            };
+            values.clear();
+            values.extend(
+                keys.iter()
+                    .zip(&cols.values)
+                    .filter(|(k, _)| req.range.contains(**k))
+                    .map(|(k, v)| (*k, *v)),
+            );
+            values.sort_by_key(|(k, _)| *k);
+            let mut b = Buckets::new(period, origin, limit);
+            for (k, v) in &values {
+                if !b.advance_to(*k) {
+                    break;
+                }
+                if let Some(a) = acc.get(b.current()) {
+                    a.add_number(*v);
+                }
+            }
+        } else {
+            let rows = chunk::decode(&bytes).ok_or_else(|| corrupt("a chunk"))?;
+            acc.add_rows(
+                &rows,
+                prop,
+                req.range,
+                Buckets::new(period, origin, limit),
+                &mut kind,
+            );
+        }
+    }
+    acc.add_rows(
+        &hot,
+        prop,
+        req.range,
+        Buckets::new(period, origin, limit),
+        &mut kind,
+    );
+    let cut = if acc.cut {
+        match (acc.buckets.first_key_value(), acc.buckets.last_key_value()) {
+            (Some((first, _)), Some((_, (end, _)))) => Some((*first, *end)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let acc = acc.buckets;
+    let buckets = acc
+        .into_iter()
+        .map(|(start, (end, a))| BucketResult {
+            start,
+            end,
+            values: methods.iter().map(|m| a.result(*m)).collect(),
+        })
+        .collect();
+    Ok((
+        HistoryBody::Aggregated {
+            kind: kind.unwrap_or(AttrKind::Property),
+            buckets,
+        },
+        cut,
+    ))
+}
+
+/// The accumulators of an aggregation's buckets, keeping at most `max` (the
+/// earliest); a later bucket is cut and reported, so memory stays bounded.
+struct BucketMap<'m> {
+    buckets: BTreeMap<i64, (i64, Accumulator)>,
+    methods: &'m [AggrMethod],
+    max: usize,
+    cut: bool,
+}
+
+impl BucketMap<'_> {
+    fn get(&mut self, (start, end): (i64, i64)) -> Option<&mut Accumulator> {
+        if !self.buckets.contains_key(&start) && self.buckets.len() >= self.max {
+            self.cut = true;
+            if self
+                .buckets
+                .last_key_value()
+                .is_some_and(|(k, _)| *k < start)
+            {
+                return None;
+            }
+            self.buckets.pop_last();
+        }
+        let methods = self.methods;
+        Some(
+            &mut self
+                .buckets
+                .entry(start)
+                .or_insert_with(|| (end, Accumulator::new(methods)))
+                .1,
+        )
+    }
+
+    /// Adds rows of any kind (JSON values) in `range`.
+    fn add_rows(
+        &mut self,
+        rows: &[Row],
+        prop: TimeProperty,
+        range: TimeRange,
+        mut buckets: Buckets,
+        kind: &mut Option<AttrKind>,
+    ) {
+        let mut keyed: Vec<(i64, &Attribute)> = rows
+            .iter()
+            .map(|r| (key_of(prop, r.0, &r.2), &r.2))
+            .filter(|(k, _)| range.contains(*k))
+            .collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        for (k, attr) in keyed {
+            kind.get_or_insert(attr.kind);
+            if !buckets.advance_to(k) {
+                break;
+            }
+            if let Some(a) = self.get(buckets.current()) {
+                a.add_value(&attr.value);
+            }
+        }
+    }
+}
