@@ -4,6 +4,7 @@
 //! it shows (a few hundred clusters, not every entity).
 
 use crate::alerts::{Severity, severity_of, state_of};
+use crate::grid::TenantGrid;
 use borough_core::{Context, Entity, NgsiError, NgsiResult};
 use borough_store::EntityStore;
 use serde::Serialize;
@@ -133,16 +134,23 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-fn world_pixels(zoom: u32) -> f64 {
+pub fn world_pixels(zoom: u32) -> f64 {
     256.0 * f64::from(1u32 << zoom)
 }
 
 /// Screen position in pixels of the whole world at `zoom` (Web Mercator).
-fn project(lon: f64, lat: f64, world: f64) -> (f64, f64) {
+pub fn project(lon: f64, lat: f64, world: f64) -> (f64, f64) {
     let x = (lon + 180.0) / 360.0 * world;
     let lat = lat.clamp(-MAX_LAT, MAX_LAT).to_radians();
     let y = (1.0 - (lat.tan() + 1.0 / lat.cos()).ln() / std::f64::consts::PI) / 2.0 * world;
     (x, y)
+}
+
+/// The longitude and latitude of a point in pixels of the whole world.
+pub fn unproject(x: f64, y: f64, world: f64) -> (f64, f64) {
+    let lon = x / world * 360.0 - 180.0;
+    let n = std::f64::consts::PI * (1.0 - 2.0 * y / world);
+    (lon, n.sinh().atan().to_degrees())
 }
 
 fn pixel_size(b: &[f64; 4], zoom: u32) -> (f64, f64) {
@@ -247,7 +255,8 @@ pub fn cluster(
     let mut total = 0u64;
     let mut alerts = 0u64;
     store.within_box(tenant, location, req.bbox, &mut |e, [lon, lat]| {
-        let Some(layer) = e.types.iter().find_map(|t| layer_of.get(t.as_str())) else {
+        // An entity belongs to the layer of its first type.
+        let Some(layer) = e.types.first().and_then(|t| layer_of.get(t.as_str())) else {
             return true;
         };
         // The visit is by bounding box; points on the edge are in, outside are out.
@@ -328,6 +337,146 @@ pub fn cluster(
     ClusterResponse {
         zoom: req.zoom,
         bbox: req.bbox,
+        cell_pixels: cell,
+        total,
+        alerts,
+        clusters,
+        markers,
+    }
+}
+
+/// Clusters from the tenant's pyramid (zoom up to [`GRID_MAX_ZOOM`]): the
+/// cells that meet the box, whole, so the answer covers the box widened to
+/// cell edges (its `bbox`). Clusters do not change while the map pans by less
+/// than a cell, and every count is exact for that box.
+pub fn cluster_from_grid(
+    store: &dyn EntityStore,
+    tenant: &str,
+    location: &str,
+    req: &ClusterRequest,
+    grid: &std::sync::RwLock<TenantGrid>,
+) -> ClusterResponse {
+    let ctx = Context::core();
+    let world = world_pixels(req.zoom);
+    let cell = cell_pixels(req.zoom);
+    let b = req.bbox;
+    let (x0, y0) = project(b[0], b[3], world);
+    let (x1, y1) = project(b[2], b[1], world);
+    let last = (world / cell) as u32 - 1;
+    let c0 = (
+        ((x0 / cell) as u32).min(last),
+        ((y0 / cell) as u32).min(last),
+    );
+    let c1 = (
+        ((x1 / cell) as u32).min(last),
+        ((y1 / cell) as u32).min(last),
+    );
+    let mut clusters = Vec::new();
+    let mut singles: Vec<(String, [f64; 2])> = Vec::new();
+    let (mut total, mut alerts) = (0u64, 0u64);
+    {
+        let g = grid.read().unwrap_or_else(|e| e.into_inner());
+        let shown: Vec<bool> = g
+            .types
+            .iter()
+            .map(|t| req.types.as_ref().is_none_or(|s| s.contains(t)))
+            .collect();
+        g.cells(req.zoom, c0, c1, &mut |aggs| {
+            let mut c = Cluster {
+                lon: 0.0,
+                lat: 0.0,
+                count: 0,
+                alerts: 0,
+                critical: 0,
+                types: Vec::new(),
+            };
+            for a in aggs {
+                if !shown.get(a.ty as usize).copied().unwrap_or(false) {
+                    continue;
+                }
+                c.count += a.count;
+                c.lon += a.sum_lon;
+                c.lat += a.sum_lat;
+                c.alerts += a.alerts;
+                c.critical += a.critical;
+                c.types.push(TypeCount {
+                    entity_type: g.types[a.ty as usize].clone(),
+                    count: a.count,
+                });
+            }
+            if c.count == 0 {
+                return;
+            }
+            total += c.count;
+            alerts += c.alerts;
+            c.lon /= c.count as f64;
+            c.lat /= c.count as f64;
+            if c.count == 1 {
+                singles.push((c.types[0].entity_type.clone(), [c.lon, c.lat]));
+            } else {
+                for t in &mut c.types {
+                    t.entity_type = ctx.compact(&t.entity_type).into_owned();
+                }
+                c.types.sort_by(|a, b| {
+                    b.count
+                        .cmp(&a.count)
+                        .then(a.entity_type.cmp(&b.entity_type))
+                });
+                clusters.push(c);
+            }
+        });
+    }
+    // A cell of one entity is sent as that entity: find it in the cell.
+    let mut markers = Vec::with_capacity(singles.len());
+    for (t, [lon, lat]) in singles {
+        let eps = 1e-9;
+        let mut found: Option<Arc<Entity>> = None;
+        store.within_box(
+            tenant,
+            location,
+            [lon - eps, lat - eps, lon + eps, lat + eps],
+            &mut |e, _| {
+                if e.types.first() == Some(&t) {
+                    found = Some(e.clone());
+                    false
+                } else {
+                    true
+                }
+            },
+        );
+        let entity_type = ctx.compact(&t).into_owned();
+        match found {
+            Some(e) => markers.push(Marker {
+                id: e.id.clone(),
+                entity_type,
+                lon,
+                lat,
+                state: state_of(&e).map(str::to_string),
+                alert: severity_of(&e),
+            }),
+            // The pyramid is a moment ahead of or behind the store: a cluster of one.
+            None => clusters.push(Cluster {
+                lon,
+                lat,
+                count: 1,
+                alerts: 0,
+                critical: 0,
+                types: vec![TypeCount {
+                    entity_type,
+                    count: 1,
+                }],
+            }),
+        }
+    }
+    let (west, north) = unproject(f64::from(c0.0) * cell, f64::from(c0.1) * cell, world);
+    let (east, south) = unproject(
+        f64::from(c1.0 + 1) * cell,
+        f64::from(c1.1 + 1) * cell,
+        world,
+    );
+    ClusterResponse {
+        zoom: req.zoom,
+        bbox: [west, south.max(-90.0), east.min(180.0), north],
         cell_pixels: cell,
         total,
         alerts,

@@ -5,6 +5,7 @@
 
 pub mod alerts;
 pub mod clusters;
+pub mod grid;
 pub mod live;
 
 use axum::Router;
@@ -44,9 +45,23 @@ struct WebState {
     config: WebConfig,
     /// The expanded name of the GeoProperty shown on the map.
     location: String,
+    /// Cluster pyramids, started on the first cluster request (it needs the runtime).
+    grid: std::sync::OnceLock<Arc<grid::GridIndex>>,
 }
 
 type Shared = Arc<WebState>;
+
+impl WebState {
+    fn grid_index(&self) -> &Arc<grid::GridIndex> {
+        self.grid.get_or_init(|| {
+            grid::GridIndex::start(
+                self.store.clone(),
+                self.location.clone(),
+                self.config.stop.clone(),
+            )
+        })
+    }
+}
 
 /// Most alerts one request lists.
 pub const MAX_ALERTS: usize = 1000;
@@ -58,6 +73,7 @@ pub fn router(store: Arc<dyn EntityStore>, config: WebConfig) -> Router {
         store,
         config,
         location: Context::core().expand("location").into_owned(),
+        grid: std::sync::OnceLock::new(),
     });
     Router::new()
         .route("/", get(index))
@@ -202,32 +218,14 @@ async fn summary(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
         .map(|(t, n)| (ctx.compact(&t).into_owned(), n))
         .collect();
     types.sort();
-    let mut located = 0u64;
-    let mut extent: Option<[f64; 4]> = None;
-    s.store
-        .within_box(
-            &t,
-            &s.location,
-            [-180.0, -90.0, 180.0, 90.0],
-            &mut |_, [x, y]| {
-                located += 1;
-                let e = extent.get_or_insert([x, y, x, y]);
-                e[0] = e[0].min(x);
-                e[1] = e[1].min(y);
-                e[2] = e[2].max(x);
-                e[3] = e[3].max(y);
-                true
-            },
-        );
-    let (mut critical, mut warning) = (0u64, 0u64);
-    s.store.scan(&t, &mut |e| {
-        match alerts::severity_of(e) {
-            Some(alerts::Severity::Critical) => critical += 1,
-            Some(alerts::Severity::Warning) => warning += 1,
-            None => {}
-        }
-        true
-    });
+    // Alerts and the extent of located entities come from the cluster
+    // pyramid (built here on a tenant's first view), not from a scan.
+    let (located, extent, critical, warning) = s
+        .grid_index()
+        .tenant(&t)
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .stats();
     Ok(json(&json!({
         "tenant": t,
         "entities": s.store.entity_count(&t),
@@ -249,7 +247,12 @@ async fn clusters_route(State(s): State<Shared>, q: Params) -> ApiResult<Respons
             unknown.join(", ")
         ))));
     }
-    let resp = clusters::cluster(&*s.store, &t, &s.location, &req);
+    let resp = if req.zoom <= grid::GRID_MAX_ZOOM {
+        let tenant_grid = s.grid_index().tenant(&t);
+        clusters::cluster_from_grid(&*s.store, &t, &s.location, &req, &tenant_grid)
+    } else {
+        clusters::cluster(&*s.store, &t, &s.location, &req)
+    };
     let body = serde_json::to_vec(&resp).map_err(|e| NgsiError::internal(e.to_string()))?;
     let mut r = (StatusCode::OK, body).into_response();
     r.headers_mut().insert(

@@ -380,3 +380,89 @@ async fn live_events_are_coalesced_per_tenant() {
     }
     assert!(ended, "the stream ends at shutdown");
 }
+
+/// The grid cells' answer covers the box widened to cell edges: its counts are
+/// those of the entities in the answer's `bbox`.
+#[tokio::test]
+async fn pyramid_counts_match_the_widened_box_and_follow_changes() {
+    let f = fixture();
+    city(&f.store, "t").await;
+    let points: Vec<(f64, f64)> = (0..20)
+        .flat_map(|i| (0..20).map(move |j| (i, j)))
+        .flat_map(|(i, j)| {
+            let (lon, lat) = (
+                2.30 + f64::from(i) * 0.000_13,
+                48.85 + f64::from(j) * 0.000_09,
+            );
+            [(lon, lat), (lon + 0.00005, lat)]
+        })
+        .collect();
+    for zoom in [15, 16, 17] {
+        let (s, _, v) = get(
+            &f.app,
+            &format!(
+                "/dashboard/api/clusters?tenant=t&bbox=2.3005,48.8505,2.3015,48.8512&zoom={zoom}"
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let b: Vec<f64> = v["bbox"]
+            .as_array()
+            .expect("bbox")
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        assert!(
+            b[0] <= 2.3005 && b[1] <= 48.8505 && b[2] >= 2.3015 && b[3] >= 48.8512,
+            "{b:?}"
+        );
+        let inside = points
+            .iter()
+            .filter(|(x, y)| (b[0]..b[2]).contains(x) && (b[1]..b[3]).contains(y))
+            .count() as u64;
+        assert_eq!(v["total"], inside, "zoom {zoom}");
+        assert_eq!(counted(&v), inside, "zoom {zoom}");
+    }
+    let whole = "/dashboard/api/clusters?tenant=t&bbox=2.29,48.84,2.31,48.86&zoom=12";
+    let (_, _, v) = get(&f.app, whole).await;
+    assert_eq!(v["alerts"], 8);
+    // A fault reported after the pyramid was built shows up in it.
+    let frag = borough_core::entity::parse_fragment(
+        &json!({"status": {"type": "Property", "value": "defectiveLamp"}}),
+        &Context::core(),
+        borough_core::ParseMode::Patch,
+    )
+    .expect("fragment");
+    f.store
+        .write(
+            "t",
+            vec![EntityOp::Update {
+                id: "urn:ngsi-ld:Streetlight:1".into(),
+                frag,
+            }],
+        )
+        .await
+        .expect("write");
+    f.store
+        .write(
+            "t",
+            vec![EntityOp::Delete {
+                id: "urn:ngsi-ld:ParkingSpot:1".into(),
+            }],
+        )
+        .await
+        .expect("write");
+    let mut seen = Value::Null;
+    for _ in 0..50 {
+        let (_, _, v) = get(&f.app, whole).await;
+        if v["alerts"] == 9 && v["total"] == 799 {
+            return;
+        }
+        seen = v;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the pyramid did not follow the changes: alerts {}, total {}",
+        seen["alerts"], seen["total"]
+    );
+}
