@@ -58,7 +58,10 @@ log "VictoriaMetrics for the temporal benchmark baseline"
 log "cargo test"
 cargo test --workspace
 
+log "dashboard end-to-end tests (headless Chromium)"
+./scripts/test-dashboard.sh
+
 log "benchmarks, quick variant"
-for scenario in entities query geo temporal; do
+for scenario in entities query geo temporal dashboard; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 mod chunk;
+mod feed;
 mod history;
 mod notices;
 mod state;
@@ -57,6 +58,7 @@ type TenantMap = RwLock<TenantState>;
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
     subscriptions: Registry,
+    feed: feed::Feed,
 }
 
 impl Shared {
@@ -481,6 +483,7 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
             map.put(id, v.clone());
         }
     }
+    shared.feed.publish(&staged);
     if !notices.is_empty() {
         w.next_notice = first_notice + notices.len() as u64;
         for n in &notices {
@@ -680,6 +683,23 @@ impl EntityStore for EmbeddedStore {
                 break;
             }
         }
+    }
+
+    fn within_box(
+        &self,
+        tenant: &str,
+        geoproperty: &str,
+        bbox: borough_store::GeoBox,
+        visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
+    ) {
+        if let Some(map) = self.shared.tenant(tenant) {
+            let map = map.read().unwrap_or_else(|e| e.into_inner());
+            map.within_box(geoproperty, bbox, visit);
+        }
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<borough_store::EntityChange> {
+        self.shared.feed.subscribe()
     }
 
     fn query(

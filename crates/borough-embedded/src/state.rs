@@ -169,6 +169,25 @@ impl TenantState {
         self.by_attr.iter().map(|(a, idx)| (a, idx.ids.len()))
     }
 
+    /// Visits the entities whose `geoproperty` bounding box intersects `bbox`
+    /// ([min_lon, min_lat, max_lon, max_lat]), with that box's centre.
+    pub fn within_box(
+        &self,
+        geoproperty: &str,
+        bbox: [f64; 4],
+        visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
+    ) {
+        let Some(tree) = self.by_geo.get(geoproperty) else {
+            return;
+        };
+        let search = AABB::from_corners([bbox[0], bbox[1]], [bbox[2], bbox[3]]);
+        for entry in tree.locate_in_envelope_intersecting(&search) {
+            if !visit(&entry.entity, rstar::Envelope::center(&entry.envelope)) {
+                break;
+            }
+        }
+    }
+
     /// Puts (or with `None`, removes) an entity, keeping every index in step.
     pub fn put(&mut self, id: &str, entity: Option<Arc<Entity>>) {
         if let Some((key, old)) = self.entities.remove_entry(id) {

@@ -61,6 +61,18 @@ pub struct QueryPage {
     pub total: Option<usize>,
 }
 
+/// A committed change of one entity, as the change feed carries it.
+#[derive(Clone, Debug)]
+pub struct EntityChange {
+    pub tenant: Arc<str>,
+    pub id: Arc<str>,
+    /// The entity after the change; `None` when it was deleted.
+    pub entity: Option<Arc<Entity>>,
+}
+
+/// A box in longitude/latitude degrees: `[min_lon, min_lat, max_lon, max_lat]`.
+pub type GeoBox = [f64; 4];
+
 /// The current state of every tenant's entities.
 ///
 /// Writes are sequences of [`EntityOp`]s applied in order; each operation
@@ -81,6 +93,23 @@ pub trait EntityStore: Send + Sync + 'static {
 
     /// Visits the committed entities of a tenant in no set order until `visit` returns false.
     fn scan(&self, tenant: &str, visit: &mut dyn FnMut(&Arc<Entity>) -> bool);
+
+    /// Visits the entities of a tenant that have a `geoproperty` (expanded name)
+    /// whose bounding box intersects `bbox`, with the centre of that bounding box,
+    /// in no set order, until `visit` returns false. An entity with several
+    /// instances of the GeoProperty is visited once per instance.
+    fn within_box(
+        &self,
+        tenant: &str,
+        geoproperty: &str,
+        bbox: GeoBox,
+        visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
+    );
+
+    /// The change feed: every entity change, in commit order, published once it
+    /// is committed and visible to readers. A receiver that falls behind loses
+    /// the oldest changes (`RecvError::Lagged`); it never slows the writer.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<EntityChange>;
 
     /// The entities matching `query`, ordered by id, skipping `offset` and
     /// returning at most `limit`; with `count`, also the total number of matches.

@@ -30,6 +30,76 @@ pub async fn run_all(store: &dyn EntityStore) {
     tenants_are_isolated(store).await;
     concurrent_writes_lose_nothing(store).await;
     history_follows_writes(store).await;
+    change_feed_carries_commits(store).await;
+    within_box_visits_located_entities(store).await;
+}
+
+fn located(id: &str, lon: f64, lat: f64) -> Entity {
+    parse_entity(
+        &json!({"id": id, "type": "Lamp",
+            "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [lon, lat]}}}),
+        &Context::core(),
+        0,
+    )
+    .expect("valid test entity")
+}
+
+pub async fn change_feed_carries_commits(store: &dyn EntityStore) {
+    let t = "suite-feed";
+    let mut feed = store.changes();
+    store
+        .write(t, vec![EntityOp::Create(entity("urn:f", 1))])
+        .await
+        .expect("write");
+    store
+        .write(t, vec![EntityOp::Delete { id: "urn:f".into() }])
+        .await
+        .expect("write");
+    let created = feed.recv().await.expect("a change");
+    assert_eq!((&*created.tenant, &*created.id), (t, "urn:f"));
+    assert_eq!(created.entity.as_deref().map(speed), Some(json!(1)));
+    let deleted = feed.recv().await.expect("a change");
+    assert_eq!(&*deleted.id, "urn:f");
+    assert!(deleted.entity.is_none());
+    // A write that fails changes nothing and publishes nothing.
+    let r = store
+        .write(t, vec![EntityOp::Delete { id: "urn:f".into() }])
+        .await
+        .expect("write");
+    assert!(r[0].is_err());
+    assert!(feed.try_recv().is_err());
+}
+
+pub async fn within_box_visits_located_entities(store: &dyn EntityStore) {
+    let t = "suite-box";
+    let loc = "https://uri.etsi.org/ngsi-ld/location";
+    let ops = vec![
+        EntityOp::Create(located("urn:in1", 2.30, 48.80)),
+        EntityOp::Create(located("urn:in2", 2.35, 48.85)),
+        EntityOp::Create(located("urn:out", 3.5, 48.85)),
+        EntityOp::Create(entity("urn:nowhere", 1)),
+    ];
+    store.write(t, ops).await.expect("write");
+    let mut seen = Vec::new();
+    store.within_box(t, loc, [2.0, 48.0, 3.0, 49.0], &mut |e, c| {
+        assert!((2.0..=3.0).contains(&c[0]) && (48.0..=49.0).contains(&c[1]));
+        seen.push(e.id.clone());
+        true
+    });
+    seen.sort();
+    assert_eq!(seen, ["urn:in1", "urn:in2"]);
+    let mut n = 0;
+    store.within_box(t, loc, [2.0, 48.0, 3.0, 49.0], &mut |_, _| {
+        n += 1;
+        false
+    });
+    assert_eq!(n, 1, "stops when the visitor says so");
+    store.within_box(
+        "suite-box-none",
+        loc,
+        [-180.0, -90.0, 180.0, 90.0],
+        &mut |_, _| panic!("an unknown tenant has no entities"),
+    );
 }
 
 pub async fn create_get_delete(store: &dyn EntityStore) {

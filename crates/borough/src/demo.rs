@@ -90,6 +90,8 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         notify_attempts: 6,
         notify_retry_ms: 500,
         mqtt_ca_file: None,
+        map_tiles: None,
+        map_attribution: None,
     };
     let listener = bind(args.http).await?;
     let running = serve::start(&serve_args, listener).await?;
@@ -117,6 +119,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
             s.created + s.existing,
             s.created
         );
+        say!("  dashboard:  {base}/");
         say!("  API:        {base}/ngsi-ld/v1/entities?type=ParkingSpot&limit=5");
         say!(
             "  free spots: {base}/ngsi-ld/v1/entities?type=ParkingSpot&q=status==%22free%22&count=true&limit=1"

@@ -39,6 +39,13 @@ pub struct ServeArgs {
     /// besides the usual public roots.
     #[arg(long, env = "BOROUGH_MQTT_CA_FILE")]
     pub mqtt_ca_file: Option<PathBuf>,
+    /// Raster tile URL template of the dashboard's map for online use, e.g.
+    /// https://tile.openstreetmap.org/{z}/{x}/{y}.png (default: an offline base layer).
+    #[arg(long, env = "BOROUGH_MAP_TILES")]
+    pub map_tiles: Option<String>,
+    /// Attribution shown with those tiles.
+    #[arg(long, env = "BOROUGH_MAP_ATTRIBUTION")]
+    pub map_attribution: Option<String>,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -68,6 +75,8 @@ pub struct Running {
     pub addr: SocketAddr,
     store: Arc<EmbeddedStore>,
     stop: tokio::sync::oneshot::Sender<()>,
+    /// Ends the dashboard's live streams, which would otherwise hold up shutdown.
+    stop_live: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_notifier: tokio::sync::oneshot::Sender<()>,
     notifier: tokio::task::JoinHandle<()>,
@@ -86,7 +95,14 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
         bench_static_bytes: args.bench_static_bytes,
         ..ApiConfig::default()
     };
-    let app = borough_api::router(store.clone(), config)?;
+    let (stop_live, live_stopped) = tokio::sync::watch::channel(false);
+    let web = borough_web::WebConfig {
+        tile_url: args.map_tiles.clone(),
+        tile_attribution: args.map_attribution.clone(),
+        stop: Some(live_stopped),
+    };
+    let app =
+        borough_api::router(store.clone(), config)?.merge(borough_web::router(store.clone(), web));
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -119,6 +135,7 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
         addr,
         store,
         stop,
+        stop_live,
         task,
         stop_notifier,
         notifier,
@@ -129,6 +146,7 @@ impl Running {
     /// Stops accepting requests, lets those in flight finish, then closes the store.
     pub async fn shutdown(self) -> Result<(), String> {
         let _ = self.stop.send(());
+        let _ = self.stop_live.send(true);
         self.task
             .await
             .map_err(|e| format!("server task failed: {e}"))?

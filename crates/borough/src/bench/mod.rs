@@ -6,6 +6,7 @@
 //! writes every figure as JSON.
 
 mod common;
+mod dashboard;
 mod entities;
 mod geo;
 mod geo_pg;
@@ -30,7 +31,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify, temporal.
+    /// Scenario to run: entities, query, geo, notify, temporal, dashboard.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -57,8 +58,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "geo" => geo::run(&opts),
         "notify" => notify::run(&opts),
         "temporal" => temporal::run(&opts),
+        "dashboard" => dashboard::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard"
         )),
     }
 }

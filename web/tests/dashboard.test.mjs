@@ -1,0 +1,198 @@
+// End-to-end tests of the dashboard in headless Chromium: a real `borough serve`
+// with a simulated city, driven through the page as an operator would.
+//
+// BOROUGH_BIN: the borough binary (required). SCREENSHOTS: where to save a PNG
+// of each view (default ../target/dashboard-screenshots).
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { launch, startServer, stopServer, simulate, until } from './lib.mjs';
+
+const BIN = process.env.BOROUGH_BIN;
+const SHOTS = resolve(process.env.SCREENSHOTS || new URL('../../target/dashboard-screenshots', import.meta.url).pathname);
+const TENANT = 'city';
+const DEVICES = Number(process.env.DEVICES || 3000);
+
+let data, server, url, sim, browser, page;
+
+async function shot(name) {
+  await page.screenshot({ path: join(SHOTS, `${name}.png`) });
+}
+
+async function ngsi(path, { method = 'GET', body, tenant = TENANT } = {}) {
+  const headers = { 'Content-Type': 'application/json' };
+  if (tenant) headers['NGSILD-Tenant'] = tenant;
+  const r = await fetch(`${url}/ngsi-ld/v1${path}`, { method, headers, body: body && JSON.stringify(body) });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+const bodyData = (key) => page.evaluate((k) => document.body.dataset[k], key);
+
+before(async () => {
+  assert.ok(BIN, 'BOROUGH_BIN must name the borough binary');
+  mkdirSync(SHOTS, { recursive: true });
+  data = mkdtempSync(join(tmpdir(), 'borough-dash-'));
+  ({ child: server, url } = await startServer(BIN, { data }));
+  sim = await simulate(BIN, url, { tenant: TENANT, devices: DEVICES, rate: 40 });
+  browser = await launch();
+  page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  page.on('pageerror', (e) => console.error('page error:', e.message));
+});
+
+after(async () => {
+  await browser?.close();
+  sim?.kill('SIGTERM');
+  await stopServer(server);
+  if (data) rmSync(data, { recursive: true, force: true });
+});
+
+test('the city loads as clusters with layers and alerts', async () => {
+  await page.goto(`${url}/?tenant=${TENANT}`);
+  await page.waitForSelector('body[data-rendered="true"]', { timeout: 15000 });
+  const clusters = await page.locator('.cluster').count();
+  assert.ok(clusters > 0, 'clusters are drawn');
+  const counts = await page.$$eval('.cluster', (els) => els.reduce((n, e) => n + Number(e.dataset.count), 0));
+  const visible = Number((await page.textContent('#kpi-visible')).replace(/,/g, ''));
+  const markers = Number(await bodyData('markers'));
+  assert.equal(counts + markers, visible, 'cluster counts and single markers add up to what is in view');
+  assert.ok(visible > DEVICES * 0.9, `most of the city is in view (${visible})`);
+  assert.equal(await page.locator('#layers li').count(), 10, 'a layer per entity type');
+  assert.match(await page.textContent('#live-text'), /Live/);
+  await shot('01-city');
+});
+
+test('a layer can be hidden', async () => {
+  const before = Number((await page.textContent('#kpi-visible')).replace(/,/g, ''));
+  await page.click('#layers li[data-type="ParkingSpot"]');
+  await until('the view without parking spots', async () => {
+    const now = Number((await page.textContent('#kpi-visible')).replace(/,/g, ''));
+    return now < before && (await page.locator('.cluster[data-types~="ParkingSpot"]').count()) === 0;
+  });
+  await page.click('#layers li[data-type="ParkingSpot"]');
+  await until('parking spots back', async () => (await page.locator('.cluster[data-types~="ParkingSpot"]').count()) > 0);
+});
+
+test('zooming in splits clusters into single markers', async () => {
+  const z0 = Number(await bodyData('zoom'));
+  // Click the largest cluster: the map zooms in on it.
+  const biggest = await page.$$eval('.cluster', (els) => {
+    let best = 0;
+    els.forEach((e, i) => { if (Number(e.dataset.count) > Number(els[best].dataset.count)) best = i; });
+    return best;
+  });
+  await page.locator('.cluster').nth(biggest).click();
+  await until('a deeper zoom', async () => Number(await bodyData('zoom')) > z0);
+  // Then to street level around a known entity.
+  const { body: meters } = await ngsi('/entities?type=ElectricityMeter&limit=1');
+  const [lon, lat] = meters[0].location.value.coordinates;
+  await page.evaluate(([la, lo]) => { window.borough.state.map.setView([la, lo], 19, { animate: false }); }, [lat, lon]);
+  await until('single markers', async () => Number(await bodyData('zoom')) === 19 && Number(await bodyData('markers')) > 0);
+  await shot('02-street-level');
+  const singles = Number(await bodyData('markers'));
+  assert.ok(singles > 0);
+});
+
+test('an entity opens with its attributes and a chart', async () => {
+  const { body: meters } = await ngsi('/entities?type=ElectricityMeter&limit=1');
+  const id = meters[0].id;
+  // Click the entity's marker on the canvas.
+  const point = await until('the meter on the map', () => page.evaluate((mid) => {
+    const m = window.borough.state.markers.get(mid);
+    if (!m) return null;
+    const p = window.borough.state.map.latLngToContainerPoint(m.getLatLng());
+    const r = document.getElementById('map').getBoundingClientRect();
+    return { x: r.left + p.x, y: r.top + p.y };
+  }, id));
+  await page.mouse.click(point.x, point.y);
+  await page.waitForSelector('body[data-panel="open"]');
+  assert.equal(await page.textContent('#panel-id'), id);
+  assert.equal(await page.textContent('#panel-type'), 'Electricity Meter');
+  assert.ok(await page.locator('#attrs tr[data-attr="activePower"]').count() === 1, 'attributes are listed');
+  await until('a chart', async () => ['history', 'live'].includes(await bodyData('chart')));
+  assert.ok(await page.locator('#chart canvas').count() > 0, 'the chart is drawn');
+  await shot('03-entity');
+});
+
+test('the chart shows the attribute history from the temporal API', async (t) => {
+  const probe = await ngsi(`/temporal/entities/${encodeURIComponent((await ngsi('/entities?type=ElectricityMeter&limit=1')).body[0].id)}?attrs=activePower&lastN=5&options=temporalValues`);
+  if (probe.status !== 200) {
+    t.skip(`pending: the temporal API answers ${probe.status} on this branch`);
+    return;
+  }
+  await page.selectOption('#chart-attr', 'activePower');
+  await until('history', async () => (await bodyData('chart')) === 'history');
+  const note = await page.textContent('#chart-note');
+  assert.match(note, /points/);
+  await shot('03b-history');
+});
+
+test('a live change arrives: an alert appears and the open panel updates', async () => {
+  const { body: lights } = await ngsi('/entities?type=Streetlight&limit=1&q=status==%22ok%22');
+  const id = lights[0].id;
+  const [lon, lat] = lights[0].location.value.coordinates;
+  await page.evaluate(([la, lo]) => { window.borough.state.map.setView([la, lo], 19, { animate: false }); }, [lat, lon]);
+  await page.evaluate((lid) => window.borough.openEntity(lid), id);
+  await page.waitForSelector('body[data-panel="open"]');
+  await until('the panel on the light', async () => (await page.textContent('#panel-id')) === id);
+  const r = await ngsi(`/entities/${encodeURIComponent(id)}/attrs`, {
+    method: 'PATCH', body: { status: { type: 'Property', value: 'defectiveLamp' } },
+  });
+  assert.equal(r.status, 204);
+  await page.waitForSelector(`#alerts li[data-id="${id}"]`, { timeout: 5000 });
+  await until('the alert banner', async () => (await page.textContent('#panel-alert')).includes('defectiveLamp'));
+  await until('the new status in the panel', async () =>
+    (await page.textContent('#attrs tr[data-attr="status"] td.v')).startsWith('defectiveLamp'));
+  await shot('04-live-alert');
+});
+
+test('device commands', { skip: 'pending: the device and command API (issue #7) is not on this branch' }, () => {});
+
+test('without its map library the page says so and the rest still works', async () => {
+  const other = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  await other.route('**/dashboard/vendor/leaflet.js', (r) => r.fulfill({ status: 404, body: '' }));
+  await other.goto(`${url}/?tenant=${TENANT}`);
+  await other.waitForSelector('body[data-state="no-map-library"]');
+  assert.match(await other.textContent('#overlay-title'), /Map library missing/);
+  await other.waitForSelector('#alerts li');
+  await other.screenshot({ path: join(SHOTS, '08-no-map-library.png') });
+  await other.close();
+});
+
+test('an unknown tenant shows a clear state', async () => {
+  await page.goto(`${url}/?tenant=nowhere`);
+  await page.waitForSelector('body[data-state="unknown-tenant"]');
+  assert.match(await page.textContent('#overlay-title'), /does not exist/);
+  await shot('05-unknown-tenant');
+});
+
+test('an empty city shows a clear state and fills in by itself', async () => {
+  await page.goto(`${url}/`);
+  await page.waitForSelector('body[data-state="empty"]');
+  assert.match(await page.textContent('#overlay-title'), /empty/);
+  await shot('06-empty-city');
+  const r = await ngsi('/entities', {
+    method: 'POST', tenant: null,
+    body: { id: 'urn:ngsi-ld:Streetlight:first', type: 'Streetlight', status: { type: 'Property', value: 'ok' },
+      location: { type: 'GeoProperty', value: { type: 'Point', coordinates: [2.35, 48.85] } } },
+  });
+  assert.equal(r.status, 201);
+  await page.waitForSelector('body[data-state="ready"]', { timeout: 10000 });
+});
+
+test('a server restart: the page shows it and reconnects by itself', async () => {
+  await page.goto(`${url}/?tenant=${TENANT}`);
+  await page.waitForSelector('body[data-live="live"]');
+  sim.kill('SIGTERM');
+  await stopServer(server);
+  await page.waitForSelector('#live[data-live="reconnecting"], #live[data-live="offline"]', { timeout: 10000 });
+  await shot('07-server-down');
+  const port = new URL(url).port;
+  ({ child: server } = await startServer(BIN, { data, http: `127.0.0.1:${port}` }));
+  await page.waitForSelector('#live[data-live="live"]', { timeout: 15000 });
+  await page.waitForSelector('body[data-state="ready"]');
+  assert.ok((await page.locator('.cluster').count()) > 0);
+});
