@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
+mod devices;
 mod notices;
 mod state;
 
@@ -154,6 +155,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     txn.open_table(notices::SUBSCRIPTIONS).map_err(io)?;
     txn.open_table(notices::OUTBOX).map_err(io)?;
     txn.open_table(notices::DEAD_LETTERS).map_err(io)?;
+    devices::create_tables(&txn)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
     txn.commit().map_err(io)?;
