@@ -451,14 +451,17 @@ impl Devices {
             results.push(made);
         }
         self.persist(changes).await?;
-        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
-        for d in ok {
-            reg.insert(Arc::new(Entry::new(
-                tenant.to_string(),
-                d,
-                self.config.rate_burst,
-            )));
+        {
+            let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+            for d in &ok {
+                reg.insert(Arc::new(Entry::new(
+                    tenant.to_string(),
+                    d.clone(),
+                    self.config.rate_burst,
+                )));
+            }
         }
+        self.add_command_attributes(tenant, &ok).await;
         Ok(results)
     }
 
@@ -499,6 +502,8 @@ impl Devices {
                 next.clone(),
                 self.config.rate_burst,
             )));
+        self.add_command_attributes(tenant, std::slice::from_ref(&next))
+            .await;
         Ok(next)
     }
 
@@ -546,6 +551,57 @@ impl Devices {
         Ok(true)
     }
 
+    /// Gives each device's entity its command attributes (empty text, as FIWARE
+    /// does), creating the entity if needed, so that an NGSI-LD PATCH of a
+    /// command attribute finds it. Attributes that exist are left alone.
+    async fn add_command_attributes(&self, tenant: &str, devices: &[Device]) {
+        let mut ops = Vec::new();
+        for d in devices {
+            let current = self.store.get(tenant, &d.entity_id);
+            let mut attrs = indexmap::IndexMap::new();
+            for c in &d.commands {
+                let iri = self.ctx.expand(c).into_owned();
+                if current.as_ref().is_some_and(|e| e.attrs.contains_key(&iri)) {
+                    continue;
+                }
+                attrs.insert(
+                    iri,
+                    vec![borough_core::Attribute {
+                        kind: borough_core::AttrKind::Property,
+                        value: serde_json::json!(""),
+                        dataset_id: None,
+                        observed_at: None,
+                        unit_code: None,
+                        object_type: None,
+                        sub: Default::default(),
+                        created_at: 0,
+                        modified_at: 0,
+                    }],
+                );
+            }
+            if attrs.is_empty() {
+                continue;
+            }
+            ops.push(EntityOp::Upsert {
+                entity: borough_core::Entity {
+                    id: d.entity_id.clone(),
+                    types: vec![self.ctx.expand(&d.entity_type).into_owned()],
+                    scopes: Vec::new(),
+                    attrs,
+                    created_at: 0,
+                    modified_at: 0,
+                },
+                replace: false,
+            });
+        }
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.write(tenant, ops).await {
+            tracing::error!(error = %e, "command attributes could not be added to device entities");
+        }
+    }
+
     /// Checks size and rate and maps a payload; counts and logs a refusal.
     pub fn prepare(
         &self,
@@ -562,6 +618,17 @@ impl Devices {
                 .map_err(IngestError::Rejected)
         };
         match &result {
+            Err(IngestError::Rejected(Rejected::NothingValid(dropped))) if !dropped.is_empty() => {
+                for d in dropped {
+                    self.metrics.reject(
+                        transport,
+                        d.reason.label(),
+                        &entry.tenant,
+                        &entry.device.id,
+                        &d.to_string(),
+                    );
+                }
+            }
             Err(e) => self.metrics.reject(
                 transport,
                 e.reason(),
