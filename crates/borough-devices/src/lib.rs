@@ -245,12 +245,10 @@ struct IngestJob {
     reply: Option<oneshot::Sender<Result<(), String>>>,
 }
 
-/// Readings waiting for the batcher; a full queue makes publishers wait.
-const INGEST_QUEUE: usize = 16_384;
+/// Messages waiting for the batcher; a full queue makes publishers wait.
+const INGEST_QUEUE: usize = 8192;
 /// Most readings the batcher puts into one store write.
-const INGEST_BATCH: usize = 8192;
-/// Store writes the batcher keeps in flight.
-const INGEST_IN_FLIGHT: usize = 4;
+const INGEST_BATCH: usize = 16_384;
 
 /// The devices layer. Cheap to share behind an `Arc`.
 pub struct Devices {
@@ -705,9 +703,10 @@ impl Devices {
 }
 
 /// Takes queued readings in batches and writes each tenant's batch with one
-/// store write, a few writes in flight at once.
+/// store write. Writes are made one after the other, so that a device's
+/// readings reach its entity in the order they were sent; the store's group
+/// commit is what makes each write large.
 async fn run_batcher(devices: Arc<Devices>, mut rx: mpsc::Receiver<IngestJob>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(INGEST_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let mut n = first.ops.len();
         let mut jobs = vec![first];
@@ -720,19 +719,15 @@ async fn run_batcher(devices: Arc<Devices>, mut rx: mpsc::Receiver<IngestJob>) {
                 Err(_) => break,
             }
         }
-        let mut by_tenant: HashMap<String, Vec<IngestJob>> = HashMap::new();
+        let mut by_tenant: Vec<(String, Vec<IngestJob>)> = Vec::new();
         for j in jobs {
-            by_tenant.entry(j.tenant.clone()).or_default().push(j);
+            match by_tenant.iter_mut().find(|(t, _)| *t == j.tenant) {
+                Some((_, list)) => list.push(j),
+                None => by_tenant.push((j.tenant.clone(), vec![j])),
+            }
         }
         for (tenant, jobs) in by_tenant {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let devices = devices.clone();
-            tokio::spawn(async move {
-                write_batch(&devices, &tenant, jobs).await;
-                drop(permit);
-            });
+            write_batch(&devices, &tenant, jobs).await;
         }
     }
 }

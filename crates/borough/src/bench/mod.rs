@@ -10,6 +10,7 @@ mod entities;
 mod geo;
 mod geo_pg;
 mod load;
+mod mqtt;
 mod notify;
 mod postgres;
 mod query;
@@ -25,7 +26,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify.
+    /// Scenario to run: entities, query, geo, notify, mqtt.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -51,8 +52,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "query" => query::run(&opts),
         "geo" => geo::run(&opts),
         "notify" => notify::run(&opts),
+        "mqtt" => mqtt::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, mqtt"
         )),
     }
 }
