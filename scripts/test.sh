@@ -56,6 +56,6 @@ log "cargo test"
 cargo test --workspace
 
 log "benchmarks, quick variant"
-for scenario in entities query geo; do
+for scenario in entities query geo mqtt; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

@@ -120,7 +120,6 @@ fn missing(id: &str) -> Problem {
 }
 
 pub fn router(devices: Arc<Devices>) -> Router {
-    let payload_limit = devices.config.max_payload_bytes;
     Router::new()
         .route("/api/v1/devices", post(create).get(list))
         .route(
@@ -134,8 +133,8 @@ pub fn router(devices: Arc<Devices>) -> Router {
         .route("/api/v1/devices/{id}/token", post(rotate))
         .route(
             "/api/v1/devices/{id}/measures",
-            // A little over the payload limit, so that the refusal is counted as such.
-            post(measures).layer(DefaultBodyLimit::max(payload_limit + 1)),
+            // The handler enforces the payload limit itself, to count refusals.
+            post(measures).layer(DefaultBodyLimit::disable()),
         )
         .route(
             "/api/v1/devices/{id}/commands",
@@ -324,9 +323,26 @@ async fn import(State(d): S, h: HeaderMap, body: Bytes) -> Res {
     ))
 }
 
-async fn measures(State(d): S, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Res {
+async fn measures(
+    State(d): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Res {
     let t = tenant(&h)?;
     let entry = device_auth(&d, &h, &t, &id)?;
+    // Read at most one byte over the limit: a larger body is refused (and
+    // counted) without being read whole.
+    let limit = d.config.max_payload_bytes;
+    let body = match axum::body::to_bytes(body, limit + 1).await {
+        Ok(b) => b,
+        Err(_) => {
+            let e = IngestError::TooLarge(limit);
+            d.metrics
+                .reject("http", e.reason(), &entry.tenant, &entry.device.id, &e.detail());
+            return Err(NgsiError::new(ProblemKind::PayloadTooLarge, e.detail()).into());
+        }
+    };
     match d.ingest("http", &entry, &body).await {
         Ok(a) => {
             let dropped: Vec<String> = a.dropped.iter().map(ToString::to_string).collect();
