@@ -118,6 +118,8 @@ type DeviceKey = (String, String);
 pub struct CommandQueue {
     by_device: Mutex<HashMap<DeviceKey, Vec<Command>>>,
     sink: RwLock<Option<Arc<dyn CommandSink>>>,
+    /// One delivery pass at a time, so that a command is not sent twice at once.
+    delivering: tokio::sync::Mutex<()>,
 }
 
 /// A request to send a command.
@@ -156,6 +158,7 @@ impl CommandQueue {
         Ok(Self {
             by_device: Mutex::new(by_device),
             sink: RwLock::new(None),
+            delivering: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -406,6 +409,7 @@ impl Devices {
         let Some(sink) = self.commands.sink() else {
             return;
         };
+        let _one_at_a_time = self.commands.delivering.lock().await;
         let now = now_micros();
         let queued: Vec<Command> = self
             .commands

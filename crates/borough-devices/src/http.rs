@@ -338,8 +338,13 @@ async fn measures(
         Ok(b) => b,
         Err(_) => {
             let e = IngestError::TooLarge(limit);
-            d.metrics
-                .reject("http", e.reason(), &entry.tenant, &entry.device.id, &e.detail());
+            d.metrics.reject(
+                "http",
+                e.reason(),
+                &entry.tenant,
+                &entry.device.id,
+                &e.detail(),
+            );
             return Err(NgsiError::new(ProblemKind::PayloadTooLarge, e.detail()).into());
         }
     };
