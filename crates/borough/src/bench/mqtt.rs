@@ -139,9 +139,18 @@ async fn publish_loop(
     mut s: TcpStream,
     topic: String,
     qos1: bool,
+    pace: Option<Duration>,
     stop: Arc<AtomicBool>,
     last: Arc<AtomicU64>,
 ) -> Result<u64, String> {
+    let mut next = Instant::now();
+    if let Some(p) = pace {
+        // Spread the devices over one interval.
+        let h = topic
+            .bytes()
+            .fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+        next += p.mul_f64((h % 1000) as f64 / 1000.0);
+    }
     let mut seq = last.load(Ordering::Relaxed);
     let mut out = BytesMut::with_capacity(2048);
     let mut inb = BytesMut::with_capacity(1024);
@@ -151,6 +160,9 @@ async fn publish_loop(
         rumqttc::QoS::AtMostOnce
     };
     let mut sent = 0u64;
+    if pace.is_some() {
+        tokio::time::sleep_until(next).await;
+    }
     while !stop.load(Ordering::Relaxed) {
         out.clear();
         let burst = if qos1 { QOS1_WINDOW } else { 1 };
@@ -178,8 +190,12 @@ async fn publish_loop(
                     Err(e) => return Err(e.to_string()),
                 }
             }
-        } else {
+        } else if pace.is_none() {
             tokio::task::yield_now().await;
+        }
+        if let Some(p) = pace {
+            next += p;
+            tokio::time::sleep_until(next).await;
         }
         sent += burst as u64;
         last.store(seq, Ordering::Relaxed);
@@ -206,11 +222,13 @@ async fn connect_all(
     Ok(out)
 }
 
-/// Runs the publishers for `duration`; returns (readings sent, elapsed of publishing).
+/// Runs the publishers for `duration` (each device every `pace`, or flat
+/// out); returns the readings sent.
 async fn run_load(
     conns: Vec<TcpStream>,
     topics: Vec<String>,
     qos1: bool,
+    pace: Option<Duration>,
     duration: Duration,
     last: &[Arc<AtomicU64>],
 ) -> Result<u64, String> {
@@ -221,6 +239,7 @@ async fn run_load(
             s,
             t,
             qos1,
+            pace,
             stop.clone(),
             l.clone(),
         )));
@@ -358,6 +377,7 @@ async fn borough_phase(
     devices: &[(String, Option<String>)],
     probes: &[(String, String)],
     qos1: bool,
+    pace: Option<Duration>,
     duration: Duration,
     last: &[Arc<AtomicU64>],
 ) -> Result<PhaseResult, String> {
@@ -377,7 +397,7 @@ async fn borough_phase(
         stop.clone(),
     ));
     let start = Instant::now();
-    let sent = run_load(conns, topics, qos1, duration, last).await?;
+    let sent = run_load(conns, topics, qos1, pace, duration, last).await?;
     stop.store(true, Ordering::Relaxed);
     let mut lat = prober.await.map_err(|e| e.to_string())??;
     let probe_readings = lat.len() as u64 + PROBES as u64;
@@ -386,10 +406,10 @@ async fn borough_phase(
     let counted = after.saturating_sub(before).min(sent + probe_readings);
     let counted = counted.saturating_sub(probe_readings.min(counted.saturating_sub(sent)));
     Ok(PhaseResult {
-        name: if qos1 {
-            "borough QoS 1"
-        } else {
-            "borough QoS 0"
+        name: match (qos1, pace.is_some()) {
+            (true, _) => "borough QoS 1",
+            (false, false) => "borough QoS 0",
+            (false, true) => "borough QoS 0, half rate",
         },
         sent,
         counted,
@@ -446,7 +466,7 @@ async fn mosquitto_phase(
         .collect();
     let last: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let start = Instant::now();
-    let sent = run_load(conns, topics, qos1, duration, &last).await?;
+    let sent = run_load(conns, topics, qos1, None, duration, &last).await?;
     // Drain: until the count stops growing.
     let mut prev = received.load(Ordering::Relaxed);
     loop {
@@ -556,10 +576,20 @@ pub fn run(opts: &Options) -> Result<(), String> {
         let mut phases = Vec::new();
         for qos1 in [false, true] {
             eprintln!("borough, QoS {}: {n} devices for {duration:?}...", u8::from(qos1));
-            phases.push(borough_phase(&server, &devices, &probes, qos1, duration, &last).await?);
+            phases.push(
+                borough_phase(&server, &devices, &probes, qos1, None, duration, &last).await?,
+            );
             // Sockets of the phase close when their tasks end; let the server see it.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        // Latency below saturation: the QoS 0 load paced at half the rate just measured.
+        let half = phases[0].rate() / 2.0;
+        let pace = Duration::from_secs_f64(n as f64 / half.max(1.0));
+        eprintln!("borough, QoS 0 paced at {} readings/s...", thousands(half));
+        phases.push(
+            borough_phase(&server, &devices, &probes, false, Some(pace), duration, &last).await?,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let (ok, checked) = verify(&base, &devices, &last).await;
         for qos1 in [false, true] {
             eprintln!("mosquitto at {mosquitto}, QoS {}...", u8::from(qos1));
@@ -571,7 +601,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let q0 = phases[0].rate();
-        let base_q0 = phases[2].rate();
+        let base_q0 = phases[3].rate();
         let targets = vec![
             Target::rate_at_least("QoS 0 end to end", q0, 100_000.0, "measurements/s"),
             Target::ratio_at_least("QoS 0 vs Mosquitto pub→sub", ratio(q0, base_q0), 1.0),
@@ -583,10 +613,10 @@ pub fn run(opts: &Options) -> Result<(), String> {
         );
         table.push_str("| phase | published | counted | counted/s | p50 | p99 | vs Mosquitto (same QoS) |\n|---|---|---|---|---|---|---|\n");
         for (i, p) in phases.iter().enumerate() {
-            let vs = if i < 2 {
-                format!("{:.2}x", ratio(p.rate(), phases[i + 2].rate()))
-            } else {
-                "baseline".into()
+            let vs = match i {
+                0 | 1 => format!("{:.2}x", ratio(p.rate(), phases[i + 3].rate())),
+                2 => "(latency phase)".into(),
+                _ => "baseline".into(),
             };
             let (p50, p99) = if p.latency.count > 0 {
                 (
