@@ -62,6 +62,6 @@ log "dashboard end-to-end tests (headless Chromium)"
 ./scripts/test-dashboard.sh
 
 log "benchmarks, quick variant"
-for scenario in entities query geo temporal dashboard; do
+for scenario in entities query geo temporal dashboard mqtt; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

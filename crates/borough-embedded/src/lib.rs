@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 mod chunk;
+mod devices;
 mod feed;
 mod history;
 mod notices;
@@ -210,6 +211,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     txn.open_table(notices::OUTBOX).map_err(io)?;
     txn.open_table(notices::DEAD_LETTERS).map_err(io)?;
     history::create_tables(&txn)?;
+    devices::create_tables(&txn)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
     txn.commit().map_err(io)?;

@@ -53,6 +53,38 @@ pub struct ImportCounts {
     pub series: u64,
 }
 
+/// Which kind of device-registry record a [`RecordChange`] concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A registered device, keyed by (tenant, device id).
+    Device,
+    /// A device command, keyed by (tenant, "{device id}/{command id}").
+    Command,
+}
+
+/// One write to the device registry: `value: None` deletes the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordChange {
+    pub kind: RecordKind,
+    pub tenant: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A stored record of the device registry: (tenant, key, serialized value).
+pub type StoredRecord = (String, String, Vec<u8>);
+
+/// Durable storage of the device registry and the command queue. Records are
+/// opaque bytes: their shape belongs to the devices layer, so a backend only
+/// has to keep them. Both calls block: run them off the async executor.
+pub trait DeviceStore: Send + Sync + 'static {
+    /// Applies every change in one transaction, durable when it returns.
+    fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError>;
+
+    /// Every record of a kind, ordered by (tenant, key).
+    fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError>;
+}
+
 /// One page of a query's results, in entity id order.
 #[derive(Debug, Default)]
 pub struct QueryPage {

@@ -2,7 +2,7 @@
 //! call [`run_all`] (and [`survives_reopen`] with a way to reopen it); a
 //! backend is done when they pass.
 
-use crate::{DEFAULT_TENANT, EntityStore};
+use crate::{DEFAULT_TENANT, DeviceStore, EntityStore, RecordChange, RecordKind};
 use borough_core::entity::parse_entity;
 use borough_core::{Context, Entity, EntityOp, OpOutcome, ProblemKind};
 use serde_json::json;
@@ -362,4 +362,65 @@ pub async fn history_follows_writes(store: &dyn EntityStore) {
         .expect("delete");
     assert_eq!(r, HistoryOutcome::Changed);
     assert!(store.history(t, "urn:h", &all).expect("read").is_none());
+}
+
+fn change(kind: RecordKind, tenant: &str, key: &str, value: Option<&str>) -> RecordChange {
+    RecordChange {
+        kind,
+        tenant: tenant.into(),
+        key: key.into(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+    }
+}
+
+/// Device and command records: written together, listed per kind in key
+/// order, replaced, deleted, and kept apart by tenant.
+pub fn device_records(store: &dyn DeviceStore) {
+    use RecordKind::{Command, Device};
+    store
+        .write_records(&[
+            change(Device, "t1", "d2", Some("two")),
+            change(Device, "t1", "d1", Some("one")),
+            change(Device, "t2", "d1", Some("other tenant")),
+            change(Command, "t1", "d1/c1", Some("cmd")),
+        ])
+        .expect("write records");
+    let devices = store.records(Device).expect("list devices");
+    let keys: Vec<(&str, &str)> = devices
+        .iter()
+        .map(|(t, k, _)| (t.as_str(), k.as_str()))
+        .collect();
+    assert_eq!(keys, [("t1", "d1"), ("t1", "d2"), ("t2", "d1")]);
+    assert_eq!(devices[2].2, b"other tenant");
+    let commands = store.records(Command).expect("list commands");
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0].2, b"cmd");
+    store
+        .write_records(&[
+            change(Device, "t1", "d1", Some("one, changed")),
+            change(Device, "t1", "d2", None),
+            change(Command, "t1", "d1/c1", None),
+            // Deleting what does not exist is not an error.
+            change(Command, "t1", "d9/c9", None),
+        ])
+        .expect("update records");
+    let devices = store.records(Device).expect("list devices");
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0].2, b"one, changed");
+    assert!(store.records(Command).expect("list commands").is_empty());
+}
+
+/// Device records written before a reopen are there after it.
+pub async fn device_records_survive_reopen<S: DeviceStore + EntityStore>(
+    store: S,
+    reopen: impl FnOnce() -> S,
+) {
+    store
+        .write_records(&[change(RecordKind::Command, "t", "d/c", Some("queued"))])
+        .expect("write");
+    store.close().await.expect("close");
+    drop(store);
+    let store = reopen();
+    let commands = store.records(RecordKind::Command).expect("list");
+    assert_eq!(commands, [("t".into(), "d/c".into(), b"queued".to_vec())]);
 }

@@ -22,6 +22,9 @@ pub struct DemoArgs {
     /// Address of the HTTP API; if its port is taken, a free one is used.
     #[arg(long, default_value = "127.0.0.1:1026")]
     pub http: SocketAddr,
+    /// Address of the embedded MQTT broker; if its port is taken, a free one is used.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt: SocketAddr,
     /// Keep the data in this directory (default: a temporary directory, removed on exit).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -92,11 +95,21 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         mqtt_ca_file: None,
         map_tiles: None,
         map_attribution: None,
+        mqtt: args.mqtt.to_string(),
+        mqtt_broker: None,
+        device_rate_limit: 50.0,
+        device_max_payload_bytes: 64 << 10,
+        command_ack_timeout_secs: 30,
+        command_attempts: 3,
     };
     let listener = bind(args.http).await?;
-    let running = serve::start(&serve_args, listener).await?;
+    let mqtt = bind(args.mqtt).await?;
+    let running = serve::start(&serve_args, listener, Some(mqtt)).await?;
     let base = format!("http://{}", running.addr);
     say!("listening on {base}");
+    if let Some(a) = running.mqtt_addr {
+        say!("mqtt listening on {a} (devices: {base}/api/v1/devices)");
+    }
     say!("Borough demo: data in {}", data.display());
     say!(
         "provisioning a simulated city of {} devices...",

@@ -46,6 +46,25 @@ pub struct ServeArgs {
     /// Attribution shown with those tiles.
     #[arg(long, env = "BOROUGH_MAP_ATTRIBUTION")]
     pub map_attribution: Option<String>,
+    /// Address of the embedded MQTT broker for devices, or `off`.
+    #[arg(long, env = "BOROUGH_MQTT", default_value = "0.0.0.0:1883")]
+    pub mqtt: String,
+    /// Use this external MQTT broker (mqtt://host:port) for devices instead
+    /// of the embedded one.
+    #[arg(long, env = "BOROUGH_MQTT_BROKER")]
+    pub mqtt_broker: Option<String>,
+    /// Messages per second each device may send (a burst of twice as many is allowed).
+    #[arg(long, env = "BOROUGH_DEVICE_RATE_LIMIT", default_value_t = 50.0)]
+    pub device_rate_limit: f64,
+    /// Largest device measurement payload, in bytes.
+    #[arg(long, env = "BOROUGH_DEVICE_MAX_PAYLOAD_BYTES", default_value_t = 64 << 10)]
+    pub device_max_payload_bytes: usize,
+    /// Seconds to wait for a device to acknowledge a command before sending it again.
+    #[arg(long, env = "BOROUGH_COMMAND_ACK_TIMEOUT_SECS", default_value_t = 30)]
+    pub command_ack_timeout_secs: u64,
+    /// Deliveries of a command before it fails.
+    #[arg(long, env = "BOROUGH_COMMAND_ATTEMPTS", default_value_t = 3)]
+    pub command_attempts: u32,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -73,6 +92,9 @@ pub fn init_logging(level: &str) -> Result<(), String> {
 /// A running server: the store, the bound address and the task serving HTTP.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The embedded MQTT broker's address, when it runs.
+    pub mqtt_addr: Option<SocketAddr>,
+    stop_mqtt: tokio::sync::watch::Sender<bool>,
     store: Arc<EmbeddedStore>,
     stop: tokio::sync::oneshot::Sender<()>,
     /// Ends the dashboard's live streams, which would otherwise hold up shutdown.
@@ -82,8 +104,37 @@ pub struct Running {
     notifier: tokio::task::JoinHandle<()>,
 }
 
-/// Opens the store and starts serving on `listener`.
-pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Result<Running, String> {
+/// Where the embedded MQTT broker should listen, if it runs at all.
+pub fn mqtt_addr(args: &ServeArgs) -> Result<Option<SocketAddr>, String> {
+    if args.mqtt_broker.is_some() || args.mqtt.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    args.mqtt
+        .parse()
+        .map(Some)
+        .map_err(|_| format!("--mqtt '{}' is not an address (or 'off')", args.mqtt))
+}
+
+/// Binds the embedded MQTT broker's address, with a one-line error if taken.
+pub async fn bind_mqtt(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "cannot listen for MQTT on {addr}: the port is taken (another MQTT broker?); \
+                 use --mqtt ADDR, --mqtt off, or --mqtt-broker mqtt://HOST:PORT"
+            )
+        } else {
+            format!("cannot listen for MQTT on {addr}: {e}")
+        }
+    })
+}
+
+/// Opens the store and starts serving on `listener` (and MQTT on `mqtt`).
+pub async fn start(
+    args: &ServeArgs,
+    listener: tokio::net::TcpListener,
+    mqtt: Option<tokio::net::TcpListener>,
+) -> Result<Running, String> {
     let store = Arc::new(
         EmbeddedStore::open(&args.data)
             .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
@@ -101,8 +152,51 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
         tile_attribution: args.map_attribution.clone(),
         stop: Some(live_stopped),
     };
-    let app =
-        borough_api::router(store.clone(), config)?.merge(borough_web::router(store.clone(), web));
+    let devices = borough_devices::Devices::start(
+        store.clone(),
+        store.clone(),
+        borough_devices::DevicesConfig {
+            rate_limit: args.device_rate_limit,
+            rate_burst: (args.device_rate_limit * 2.0).max(1.0),
+            max_payload_bytes: args.device_max_payload_bytes,
+            ack_timeout: Duration::from_secs(args.command_ack_timeout_secs),
+            max_attempts: args.command_attempts.max(1),
+            ..borough_devices::DevicesConfig::default()
+        },
+    )?;
+    // The API writes through the command hook: a PATCH of a command attribute sends it.
+    let api_store: Arc<dyn EntityStore> = Arc::new(borough_devices::store::CommandingStore::new(
+        devices.clone(),
+    ));
+    let app = borough_api::router(api_store, config)?
+        .merge(borough_devices::http::router(devices.clone()))
+        .merge(borough_web::router(store.clone(), web))
+        .layer(axum::middleware::from_fn_with_state(
+            devices.clone(),
+            append_device_metrics,
+        ));
+    let (stop_mqtt, mqtt_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut mqtt_addr = None;
+    if let Some(l) = mqtt {
+        mqtt_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let broker = borough_devices::broker::Broker::new(
+            devices.clone(),
+            borough_devices::broker::BrokerConfig::default(),
+        );
+        tokio::spawn(broker.serve(l, stopped(mqtt_stopped.clone())));
+    }
+    if let Some(url) = &args.mqtt_broker {
+        borough_devices::external::parse_url(url)?;
+        let (devices, url, stop) = (devices.clone(), url.clone(), stopped(mqtt_stopped));
+        tokio::spawn(async move {
+            if let Err(e) = borough_devices::external::run(devices, &url, stop).await {
+                tracing::error!(error = %e, "the external MQTT broker connection stopped");
+            }
+        });
+    }
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -133,6 +227,8 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
     tracing::info!(%addr, data = %args.data.display(), "borough is serving");
     Ok(Running {
         addr,
+        mqtt_addr,
+        stop_mqtt,
         store,
         stop,
         stop_live,
@@ -145,6 +241,7 @@ pub async fn start(args: &ServeArgs, listener: tokio::net::TcpListener) -> Resul
 impl Running {
     /// Stops accepting requests, lets those in flight finish, then closes the store.
     pub async fn shutdown(self) -> Result<(), String> {
+        let _ = self.stop_mqtt.send(true);
         let _ = self.stop.send(());
         let _ = self.stop_live.send(true);
         self.task
@@ -166,12 +263,19 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.http))?;
-    let running = start(&args, listener).await?;
-    // One line on stdout that scripts and tests can wait for.
+    let mqtt = match mqtt_addr(&args)? {
+        Some(a) => Some(bind_mqtt(a).await?),
+        None => None,
+    };
+    let running = start(&args, listener, mqtt).await?;
+    // Lines on stdout that scripts and tests can wait for.
     {
         use std::io::Write as _;
         // A closed stdout must not stop the server.
         let _ = writeln!(std::io::stdout(), "listening on http://{}", running.addr);
+        if let Some(a) = running.mqtt_addr {
+            let _ = writeln!(std::io::stdout(), "mqtt listening on {a}");
+        }
     }
     shutdown_signal().await;
     running.shutdown().await
@@ -197,4 +301,23 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// Appends the devices layer's counters to `GET /metrics`.
+async fn append_device_metrics(
+    axum::extract::State(devices): axum::extract::State<Arc<borough_devices::Devices>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let is_metrics = request.uri().path() == "/metrics";
+    let response = next.run(request).await;
+    if !is_metrics || !response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(mut bytes) = axum::body::to_bytes(body, 64 << 20).await.map(Vec::from) else {
+        return axum::response::Response::from_parts(parts, axum::body::Body::empty());
+    };
+    bytes.extend(devices.metrics.render());
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
 }

@@ -18,6 +18,8 @@ fn start(data: &Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
         .args([
             "serve",
+            "--mqtt",
+            "off",
             "--http",
             "127.0.0.1:0",
             "--log-level",

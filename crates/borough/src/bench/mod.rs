@@ -11,6 +11,7 @@ mod entities;
 mod geo;
 mod geo_pg;
 mod load;
+mod mqtt;
 mod notify;
 mod postgres;
 mod query;
@@ -31,7 +32,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify, temporal, dashboard.
+    /// Scenario to run: entities, query, geo, notify, temporal, dashboard, mqtt.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -59,8 +60,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "notify" => notify::run(&opts),
         "temporal" => temporal::run(&opts),
         "dashboard" => dashboard::run(&opts),
+        "mqtt" => mqtt::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard, mqtt"
         )),
     }
 }

@@ -230,7 +230,14 @@ fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, Stri
     let mut command = Command::new(&exe);
     command
         .arg("serve")
-        .args(["--http", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "--mqtt",
+            "off",
+        ])
         .arg("--data")
         .arg(data);
     if let Some(bytes) = static_bytes {

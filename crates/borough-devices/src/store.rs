@@ -1,0 +1,269 @@
+//! The entity store as the NGSI-LD API sees it when devices are on: every
+//! call goes to the real store, and a committed write that sets a command
+//! attribute of a device's entity (`PATCH …/attrs/open`, as FIWARE users
+//! expect) queues that command. The devices layer's own writes (readings,
+//! command status) bypass this wrapper, so they never trigger commands.
+
+use crate::Devices;
+use crate::commands::CommandInput;
+use borough_core::query::EntityQuery;
+use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
+use borough_core::temporal::{
+    EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
+};
+use borough_core::{Entity, EntityOp};
+use borough_store::{
+    EntityChange, EntityStore, GeoBox, ImportCounts, Notice, QueryPage, StoreError, WriteResults,
+};
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub struct CommandingStore {
+    inner: Arc<dyn EntityStore>,
+    devices: Arc<Devices>,
+}
+
+impl CommandingStore {
+    pub fn new(devices: Arc<Devices>) -> Self {
+        Self {
+            inner: devices.store().clone(),
+            devices,
+        }
+    }
+}
+
+/// (op index, device id, command name, value) of every command an op sets.
+fn command_triggers(
+    devices: &Devices,
+    tenant: &str,
+    ops: &[EntityOp],
+) -> Vec<(usize, String, String, Value)> {
+    let mut out = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Some(entry) = devices.device_for_entity(tenant, op.entity_id()) else {
+            continue;
+        };
+        if entry.device.commands.is_empty() {
+            continue;
+        }
+        let mut set: Vec<(&str, Value)> = Vec::new();
+        match op {
+            EntityOp::Create(e) | EntityOp::Replace(e) | EntityOp::Upsert { entity: e, .. } => {
+                for (name, list) in &e.attrs {
+                    if let Some(a) = list.first() {
+                        set.push((name, a.value.clone()));
+                    }
+                }
+            }
+            EntityOp::Merge { patch: f, .. }
+            | EntityOp::Append { frag: f, .. }
+            | EntityOp::Update { frag: f, .. } => {
+                for (name, list) in &f.attrs {
+                    if let Some(p) = list.as_ref().and_then(|l| l.first()) {
+                        set.push((name, p.value.clone().unwrap_or(Value::Null)));
+                    }
+                }
+            }
+            EntityOp::PatchAttr { attr, patch, .. } | EntityOp::ReplaceAttr { attr, patch, .. } => {
+                set.push((attr, patch.value.clone().unwrap_or(Value::Null)));
+            }
+            EntityOp::DeleteAttr { .. } | EntityOp::Delete { .. } => {}
+        }
+        for (iri, value) in set {
+            if let Some(cmd) = entry
+                .device
+                .commands
+                .iter()
+                .find(|c| devices.ctx.expand(c) == iri)
+            {
+                out.push((i, entry.device.id.clone(), cmd.clone(), value));
+            }
+        }
+    }
+    out
+}
+
+impl EntityStore for CommandingStore {
+    fn get(&self, tenant: &str, id: &str) -> Option<Arc<Entity>> {
+        self.inner.get(tenant, id)
+    }
+    fn tenant_exists(&self, tenant: &str) -> bool {
+        self.inner.tenant_exists(tenant)
+    }
+    fn tenants(&self) -> Vec<String> {
+        self.inner.tenants()
+    }
+    fn entity_count(&self, tenant: &str) -> usize {
+        self.inner.entity_count(tenant)
+    }
+    fn scan(&self, tenant: &str, visit: &mut dyn FnMut(&Arc<Entity>) -> bool) {
+        self.inner.scan(tenant, visit)
+    }
+    fn query(
+        &self,
+        tenant: &str,
+        query: &EntityQuery,
+        offset: usize,
+        limit: usize,
+        count: bool,
+    ) -> QueryPage {
+        self.inner.query(tenant, query, offset, limit, count)
+    }
+    fn type_counts(&self, tenant: &str) -> Vec<(String, usize)> {
+        self.inner.type_counts(tenant)
+    }
+    fn attribute_counts(&self, tenant: &str) -> Vec<(String, usize)> {
+        self.inner.attribute_counts(tenant)
+    }
+
+    fn write(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
+        let triggers = command_triggers(&self.devices, tenant, &ops);
+        let write = self.inner.write(tenant, ops);
+        if triggers.is_empty() {
+            return write;
+        }
+        let devices = self.devices.clone();
+        let tenant = tenant.to_string();
+        Box::pin(async move {
+            let results = write.await?;
+            for (i, device, name, value) in triggers {
+                if !results.get(i).is_some_and(Result::is_ok) {
+                    continue;
+                }
+                let input = CommandInput {
+                    name,
+                    value,
+                    ..CommandInput::default()
+                };
+                if let Err(e) = devices.send_command(&tenant, &device, input).await {
+                    tracing::error!(error = %e.detail, device, "a command set through NGSI-LD was not queued");
+                }
+            }
+            Ok(results)
+        })
+    }
+
+    fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_context(id, doc)
+    }
+    fn delete_context(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete_context(id)
+    }
+    fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.contexts()
+    }
+    fn put_subscription(
+        &self,
+        tenant: &str,
+        record: SubscriptionRecord,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.put_subscription(tenant, record)
+    }
+    fn delete_subscription(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.inner.delete_subscription(tenant, id)
+    }
+    fn subscription(&self, tenant: &str, id: &str) -> Option<Arc<CompiledSubscription>> {
+        self.inner.subscription(tenant, id)
+    }
+    fn subscriptions(&self, tenant: &str) -> Vec<Arc<CompiledSubscription>> {
+        self.inner.subscriptions(tenant)
+    }
+    fn all_subscriptions(&self) -> Vec<(String, Arc<CompiledSubscription>)> {
+        self.inner.all_subscriptions()
+    }
+    fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+        self.inner.pending_notices(after, limit)
+    }
+    fn notices_done(
+        &self,
+        notices: Vec<(u64, Notice)>,
+        dead: Option<String>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.notices_done(notices, dead)
+    }
+    fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<(Notice, String)>, StoreError> {
+        self.inner.dead_letters(tenant, id)
+    }
+    fn notice_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.notice_watch()
+    }
+    fn record_delivery(
+        &self,
+        tenant: &str,
+        id: &str,
+        notices: u64,
+        at: i64,
+        error: Option<String>,
+    ) {
+        self.inner.record_delivery(tenant, id, notices, at, error)
+    }
+    fn stats(&self, tenant: &str, id: &str) -> Stats {
+        self.inner.stats(tenant, id)
+    }
+    fn within_box(
+        &self,
+        tenant: &str,
+        geoproperty: &str,
+        bbox: GeoBox,
+        visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
+    ) {
+        self.inner.within_box(tenant, geoproperty, bbox, visit)
+    }
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<EntityChange> {
+        self.inner.changes()
+    }
+    fn history(
+        &self,
+        tenant: &str,
+        id: &str,
+        request: &HistoryRequest,
+    ) -> Result<Option<EntityHistory>, StoreError> {
+        self.inner.history(tenant, id, request)
+    }
+    fn history_entities(
+        &self,
+        tenant: &str,
+        types: Option<&[String]>,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.inner.history_entities(tenant, types)
+    }
+    fn write_history(
+        &self,
+        tenant: &str,
+        op: HistoryOp,
+    ) -> BoxFuture<'static, Result<HistoryOutcome, StoreError>> {
+        self.inner.write_history(tenant, op)
+    }
+    fn import_history(
+        &self,
+        tenant: &str,
+        series: Vec<ImportSeries>,
+    ) -> BoxFuture<'static, Result<ImportCounts, StoreError>> {
+        self.inner.import_history(tenant, series)
+    }
+    fn set_retention(
+        &self,
+        tenant: &str,
+        retention: Retention,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.set_retention(tenant, retention)
+    }
+    fn retention(&self, tenant: &str) -> Result<Retention, StoreError> {
+        self.inner.retention(tenant)
+    }
+    fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
+        self.inner.maintain_history()
+    }
+    fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.inner.close()
+    }
+}
