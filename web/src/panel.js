@@ -2,7 +2,7 @@
 // (NGSI-LD temporal API), the entity's alert, and its commands when it has any.
 
 import { ngsi, HttpError } from './api.js';
-import { commandsOf } from './commands.js';
+import { commandsOf, forgetDevices, sendCommand } from './commands.js';
 
 const UNITS = {
   CEL: '°C', C62: '', KWT: 'kW', KWH: 'kWh', MQH: 'm³/h', MTQ: 'm³', GQ: 'µg/m³', MTS: 'm/s',
@@ -79,6 +79,7 @@ export class EntityPanel {
     $('chart').innerHTML = '';
     $('chart-note').textContent = '';
     document.body.dataset.panel = 'loading';
+    forgetDevices();
     await this.refresh(true);
   }
 
@@ -164,13 +165,36 @@ export class EntityPanel {
     $('attrs').replaceChildren(...rows);
   }
 
-  renderCommands(e) {
-    const cmds = commandsOf(e);
+  async renderCommands(e) {
+    const id = this.id;
+    const cmds = await commandsOf(this.tenant, e);
+    if (id !== this.id) return;
     $('commands-section').hidden = cmds.length === 0;
     $('commands').replaceChildren(...cmds.map((c) => {
       const li = document.createElement('li');
       li.dataset.command = c.name;
-      li.textContent = `${c.name}: ${c.status ?? 'unknown'}`;
+      li.dataset.status = c.status ?? 'none';
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.textContent = c.name;
+      const status = document.createElement('span');
+      status.className = `cmd-status ${c.status ?? 'none'}`;
+      status.textContent = c.status ? `${c.status}${c.info ? ` · ${c.info}` : ''}` : 'not sent yet';
+      button.addEventListener('click', async () => {
+        button.disabled = true;
+        try {
+          const sent = await sendCommand(this.tenant, c.device, c.name);
+          li.dataset.status = sent?.status ?? 'queued';
+          status.className = `cmd-status ${li.dataset.status}`;
+          status.textContent = li.dataset.status;
+        } catch (err) {
+          status.className = 'cmd-status failed';
+          status.textContent = `not sent: ${err.message}`;
+        } finally {
+          button.disabled = false;
+        }
+      });
+      li.append(button, status);
       return li;
     }));
   }

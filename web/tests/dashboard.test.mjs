@@ -149,7 +149,42 @@ test('a live change arrives: an alert appears and the open panel updates', async
   await shot('04-live-alert');
 });
 
-test('device commands', { skip: 'pending: the device and command API (issue #7) is not on this branch' }, () => {});
+test('a command sent from the panel follows the device: queued, sent, acknowledged', async () => {
+  // A streetlight gets a controller device with a `switch` command.
+  const { body: lights } = await ngsi('/entities?type=Streetlight&limit=1&offset=3');
+  const id = lights[0].id;
+  const reg = await fetch(`${url}/api/v1/devices`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'NGSILD-Tenant': TENANT },
+    body: JSON.stringify({ id: 'lamp-controller-1', entityId: id, entityType: 'Streetlight', commands: ['switch'] }),
+  });
+  assert.equal(reg.status, 201, await reg.clone().text());
+  const { token } = await reg.json();
+  await page.evaluate((lid) => window.borough.openEntity(lid), id);
+  await until('the panel on the light', async () => (await page.textContent('#panel-id')) === id);
+  const button = page.locator('#commands li[data-command="switch"] button');
+  await button.waitFor({ timeout: 15000 });
+  assert.equal(await page.textContent('#commands li[data-command="switch"] .cmd-status'), 'not sent yet');
+  await button.click();
+  // The device is offline: the command waits, queued, and the entity says so.
+  await until('queued', async () => (await page.getAttribute('#commands li[data-command="switch"]', 'data-status')) === 'queued');
+  await shot('05-command-queued');
+  // The device picks it up over HTTP and acknowledges it.
+  const auth = { Authorization: `Bearer ${token}`, 'NGSILD-Tenant': TENANT };
+  const pending = await (await fetch(`${url}/api/v1/devices/lamp-controller-1/commands/pending`, { headers: auth })).json();
+  assert.equal(pending.length, 1);
+  assert.equal(pending[0].name, 'switch');
+  await until('sent, live on the panel', async () =>
+    (await page.getAttribute('#commands li[data-command="switch"]', 'data-status')) === 'sent');
+  const ack = await fetch(`${url}/api/v1/devices/lamp-controller-1/commands/${pending[0].id}/ack`, {
+    method: 'POST', headers: { ...auth, 'Content-Type': 'application/json' }, body: JSON.stringify({ status: 'ok', info: 'lamp on' }),
+  });
+  assert.ok(ack.ok, await ack.text());
+  await until('acknowledged, live on the panel', async () =>
+    (await page.getAttribute('#commands li[data-command="switch"]', 'data-status')) === 'acknowledged');
+  assert.match(await page.textContent('#commands li[data-command="switch"] .cmd-status'), /acknowledged/);
+  await shot('05b-command-acknowledged');
+});
 
 test('without its map library the page says so and the rest still works', async () => {
   const other = await browser.newPage({ viewport: { width: 1600, height: 900 } });

@@ -20,7 +20,7 @@ export async function launch() {
 /** Starts `borough serve` and resolves with its base URL once it prints `listening on`. */
 export function startServer(bin, { data, http = '127.0.0.1:0', env = {} }) {
   return new Promise((resolve, reject) => {
-    const child = spawn(bin, ['serve', '--http', http, '--data', data, '--log-level', 'warn'], {
+    const child = spawn(bin, ['serve', '--http', http, '--data', data, '--log-level', 'warn', '--mqtt', 'off'], {
       stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env },
     });
     let out = '';
