@@ -52,6 +52,9 @@ ensure_mosquitto
 log "PostGIS for the geo benchmark baseline"
 ./scripts/setup-postgis.sh
 
+log "VictoriaMetrics for the temporal benchmark baseline"
+./scripts/setup-victoria-metrics.sh >/dev/null
+
 log "cargo test"
 cargo test --workspace
 
@@ -59,6 +62,6 @@ log "dashboard end-to-end tests (headless Chromium)"
 ./scripts/test-dashboard.sh
 
 log "benchmarks, quick variant"
-for scenario in entities query geo dashboard; do
+for scenario in entities query geo temporal dashboard; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

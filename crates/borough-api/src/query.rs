@@ -8,7 +8,7 @@ use crate::problem::ApiResult;
 use crate::request::{ResponseType, link_context, list_param, negotiate};
 use crate::{AppState, SharedState};
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{OriginalUri, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::Response;
 use borough_core::entity::render_feature;
@@ -242,7 +242,7 @@ pub(crate) fn query_from_params(
 pub async fn query_entities(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, true)?;
@@ -269,7 +269,7 @@ pub async fn query_entities(
 pub async fn query_post(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {

@@ -18,7 +18,7 @@ use crate::query::{Paging, paging, projection, query_from_body, query_from_param
 use crate::request::{ResponseType, link_context, negotiate, tenant};
 use crate::{SharedState, typed_json_response};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use borough_core::entity::{ParseMode, parse_attribute};
@@ -38,6 +38,8 @@ type Params = Query<HashMap<String, String>>;
 
 /// Most instances (or aggregation buckets) returned per attribute.
 pub const MAX_INSTANCES: usize = 10_000;
+/// Most instances (or buckets) per attribute in one temporal query answer, over all its entities.
+const MAX_RESPONSE_INSTANCES: usize = 1_000_000;
 /// Most instances in one temporal create/append body.
 const MAX_BODY_INSTANCES: usize = 100_000;
 
@@ -455,7 +457,14 @@ async fn query_and_respond(
     let page_ids: Vec<String> = ids.into_iter().skip(page.offset).take(page.limit).collect();
     let has_next = page.offset + page_ids.len() < total;
     let wanted_attrs = tp.request.attrs.is_some();
-    let histories = read_histories(state, tenant, page_ids, tp.request.clone()).await?;
+    // A page of many entities gets fewer instances each: the answer stays bounded.
+    let mut request = tp.request.clone();
+    request.max_instances =
+        (MAX_RESPONSE_INSTANCES / page_ids.len().max(1)).clamp(100, MAX_INSTANCES);
+    if let Some(n) = request.last_n {
+        request.last_n = Some(n.min(request.max_instances));
+    }
+    let histories = read_histories(state, tenant, page_ids, request).await?;
     let mut truncated: Option<(i64, i64)> = None;
     let mut list = Vec::with_capacity(histories.len());
     for h in &histories {
@@ -479,7 +488,7 @@ async fn query_and_respond(
 pub async fn query_get(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
@@ -500,7 +509,7 @@ pub async fn query_get(
 pub async fn query_post(
     State(state): State<SharedState>,
     Query(params): Params,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {

@@ -17,6 +17,44 @@ const NUMERIC: u8 = 1;
 const GENERIC: u8 = 2;
 const HAS_OBSERVED: u8 = 1;
 const ALL_INTEGERS: u8 = 2;
+/// Values are stored as integers scaled by a power of ten (a byte after the unit says which).
+const DECIMAL: u8 = 4;
+/// Most decimal places tried.
+const MAX_DECIMALS: i32 = 6;
+
+/// The fewest decimal places (0..=6) with which every value is exactly
+/// `n / 10^k` for an integer n, if any: such values compress far better as
+/// integers (sensors report fixed decimals) and decode to the same f64.
+fn decimal_places(values: &[f64]) -> Option<i32> {
+    (0..=MAX_DECIMALS).find(|&k| {
+        let scale = 10f64.powi(k);
+        values.iter().all(|&v| {
+            let n = (v * scale).round();
+            n.abs() < 9e15 && n / scale == v
+        })
+    })
+}
+
+fn scaled(values: &[f64], k: i32) -> Vec<i64> {
+    let scale = 10f64.powi(k);
+    values.iter().map(|&v| (v * scale).round() as i64).collect()
+}
+
+/// Reads the value column: f64, or integers scaled by `10^decimals`.
+fn read_values(section: &[u8], decimals: Option<i32>) -> Option<Vec<f64>> {
+    match decimals {
+        None => decompress::<f64>(section),
+        Some(k) => {
+            let scale = 10f64.powi(k);
+            Some(
+                decompress::<i64>(section)?
+                    .into_iter()
+                    .map(|n| n as f64 / scale)
+                    .collect(),
+            )
+        }
+    }
+}
 
 /// One instance as a chunk holds it: (time key, sequence number, the attribute).
 pub type Row = (i64, u64, Attribute);
@@ -166,24 +204,19 @@ pub fn encode(rows: &[Row]) -> Result<(Vec<u8>, ChunkMeta), String> {
     }
     let mut out = Vec::new();
     if let Some((has_observed, all_integers, unit)) = numeric_shape(rows) {
-        out.push(NUMERIC);
-        out.push(
-            if has_observed { HAS_OBSERVED } else { 0 }
-                | if all_integers { ALL_INTEGERS } else { 0 },
-        );
-        put_section(&mut out, unit.unwrap_or("").as_bytes());
-        out.push(u8::from(unit.is_some()));
-        let at: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let seq: Vec<u64> = rows.iter().map(|r| r.1).collect();
-        let written: Vec<i64> = rows.iter().map(|r| r.2.modified_at).collect();
-        let values: Vec<f64> = rows
-            .iter()
-            .map(|r| r.2.value.as_f64().unwrap_or(0.0))
-            .collect();
-        put_section(&mut out, &compress(&at)?);
-        put_section(&mut out, &compress(&seq)?);
-        put_section(&mut out, &compress(&written)?);
-        put_section(&mut out, &compress(&values)?);
+        let columns = NumericColumns {
+            has_observed,
+            all_integers,
+            unit,
+            at: &rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            seq: &rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            written: &rows.iter().map(|r| r.2.modified_at).collect::<Vec<_>>(),
+            values: &rows
+                .iter()
+                .map(|r| r.2.value.as_f64().unwrap_or(0.0))
+                .collect::<Vec<_>>(),
+        };
+        out = columns.encode()?;
     } else {
         out.push(GENERIC);
         let json = serde_json::to_vec(rows).map_err(|e| e.to_string())?;
@@ -214,22 +247,56 @@ pub fn encode_numeric(
     };
     let seq: Vec<u64> = (seq0..seq0 + at.len() as u64).collect();
     let written = vec![written; at.len()];
-    let mut out = vec![
-        NUMERIC,
-        HAS_OBSERVED | if all_integers { ALL_INTEGERS } else { 0 },
-    ];
-    put_section(&mut out, b"");
-    out.push(0);
-    put_section(&mut out, &compress(at)?);
-    put_section(&mut out, &compress(&seq)?);
-    put_section(&mut out, &compress(&written)?);
-    put_section(&mut out, &compress(values)?);
-    Ok((out, meta))
+    let columns = NumericColumns {
+        has_observed: true,
+        all_integers,
+        unit: None,
+        at,
+        seq: &seq,
+        written: &written,
+        values,
+    };
+    Ok((columns.encode()?, meta))
+}
+
+/// The parts of a numeric chunk before compression.
+struct NumericColumns<'a> {
+    has_observed: bool,
+    all_integers: bool,
+    unit: Option<&'a str>,
+    at: &'a [i64],
+    seq: &'a [u64],
+    written: &'a [i64],
+    values: &'a [f64],
+}
+
+impl NumericColumns<'_> {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let decimals = decimal_places(self.values);
+        let flags = if self.has_observed { HAS_OBSERVED } else { 0 }
+            | if self.all_integers { ALL_INTEGERS } else { 0 }
+            | if decimals.is_some() { DECIMAL } else { 0 };
+        let mut out = vec![NUMERIC, flags];
+        put_section(&mut out, self.unit.unwrap_or("").as_bytes());
+        out.push(u8::from(self.unit.is_some()));
+        if let Some(k) = decimals {
+            out.push(k as u8);
+        }
+        put_section(&mut out, &compress(self.at)?);
+        put_section(&mut out, &compress(self.seq)?);
+        put_section(&mut out, &compress(self.written)?);
+        match decimals {
+            Some(k) => put_section(&mut out, &compress(&scaled(self.values, k))?),
+            None => put_section(&mut out, &compress(self.values)?),
+        }
+        Ok(out)
+    }
 }
 
 struct NumericHeader<'a> {
     has_observed: bool,
     all_integers: bool,
+    decimals: Option<i32>,
     unit: Option<&'a str>,
     rest: &'a [u8],
 }
@@ -241,10 +308,20 @@ fn numeric_header(b: &[u8]) -> Option<NumericHeader<'_>> {
     }
     let (&flags, mut rest) = rest.split_first()?;
     let unit = take_section(&mut rest)?;
-    let (&has_unit, rest) = rest.split_first()?;
+    let (&has_unit, mut rest) = rest.split_first()?;
+    let mut decimals = None;
+    if flags & DECIMAL != 0 {
+        let (&k, tail) = rest.split_first()?;
+        if i32::from(k) > MAX_DECIMALS {
+            return None;
+        }
+        decimals = Some(i32::from(k));
+        rest = tail;
+    }
     Some(NumericHeader {
         has_observed: flags & HAS_OBSERVED != 0,
         all_integers: flags & ALL_INTEGERS != 0,
+        decimals,
         unit: (has_unit == 1)
             .then(|| std::str::from_utf8(unit).ok())
             .flatten(),
@@ -259,7 +336,7 @@ pub fn columns(b: &[u8]) -> Option<Columns> {
     let at = decompress::<i64>(take_section(&mut rest)?)?;
     let _seq = take_section(&mut rest)?;
     let written = decompress::<i64>(take_section(&mut rest)?)?;
-    let values = decompress::<f64>(take_section(&mut rest)?)?;
+    let values = read_values(take_section(&mut rest)?, h.decimals)?;
     (at.len() == written.len() && at.len() == values.len()).then_some(Columns {
         at,
         written,
@@ -280,7 +357,7 @@ pub fn decode(b: &[u8]) -> Option<Vec<Row>> {
             let at = decompress::<i64>(take_section(&mut rest)?)?;
             let seq = decompress::<u64>(take_section(&mut rest)?)?;
             let written = decompress::<i64>(take_section(&mut rest)?)?;
-            let values = decompress::<f64>(take_section(&mut rest)?)?;
+            let values = read_values(take_section(&mut rest)?, h.decimals)?;
             if seq.len() != at.len() || written.len() != at.len() || values.len() != at.len() {
                 return None;
             }
@@ -363,6 +440,33 @@ mod tests {
         let cols = columns(&bytes).unwrap();
         assert_eq!(cols.values.len(), 4096);
         assert_eq!(ChunkMeta::decode(&meta.encode()), Some(meta));
+    }
+
+    #[test]
+    fn fixed_decimals_are_stored_as_scaled_integers_and_read_back_exactly() {
+        let values = [21.3, -0.1, 0.3, 1e-6, 7.0];
+        assert_eq!(decimal_places(&values), Some(6));
+        assert_eq!(decimal_places(&[21.3, 19.95]), Some(2));
+        assert_eq!(
+            decimal_places(&[0.1 + 0.2]),
+            None,
+            "0.30000000000000004 has no short form"
+        );
+        let rows: Vec<Row> = [21.3, 21.4, 0.1 + 0.2, 19.9]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| num(i as i64, i as u64, Value::from(*v), true))
+            .collect();
+        for part in [&rows[..2], &rows[..]] {
+            let (bytes, _) = encode(part).unwrap();
+            let back: Vec<Value> = decode(&bytes)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.2.value)
+                .collect();
+            let sent: Vec<Value> = part.iter().map(|r| r.2.value.clone()).collect();
+            assert_eq!(back, sent);
+        }
     }
 
     #[test]

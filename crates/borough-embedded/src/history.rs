@@ -4,9 +4,11 @@
 //! datasetId), numbered. New instances are written as *hot* rows keyed by
 //! (series, time key, sequence number) in the same redb transaction as the
 //! entity change that made them, so an acknowledged write has its history.
-//! When a series has [`SEAL_AT`] hot rows, or its oldest is older than
-//! [`SEAL_AGE_MICROS`], the rows are sealed into a compressed chunk
-//! (crate::chunk) with an index entry; bulk imports write chunks directly.
+//! When a series has [`SEAL_AT`] hot rows, or at least [`SEAL_OLD_MIN`] of
+//! which the oldest is older than [`SEAL_AGE_MICROS`], the rows are sealed
+//! into a compressed chunk (crate::chunk) with an index entry; bulk imports
+//! write chunks directly. A series with a few rows stays hot: a chunk of one
+//! or two instances would take more room than their rows.
 //! The time key is `observedAt`, or the write time for instances without one.
 //!
 //! Only the writer thread changes history; readers use a redb read
@@ -18,13 +20,15 @@ use borough_core::temporal::{
     HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
     TimeProperty, TimeRange,
 };
-use borough_core::{AttrKind, Attribute};
+use borough_core::{AttrKind, Attribute, Entity};
 use borough_store::StoreError;
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
 
 /// (tenant, entity, attribute, datasetId or "") → series number.
 pub const SERIES: TableDefinition<(&str, &str, &str, &str), u64> =
@@ -47,10 +51,15 @@ pub const RETENTION: TableDefinition<&str, &[u8]> = TableDefinition::new("histor
 
 /// Hot rows of one series that are sealed into a chunk.
 const SEAL_AT: u32 = 512;
-/// Hot rows older than this (by time key) are sealed by maintenance.
-pub const SEAL_AGE_MICROS: i64 = 3_600_000_000;
-/// Most instances in one chunk.
+/// Hot rows older than this (by time key) are sealed by maintenance...
+pub const SEAL_AGE_MICROS: i64 = 6 * 3_600_000_000;
+/// ...when the series has at least this many.
+const SEAL_OLD_MIN: u32 = 64;
+/// Most instances in one sealed chunk, and the first chunk of an import.
 const CHUNK_MAX: usize = 4096;
+/// Imported chunks are sized to about this many bytes: one 4 KiB page of
+/// storage with room for the page's own header.
+const CHUNK_TARGET_BYTES: usize = 3_900;
 /// Most series sealed by one maintenance pass (bounds its transaction).
 const SEAL_PER_PASS: usize = 5_000;
 
@@ -74,13 +83,12 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An instance a write made, to be recorded in the same transaction.
+/// The attribute instances one change of an entity made, to be recorded in
+/// the same transaction: (attribute index, instance index) into `entity.attrs`.
 pub struct Recorded {
     pub tenant: String,
-    pub entity: String,
-    pub types: Vec<String>,
-    pub name: String,
-    pub attr: Attribute,
+    pub entity: Arc<Entity>,
+    pub instances: Vec<(usize, usize)>,
 }
 
 #[derive(Clone, Copy)]
@@ -202,13 +210,20 @@ impl History {
         &mut self,
         txn: &WriteTransaction,
         series: u64,
-        mut attr: Attribute,
+        attr: &Attribute,
     ) -> Result<InstanceId, StoreError> {
-        let at = time_key(&attr);
+        let at = time_key(attr);
         let seq = self.next_seq;
         self.next_seq += 1;
-        attr.dataset_id = None;
-        let json = serde_json::to_vec(&attr).map_err(io)?;
+        // The series holds the datasetId: rows do not repeat it.
+        let json = if attr.dataset_id.is_some() {
+            let mut bare = attr.clone();
+            bare.dataset_id = None;
+            serde_json::to_vec(&bare)
+        } else {
+            serde_json::to_vec(attr)
+        }
+        .map_err(io)?;
         txn.open_table(HOT)
             .map_err(io)?
             .insert((series, at, seq), json.as_slice())
@@ -228,15 +243,21 @@ impl History {
             return Ok(());
         }
         for r in rows {
-            let s = self.series_for(
-                txn,
-                &r.tenant,
-                &r.entity,
-                &r.types,
-                &r.name,
-                r.attr.dataset_id.as_deref(),
-            )?;
-            self.put_hot(txn, s, r.attr.clone())?;
+            for &(a, i) in &r.instances {
+                let Some((name, list)) = r.entity.attrs.get_index(a) else {
+                    continue;
+                };
+                let Some(attr) = list.get(i) else { continue };
+                let s = self.series_for(
+                    txn,
+                    &r.tenant,
+                    &r.entity.id,
+                    &r.entity.types,
+                    name,
+                    attr.dataset_id.as_deref(),
+                )?;
+                self.put_hot(txn, s, attr)?;
+            }
         }
         self.seal_full(txn)?;
         self.save_counters(txn)
@@ -260,7 +281,7 @@ impl History {
         let old: Vec<u64> = self
             .hot
             .iter()
-            .filter(|(_, h)| h.oldest < cutoff)
+            .filter(|(_, h)| h.oldest < cutoff && h.count >= SEAL_OLD_MIN)
             .map(|(s, _)| *s)
             .take(SEAL_PER_PASS)
             .collect();
@@ -334,14 +355,20 @@ impl History {
             let numbers: Option<Vec<f64>> = one.points.iter().map(|p| p.1.as_f64()).collect();
             let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
             let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
-            for (i, part) in one.points.chunks(CHUNK_MAX).enumerate() {
-                let seq0 = first_seq + (i * CHUNK_MAX) as u64;
+            // The first chunk tells how well the series compresses; later ones
+            // are sized to fill a storage page (redb gives a large value pages of
+            // its own, so a chunk just over a page would waste most of the next).
+            let mut start = 0;
+            let mut size = CHUNK_MAX;
+            while start < one.points.len() {
+                let end = (start + size).min(one.points.len());
+                let part = &one.points[start..end];
+                let seq0 = first_seq + start as u64;
                 let (bytes, meta) = match &numbers {
                     Some(values) => {
                         let at: Vec<i64> = part.iter().map(|p| p.0).collect();
                         let all_integers = part.iter().all(|p| p.1.is_i64() || p.1.is_u64());
-                        let values = &values[i * CHUNK_MAX..i * CHUNK_MAX + part.len()];
-                        chunk::encode_numeric(&at, seq0, now, values, all_integers)
+                        chunk::encode_numeric(&at, seq0, now, &values[start..end], all_integers)
                     }
                     None => {
                         let rows: Vec<Row> = part
@@ -372,6 +399,10 @@ impl History {
                 index
                     .insert((s, meta.min_at, no), meta.encode().as_slice())
                     .map_err(io)?;
+                let per_point = bytes.len().max(1) as f64 / part.len() as f64;
+                size = ((CHUNK_TARGET_BYTES as f64 / per_point) as usize)
+                    .clamp(CHUNK_MAX / 8, CHUNK_MAX * 4);
+                start = end;
             }
         }
         self.save_counters(txn)?;
@@ -407,7 +438,7 @@ impl History {
                         &name,
                         attr.dataset_id.as_deref(),
                     )?;
-                    self.put_hot(txn, s, attr)?;
+                    self.put_hot(txn, s, &attr)?;
                 }
                 self.seal_full(txn)?;
                 if existed {
@@ -640,13 +671,8 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
     let mut removed = 0;
     {
         let mut hot = txn.open_table(HOT).map_err(io)?;
-        let end = if to == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, to, 0))
-        };
-        let keys: Vec<(u64, i64, u64)> = hot
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        let keys: Vec<RowKey> = hot
+            .range::<RowKey>(key_range(s, i64::MIN, to))
             .map_err(io)?
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()
@@ -659,13 +685,8 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
     let mut index = txn.open_table(CHUNK_INDEX).map_err(io)?;
     let mut chunks = txn.open_table(CHUNKS).map_err(io)?;
     let mut affected = Vec::new();
-    let end = if to == i64::MAX {
-        std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-    } else {
-        std::ops::Bound::Excluded((s, to, 0))
-    };
     for row in index
-        .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+        .range::<RowKey>(key_range(s, i64::MIN, to))
         .map_err(io)?
     {
         let (k, v) = row.map_err(io)?;
@@ -697,6 +718,18 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
             .map_err(io)?;
     }
     Ok(removed)
+}
+
+type RowKey = (u64, i64, u64);
+
+/// The keys of series `s` with time key in `[from, to)` (`to == i64::MAX`: no end).
+fn key_range(s: u64, from: i64, to: i64) -> (Bound<RowKey>, Bound<RowKey>) {
+    let end = if to == i64::MAX {
+        Bound::Included((s, i64::MAX, u64::MAX))
+    } else {
+        Bound::Excluded((s, to, 0))
+    };
+    (Bound::Included((s, from, 0)), end)
 }
 
 /// Whether `series` is one of (tenant, entity, name)'s series.
@@ -843,14 +876,9 @@ impl Reader {
             i64::MAX
         };
         let mut out = Vec::new();
-        let end = if upper == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, upper, 0))
-        };
         for row in self
             .index
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, i64::MIN, 0)), end))
+            .range::<RowKey>(key_range(s, i64::MIN, upper))
             .map_err(io)?
         {
             let (k, v) = row.map_err(io)?;
@@ -893,14 +921,9 @@ impl Reader {
             (i64::MIN, i64::MAX)
         };
         let mut out = Vec::new();
-        let end = if to == i64::MAX {
-            std::ops::Bound::Included((s, i64::MAX, u64::MAX))
-        } else {
-            std::ops::Bound::Excluded((s, to, 0))
-        };
         for row in self
             .hot
-            .range::<(u64, i64, u64)>((std::ops::Bound::Included((s, from, 0)), end))
+            .range::<RowKey>(key_range(s, from, to))
             .map_err(io)?
         {
             let (k, v) = row.map_err(io)?;
@@ -990,6 +1013,11 @@ fn instances(
     let mut rows = reader.hot_rows(s, prop, req.range)?;
     let mut chunks = reader.chunks_in(s, prop, req.range)?;
     let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
+    let load = |c: &Candidate, rows: &mut Vec<Row>| -> Result<(), StoreError> {
+        let inside = |r: &Row| req.range.contains(key_of(prop, r.0, &r.2));
+        rows.extend(reader.chunk_rows(c.no)?.into_iter().filter(inside));
+        Ok(())
+    };
     let mut cut = None;
     if let Some(n) = req.last_n {
         // Newest first: stop once n instances are newer than every chunk left.
@@ -1002,12 +1030,7 @@ fn instances(
                     break;
                 }
             }
-            rows.extend(
-                reader
-                    .chunk_rows(c.no)?
-                    .into_iter()
-                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
-            );
+            load(c, &mut rows)?;
         }
         rows.sort_by_key(key);
         let skip = rows.len().saturating_sub(n);
@@ -1021,12 +1044,7 @@ fn instances(
                     break;
                 }
             }
-            rows.extend(
-                reader
-                    .chunk_rows(c.no)?
-                    .into_iter()
-                    .filter(|r| req.range.contains(key_of(prop, r.0, &r.2))),
-            );
+            load(c, &mut rows)?;
         }
         rows.sort_by_key(key);
         if rows.len() > req.max_instances {

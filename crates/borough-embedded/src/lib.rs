@@ -539,25 +539,29 @@ fn persist(
 }
 
 /// Adds to `out` every attribute instance that `after` holds and `before` did
-/// not (new, or rewritten: its modifiedAt moved). This is the history of a write.
-fn record_history(tenant: &str, before: Option<&Entity>, after: &Entity, out: &mut Vec<Recorded>) {
-    for (name, list) in &after.attrs {
+/// not: new, or rewritten. Operations of one group share a write time, so a
+/// rewrite is told by content, not by modifiedAt alone. This is the history of a write.
+fn record_history(
+    tenant: &str,
+    before: Option<&Entity>,
+    after: &Arc<Entity>,
+    out: &mut Vec<Recorded>,
+) {
+    let mut instances = Vec::new();
+    for (a, (name, list)) in after.attrs.iter().enumerate() {
         let old = before.and_then(|b| b.attrs.get(name));
-        for a in list {
-            let unchanged = old.is_some_and(|o| {
-                o.iter()
-                    .any(|x| x.dataset_id == a.dataset_id && x.modified_at == a.modified_at)
-            });
-            if !unchanged {
-                out.push(Recorded {
-                    tenant: tenant.to_string(),
-                    entity: after.id.clone(),
-                    types: after.types.clone(),
-                    name: name.clone(),
-                    attr: a.clone(),
-                });
+        for (i, attr) in list.iter().enumerate() {
+            if !old.is_some_and(|o| o.iter().any(|x| x == attr)) {
+                instances.push((a, i));
             }
         }
+    }
+    if !instances.is_empty() {
+        out.push(Recorded {
+            tenant: tenant.to_string(),
+            entity: after.clone(),
+            instances,
+        });
     }
 }
 

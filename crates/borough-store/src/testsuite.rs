@@ -29,6 +29,7 @@ pub async fn run_all(store: &dyn EntityStore) {
     operations_in_one_write_see_each_other(store).await;
     tenants_are_isolated(store).await;
     concurrent_writes_lose_nothing(store).await;
+    history_follows_writes(store).await;
     change_feed_carries_commits(store).await;
     within_box_visits_located_entities(store).await;
 }
@@ -278,4 +279,87 @@ pub fn assert_query_matches_scan(
         "uncounted query {query:?} offset {offset} limit {limit}"
     );
     assert_eq!(uncounted.total, None);
+}
+
+/// Every change records its attribute instances; history outlives the entity
+/// and is deleted only through history operations.
+pub async fn history_follows_writes(store: &dyn EntityStore) {
+    use borough_core::temporal::{
+        AggrMethod, Aggregation, HistoryBody, HistoryOp, HistoryOutcome, HistoryRequest,
+        ImportSeries, TimeProperty, TimeRange,
+    };
+    let t = "suite-history";
+    const SPEED: &str = "https://uri.etsi.org/ngsi-ld/default-context/speed";
+    for v in [1, 2, 3] {
+        let op = EntityOp::Upsert {
+            entity: entity("urn:h", v),
+            replace: false,
+        };
+        store.write(t, vec![op]).await.expect("write")[0]
+            .as_ref()
+            .expect("upsert");
+    }
+    let all = HistoryRequest {
+        attrs: None,
+        time_property: TimeProperty::ModifiedAt,
+        range: TimeRange::ALL,
+        last_n: None,
+        max_instances: 100,
+        aggregation: None,
+    };
+    let h = store
+        .history(t, "urn:h", &all)
+        .expect("read")
+        .expect("has history");
+    let HistoryBody::Instances(list) = &h.attrs[0].body else {
+        panic!("instances expected");
+    };
+    let values: Vec<_> = list.iter().map(|i| i.attr.value.clone()).collect();
+    assert_eq!(values, vec![json!(1), json!(2), json!(3)]);
+    assert!(store.history(t, "urn:none", &all).expect("read").is_none());
+    store
+        .write(t, vec![EntityOp::Delete { id: "urn:h".into() }])
+        .await
+        .expect("write");
+    assert!(store.history(t, "urn:h", &all).expect("read").is_some());
+    let imported = store
+        .import_history(
+            t,
+            vec![ImportSeries {
+                entity: "urn:h".into(),
+                entity_type: "https://uri.etsi.org/ngsi-ld/default-context/Vehicle".into(),
+                name: SPEED.into(),
+                points: vec![(10, json!(4.5)), (20, json!(5.5))],
+            }],
+        )
+        .await
+        .expect("import");
+    assert_eq!(imported.points, 2);
+    let sum = HistoryRequest {
+        time_property: TimeProperty::ObservedAt,
+        range: TimeRange { from: 0, to: 100 },
+        aggregation: Some(Aggregation {
+            methods: vec![AggrMethod::Sum],
+            period: None,
+        }),
+        ..all.clone()
+    };
+    let h = store
+        .history(t, "urn:h", &sum)
+        .expect("read")
+        .expect("history");
+    let HistoryBody::Aggregated { buckets, .. } = &h.attrs[0].body else {
+        panic!("aggregated expected");
+    };
+    assert_eq!(buckets[0].values, vec![json!(10.0)]);
+    assert_eq!(
+        store.history_entities(t, None).expect("list")[0].0,
+        "urn:h".to_string()
+    );
+    let r = store
+        .write_history(t, HistoryOp::DeleteEntity { id: "urn:h".into() })
+        .await
+        .expect("delete");
+    assert_eq!(r, HistoryOutcome::Changed);
+    assert!(store.history(t, "urn:h", &all).expect("read").is_none());
 }

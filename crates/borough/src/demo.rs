@@ -34,6 +34,9 @@ pub struct DemoArgs {
     /// Seed of the simulated city.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Past history loaded for a new city (15-minute readings), e.g. 1d, 7d; 0 for none.
+    #[arg(long, default_value = "1d", value_parser = simulate::parse_duration)]
+    pub history: Duration,
     /// Log filter.
     #[arg(long, env = "BOROUGH_LOG", default_value = "warn")]
     pub log_level: String,
@@ -106,6 +109,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         rate: args.rate,
         duration: Duration::from_secs(365 * 86_400),
         seed: args.seed,
+        history: args.history,
         quiet: true,
     };
     let rate = args.rate;
@@ -124,6 +128,12 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
             "  near here:  {base}/ngsi-ld/v1/entities?type=Streetlight&georel=near%3BmaxDistance%3D%3D300&geometry=Point&coordinates=%5B2.33,48.85%5D"
         );
         say!("  types:      {base}/ngsi-ld/v1/types");
+        if s.history > 0 {
+            say!(
+                "  history:    {base}/ngsi-ld/v1/temporal/entities?type=AirQualityObserved&attrs=NO2&options=aggregatedValues&aggrMethods=avg,max&aggrPeriodDuration=PT1H&limit=3  ({} points loaded)",
+                s.history
+            );
+        }
         say!("  health:     {base}/health");
         say!("Ctrl-C stops the demo.");
     });

@@ -28,6 +28,10 @@ pub struct SimulateArgs {
     /// Seed of the city: one seed, one city.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Load this much past history first (every device's readings every 15
+    /// minutes up to now) through the bulk import, when the city is new: e.g. 1d, 7d.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub history: Duration,
     /// Hide the progress bar (for logs and scripts).
     #[arg(long)]
     pub quiet: bool,
@@ -60,6 +64,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// What a simulation did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Summary {
+    /// Historic points loaded by `--history`.
+    pub history: u64,
     pub created: usize,
     pub existing: usize,
     pub sent: usize,
@@ -73,6 +79,9 @@ pub fn run(args: SimulateArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let summary = runtime.block_on(simulate(&args, std::future::pending(), |_| {}))?;
+    if summary.history > 0 {
+        println!("loaded {} historic points", summary.history);
+    }
     println!(
         "provisioned {} devices ({} created, {} already there); sent {} measurements in {:.1} s ({:.0}/s), {} failed",
         summary.created + summary.existing,
@@ -112,6 +121,32 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Sends CSV lines to the bulk history import; returns the points stored.
+    async fn import(&self, csv: String) -> Result<u64, String> {
+        let mut req = self
+            .client
+            .post(format!("{}/api/v1/history/import", self.base))
+            .header("content-type", "text/csv")
+            .body(csv);
+        if let Some(t) = &self.tenant {
+            req = req.header("NGSILD-Tenant", t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", self.base, crate::bench::chain(&e)))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        if status != 200 {
+            return Err(format!(
+                "the server refused the history with {status}: {body}"
+            ));
+        }
+        Ok(body["points"].as_u64().unwrap_or(0))
+    }
+}
+
 /// Provisions the city, calls `on_ready`, then streams measurements until
 /// `duration` passes or `stop` resolves.
 pub async fn simulate(
@@ -135,6 +170,10 @@ pub async fn simulate(
     };
     let city = City::generate(args.seed, args.devices);
     let mut summary = provision(&target, &city, args.quiet).await?;
+    // History is loaded for a new city only: a second run would repeat it.
+    if !args.history.is_zero() && summary.existing == 0 {
+        summary.history = backlog(&target, &city, args.history, args.quiet).await?;
+    }
     on_ready(&summary);
     if args.duration.is_zero() {
         return Ok(summary);
@@ -205,6 +244,50 @@ fn progress(quiet: bool, len: u64, what: &str) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Readings of the backlog are this far apart.
+const BACKLOG_STEP_SECS: i64 = 900;
+/// Lines per import request.
+const BACKLOG_PART_LINES: usize = 200_000;
+
+/// Loads every device's readings of the past `span`, one per 15 minutes,
+/// through the bulk history import. Returns the points stored.
+async fn backlog(target: &Target, city: &City, span: Duration, quiet: bool) -> Result<u64, String> {
+    let now = Utc::now().timestamp();
+    let first = now - span.as_secs() as i64;
+    let steps = (span.as_secs() as i64 / BACKLOG_STEP_SECS).max(1) as u64;
+    let bar = progress(quiet, steps, "history (steps)");
+    let mut stored = 0;
+    let mut part = String::new();
+    let mut lines = 0;
+    let mut t = first - first.rem_euclid(BACKLOG_STEP_SECS);
+    while t < now {
+        let at = chrono::DateTime::from_timestamp(t, 0).unwrap_or_default();
+        for d in &city.devices {
+            for (attr, v) in d.measurement(at) {
+                let value = &v["value"];
+                part.push_str(&format!(
+                    "{},{},{attr},{},{value}\n",
+                    d.id,
+                    d.kind.type_name(),
+                    t * 1000
+                ));
+                lines += 1;
+            }
+        }
+        if lines >= BACKLOG_PART_LINES {
+            stored += target.import(std::mem::take(&mut part)).await?;
+            lines = 0;
+        }
+        bar.inc(1);
+        t += BACKLOG_STEP_SECS;
+    }
+    if !part.is_empty() {
+        stored += target.import(part).await?;
+    }
+    bar.finish_and_clear();
+    Ok(stored)
 }
 
 /// Creates the entities that are missing; existing ones are left as they are.

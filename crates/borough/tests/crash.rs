@@ -48,6 +48,8 @@ struct Acked {
     ids: Vec<String>,
     /// Per writer, the last acknowledged value of its counter entity.
     counters: Vec<i64>,
+    /// Per writer, every acknowledged value: each must be in the counter's history.
+    history: Vec<Vec<i64>>,
 }
 
 async fn writer(
@@ -80,6 +82,7 @@ async fn writer(
                 let mut a = acked.lock().unwrap();
                 a.ids.extend(ids);
                 a.counters[task] = counter_value;
+                a.history[task].push(counter_value);
             }
             // The server was killed mid-request: this batch was never acknowledged.
             _ => return,
@@ -115,6 +118,29 @@ async fn verify(client: &reqwest::Client, base: &str, acked: &Acked) {
             stored >= value,
             "counter {task}: acknowledged update {value} was lost (store has {stored})"
         );
+        // History is written in the same durable write: every acknowledged value is there.
+        let h: Value = client
+            .get(format!(
+                "{base}/ngsi-ld/v1/temporal/entities/urn:ngsi-ld:Counter:{task}?attrs=value&options=temporalValues"
+            ))
+            .send()
+            .await
+            .expect("GET temporal")
+            .json()
+            .await
+            .expect("json");
+        let kept: std::collections::HashSet<i64> = h["value"]["values"]
+            .as_array()
+            .expect("temporal values")
+            .iter()
+            .filter_map(|v| v[0].as_i64())
+            .collect();
+        for v in &acked.history[task] {
+            assert!(
+                kept.contains(v),
+                "counter {task}: acknowledged update {v} is missing from its history"
+            );
+        }
     }
 }
 
@@ -127,6 +153,7 @@ fn acknowledged_writes_survive_kill_9() {
     let acked = Arc::new(Mutex::new(Acked {
         ids: Vec::new(),
         counters: vec![-1; WRITERS],
+        history: vec![Vec::new(); WRITERS],
     }));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..10 {

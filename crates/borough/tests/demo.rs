@@ -105,6 +105,17 @@ fn demo_comes_up_with_a_city_and_stops_cleanly() {
         "{base}/ngsi-ld/v1/entities?type=ElectricityMeter&limit=1"
     ));
     assert_eq!(meters[0]["activePower"]["unitCode"], "KWT");
+    // A new city comes with a day of history, loaded through the bulk import.
+    let (status, _, history) = get(&format!(
+        "{base}/ngsi-ld/v1/temporal/entities/{}?attrs=activePower&options=temporalValues",
+        meters[0]["id"].as_str().unwrap()
+    ));
+    assert_eq!(status, 200, "{history}");
+    let readings = history["activePower"]["values"].as_array().unwrap().len();
+    assert!(
+        (95..=110).contains(&readings),
+        "{readings} readings in a day of 15-minute history"
+    );
 
     // Live measurements arrive: some entity's observation time moves on.
     let first = meters[0]["activePower"]["observedAt"].clone();
@@ -162,7 +173,7 @@ fn simulate_provisions_and_streams_against_a_server() {
             .output()
             .unwrap()
     };
-    let out = run(&["--duration", "2s", "--rate", "40"]);
+    let out = run(&["--duration", "2s", "--rate", "40", "--history", "2h"]);
     assert!(
         out.status.success(),
         "{}",
@@ -171,10 +182,18 @@ fn simulate_provisions_and_streams_against_a_server() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("120 created"), "{text}");
     assert!(text.contains("0 failed"), "{text}");
+    assert!(
+        text.contains("loaded") && text.contains("historic points"),
+        "{text}"
+    );
     // Run again with the same seed: the city is already there.
     let out = run(&["--duration", "0s"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("0 created, 120 already there"), "{text}");
+    assert!(
+        !text.contains("historic points"),
+        "history is loaded for a new city only: {text}"
+    );
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let count = rt.block_on(async {

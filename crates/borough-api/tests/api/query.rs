@@ -106,6 +106,17 @@ async fn pagination_with_count_and_links() {
         "{links:?}"
     );
     assert!(links.iter().any(|l| l.contains("type=ParkingSpot")));
+    // The links are usable as they are: the full path, and they lead to the next page.
+    let next = links
+        .iter()
+        .find(|l| l.contains("rel=\"next\""))
+        .and_then(|l| l.strip_prefix('<'))
+        .and_then(|l| l.split('>').next())
+        .unwrap();
+    assert!(next.starts_with("/ngsi-ld/v1/entities?"), "{next}");
+    let page = app.get(next).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.body[0]["id"], "urn:ngsi-ld:ParkingSpot:021");
 
     // The last page has no next link; past the end is an empty page.
     let r = app

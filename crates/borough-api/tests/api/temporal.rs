@@ -214,6 +214,15 @@ async fn temporal_queries_select_page_and_count() {
         .filter_map(|v| v.to_str().ok())
         .collect();
     let next = links.join(", ");
+    let url = links
+        .iter()
+        .find(|l| l.contains("rel=\"next\""))
+        .and_then(|l| l.strip_prefix('<'))
+        .and_then(|l| l.split('>').next())
+        .unwrap();
+    let page = app.get(url).await;
+    assert_eq!(page.status, StatusCode::OK, "{url}");
+    assert_eq!(page.body[0]["id"], "urn:ngsi-ld:Spot:2");
     assert!(
         next.contains("offset=2") && next.contains("rel=\"next\""),
         "{next}"

@@ -17,6 +17,11 @@ mod query;
 mod query_pg;
 mod report;
 mod server;
+mod temporal;
+mod temporal_data;
+mod temporal_http;
+mod temporal_pg;
+mod temporal_vm;
 
 use clap::Args;
 use std::path::PathBuf;
@@ -26,7 +31,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify, dashboard.
+    /// Scenario to run: entities, query, geo, notify, temporal, dashboard.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -34,7 +39,7 @@ pub struct BenchArgs {
     /// Where to write the results as JSON [default: bench-results/<scenario>.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS).
+    /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS, temporal).
     #[arg(long, env = "BOROUGH_BENCH_PG", default_value = DEFAULT_PG)]
     pub pg: String,
 }
@@ -52,9 +57,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "query" => query::run(&opts),
         "geo" => geo::run(&opts),
         "notify" => notify::run(&opts),
+        "temporal" => temporal::run(&opts),
         "dashboard" => dashboard::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify, dashboard"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard"
         )),
     }
 }

@@ -153,6 +153,11 @@ impl Server {
         self.addr
     }
 
+    /// The server's data directory (its `--data`).
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
     /// Fails if the child has exited.
     pub fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
