@@ -381,6 +381,7 @@ function renderAlerts(fresh = new Set()) {
     ty.textContent = a.type || '';
     const reason = document.createElement('span');
     reason.textContent = a.alert.reason;
+    reason.title = a.alert.reason;
     why.append(ty, reason);
     li.append(sev, who, when, why);
     li.addEventListener('click', () => {

@@ -308,6 +308,13 @@ pub fn run(opts: &Options) -> Result<(), String> {
         .filter(|(_, (a, b))| a != b)
         .map(|(v, (a, b))| format!("zoom {} {:?}: clusters {a}, within {b}", v.zoom, v.bbox))
         .collect();
+    // Views (and so latencies) come zoom by zoom.
+    let by_zoom: Vec<(u32, Summary)> = sizes
+        .zooms
+        .clone()
+        .zip(cluster_lat.chunks(sizes.boxes_per_zoom * sizes.repeats))
+        .map(|(z, lat)| (z, Summary::of(&mut lat.to_vec())))
+        .collect();
     let cluster_sum = Summary::of(&mut cluster_lat);
     let naive_sum = Summary::of(&mut naive_lat);
     let in_view: Vec<u64> = cluster_totals.clone();
@@ -348,6 +355,14 @@ pub fn run(opts: &Options) -> Result<(), String> {
             ms(s.max_us as f64)
         ));
     }
+    table.push_str(&format!(
+        "clusters p99 by zoom: {}\n",
+        by_zoom
+            .iter()
+            .map(|(z, s)| format!("{z}: {:.2} ms", ms(s.p99_us as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     table.push_str(&format!(
         "p99 ratio (baseline / clusters): {p99_ratio:.1}x  (baseline: {} of the viewports, {} per zoom, each answered once)\n",
         baseline_views.len(),
@@ -391,6 +406,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
         "zooms": [sizes.zooms.start(), sizes.zooms.end()],
         "mean_entities_in_view": mean_in_view,
         "clusters": cluster_sum.to_json(),
+        "clusters_by_zoom": by_zoom.iter().map(|(z, s)| json!({"zoom": z, "latency": s.to_json()})).collect::<Vec<_>>(),
         "baseline_within_paged": naive_sum.to_json(),
         "baseline_viewports": baseline_views.len(),
         "p99_ratio": p99_ratio,
