@@ -150,16 +150,16 @@ test('a live change arrives: an alert appears and the open panel updates', async
 });
 
 test('a command sent from the panel follows the device: queued, sent, acknowledged', async () => {
-  // A streetlight gets a controller device with a `switch` command.
+  // The simulator registered the city's streetlights as devices with commands;
+  // this test plays one of them, with a fresh token.
   const { body: lights } = await ngsi('/entities?type=Streetlight&limit=1&offset=3');
   const id = lights[0].id;
-  const reg = await fetch(`${url}/api/v1/devices`, {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json', 'NGSILD-Tenant': TENANT },
-    body: JSON.stringify({ id: 'lamp-controller-1', entityId: id, entityType: 'Streetlight', commands: ['switch'] }),
+  const device = id.split(':').pop();
+  const rotated = await fetch(`${url}/api/v1/devices/${device}/token`, {
+    method: 'POST', headers: { 'NGSILD-Tenant': TENANT },
   });
-  assert.equal(reg.status, 201, await reg.clone().text());
-  const { token } = await reg.json();
+  assert.equal(rotated.status, 200, await rotated.clone().text());
+  const { token } = await rotated.json();
   await page.evaluate((lid) => window.borough.openEntity(lid), id);
   await until('the panel on the light', async () => (await page.textContent('#panel-id')) === id);
   const button = page.locator('#commands li[data-command="switch"] button');
@@ -171,12 +171,12 @@ test('a command sent from the panel follows the device: queued, sent, acknowledg
   await shot('05-command-queued');
   // The device picks it up over HTTP and acknowledges it.
   const auth = { Authorization: `Bearer ${token}`, 'NGSILD-Tenant': TENANT };
-  const pending = await (await fetch(`${url}/api/v1/devices/lamp-controller-1/commands/pending`, { headers: auth })).json();
+  const pending = await (await fetch(`${url}/api/v1/devices/${device}/commands/pending`, { headers: auth })).json();
   assert.equal(pending.length, 1);
   assert.equal(pending[0].name, 'switch');
   await until('sent, live on the panel', async () =>
     (await page.getAttribute('#commands li[data-command="switch"]', 'data-status')) === 'sent');
-  const ack = await fetch(`${url}/api/v1/devices/lamp-controller-1/commands/${pending[0].id}/ack`, {
+  const ack = await fetch(`${url}/api/v1/devices/${device}/commands/${pending[0].id}/ack`, {
     method: 'POST', headers: { ...auth, 'Content-Type': 'application/json' }, body: JSON.stringify({ status: 'ok', info: 'lamp on' }),
   });
   assert.ok(ack.ok, await ack.text());

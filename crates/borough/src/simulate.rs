@@ -66,6 +66,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct Summary {
     /// Historic points loaded by `--history`.
     pub history: u64,
+    /// Actuators registered as devices with commands.
+    pub actuators: usize,
     pub created: usize,
     pub existing: usize,
     pub sent: usize,
@@ -79,6 +81,12 @@ pub fn run(args: SimulateArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let summary = runtime.block_on(simulate(&args, std::future::pending(), |_| {}))?;
+    if summary.actuators > 0 {
+        println!(
+            "registered {} actuators as devices with commands",
+            summary.actuators
+        );
+    }
     if summary.history > 0 {
         println!("loaded {} historic points", summary.history);
     }
@@ -170,6 +178,9 @@ pub async fn simulate(
     };
     let city = City::generate(args.seed, args.devices);
     let mut summary = provision(&target, &city, args.quiet).await?;
+    if summary.existing == 0 {
+        summary.actuators = register_actuators(&target, &city).await?;
+    }
     // History is loaded for a new city only: a second run would repeat it.
     if !args.history.is_zero() && summary.existing == 0 {
         summary.history = backlog(&target, &city, args.history, args.quiet).await?;
@@ -244,6 +255,62 @@ fn progress(quiet: bool, len: u64, what: &str) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// The commands an actuator of the simulated city takes.
+fn actuator_commands(kind: borough_sim::Kind) -> &'static [&'static str] {
+    match kind {
+        borough_sim::Kind::Streetlight => &["switch", "dim"],
+        borough_sim::Kind::EVChargingStation => &["start", "stop"],
+        _ => &[],
+    }
+}
+
+/// Registers the city's actuators in the device registry with their commands
+/// (each device feeds its entity), so that operators can command them from
+/// the dashboard. No simulated device connects: commands wait, queued, as for
+/// an offline device. Returns the number registered.
+async fn register_actuators(target: &Target, city: &City) -> Result<usize, String> {
+    let actuators: Vec<Value> = city
+        .devices
+        .iter()
+        .filter(|d| d.kind.is_actuator() && !actuator_commands(d.kind).is_empty())
+        .map(|d| {
+            json!({
+                "id": d.id.rsplit(':').next().unwrap_or(&d.id),
+                "entityId": d.id,
+                "entityType": d.kind.type_name(),
+                "commands": actuator_commands(d.kind),
+            })
+        })
+        .collect();
+    let mut registered = 0;
+    for chunk in actuators.chunks(1000) {
+        let mut req = target
+            .client
+            .post(format!("{}/api/v1/devices/import", target.base))
+            .json(&Value::Array(chunk.to_vec()));
+        if let Some(t) = &target.tenant {
+            req = req.header("NGSILD-Tenant", t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", target.base, crate::bench::chain(&e)))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        match status {
+            201 | 207 => registered += body["created"].as_array().map_or(0, Vec::len),
+            // A server without the device registry: nothing to command.
+            404 => return Ok(0),
+            other => {
+                return Err(format!(
+                    "the server refused the actuators with {other}: {body}"
+                ));
+            }
+        }
+    }
+    Ok(registered)
 }
 
 /// Readings of the backlog are this far apart.
