@@ -708,3 +708,29 @@ async fn external_broker_mode_with_mosquitto() {
     }
     driver.abort();
 }
+
+#[test]
+fn a_taken_mqtt_port_stops_serve_with_one_line() {
+    let (host, port) = mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_borough"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "error",
+            "--data",
+        ])
+        .arg(dir.path())
+        .args(["--mqtt", &format!("{host}:{port}")])
+        .output()
+        .expect("run borough");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot listen for MQTT") && err.contains("--mqtt off"),
+        "{err}"
+    );
+}
