@@ -300,6 +300,18 @@ fn encode(proto: Proto, out: Out, buf: &mut BytesMut, max_packet: usize) -> Resu
     }
 }
 
+/// Queues an answer to the client. The connection's own loop drains the
+/// queue, so it must not wait on it: when the queue is full the answer is
+/// handed to a task that waits, instead of being lost.
+fn reply(tx: &mpsc::Sender<Out>, out: Out) {
+    if let Err(mpsc::error::TrySendError::Full(out)) = tx.try_send(out) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(out).await;
+        });
+    }
+}
+
 /// The protocol level of a CONNECT at the start of `buf`: `Ok(None)` until
 /// enough bytes have arrived.
 fn protocol_of(buf: &[u8]) -> Result<Option<Proto>, &'static str> {
@@ -560,7 +572,7 @@ impl Broker {
                                 .command_ack_message("mqtt", entry, &payload)
                                 .await;
                             if qos == 1 {
-                                let _ = tx.try_send(Out::PubAck(pkid, None));
+                                reply(&tx, Out::PubAck(pkid, None));
                             }
                         } else {
                             let _ = self
@@ -591,17 +603,17 @@ impl Broker {
                                 codes.push(None);
                             }
                         }
-                        let _ = tx.try_send(Out::SubAck(pkid, codes));
+                        reply(&tx, Out::SubAck(pkid, codes));
                         if listening {
                             self.set_listening(entry);
                         }
                     }
                     In::Unsubscribe { pkid, count } => {
-                        let _ = tx.try_send(Out::UnsubAck(pkid, count));
+                        reply(&tx, Out::UnsubAck(pkid, count));
                     }
                     In::PubAck => {}
                     In::PingReq => {
-                        let _ = tx.try_send(Out::PingResp);
+                        reply(&tx, Out::PingResp);
                     }
                     In::Disconnect => return None,
                     In::Connect { .. } => {
@@ -683,7 +695,7 @@ impl Broker {
             Ok(m) => m,
             Err(e) => {
                 if qos == 1 {
-                    let _ = tx.try_send(Out::PubAck(pkid, Some(refusal(&e))));
+                    reply(tx, Out::PubAck(pkid, Some(refusal(&e))));
                 }
                 return;
             }
@@ -703,7 +715,7 @@ impl Broker {
             Ok(None) => {}
             Err(e) => {
                 if qos == 1 {
-                    let _ = tx.try_send(Out::PubAck(pkid, Some(refusal(&e))));
+                    reply(tx, Out::PubAck(pkid, Some(refusal(&e))));
                 }
             }
         }

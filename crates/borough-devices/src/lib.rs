@@ -149,14 +149,22 @@ struct Registry {
     by_entity: HashMap<(String, String), String>,
     /// device id → the tenants that have a device of that id.
     tenants_of: HashMap<String, Vec<String>>,
+    /// Devices that have commands (none: API writes need no command check).
+    commanded: usize,
 }
 
 impl Registry {
     fn insert(&mut self, e: Arc<Entry>) {
         let key = (e.tenant.clone(), e.device.id.clone());
+        if !e.device.commands.is_empty() {
+            self.commanded += 1;
+        }
         if let Some(old) = self.devices.insert(key, e.clone()) {
             self.by_entity
                 .remove(&(old.tenant.clone(), old.device.entity_id.clone()));
+            if !old.device.commands.is_empty() {
+                self.commanded -= 1;
+            }
         }
         self.by_entity.insert(
             (e.tenant.clone(), e.device.entity_id.clone()),
@@ -170,6 +178,9 @@ impl Registry {
 
     fn remove(&mut self, tenant: &str, id: &str) -> Option<Arc<Entry>> {
         let old = self.devices.remove(&(tenant.to_string(), id.to_string()))?;
+        if !old.device.commands.is_empty() {
+            self.commanded -= 1;
+        }
         self.by_entity
             .remove(&(tenant.to_string(), old.device.entity_id.clone()));
         if let Some(ts) = self.tenants_of.get_mut(id) {
@@ -329,6 +340,15 @@ impl Devices {
             .collect();
         out.sort_by(|a, b| a.device.id.cmp(&b.device.id));
         out
+    }
+
+    /// Whether any device has commands.
+    pub fn any_commands(&self) -> bool {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .commanded
+            > 0
     }
 
     /// The device that feeds an entity, if any.

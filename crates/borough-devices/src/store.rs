@@ -40,6 +40,9 @@ fn command_triggers(
     ops: &[EntityOp],
 ) -> Vec<(usize, String, String, Value)> {
     let mut out = Vec::new();
+    if !devices.any_commands() {
+        return out;
+    }
     for (i, op) in ops.iter().enumerate() {
         let Some(entry) = devices.device_for_entity(tenant, op.entity_id()) else {
             continue;

@@ -46,7 +46,9 @@ fn start(data: &Path, extra: &[&str]) -> Server {
         .expect("listening")
         .to_string();
     let mut mqtt_port = 0;
-    if !extra.iter().any(|a| a.starts_with("--mqtt-broker")) {
+    let embedded_broker = !extra.iter().any(|a| a.starts_with("--mqtt-broker"))
+        && !extra.windows(2).any(|w| w == ["--mqtt", "off"]);
+    if embedded_broker {
         line.clear();
         out.read_line(&mut line).expect("mqtt line");
         mqtt_port = line
@@ -707,4 +709,85 @@ async fn external_broker_mode_with_mosquitto() {
         );
     }
     driver.abort();
+}
+
+#[test]
+fn a_taken_mqtt_port_stops_serve_with_one_line() {
+    let (host, port) = mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_borough"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "error",
+            "--data",
+        ])
+        .arg(dir.path())
+        .args(["--mqtt", &format!("{host}:{port}")])
+        .output()
+        .expect("run borough");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot listen for MQTT") && err.contains("--mqtt off"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_provisioning_from_csv_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--mqtt", "off"]);
+    let base = server.base.clone();
+    let import = format!("{base}/api/v1/devices/import");
+    let csv = "id,entityType,attributes,commands\n\
+               pk-1,ParkingSpot,status:status::text,\n\
+               pk-2,ParkingSpot,status:status::text occ:occupancy::integer,reserve\n\
+               bad/id,ParkingSpot,,\n";
+    let r = reqwest::Client::new()
+        .post(&import)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 207);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["created"].as_array().unwrap().len(), 2, "{b}");
+    assert_eq!(b["errors"][0]["index"], json!(2));
+    let token = b["created"][1]["token"].as_str().unwrap().to_string();
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &import,
+        None,
+        Some(json!([{"id": "pk-3", "entityType": "ParkingSpot"}])),
+    )
+    .await;
+    assert_eq!(s, 201);
+    assert_eq!(
+        get(&format!("{base}/api/v1/devices"))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // A CSV-provisioned device ingests with its mapping.
+    let (s, b) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/devices/pk-2/measures"),
+        Some(&token),
+        Some(json!({"status": "free", "occ": 0})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let e = get(&format!(
+        "{base}/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:pk-2"
+    ))
+    .await;
+    assert_eq!(e["status"]["value"], json!("free"));
+    assert_eq!(e["occupancy"]["value"], json!(0));
 }
