@@ -3,6 +3,7 @@
 //! through a recording sink.
 
 use borough_core::entity::AttrPatch;
+use borough_core::temporal::{HistoryBody, HistoryRequest, TimeProperty, TimeRange};
 use borough_core::{Context, EntityOp};
 use borough_devices::commands::{CommandInput, CommandSink, Status};
 use borough_devices::model::DeviceInput;
@@ -90,6 +91,44 @@ async fn readings_and_commands_on_the_embedded_store() {
         .unwrap();
     assert_eq!((a.readings, a.values), (1, 1));
     assert_eq!(attr(&store, &d.entity_id, "pressure"), json!(2.5));
+
+    // A batch of timestamped readings: each one is in the entity's history,
+    // at the device's time, from the same durable write.
+    let a = devices
+        .ingest(
+            "test",
+            &entry,
+            br#"[{"p": 3.0, "observedAt": "2026-01-01T00:00:00Z"},
+                 {"p": 3.5, "observedAt": "2026-01-01T00:05:00Z"},
+                 {"p": 4.0, "observedAt": "2026-01-01T00:10:00Z"}]"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.readings, 3);
+    let pressure = Context::core().expand("pressure").into_owned();
+    let h = store
+        .history(
+            "",
+            &d.entity_id,
+            &HistoryRequest {
+                attrs: Some(vec![pressure]),
+                time_property: TimeProperty::ObservedAt,
+                range: TimeRange {
+                    from: borough_core::validate::parse_datetime("2026-01-01T00:00:00Z").unwrap(),
+                    to: borough_core::validate::parse_datetime("2026-01-02T00:00:00Z").unwrap(),
+                },
+                last_n: None,
+                max_instances: 100,
+                aggregation: None,
+            },
+        )
+        .unwrap()
+        .expect("the entity has history");
+    let HistoryBody::Instances(list) = &h.attrs[0].body else {
+        panic!("instances expected");
+    };
+    let values: Vec<Value> = list.iter().map(|i| i.attr.value.clone()).collect();
+    assert_eq!(values, vec![json!(3.0), json!(3.5), json!(4.0)]);
 
     // Offline: queued. Online: sent. Acknowledged: shown on the entity.
     let sink = Arc::new(Recorder::default());
