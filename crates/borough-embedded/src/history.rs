@@ -1019,7 +1019,8 @@ fn instances(
         Ok(())
     };
     let mut cut = None;
-    if let Some(n) = req.last_n {
+    let max = req.max_instances.max(1);
+    if let Some(n) = req.last_n.map(|n| n.max(1)) {
         // Newest first: stop once n instances are newer than every chunk left.
         chunks.sort_by_key(|c| std::cmp::Reverse(bounds(&c.meta, prop).1));
         for c in &chunks {
@@ -1038,17 +1039,17 @@ fn instances(
     } else {
         chunks.sort_by_key(|c| bounds(&c.meta, prop).0);
         for c in &chunks {
-            if rows.len() >= req.max_instances {
+            if rows.len() >= max {
                 rows.sort_by_key(key);
-                if key(&rows[req.max_instances - 1]).0 < bounds(&c.meta, prop).0 {
+                if key(&rows[max - 1]).0 < bounds(&c.meta, prop).0 {
                     break;
                 }
             }
             load(c, &mut rows)?;
         }
         rows.sort_by_key(key);
-        if rows.len() > req.max_instances {
-            rows.truncate(req.max_instances);
+        if rows.len() > max {
+            rows.truncate(max);
             if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
                 cut = Some((key(first).0, key(last).0));
             }
