@@ -111,14 +111,12 @@ struct Target {
 }
 
 impl Target {
-    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value), String> {
-        let mut req = self
-            .client
-            .post(format!("{}/ngsi-ld/v1{path}", self.base))
-            .json(body);
-        if let Some(t) = &self.tenant {
-            req = req.header("NGSILD-Tenant", t);
-        }
+    /// Sends a request with the tenant header; answers its status and JSON body.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<(u16, Value), String> {
+        let req = match &self.tenant {
+            Some(t) => req.header("NGSILD-Tenant", t),
+            None => req,
+        };
         let resp = req
             .send()
             .await
@@ -127,25 +125,21 @@ impl Target {
         let body = resp.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, body))
     }
-}
 
-impl Target {
+    async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value), String> {
+        let url = format!("{}/ngsi-ld/v1{path}", self.base);
+        self.send(self.client.post(url).json(body)).await
+    }
+
     /// Sends CSV lines to the bulk history import; returns the points stored.
     async fn import(&self, csv: String) -> Result<u64, String> {
-        let mut req = self
+        let url = format!("{}/api/v1/history/import", self.base);
+        let req = self
             .client
-            .post(format!("{}/api/v1/history/import", self.base))
+            .post(url)
             .header("content-type", "text/csv")
             .body(csv);
-        if let Some(t) = &self.tenant {
-            req = req.header("NGSILD-Tenant", t);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {}: {}", self.base, crate::bench::chain(&e)))?;
-        let status = resp.status().as_u16();
-        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        let (status, body) = self.send(req).await?;
         if status != 200 {
             return Err(format!(
                 "the server refused the history with {status}: {body}"
@@ -286,19 +280,9 @@ async fn register_actuators(target: &Target, city: &City) -> Result<usize, Strin
         .collect();
     let mut registered = 0;
     for chunk in actuators.chunks(1000) {
-        let mut req = target
-            .client
-            .post(format!("{}/api/v1/devices/import", target.base))
-            .json(&Value::Array(chunk.to_vec()));
-        if let Some(t) = &target.tenant {
-            req = req.header("NGSILD-Tenant", t);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {}: {}", target.base, crate::bench::chain(&e)))?;
-        let status = resp.status().as_u16();
-        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        let url = format!("{}/api/v1/devices/import", target.base);
+        let req = target.client.post(url).json(&Value::Array(chunk.to_vec()));
+        let (status, body) = target.send(req).await?;
         match status {
             201 | 207 => registered += body["created"].as_array().map_or(0, Vec::len),
             // A server without the device registry: nothing to command.
