@@ -102,6 +102,9 @@ struct Hot {
 pub struct History {
     series: HashMap<String, u64>,
     hot: HashMap<u64, Hot>,
+    /// Series that reached [`SEAL_AT`] hot rows since the last seal: a commit
+    /// looks at these, never at every series.
+    full: Vec<u64>,
     next_series: u64,
     next_seq: u64,
     next_chunk: u64,
@@ -128,6 +131,7 @@ impl History {
         let mut h = History {
             series: HashMap::new(),
             hot: HashMap::new(),
+            full: Vec::new(),
             next_series: 1,
             next_seq: 1,
             next_chunk: 1,
@@ -157,6 +161,12 @@ impl History {
             hot.count += 1;
             hot.oldest = hot.oldest.min(at);
         }
+        h.full = h
+            .hot
+            .iter()
+            .filter(|(_, hot)| hot.count >= SEAL_AT)
+            .map(|(s, _)| *s)
+            .collect();
         Ok(h)
     }
 
@@ -234,6 +244,9 @@ impl History {
         });
         hot.count += 1;
         hot.oldest = hot.oldest.min(at);
+        if hot.count == SEAL_AT {
+            self.full.push(series);
+        }
         Ok(InstanceId { series, at, seq })
     }
 
@@ -264,14 +277,10 @@ impl History {
     }
 
     fn seal_full(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
-        let full: Vec<u64> = self
-            .hot
-            .iter()
-            .filter(|(_, h)| h.count >= SEAL_AT)
-            .map(|(s, _)| *s)
-            .collect();
-        for s in full {
-            self.seal(txn, s)?;
+        for s in std::mem::take(&mut self.full) {
+            if self.hot.get(&s).is_some_and(|h| h.count >= SEAL_AT) {
+                self.seal(txn, s)?;
+            }
         }
         Ok(())
     }
