@@ -1,48 +1,14 @@
 //! Durability of the real binary: writes acknowledged with a 2xx survive
 //! `kill -9` at random moments, and SIGTERM shuts the server down cleanly.
 
+mod support;
+
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-fn start(data: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
-        .args([
-            "serve",
-            "--mqtt",
-            "off",
-            "--http",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn",
-            "--data",
-        ])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start borough");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from borough: {line:?}"))
-        .to_string();
-    Server { child, base: addr }
-}
+use support::start;
 
 #[derive(Default)]
 struct Acked {
@@ -159,7 +125,7 @@ fn acknowledged_writes_survive_kill_9() {
     }));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..10 {
-        let mut server = start(dir.path());
+        let mut server = start(dir.path(), &[]);
         rt.block_on(verify(&client, &server.base, &acked.lock().unwrap()));
         let tasks: Vec<_> = (0..WRITERS)
             .map(|task| {
@@ -179,7 +145,7 @@ fn acknowledged_writes_survive_kill_9() {
             rt.block_on(t).expect("writer task");
         }
     }
-    let server = start(dir.path());
+    let server = start(dir.path(), &[]);
     let a = acked.lock().unwrap();
     assert!(
         a.ids.len() > 200,
@@ -195,7 +161,7 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
-    let mut server = start(dir.path());
+    let mut server = start(dir.path(), &[]);
     let r = rt
         .block_on(
             client
@@ -224,7 +190,7 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "borough exits 0 on SIGTERM, got {exit}");
 
-    let server = start(dir.path());
+    let server = start(dir.path(), &[]);
     let r = rt
         .block_on(
             client
@@ -237,11 +203,4 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
         .unwrap();
     assert_eq!(r.status(), 200);
     drop(server);
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -2,68 +2,12 @@
 //! and 5) against the embedded broker and against the local Mosquitto in
 //! external mode, and the HTTP device API.
 
+mod support;
+
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    base: String,
-    mqtt_port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--log-level",
-            "error",
-            "--data",
-        ])
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start borough");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("listening line");
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening")
-        .to_string();
-    let mut mqtt_port = 0;
-    let embedded_broker = !extra.iter().any(|a| a.starts_with("--mqtt-broker"))
-        && !extra.windows(2).any(|w| w == ["--mqtt", "off"]);
-    if embedded_broker {
-        line.clear();
-        out.read_line(&mut line).expect("mqtt line");
-        mqtt_port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("mqtt listening on ADDR");
-    }
-    Server {
-        child,
-        base,
-        mqtt_port,
-    }
-}
+use support::start;
 
 async fn call(
     method: reqwest::Method,

@@ -2,59 +2,18 @@
 //! loopback, and the failures a city lives with: a receiver that fails, one
 //! that hangs, and a server killed with SIGKILL in the middle of a stream.
 
+mod support;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_borough"))
-        .args([
-            "serve",
-            "--mqtt",
-            "off",
-            "--http",
-            "127.0.0.1:0",
-            "--log-level",
-            "error",
-            "--data",
-        ])
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start borough");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening")
-        .to_string();
-    Server { child, base }
-}
+use support::start;
 
 /// What a receiver got: every notification body, in arrival order.
 #[derive(Clone, Default)]
