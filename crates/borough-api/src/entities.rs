@@ -396,8 +396,10 @@ pub async fn append(
     let no_overwrite = options(&params, &["noOverwrite"])?
         .iter()
         .any(|o| o == "noOverwrite");
+    // merge-patch+json is accepted here as well: appending and updating
+    // attributes have merge semantics.
     let (v, actx) =
-        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
     let outcome = write_one(
@@ -422,8 +424,10 @@ pub async fn update(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
+    // merge-patch+json is accepted here as well: appending and updating
+    // attributes have merge semantics.
     let (v, actx) =
-        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
     if frag.attrs.is_empty() {

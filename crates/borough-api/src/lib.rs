@@ -41,6 +41,9 @@ pub struct ApiConfig {
     /// Serve `GET /bench/static` with a fixed body of this many bytes: the
     /// HTTP-ceiling baseline of `borough bench`. Off in normal operation.
     pub bench_static_bytes: Option<usize>,
+    /// Most instances (or aggregation buckets) of one attribute in a temporal
+    /// answer; a longer one is cut, as a 206 with `Content-Range`.
+    pub temporal_page_instances: usize,
 }
 
 impl Default for ApiConfig {
@@ -51,6 +54,7 @@ impl Default for ApiConfig {
             max_batch_entities: 10_000,
             context_fetch_timeout: Duration::from_secs(3),
             bench_static_bytes: None,
+            temporal_page_instances: temporal::MAX_INSTANCES,
         }
     }
 }
@@ -171,6 +175,35 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state))
+}
+
+/// Wraps the whole application so that a path with a trailing slash is the
+/// same resource as without: the FIWARE clients address collections as
+/// `/ngsi-ld/v1/entities/`. The rewrite happens before routing, so it holds
+/// for every route merged into `app`.
+pub fn with_normalized_paths(app: Router) -> Router {
+    Router::new().fallback_service(tower::ServiceExt::map_request(app, trim_trailing_slash))
+}
+
+fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {
+    let uri = req.uri();
+    let path = uri.path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+        let rebuilt = match uri.query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_string(),
+        };
+        if let Ok(pq) = rebuilt.parse::<axum::http::uri::PathAndQuery>() {
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(pq);
+            if let Ok(new_uri) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = new_uri;
+            }
+        }
+    }
+    req
 }
 
 async fn health(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {

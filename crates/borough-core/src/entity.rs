@@ -66,6 +66,43 @@ impl AttrKind {
     }
 }
 
+/// The NGSI-LD Null (clause 4.5.0): in an update, merge or partial update it
+/// deletes the attribute (or the instance with the given datasetId).
+pub const NGSI_LD_NULL: &str = "urn:ngsi-ld:null";
+
+/// Whether a value member is NGSI-LD Null, in the plain form or the typed
+/// forms of v1.8 (`{"@none": null-IRI}` for languageMap, `[null-IRI]` for
+/// lists, `{"object": null-IRI}` items for objectList).
+pub fn is_ngsi_null(member: &str, raw: &Value) -> bool {
+    let is_null_iri = |v: &Value| v.as_str() == Some(NGSI_LD_NULL);
+    match member {
+        "languageMap" => {
+            is_null_iri(raw)
+                || raw
+                    .as_object()
+                    .is_some_and(|m| m.len() == 1 && m.get("@none").is_some_and(is_null_iri))
+        }
+        "valueList" | "objectList" => {
+            is_null_iri(raw)
+                || raw.as_array().is_some_and(|a| {
+                    a.len() == 1
+                        && (is_null_iri(&a[0])
+                            || a[0]
+                                .as_object()
+                                .is_some_and(|o| o.get("object").is_some_and(is_null_iri)))
+                })
+        }
+        "json" => {
+            is_null_iri(raw)
+                || raw.as_object().is_some_and(|o| {
+                    o.get("@type").and_then(Value::as_str) == Some("@json")
+                        && o.get("@value").is_some_and(is_null_iri)
+                })
+        }
+        _ => is_null_iri(raw),
+    }
+}
+
 /// Members of an attribute object that are not sub-attributes.
 const VALUE_KEYS: [&str; 7] = [
     "value",
@@ -211,8 +248,20 @@ pub enum ParseMode {
 }
 
 impl AttrPatch {
+    /// Whether this patch deletes its attribute instance (NGSI-LD Null, or a
+    /// JSON `null` value in a merge).
+    pub fn deletes(&self) -> bool {
+        self.value.as_ref().is_some_and(Value::is_null)
+    }
+
     /// Builds a full attribute from a patch that carries every part.
     pub fn into_attribute(self, name: &str, now: i64) -> NgsiResult<Attribute> {
+        if self.deletes() {
+            return Err(NgsiError::bad_data(format!(
+                "attribute '{}' is NGSI-LD Null ({NGSI_LD_NULL}), which only deletes in an update or merge",
+                short_name(name)
+            )));
+        }
         let kind = self.kind.ok_or_else(|| {
             NgsiError::bad_data(format!("attribute '{}' has no value", short_name(name)))
         })?;
@@ -280,6 +329,9 @@ impl AttrPatch {
         for (sub_name, patch) in self.sub {
             match patch {
                 None => {
+                    attr.sub.shift_remove(&sub_name);
+                }
+                Some(p) if p.deletes() => {
                     attr.sub.shift_remove(&sub_name);
                 }
                 Some(p) => match attr.sub.get_mut(&sub_name) {
@@ -508,6 +560,13 @@ pub fn parse_attribute(
         Value::Null => {
             return Err(NgsiError::bad_data(format!("attribute '{name}' is null")));
         }
+        // Concise NGSI-LD Null: delete the attribute in an update.
+        Value::String(s) if s == NGSI_LD_NULL => {
+            return Ok(AttrPatch {
+                value: Some(Value::Null),
+                ..Default::default()
+            });
+        }
         // Concise Property: the value itself.
         other => {
             return Ok(AttrPatch {
@@ -572,7 +631,9 @@ pub fn parse_attribute(
     };
     if let (Some(kind), Some(member)) = (kind, present.first()) {
         let raw = &obj[*member];
-        if raw.is_null() {
+        if is_ngsi_null(member, raw) {
+            patch.value = Some(Value::Null);
+        } else if raw.is_null() {
             if mode == ParseMode::Full {
                 return Err(NgsiError::bad_data(format!(
                     "attribute '{name}' has a null '{member}'"
@@ -583,7 +644,7 @@ pub fn parse_attribute(
             patch.value = Some(normalize_value(name, kind, raw, ctx)?);
         }
     }
-    if mode == ParseMode::Full && patch.value.is_none() {
+    if mode == ParseMode::Full && patch.value.is_none() && !patch.deletes() {
         return Err(NgsiError::bad_data(format!(
             "attribute '{name}' has no value member ({})",
             kind.map(AttrKind::value_key)

@@ -184,6 +184,17 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
                 })?;
                 for p in list {
                     let exists = find_instance(&next, &name, p.dataset_id.as_deref()).is_some();
+                    if p.deletes() {
+                        record_deletion(
+                            &mut next,
+                            &name,
+                            &p,
+                            exists,
+                            &mut updated,
+                            &mut not_updated,
+                        );
+                        continue;
+                    }
                     if exists && no_overwrite {
                         not_updated.push(NotUpdated {
                             attribute_name: name.clone(),
@@ -210,7 +221,19 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
                     NgsiError::bad_data(format!("attribute '{}' is null", short_name(&name)))
                 })?;
                 for p in list {
-                    if find_instance(&next, &name, p.dataset_id.as_deref()).is_none() {
+                    let exists = find_instance(&next, &name, p.dataset_id.as_deref()).is_some();
+                    if p.deletes() {
+                        record_deletion(
+                            &mut next,
+                            &name,
+                            &p,
+                            exists,
+                            &mut updated,
+                            &mut not_updated,
+                        );
+                        continue;
+                    }
+                    if !exists {
                         not_updated.push(NotUpdated {
                             attribute_name: name.clone(),
                             reason: match &p.dataset_id {
@@ -236,6 +259,21 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
             let mut next = cur.clone();
             let inst = find_instance_mut(&mut next, &attr, patch.dataset_id.as_deref())
                 .ok_or_else(|| attr_missing(&id, &attr, patch.dataset_id.as_deref()))?;
+            if patch.deletes() {
+                remove_instance(&mut next, &attr, patch.dataset_id.as_deref());
+                next.modified_at = now;
+                return Ok((Change::Put(next), OpOutcome::Updated));
+            }
+            if let Some(kind) = patch.kind
+                && kind != inst.kind
+            {
+                return Err(NgsiError::bad_data(format!(
+                    "a partial update cannot change attribute '{}' from {} to {}; replace the attribute instead",
+                    short_name(&attr),
+                    inst.kind.name(),
+                    kind.name()
+                )));
+            }
             patch.merge_into(inst, &attr, now)?;
             next.modified_at = now;
             Ok((Change::Put(next), OpOutcome::Updated))
@@ -399,15 +437,44 @@ fn put_instance(e: &mut Entity, name: &str, mut attr: Attribute, now: i64) {
     }
 }
 
-fn merge_instance(e: &mut Entity, name: &str, p: AttrPatch, now: i64) -> NgsiResult<()> {
-    if p.value.as_ref().is_some_and(|v| v.is_null()) {
-        // `"value": null` in a merge removes that instance.
-        if let Some(list) = e.attrs.get_mut(name) {
-            list.retain(|a| a.dataset_id != p.dataset_id);
-            if list.is_empty() {
-                e.attrs.shift_remove(name);
-            }
+/// Removes the instance of `name` with `dataset_id`, and the attribute when
+/// it was the last one.
+fn remove_instance(e: &mut Entity, name: &str, dataset_id: Option<&str>) {
+    if let Some(list) = e.attrs.get_mut(name) {
+        list.retain(|a| a.dataset_id.as_deref() != dataset_id);
+        if list.is_empty() {
+            e.attrs.shift_remove(name);
         }
+    }
+}
+
+/// An NGSI-LD Null in an append or update: the instance is deleted, or
+/// reported as not updated when there is none.
+fn record_deletion(
+    next: &mut Entity,
+    name: &str,
+    p: &AttrPatch,
+    exists: bool,
+    updated: &mut Vec<String>,
+    not_updated: &mut Vec<NotUpdated>,
+) {
+    if exists {
+        remove_instance(next, name, p.dataset_id.as_deref());
+        if !updated.iter().any(|u| u == name) {
+            updated.push(name.to_string());
+        }
+    } else {
+        not_updated.push(NotUpdated {
+            attribute_name: name.to_string(),
+            reason: "NGSI-LD Null given for an attribute the entity does not have".into(),
+        });
+    }
+}
+
+fn merge_instance(e: &mut Entity, name: &str, p: AttrPatch, now: i64) -> NgsiResult<()> {
+    if p.deletes() {
+        // NGSI-LD Null (or `"value": null`) in a merge removes that instance.
+        remove_instance(e, name, p.dataset_id.as_deref());
         return Ok(());
     }
     match find_instance_mut(e, name, p.dataset_id.as_deref()) {
@@ -653,5 +720,135 @@ mod tests {
         assert_eq!(speed.value, json!(7));
         assert_eq!(speed.unit_code.as_deref(), Some("KMH"));
         assert_eq!(speed.sub[&format!("{V}accuracy")].value, json!(0.5));
+    }
+
+    #[test]
+    fn ngsi_ld_null_deletes_in_merge_update_append_and_partial_update() {
+        let cur = base();
+        let speed = format!("{V}speed");
+        let temp = format!("{V}temp");
+        // Merge: concise null, and the typed null of one datasetId instance.
+        let f = frag(
+            json!({"speed": "urn:ngsi-ld:null",
+                   "temp": {"value": "urn:ngsi-ld:null", "datasetId": "urn:d:1"}}),
+            ParseMode::Patch,
+        );
+        let next = put(apply(
+            EntityOp::Merge {
+                id: "urn:a".into(),
+                patch: f,
+            },
+            Some(&cur),
+            2,
+        )
+        .unwrap()
+        .0);
+        assert!(!next.attrs.contains_key(&speed));
+        assert_eq!(next.attrs[&temp].len(), 1);
+        assert_eq!(next.attrs[&temp][0].dataset_id, None);
+        // Update: a null deletes; a null for a missing attribute is reported.
+        let f = frag(
+            json!({"speed": {"type": "Property", "value": "urn:ngsi-ld:null"},
+                   "nothing": {"type": "Property", "value": "urn:ngsi-ld:null"}}),
+            ParseMode::Full,
+        );
+        let (c, o) = apply(
+            EntityOp::Update {
+                id: "urn:a".into(),
+                frag: f,
+            },
+            Some(&cur),
+            3,
+        )
+        .unwrap();
+        assert!(!put(c).attrs.contains_key(&speed));
+        match o {
+            OpOutcome::Partial {
+                updated,
+                not_updated,
+            } => {
+                assert_eq!(updated, vec![speed.clone()]);
+                assert_eq!(not_updated[0].attribute_name, format!("{V}nothing"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Append with a typed null of a LanguageProperty.
+        let mut with_name = cur.clone();
+        with_name.attrs.insert(
+            format!("{V}name"),
+            entity(json!({"id": "urn:a", "type": "T",
+                "name": {"type": "LanguageProperty", "languageMap": {"en": "x"}}}))
+            .attrs
+            .shift_remove(&format!("{V}name"))
+            .unwrap(),
+        );
+        let f = frag(
+            json!({"name": {"type": "LanguageProperty", "languageMap": {"@none": "urn:ngsi-ld:null"}}}),
+            ParseMode::Full,
+        );
+        let (c, _) = apply(
+            EntityOp::Append {
+                id: "urn:a".into(),
+                frag: f,
+                no_overwrite: false,
+            },
+            Some(&with_name),
+            4,
+        )
+        .unwrap();
+        assert!(!put(c).attrs.contains_key(&format!("{V}name")));
+        // Partial attribute update.
+        let patch = crate::entity::parse_attribute(
+            "temp",
+            &json!({"value": "urn:ngsi-ld:null", "datasetId": "urn:d:1"}),
+            &Context::core(),
+            ParseMode::Patch,
+            0,
+        )
+        .unwrap();
+        let next = put(apply(
+            EntityOp::PatchAttr {
+                id: "urn:a".into(),
+                attr: temp.clone(),
+                patch,
+            },
+            Some(&cur),
+            5,
+        )
+        .unwrap()
+        .0);
+        assert_eq!(next.attrs[&temp].len(), 1);
+        // A null cannot create anything.
+        let err = crate::entity::parse_entity(
+            &json!({"id": "urn:b", "type": "T", "p": "urn:ngsi-ld:null"}),
+            &Context::core(),
+            0,
+        )
+        .unwrap_err();
+        assert!(err.detail.contains("NGSI-LD Null"), "{}", err.detail);
+    }
+
+    #[test]
+    fn partial_update_cannot_change_the_attribute_type() {
+        let cur = base();
+        let patch = crate::entity::parse_attribute(
+            "speed",
+            &json!({"type": "Relationship", "object": "urn:x"}),
+            &Context::core(),
+            ParseMode::Patch,
+            0,
+        )
+        .unwrap();
+        let err = apply(
+            EntityOp::PatchAttr {
+                id: "urn:a".into(),
+                attr: format!("{V}speed"),
+                patch,
+            },
+            Some(&cur),
+            5,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ProblemKind::BadRequestData);
     }
 }

@@ -41,14 +41,16 @@ pub struct RenderOptions {
 }
 
 impl RenderOptions {
-    fn wants(&self, name: &str) -> bool {
+    /// Whether the attribute `name` (expanded) is shown.
+    pub fn wants(&self, name: &str) -> bool {
         self.attrs
             .as_ref()
             .is_none_or(|w| w.iter().any(|x| x == name))
             && !self.omit.iter().any(|x| x == name)
     }
 
-    fn wants_instance(&self, a: &Attribute) -> bool {
+    /// Whether the instance is shown (datasetId selection).
+    pub fn wants_instance(&self, a: &Attribute) -> bool {
         self.dataset_ids
             .as_ref()
             .is_none_or(|ids| ids.contains(&a.dataset_id))

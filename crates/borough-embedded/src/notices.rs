@@ -293,7 +293,9 @@ pub fn match_change(
                 entity: subject.as_ref().clone(),
                 deleted: after.is_none(),
                 at: now,
-                previous: if s.show_changes && after.is_some() {
+                // The previous state shows changes, and names what an
+                // attributeDeleted notification reports as deleted.
+                previous: if (s.show_changes || trigger == "attributeDeleted") && after.is_some() {
                     before.map(|b| b.as_ref().clone())
                 } else {
                     None

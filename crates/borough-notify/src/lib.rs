@@ -7,7 +7,8 @@
 //! the last retry failed (then it goes to the dead letters): delivery is at
 //! least once, across restarts.
 
-use borough_core::render::{EntityListView, RenderOptions};
+use borough_core::entity::NGSI_LD_NULL;
+use borough_core::render::EntityListView;
 use borough_core::subscription::CompiledSubscription;
 use borough_core::validate::{format_datetime, now_micros};
 use borough_core::{Context, Entity};
@@ -360,7 +361,7 @@ fn notification(sub: &CompiledSubscription, id: &str, items: &[Item<'_>], now: i
     let ld = sub.endpoint.accept == "application/ld+json";
     let data: Vec<Value> = items
         .iter()
-        .map(|(e, gone, previous)| render(e, *gone, *previous, &sub.ctx, &sub.render, now))
+        .map(|(e, gone, previous)| render(sub, e, *gone, *previous, now))
         .collect();
     let mut n = Map::new();
     if ld {
@@ -375,13 +376,13 @@ fn notification(sub: &CompiledSubscription, id: &str, items: &[Item<'_>], now: i
 }
 
 fn render(
+    sub: &CompiledSubscription,
     e: &Entity,
     deleted: bool,
     previous: Option<&Entity>,
-    ctx: &Context,
-    opts: &RenderOptions,
     now: i64,
 ) -> Value {
+    let (ctx, opts) = (&sub.ctx, &sub.render);
     if deleted {
         let types: Vec<Value> = e.types.iter().map(|t| json!(ctx.compact(t))).collect();
         let t = if types.len() == 1 {
@@ -403,9 +404,70 @@ fn render(
         _ => Value::Null,
     };
     if let Some(before) = previous {
-        show_changes(&mut out, e, before, ctx);
+        if sub.show_changes {
+            show_changes(&mut out, e, before, ctx);
+        }
+        show_deleted(&mut out, e, before, sub, now);
     }
     out
+}
+
+/// Adds every attribute instance that the change deleted, as the spec shows a
+/// deletion: NGSI-LD Null as its value, `deletedAt`, and with `showChanges`
+/// the value it had. keyValues shows the bare NGSI-LD Null.
+fn show_deleted(
+    out: &mut Value,
+    e: &Entity,
+    before: &Entity,
+    sub: &CompiledSubscription,
+    now: i64,
+) {
+    let (ctx, opts) = (&sub.ctx, &sub.render);
+    let Value::Object(members) = out else {
+        return;
+    };
+    for (name, old) in &before.attrs {
+        if !opts.wants(name) {
+            continue;
+        }
+        let remaining = e.attrs.get(name);
+        let gone: Vec<&borough_core::entity::Attribute> = old
+            .iter()
+            .filter(|a| opts.wants_instance(a))
+            .filter(|a| remaining.is_none_or(|r| !r.iter().any(|x| x.dataset_id == a.dataset_id)))
+            .collect();
+        if gone.is_empty() {
+            continue;
+        }
+        let rendered: Vec<Value> = gone
+            .iter()
+            .map(|a| {
+                if opts.format == borough_core::Format::KeyValues {
+                    return json!(NGSI_LD_NULL);
+                }
+                let key = a.kind.value_key();
+                let mut m = Map::new();
+                m.insert("type".into(), json!(a.kind.name()));
+                m.insert(key.into(), json!(NGSI_LD_NULL));
+                if let Some(d) = &a.dataset_id {
+                    m.insert("datasetId".into(), json!(d));
+                }
+                m.insert("deletedAt".into(), json!(format_datetime(now)));
+                if sub.show_changes {
+                    let prev = format!("previous{}{}", key[..1].to_uppercase(), &key[1..]);
+                    m.insert(prev, borough_core::render::render_attribute(a, ctx, opts));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        let short = ctx.compact(name).into_owned();
+        let value = if rendered.len() == 1 {
+            rendered.into_iter().next().unwrap_or(Value::Null)
+        } else {
+            Value::Array(rendered)
+        };
+        members.entry(short).or_insert(value);
+    }
 }
 
 /// Adds the previous value (`previousValue`, `previousObject`, …) to every

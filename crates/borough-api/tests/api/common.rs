@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use borough_api::{ApiConfig, router};
+use borough_api::{ApiConfig, router, with_normalized_paths};
 use borough_embedded::EmbeddedStore;
 use borough_store::EntityStore;
 use http_body_util::BodyExt;
@@ -61,7 +61,7 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
         Self {
-            router: router(store.clone(), config.clone()).expect("router"),
+            router: with_normalized_paths(router(store.clone(), config.clone()).expect("router")),
             store,
             config,
             dir,
@@ -75,7 +75,9 @@ impl TestApp {
         drop(self.store);
         let store = Arc::new(EmbeddedStore::open(self.dir.path()).expect("store"));
         Self {
-            router: router(store.clone(), self.config.clone()).expect("router"),
+            router: with_normalized_paths(
+                router(store.clone(), self.config.clone()).expect("router"),
+            ),
             store,
             config: self.config,
             dir: self.dir,

@@ -340,3 +340,66 @@ async fn system_times_move_on_update_and_created_at_stays() {
     assert_ne!(before["speed"]["modifiedAt"], after["speed"]["modifiedAt"]);
     assert_ne!(before["modifiedAt"], after["modifiedAt"]);
 }
+
+#[tokio::test]
+async fn trailing_slashes_address_the_same_collections() {
+    let app = TestApp::new();
+    let e =
+        json!({"id": "urn:ngsi-ld:T:slash", "type": "T", "p": {"type": "Property", "value": 1}});
+    let r = app.json(Method::POST, "/ngsi-ld/v1/entities/", &e).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/entityOperations/upsert/?options=update",
+            &json!([{"id": "urn:ngsi-ld:T:slash", "type": "T", "p": {"type": "Property", "value": 2}}]),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = app.get("/ngsi-ld/v1/entities/?type=T").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body[0]["p"]["value"], json!(2));
+    let r = app.get("/ngsi-ld/v1/types/").await;
+    assert_eq!(r.body["typeList"], json!(["T"]));
+}
+
+#[tokio::test]
+async fn ngsi_ld_null_in_a_merge_patch_deletes_the_attribute() {
+    let app = TestApp::new();
+    let e = json!({"id": "urn:ngsi-ld:T:n", "type": "T",
+        "p": {"type": "Property", "value": 1},
+        "q": [{"type": "Property", "value": 1}, {"type": "Property", "value": 2, "datasetId": "urn:d:2"}]});
+    assert_eq!(
+        app.json(Method::POST, "/ngsi-ld/v1/entities", &e)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let r = app
+        .send(
+            Method::PATCH,
+            "/ngsi-ld/v1/entities/urn:ngsi-ld:T:n",
+            &[("content-type", "application/merge-patch+json")],
+            Some(json!({"p": "urn:ngsi-ld:null", "q": {"value": "urn:ngsi-ld:null", "datasetId": "urn:d:2"}}).to_string()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:T:n").await;
+    assert!(r.body.get("p").is_none(), "{}", r.body);
+    assert_eq!(r.body["q"]["value"], json!(1));
+    assert!(r.body["q"].get("datasetId").is_none());
+    // A null cannot create an attribute: 400, nothing changed.
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/entities",
+            &json!({"id": "urn:ngsi-ld:T:m", "type": "T", "p": "urn:ngsi-ld:null"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.problem(), "BadRequestData");
+    assert_eq!(
+        app.get("/ngsi-ld/v1/entities/urn:ngsi-ld:T:m").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
