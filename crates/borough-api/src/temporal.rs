@@ -4,10 +4,15 @@
 //!
 //! Entity selection follows the entity query: `id`, `idPattern` and `type` are
 //! checked against the entities that have history; `q`, `scopeQ` and
-//! geo-queries against their current state (an entity whose current state was
-//! deleted is then not selected). Instances are filtered by `timerel` on
-//! `timeproperty` and bounded per attribute; a cut answer is a 206 with
-//! `Content-Range: date-time <first>-<last>/*`.
+//! geo-queries against their current state, or, for an entity that has none
+//! (created through the temporal API alone, or deleted), against the latest
+//! instance of each of its attributes. A query answers only entities with an
+//! instance (of the `attrs` asked for) in the time window. Instances are
+//! filtered by `timerel` on `timeproperty` and bounded per attribute
+//! (`ApiConfig::temporal_page_instances`); a cut answer is a 206 with
+//! `Content-Range: date-time <first>-<last>/*`. `pick` and `omit` project as
+//! in the entity query. Times are written with the digits they have
+//! (`format_instant`): an instance sent at `10:00:00Z` comes back so.
 
 use crate::contexts::ActiveContext;
 use crate::entities::{
@@ -15,7 +20,7 @@ use crate::entities::{
 };
 use crate::problem::ApiResult;
 use crate::query::{Paging, paging, projection, query_from_body, query_from_params};
-use crate::request::{ResponseType, link_context, negotiate, tenant};
+use crate::request::{ResponseType, link_context, list_param, negotiate, tenant};
 use crate::{SharedState, typed_json_response};
 use axum::body::Body;
 use axum::extract::{OriginalUri, Path, Query, State};
@@ -26,20 +31,24 @@ use borough_core::query::EntityQuery;
 use borough_core::render::AttributeView;
 use borough_core::temporal::{
     AggrMethod, Aggregation, EntityHistory, HistoryBody, HistoryOp, HistoryOutcome, HistoryRequest,
-    InstanceId, Period, TimeProperty, TimeRange,
+    InstanceId, Period, TimeProperty, TimeRange, format_instant,
 };
-use borough_core::validate::{check_name, check_uri, format_datetime, now_micros};
+use borough_core::validate::{check_name, check_uri, now_micros, parse_datetime};
 use borough_core::{AttrKind, Attribute, Context, Entity, NgsiError, NgsiResult, RenderOptions};
+use borough_store::{EntityStore, StoreError};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 type Params = Query<HashMap<String, String>>;
 
-/// Most instances (or aggregation buckets) returned per attribute.
+/// Most instances (or aggregation buckets) returned per attribute, unless
+/// configured otherwise (`ApiConfig::temporal_page_instances`).
 pub const MAX_INSTANCES: usize = 10_000;
 /// Most instances (or buckets) per attribute in one temporal query answer, over all its entities.
 const MAX_RESPONSE_INSTANCES: usize = 1_000_000;
+/// Fewest instances per attribute and entity of a query answer (within the page size).
+const MIN_QUERY_INSTANCES: usize = 100;
 /// Most instances in one temporal create/append body.
 const MAX_BODY_INSTANCES: usize = 100_000;
 
@@ -51,17 +60,73 @@ enum Shape {
     Aggregated,
 }
 
+/// What a temporal answer shows of each entity (`attrs`, `pick`, `omit`).
+struct View {
+    /// `attrs`: the attributes that select entities (and are shown).
+    select: Option<Vec<String>>,
+    /// The attributes shown (`attrs` or `pick`; `None`: all but `omit`).
+    shown: Option<Vec<String>>,
+    omit: Vec<String>,
+    hide_id: bool,
+    hide_type: bool,
+}
+
+impl View {
+    fn from_projection(opts: RenderOptions, attrs: Vec<String>) -> Self {
+        Self {
+            select: (!attrs.is_empty()).then_some(attrs),
+            shown: opts.attrs,
+            omit: opts.omit,
+            hide_id: opts.hide_id,
+            hide_type: opts.hide_type,
+        }
+    }
+
+    fn shows(&self, name: &str) -> bool {
+        self.shown
+            .as_ref()
+            .is_none_or(|w| w.iter().any(|x| x == name))
+            && !self.omit.iter().any(|x| x == name)
+    }
+}
+
 /// Everything a temporal read asks, parsed from URL parameters (or a query body).
 struct TemporalParams {
+    /// The read of each entity: the attributes shown, in the time window.
     request: HistoryRequest,
     shape: Shape,
     sys_attrs: bool,
+    view: View,
 }
+
+impl TemporalParams {
+    /// A read that tells whether an entity has an instance of the selected
+    /// attributes in the time window.
+    fn probe(&self) -> HistoryRequest {
+        HistoryRequest {
+            attrs: self.view.select.clone(),
+            last_n: Some(1),
+            max_instances: 1,
+            aggregation: None,
+            ..self.request.clone()
+        }
+    }
+}
+
+/// Options of the temporal API.
+const OPTIONS: [&str; 5] = [
+    "temporalValues",
+    "aggregatedValues",
+    "sysAttrs",
+    "normalized",
+    "count",
+];
 
 fn temporal_params(
     params: &HashMap<String, String>,
-    attrs: Option<Vec<String>>,
+    view: View,
     temporal_q: Option<&Map<String, Value>>,
+    page_instances: usize,
 ) -> NgsiResult<TemporalParams> {
     // Members of a query body's temporalQ stand for the URL parameters.
     let get = |k: &str| -> Option<String> {
@@ -74,30 +139,31 @@ fn temporal_params(
             })
             .or_else(|| params.get(k).cloned())
     };
-    let opts = options(
-        params,
-        &[
-            "temporalValues",
-            "aggregatedValues",
-            "sysAttrs",
-            "normalized",
-        ],
-    )
-    .map_err(|e| e.0)?;
+    let page_instances = page_instances.max(1);
+    let opts = options(params, &OPTIONS).map_err(|e| e.0)?;
     let has = |o: &str| opts.iter().any(|x| x == o);
-    let format = params.get("format").map(String::as_str);
-    let shape = match (
-        has("temporalValues") || format == Some("temporalValues"),
-        has("aggregatedValues") || format == Some("aggregatedValues"),
-    ) {
-        (true, true) => {
-            return Err(NgsiError::bad_data(
-                "temporalValues and aggregatedValues cannot be combined",
-            ));
+    if has("temporalValues") && has("aggregatedValues") {
+        return Err(NgsiError::bad_data(
+            "options temporalValues and aggregatedValues cannot be combined",
+        ));
+    }
+    let format = match params.get("format").map(String::as_str) {
+        None | Some("normalized") => None,
+        Some(f @ ("temporalValues" | "aggregatedValues")) => Some(f),
+        Some(other) => {
+            return Err(NgsiError::bad_data(format!(
+                "unknown format '{}'; use normalized, temporalValues or aggregatedValues",
+                other.chars().take(80).collect::<String>()
+            )));
         }
-        (true, false) => Shape::TemporalValues,
-        (false, true) => Shape::Aggregated,
-        (false, false) => Shape::Normalized,
+    };
+    // An aggregation asked for by either parameter is what is answered.
+    let shape = if has("aggregatedValues") || format == Some("aggregatedValues") {
+        Shape::Aggregated
+    } else if has("temporalValues") || format == Some("temporalValues") {
+        Shape::TemporalValues
+    } else {
+        Shape::Normalized
     };
     let range = TimeRange::parse(
         get("timerel").as_deref(),
@@ -114,9 +180,9 @@ fn temporal_params(
             let n: usize = v.parse().map_err(|_| {
                 NgsiError::bad_data(format!("lastN must be a positive integer, not '{v}'"))
             })?;
-            if n == 0 || n > MAX_INSTANCES {
+            if n == 0 || n > page_instances {
                 return Err(NgsiError::bad_data(format!(
-                    "lastN must be between 1 and {MAX_INSTANCES}, not {n}"
+                    "lastN must be between 1 and {page_instances}, not {n}"
                 )));
             }
             Some(n)
@@ -141,55 +207,123 @@ fn temporal_params(
         }
         None
     };
+    // Only what is shown is read; omitted attributes are left out when rendering.
+    let read_attrs = view.shown.as_ref().map(|list| {
+        list.iter()
+            .filter(|a| !view.omit.contains(a))
+            .cloned()
+            .collect()
+    });
     Ok(TemporalParams {
         request: HistoryRequest {
-            attrs,
+            attrs: read_attrs,
             time_property,
             range,
             last_n,
-            max_instances: MAX_INSTANCES,
+            max_instances: page_instances,
             aggregation,
         },
         shape,
         sys_attrs: has("sysAttrs"),
+        view,
     })
 }
 
-/// `attrs` (expanded). The temporal options are not the entity query's, so
-/// they are taken out before the shared projection rules apply.
-fn attrs_param(
-    params: &HashMap<String, String>,
-    actx: &ActiveContext,
-) -> NgsiResult<Option<Vec<String>>> {
+/// `attrs`, `pick` and `omit` (expanded). The temporal options and formats
+/// are not the entity query's, so they are taken out before the shared
+/// projection rules apply.
+fn view_params(params: &HashMap<String, String>, actx: &ActiveContext) -> NgsiResult<View> {
+    let rest = without_formats(params);
+    let (opts, attrs) = projection(&rest, None, actx)?;
+    Ok(View::from_projection(opts, attrs))
+}
+
+fn without_formats(params: &HashMap<String, String>) -> HashMap<String, String> {
     let mut rest = params.clone();
     rest.remove("options");
     rest.remove("format");
-    let (_, attrs) = projection(&rest, None, actx)?;
-    Ok((!attrs.is_empty()).then_some(attrs))
+    rest
+}
+
+/// Paging of a temporal query: `count=true` or `options=count` asks for the count.
+fn temporal_paging(params: &HashMap<String, String>) -> NgsiResult<Paging> {
+    if list_param(params.get("options").map(String::as_str)).contains(&"count") {
+        let mut p = params.clone();
+        p.insert("count".into(), "true".into());
+        return paging(&p);
+    }
+    paging(params)
+}
+
+/// Members of a normalized attribute that hold its value (not sub-attributes).
+const VALUE_MEMBERS: [&str; 7] = [
+    "value",
+    "object",
+    "languageMap",
+    "vocab",
+    "json",
+    "valueList",
+    "objectList",
+];
+/// Members of an attribute that are times.
+const TIME_MEMBERS: [&str; 4] = ["observedAt", "createdAt", "modifiedAt", "deletedAt"];
+
+/// Rewrites the times of a rendered attribute (and of its sub-attributes)
+/// with the digits they have.
+fn retime(m: &mut Map<String, Value>) {
+    for (k, v) in m.iter_mut() {
+        if VALUE_MEMBERS.contains(&k.as_str()) {
+            continue;
+        }
+        match v {
+            Value::String(s) if TIME_MEMBERS.contains(&k.as_str()) => {
+                if let Some(t) = parse_datetime(s) {
+                    *s = format_instant(t);
+                }
+            }
+            Value::Object(sub) => retime(sub),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a history holds at least one instance or aggregation bucket.
+fn has_data(h: &EntityHistory) -> bool {
+    h.attrs.iter().any(|a| match &a.body {
+        HistoryBody::Instances(list) => !list.is_empty(),
+        HistoryBody::Aggregated { buckets, .. } => !buckets.is_empty(),
+    })
 }
 
 /// Renders one entity's history.
 fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
     let mut out = Map::new();
-    out.insert("id".into(), Value::String(h.id.clone()));
-    let types: Vec<Value> = h
-        .types
-        .iter()
-        .map(|t| Value::String(ctx.compact(t).into_owned()))
-        .collect();
-    out.insert(
-        "type".into(),
-        match <[Value; 1]>::try_from(types) {
-            Ok([one]) => one,
-            Err(many) => Value::Array(many),
-        },
-    );
+    if !tp.view.hide_id {
+        out.insert("id".into(), Value::String(h.id.clone()));
+    }
+    if !tp.view.hide_type {
+        let types: Vec<Value> = h
+            .types
+            .iter()
+            .map(|t| Value::String(ctx.compact(t).into_owned()))
+            .collect();
+        out.insert(
+            "type".into(),
+            match <[Value; 1]>::try_from(types) {
+                Ok([one]) => one,
+                Err(many) => Value::Array(many),
+            },
+        );
+    }
     let opts = RenderOptions {
         sys_attrs: tp.sys_attrs,
         ..RenderOptions::default()
     };
     let mut by_name: Vec<(String, Vec<Value>)> = Vec::new();
     for a in &h.attrs {
+        if !tp.view.shows(&a.name) {
+            continue;
+        }
         let rendered: Vec<Value> = match &a.body {
             HistoryBody::Instances(list) => match tp.shape {
                 Shape::TemporalValues => {
@@ -203,7 +337,7 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
                                     .get(kind.value_key())
                                     .cloned()
                                     .unwrap_or(Value::Null),
-                                format_datetime(tp.request.time_property.of(&i.attr))
+                                tp.request.time_property.of(&i.attr).map(format_instant)
                             ])
                         })
                         .collect();
@@ -225,6 +359,7 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
                         })
                         .unwrap_or(Value::Null);
                         if let Value::Object(m) = &mut v {
+                            retime(m);
                             m.insert("instanceId".into(), Value::String(i.id.to_uri()));
                         }
                         v
@@ -232,6 +367,9 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
                     .collect(),
             },
             HistoryBody::Aggregated { kind, buckets } => {
+                if buckets.is_empty() {
+                    continue;
+                }
                 let methods = tp
                     .request
                     .aggregation
@@ -246,8 +384,8 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
                         .map(|b| {
                             json!([
                                 b.values.get(i).cloned().unwrap_or(Value::Null),
-                                format_datetime(b.start),
-                                format_datetime(b.end)
+                                format_instant(b.start),
+                                format_instant(b.end)
                             ])
                         })
                         .collect();
@@ -279,14 +417,15 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
     Value::Object(out)
 }
 
-/// The member holding the simplified temporal values of each attribute kind.
+/// The member holding the simplified temporal values of each attribute kind
+/// (clause 4.5.9).
 fn simplified_key(kind: AttrKind) -> &'static str {
     match kind {
         AttrKind::Property | AttrKind::GeoProperty => "values",
         AttrKind::Relationship => "objects",
-        AttrKind::LanguageProperty => "languageMaps",
-        AttrKind::VocabProperty => "vocabs",
-        AttrKind::JsonProperty => "jsons",
+        AttrKind::LanguageProperty => "languageMap",
+        AttrKind::VocabProperty => "vocab",
+        AttrKind::JsonProperty => "json",
         AttrKind::ListProperty => "valueLists",
         AttrKind::ListRelationship => "objectLists",
     }
@@ -334,8 +473,8 @@ fn respond(
     if let Some((first, last)) = truncated
         && let Ok(v) = HeaderValue::from_str(&format!(
             "date-time {}-{}/*",
-            format_datetime(first),
-            format_datetime(last)
+            format_instant(first),
+            format_instant(last)
         ))
     {
         resp.headers_mut().insert(header::CONTENT_RANGE, v);
@@ -359,7 +498,7 @@ async fn read_histories(
                 out.push(h);
             }
         }
-        Ok::<_, borough_store::StoreError>(out)
+        Ok::<_, StoreError>(out)
     })
     .await
     .map_err(|e| NgsiError::internal(format!("history read failed: {e}")))??;
@@ -380,8 +519,8 @@ pub async fn retrieve(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    let attrs = attrs_param(&params, &actx)?;
-    let tp = temporal_params(&params, attrs, None)?;
+    let view = view_params(&params, &actx)?;
+    let tp = temporal_params(&params, view, None, state.config.temporal_page_instances)?;
     let mut found = read_histories(&state, &tenant, vec![id.clone()], tp.request.clone()).await?;
     let h = found.pop().ok_or_else(|| {
         NgsiError::not_found(format!("entity '{id}' has no temporal representation"))
@@ -390,11 +529,64 @@ pub async fn retrieve(
     Ok(respond(rt, body, &actx, &tenant, h.truncated))
 }
 
-/// The entities with history that a temporal query selects, in id order.
-fn select(state: &SharedState, tenant: &str, query: &EntityQuery) -> ApiResult<Vec<String>> {
-    let candidates = state.store.history_entities(tenant, None)?;
+/// The entities of one page of a temporal query.
+struct Selection {
+    ids: Vec<String>,
+    /// How many entities match in all (with a count).
+    total: Option<usize>,
+    has_next: bool,
+}
+
+/// The entity an entity without a current state was last: the latest instance
+/// of each of its attributes.
+fn latest_state(
+    store: &dyn EntityStore,
+    tenant: &str,
+    id: &str,
+    types: &[String],
+) -> Result<Option<Entity>, StoreError> {
+    let request = HistoryRequest {
+        attrs: None,
+        time_property: TimeProperty::ObservedAt,
+        range: TimeRange::ALL,
+        last_n: Some(1),
+        max_instances: 1,
+        aggregation: None,
+    };
+    let Some(h) = store.history(tenant, id, &request)? else {
+        return Ok(None);
+    };
+    let mut e = Entity {
+        id: id.to_string(),
+        types: types.to_vec(),
+        scopes: Vec::new(),
+        attrs: Default::default(),
+        created_at: 0,
+        modified_at: 0,
+    };
+    for a in h.attrs {
+        if let HistoryBody::Instances(list) = a.body {
+            for i in list {
+                e.attrs.entry(a.name.clone()).or_default().push(i.attr);
+            }
+        }
+    }
+    Ok(Some(e))
+}
+
+/// The entities with history that a temporal query selects, in id order: a
+/// page of them, with whether there are more (and how many in all, with a
+/// count). Blocking: it reads history.
+fn select(
+    store: &dyn EntityStore,
+    tenant: &str,
+    query: &EntityQuery,
+    probe: &HistoryRequest,
+    page: Paging,
+) -> Result<Selection, StoreError> {
+    let candidates = store.history_entities(tenant, None)?;
     // ids, idPattern and types are checked on what history knows of an entity;
-    // q, scopeQ and geo-queries need its current state.
+    // q, scopeQ and geo-queries need its state.
     let identity = EntityQuery {
         ids: query.ids.clone(),
         id_pattern: query.id_pattern.clone(),
@@ -409,8 +601,18 @@ fn select(state: &SharedState, tenant: &str, query: &EntityQuery) -> ApiResult<V
         ..EntityQuery::default()
     };
     let needs_state = !content.is_unrestricted();
-    let mut out = Vec::new();
+    // Without a count, one entity past the page tells that there is a next page.
+    let enough = if page.count {
+        usize::MAX
+    } else {
+        page.offset.saturating_add(page.limit).saturating_add(1)
+    };
+    let mut matched = 0usize;
+    let mut ids = Vec::new();
     for (id, types) in candidates {
+        if matched >= enough {
+            break;
+        }
         let stub = Entity {
             id,
             types,
@@ -422,17 +624,33 @@ fn select(state: &SharedState, tenant: &str, query: &EntityQuery) -> ApiResult<V
         if !identity.matches(&stub) {
             continue;
         }
-        if needs_state
-            && !state
-                .store
-                .get(tenant, &stub.id)
-                .is_some_and(|e| content.matches(&e))
+        if needs_state {
+            let ok = match store.get(tenant, &stub.id) {
+                Some(e) => content.matches(&e),
+                None => latest_state(store, tenant, &stub.id, &stub.types)?
+                    .is_some_and(|e| content.matches(&e)),
+            };
+            if !ok {
+                continue;
+            }
+        }
+        // Only entities with something to show in the window are answered.
+        if !store
+            .history(tenant, &stub.id, probe)?
+            .is_some_and(|h| has_data(&h))
         {
             continue;
         }
-        out.push(stub.id);
+        if matched >= page.offset && ids.len() < page.limit {
+            ids.push(stub.id);
+        }
+        matched += 1;
     }
-    Ok(out)
+    Ok(Selection {
+        has_next: matched > page.offset.saturating_add(ids.len()),
+        total: page.count.then_some(matched),
+        ids,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -446,31 +664,33 @@ async fn query_and_respond(
     actx: &ActiveContext,
     uri: &Uri,
 ) -> ApiResult<Response> {
-    if query.is_unrestricted() && tp.request.attrs.is_none() {
+    if query.is_unrestricted() && tp.view.select.is_none() {
         return Err(NgsiError::bad_data(
             "the temporal query is too broad: give at least one of type, id, idPattern, attrs, q, scopeQ or a geo-query",
         )
         .into());
     }
-    let ids = select(state, tenant, &query)?;
-    let total = ids.len();
-    let page_ids: Vec<String> = ids.into_iter().skip(page.offset).take(page.limit).collect();
-    let has_next = page.offset + page_ids.len() < total;
-    let wanted_attrs = tp.request.attrs.is_some();
+    let store = state.store.clone();
+    let owned_tenant = tenant.to_string();
+    let probe = tp.probe();
+    let sel = tokio::task::spawn_blocking(move || {
+        select(store.as_ref(), &owned_tenant, &query, &probe, page)
+    })
+    .await
+    .map_err(|e| NgsiError::internal(format!("history read failed: {e}")))??;
     // A page of many entities gets fewer instances each: the answer stays bounded.
     let mut request = tp.request.clone();
-    request.max_instances =
-        (MAX_RESPONSE_INSTANCES / page_ids.len().max(1)).clamp(100, MAX_INSTANCES);
+    let per_page = request.max_instances;
+    request.max_instances = (MAX_RESPONSE_INSTANCES / sel.ids.len().max(1))
+        .max(MIN_QUERY_INSTANCES)
+        .min(per_page);
     if let Some(n) = request.last_n {
         request.last_n = Some(n.min(request.max_instances));
     }
-    let histories = read_histories(state, tenant, page_ids, request).await?;
+    let histories = read_histories(state, tenant, sel.ids, request).await?;
     let mut truncated: Option<(i64, i64)> = None;
     let mut list = Vec::with_capacity(histories.len());
     for h in &histories {
-        if wanted_attrs && h.attrs.is_empty() {
-            continue;
-        }
         if let Some((a, b)) = h.truncated {
             truncated = Some(truncated.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
         }
@@ -479,9 +699,9 @@ async fn query_and_respond(
     let resp = respond(rt, Value::Array(list), actx, tenant, truncated);
     let result = borough_store::QueryPage {
         entities: Vec::new(),
-        total: page.count.then_some(total),
+        total: sel.total,
     };
-    Ok(crate::query::paged(resp, &result, has_next, page, uri))
+    Ok(crate::query::paged(resp, &result, sel.has_next, page, uri))
 }
 
 /// `GET /temporal/entities`
@@ -497,10 +717,10 @@ pub async fn query_get(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    let page = paging(&params)?;
-    let attrs = attrs_param(&params, &actx)?;
-    let tp = temporal_params(&params, attrs, None)?;
-    // attrs selects what is shown, not which entities: the history decides.
+    let page = temporal_paging(&params)?;
+    let view = view_params(&params, &actx)?;
+    let tp = temporal_params(&params, view, None, state.config.temporal_page_instances)?;
+    // attrs selects through the history (an instance in the window), not the current state.
     let query = query_from_params(&params, Vec::new(), &actx)?;
     query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri).await
 }
@@ -523,17 +743,26 @@ pub async fn query_post(
     if obj.get("type").and_then(Value::as_str) != Some("Query") {
         return Err(NgsiError::bad_data("a query body needs \"type\": \"Query\"").into());
     }
-    let page = paging(&params)?;
-    let mut rest = params.clone();
-    rest.remove("options");
-    rest.remove("format");
+    let page = temporal_paging(&params)?;
+    let rest = without_formats(&params);
     let (query, attrs) = query_from_body(obj, &rest, &actx)?;
+    // pick and omit are URL parameters; the body's attrs select and are shown.
+    let (opts, _) = projection(&rest, None, &actx)?;
+    let mut view = View::from_projection(opts, attrs.clone());
+    if !attrs.is_empty() {
+        view.shown = Some(attrs);
+    }
     let temporal_q = match obj.get("temporalQ") {
         None => None,
         Some(Value::Object(t)) => Some(t),
         Some(_) => return Err(NgsiError::bad_data("temporalQ must be an object").into()),
     };
-    let tp = temporal_params(&params, (!attrs.is_empty()).then_some(attrs), temporal_q)?;
+    let tp = temporal_params(
+        &params,
+        view,
+        temporal_q,
+        state.config.temporal_page_instances,
+    )?;
     query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri).await
 }
 
@@ -548,7 +777,14 @@ fn parse_instances(
     for (key, v) in obj {
         if matches!(
             key.as_str(),
-            "id" | "@id" | "type" | "@type" | "@context" | "scope" | "createdAt" | "modifiedAt"
+            "id" | "@id"
+                | "type"
+                | "@type"
+                | "@context"
+                | "scope"
+                | "createdAt"
+                | "modifiedAt"
+                | "deletedAt"
         ) {
             continue;
         }
@@ -565,10 +801,44 @@ fn parse_instances(
                 )));
             }
             let patch = parse_attribute(key, item, ctx, ParseMode::Full, 0)?;
-            out.push((iri.clone(), patch.into_attribute(&iri, now)?));
+            let mut attr = patch.into_attribute(&iri, now)?;
+            given_times(key, item, &mut attr, now)?;
+            out.push((iri.clone(), attr));
         }
     }
     Ok(out)
+}
+
+/// An instance's `createdAt` and `modifiedAt` as the client gave them (a
+/// temporal representation sent back keeps its times); one given stands for
+/// both, none means now.
+fn given_times(name: &str, item: &Value, attr: &mut Attribute, now: i64) -> NgsiResult<()> {
+    let time = |member: &str| -> NgsiResult<Option<i64>> {
+        match item.get(member) {
+            None => Ok(None),
+            Some(Value::String(s)) => parse_datetime(s).map(Some).ok_or_else(|| {
+                NgsiError::bad_data(format!(
+                    "{member} of '{name}' is not an ISO 8601 date-time: '{}'",
+                    s.chars().take(80).collect::<String>()
+                ))
+            }),
+            Some(_) => Err(NgsiError::bad_data(format!(
+                "{member} of '{name}' must be a date-time string"
+            ))),
+        }
+    };
+    let created = time("createdAt")?;
+    let modified = time("modifiedAt")?;
+    if let (Some(c), Some(m)) = (created, modified)
+        && m < c
+    {
+        return Err(NgsiError::bad_data(format!(
+            "modifiedAt of '{name}' is earlier than its createdAt"
+        )));
+    }
+    attr.created_at = created.or(modified).unwrap_or(now);
+    attr.modified_at = modified.or(created).unwrap_or(now);
+    Ok(())
 }
 
 fn parse_types(v: Option<&Value>, ctx: &Context) -> NgsiResult<Vec<String>> {
@@ -770,10 +1040,13 @@ pub async fn delete_attr(
     Ok(no_content(&tenant))
 }
 
-fn instance_id(s: &str) -> ApiResult<InstanceId> {
+/// An instanceId of the path: a URI (else 400); one this broker never gave
+/// names no instance (404).
+fn instance_id(s: &str, id: &str, attr: &str) -> ApiResult<InstanceId> {
+    check_uri("instanceId", s)?;
     InstanceId::parse(s).ok_or_else(|| {
-        NgsiError::bad_data(format!(
-            "'{s}' is not an instanceId of this broker (urn:ngsi-ld:instance:…)"
+        NgsiError::not_found(format!(
+            "attribute '{attr}' of entity '{id}' has no instance '{s}'"
         ))
         .into()
     })
@@ -788,7 +1061,7 @@ pub async fn delete_instance(
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
     check_name("attribute name", &attr)?;
-    let instance = instance_id(&instance)?;
+    let instance = instance_id(&instance, &id, &attr)?;
     let ctx = attr_context(&state, &headers).await?;
     let name = ctx.expand(&attr).into_owned();
     let outcome = write(
@@ -817,7 +1090,7 @@ pub async fn modify_instance(
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
     check_name("attribute name", &attr)?;
-    let instance = instance_id(&instance)?;
+    let instance = instance_id(&instance, &id, &attr)?;
     let (v, actx) =
         body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let name = actx.ctx.expand(&attr).into_owned();

@@ -19,6 +19,9 @@ pub enum TimeProperty {
     ObservedAt,
     CreatedAt,
     ModifiedAt,
+    /// `deletedAt`: instances that record a deletion. History keeps only
+    /// instances that exist, so none has one.
+    DeletedAt,
 }
 
 impl TimeProperty {
@@ -27,20 +30,42 @@ impl TimeProperty {
             "observedAt" => Ok(Self::ObservedAt),
             "createdAt" => Ok(Self::CreatedAt),
             "modifiedAt" => Ok(Self::ModifiedAt),
+            "deletedAt" => Ok(Self::DeletedAt),
             _ => Err(NgsiError::bad_data(format!(
-                "timeproperty '{s}' is not one of observedAt, createdAt, modifiedAt"
+                "timeproperty '{}' is not one of observedAt, createdAt, modifiedAt, deletedAt",
+                crate::validate::truncate(s)
             ))),
         }
     }
 
-    /// The instance's time under this property (microseconds).
-    pub fn of(self, a: &Attribute) -> i64 {
+    /// The instance's time under this property (microseconds); `None` when
+    /// the instance has no such time.
+    pub fn of(self, a: &Attribute) -> Option<i64> {
         match self {
-            Self::ObservedAt => a.observed_at.unwrap_or(a.modified_at),
-            // A history instance is created when it is written.
-            Self::CreatedAt | Self::ModifiedAt => a.modified_at,
+            Self::ObservedAt => Some(a.observed_at.unwrap_or(a.modified_at)),
+            // A history instance is created when it is written (an attribute's
+            // createdAt is that of its first instance).
+            Self::CreatedAt | Self::ModifiedAt => Some(a.modified_at),
+            Self::DeletedAt => None,
         }
     }
+}
+
+/// Formats an instant of a temporal answer (microseconds since the epoch, UTC)
+/// with no more digits than it has: whole seconds without a fraction, else
+/// the fewest fraction digits that keep every microsecond, so a time sent as
+/// `10:00:00Z` or `10:00:00.5Z` comes back as it was written.
+pub fn format_instant(micros: i64) -> String {
+    let t = DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or_default();
+    let mut out = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let frac = micros.rem_euclid(1_000_000);
+    if frac != 0 {
+        let digits = format!("{frac:06}");
+        out.push('.');
+        out.push_str(digits.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
 }
 
 /// A half-open window `[from, to)` of microseconds.
@@ -606,7 +631,8 @@ pub struct EntityHistory {
 #[derive(Clone, Debug, PartialEq)]
 pub enum HistoryOp {
     /// Adds instances (`name`, instance) to an entity's history, creating it
-    /// when new (with `types`).
+    /// when new (with `types`). An instance with an `observedAt` that the
+    /// history already holds, with the same content, is not added again.
     Append {
         id: String,
         types: Vec<String>,
@@ -790,6 +816,44 @@ mod tests {
             b.current(),
             (t("2025-03-01T00:00:00Z"), t("2025-04-01T00:00:00Z"))
         );
+    }
+
+    #[test]
+    fn instants_keep_the_digits_they_have() {
+        for (given, shown) in [
+            ("2026-01-01T10:00:00Z", "2026-01-01T10:00:00Z"),
+            ("2026-01-01T10:00:00.000Z", "2026-01-01T10:00:00Z"),
+            ("2026-01-01T10:00:00.5Z", "2026-01-01T10:00:00.5Z"),
+            ("2026-01-01T10:00:00.120Z", "2026-01-01T10:00:00.12Z"),
+            ("2026-01-01T10:00:00.123456Z", "2026-01-01T10:00:00.123456Z"),
+            ("2026-01-01T11:00:00.25+01:00", "2026-01-01T10:00:00.25Z"),
+            ("1969-12-31T23:59:59.5Z", "1969-12-31T23:59:59.5Z"),
+        ] {
+            assert_eq!(format_instant(t(given)), shown, "{given}");
+        }
+    }
+
+    #[test]
+    fn time_properties() {
+        assert_eq!(
+            TimeProperty::parse("deletedAt").unwrap(),
+            TimeProperty::DeletedAt
+        );
+        assert!(TimeProperty::parse("observedat").is_err());
+        let a = Attribute {
+            kind: crate::AttrKind::Property,
+            value: Value::from(1),
+            dataset_id: None,
+            observed_at: None,
+            unit_code: None,
+            object_type: None,
+            sub: Default::default(),
+            created_at: 1,
+            modified_at: 2,
+        };
+        assert_eq!(TimeProperty::ObservedAt.of(&a), Some(2));
+        assert_eq!(TimeProperty::CreatedAt.of(&a), Some(2));
+        assert_eq!(TimeProperty::DeletedAt.of(&a), None);
     }
 
     #[test]

@@ -438,6 +438,7 @@ impl History {
                     .get((tenant, id.as_str()))
                     .map_err(io)?
                     .is_some();
+                let mut sealed = Sealed::default();
                 for (name, attr) in instances {
                     let s = self.series_for(
                         txn,
@@ -447,6 +448,10 @@ impl History {
                         &name,
                         attr.dataset_id.as_deref(),
                     )?;
+                    // Sending a temporal representation again adds nothing new.
+                    if attr.observed_at.is_some() && stored(txn, s, &attr, &mut sealed)? {
+                        continue;
+                    }
                     self.put_hot(txn, s, &attr)?;
                 }
                 self.seal_full(txn)?;
@@ -731,6 +736,110 @@ fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreErro
 
 type RowKey = (u64, i64, u64);
 
+/// What an append has read of sealed history, to compare its instances
+/// with: chunks do not change until the append seals, at its end.
+#[derive(Default)]
+struct Sealed {
+    /// Series → its chunks (first time key, last time key, chunk number), by first time key.
+    index: HashMap<u64, Vec<(i64, i64, u64)>>,
+    /// Chunk number → its rows.
+    rows: HashMap<u64, Vec<Row>>,
+}
+
+/// Whether series `s` already holds an instance with the time key and the
+/// content of `attr` (its write times aside).
+fn stored(
+    txn: &WriteTransaction,
+    s: u64,
+    attr: &Attribute,
+    sealed: &mut Sealed,
+) -> Result<bool, StoreError> {
+    let at = time_key(attr);
+    let hot = txn.open_table(HOT).map_err(io)?;
+    for row in hot.range((s, at, 0)..=(s, at, u64::MAX)).map_err(io)? {
+        let (_, v) = row.map_err(io)?;
+        let old: Attribute =
+            serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
+        if same_instance(&old, attr) {
+            return Ok(true);
+        }
+    }
+    drop(hot);
+    let index = match sealed.index.entry(s) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let table = txn.open_table(CHUNK_INDEX).map_err(io)?;
+            let mut list = Vec::new();
+            for row in table
+                .range((s, i64::MIN, 0)..=(s, i64::MAX, u64::MAX))
+                .map_err(io)?
+            {
+                let (k, v) = row.map_err(io)?;
+                let meta = ChunkMeta::decode(v.value()).ok_or_else(|| corrupt("a chunk index"))?;
+                list.push((meta.min_at, meta.max_at, k.value().2));
+            }
+            e.insert(list)
+        }
+    };
+    // Sorted by first time key: the chunks that may hold `at` start no later.
+    let end = index.partition_point(|c| c.0 <= at);
+    let holders: Vec<u64> = index[..end]
+        .iter()
+        .filter(|c| c.1 >= at)
+        .map(|c| c.2)
+        .collect();
+    if holders.is_empty() {
+        return Ok(false);
+    }
+    let chunks = txn.open_table(CHUNKS).map_err(io)?;
+    for no in holders {
+        let rows = match sealed.rows.entry(no) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let bytes = chunks
+                    .get(no)
+                    .map_err(io)?
+                    .ok_or_else(|| corrupt("a chunk"))?
+                    .value()
+                    .to_vec();
+                e.insert(chunk::decode(&bytes).ok_or_else(|| corrupt("a chunk"))?)
+            }
+        };
+        if rows.iter().any(|r| r.0 == at && same_instance(&r.2, attr)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether two instances of one series say the same: equal content, whatever
+/// their write times (stored rows do not repeat the series' datasetId).
+fn same_instance(a: &Attribute, b: &Attribute) -> bool {
+    a.kind == b.kind
+        && same_value(&a.value, &b.value)
+        && a.observed_at == b.observed_at
+        && a.unit_code == b.unit_code
+        && a.object_type == b.object_type
+        && a.sub.len() == b.sub.len()
+        && a.sub
+            .iter()
+            .all(|(k, x)| b.sub.get(k).is_some_and(|y| same_instance(x, y)))
+}
+
+/// Equal values, numbers by their value (a numeric chunk gives 12 back as 12.0
+/// when its other values are not integers).
+fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a, b) {
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+            match (x.as_i64(), y.as_i64()) {
+                (Some(i), Some(j)) => i == j,
+                _ => x.as_f64() == y.as_f64(),
+            }
+        }
+        _ => a == b,
+    }
+}
+
 /// The keys of series `s` with time key in `[from, to)` (`to == i64::MAX`: no end).
 fn key_range(s: u64, from: i64, to: i64) -> (Bound<RowKey>, Bound<RowKey>) {
     let end = if to == i64::MAX {
@@ -992,6 +1101,8 @@ pub fn read(
         }
         let dataset_id = (!dataset.is_empty()).then_some(dataset);
         let (body, cut) = match &req.aggregation {
+            // History keeps the instances that exist: none has a deletedAt.
+            _ if req.time_property == TimeProperty::DeletedAt => (empty_body(req), None),
             Some(aggr) => aggregate(&reader, s, req, &aggr.methods, aggr.period)?,
             None => instances(&reader, s, req, dataset_id.as_deref())?,
         };
@@ -1011,6 +1122,16 @@ pub fn read(
 }
 
 type Cut = Option<(i64, i64)>;
+
+fn empty_body(req: &HistoryRequest) -> HistoryBody {
+    match req.aggregation {
+        Some(_) => HistoryBody::Aggregated {
+            kind: AttrKind::Property,
+            buckets: Vec::new(),
+        },
+        None => HistoryBody::Instances(Vec::new()),
+    }
+}
 
 fn instances(
     reader: &Reader,

@@ -90,6 +90,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         max_batch_body_bytes: 16 << 20,
         context_timeout_secs: 3,
         bench_static_bytes: None,
+        temporal_page_instances: borough_api::temporal::MAX_INSTANCES,
         notify_attempts: 6,
         notify_retry_ms: 500,
         mqtt_ca_file: None,

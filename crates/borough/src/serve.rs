@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Deliveries of a command before it fails.
     #[arg(long, env = "BOROUGH_COMMAND_ATTEMPTS", default_value_t = 3)]
     pub command_attempts: u32,
+    /// Most instances (or aggregation buckets) of one attribute in a temporal
+    /// answer; a longer answer is cut (206 with Content-Range).
+    #[arg(long, env = "BOROUGH_TEMPORAL_PAGE_INSTANCES", default_value_t = borough_api::temporal::MAX_INSTANCES)]
+    pub temporal_page_instances: usize,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -144,6 +148,7 @@ pub async fn start(
         max_batch_body_bytes: args.max_batch_body_bytes,
         context_fetch_timeout: Duration::from_secs(args.context_timeout_secs),
         bench_static_bytes: args.bench_static_bytes,
+        temporal_page_instances: args.temporal_page_instances,
         ..ApiConfig::default()
     };
     let (stop_live, live_stopped) = tokio::sync::watch::channel(false);
@@ -168,13 +173,15 @@ pub async fn start(
     let api_store: Arc<dyn EntityStore> = Arc::new(borough_devices::store::CommandingStore::new(
         devices.clone(),
     ));
-    let app = borough_api::router(api_store, config)?
-        .merge(borough_devices::http::router(devices.clone()))
-        .merge(borough_web::router(store.clone(), web))
-        .layer(axum::middleware::from_fn_with_state(
-            devices.clone(),
-            append_device_metrics,
-        ));
+    let app = borough_api::with_normalized_paths(
+        borough_api::router(api_store, config)?
+            .merge(borough_devices::http::router(devices.clone()))
+            .merge(borough_web::router(store.clone(), web))
+            .layer(axum::middleware::from_fn_with_state(
+                devices.clone(),
+                append_device_metrics,
+            )),
+    );
     let (stop_mqtt, mqtt_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

@@ -53,7 +53,7 @@ async fn ordinary_writes_record_history() {
     let temps = r.body["temperature"].as_array().unwrap();
     let values: Vec<f64> = temps.iter().map(|i| i["value"].as_f64().unwrap()).collect();
     assert_eq!(values, vec![20.5, 21.0, 22.5, 19.0]);
-    assert_eq!(temps[1]["observedAt"], "2025-01-01T01:00:00.000Z");
+    assert_eq!(temps[1]["observedAt"], "2025-01-01T01:00:00Z");
     assert_eq!(temps[1]["unitCode"], "CEL");
     let ids: std::collections::HashSet<&str> = temps
         .iter()
@@ -71,7 +71,7 @@ async fn ordinary_writes_record_history() {
     assert_eq!(
         r.body,
         json!({"id": "urn:ngsi-ld:Sensor:1", "type": "Sensor", "temperature": {"type": "Property",
-            "values": [[22.5, "2025-01-01T02:00:00.000Z"], [19.0, "2025-01-01T03:00:00.000Z"]]}})
+            "values": [[22.5, "2025-01-01T02:00:00Z"], [19.0, "2025-01-01T03:00:00Z"]]}})
     );
     let r = app
         .get(&format!(
@@ -81,8 +81,8 @@ async fn ordinary_writes_record_history() {
     assert_eq!(
         r.body["temperature"]["values"],
         json!([
-            [21.0, "2025-01-01T01:00:00.000Z"],
-            [22.5, "2025-01-01T02:00:00.000Z"]
+            [21.0, "2025-01-01T01:00:00Z"],
+            [22.5, "2025-01-01T02:00:00Z"]
         ])
     );
     let r = app
@@ -90,7 +90,7 @@ async fn ordinary_writes_record_history() {
         .await;
     assert_eq!(
         r.body["temperature"]["values"],
-        json!([[20.5, "2025-01-01T00:00:00.000Z"]])
+        json!([[20.5, "2025-01-01T00:00:00Z"]])
     );
     // Deleting the entity keeps its history; the temporal API deletes history.
     assert_eq!(
@@ -134,8 +134,8 @@ async fn aggregations_match_hand_computed_values() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let e = &r.body["energy"];
-    let day1 = ("2025-01-01T00:00:00.000Z", "2025-01-02T00:00:00.000Z");
-    let day2 = ("2025-01-02T00:00:00.000Z", "2025-01-03T00:00:00.000Z");
+    let day1 = ("2025-01-01T00:00:00Z", "2025-01-02T00:00:00Z");
+    let day2 = ("2025-01-02T00:00:00Z", "2025-01-03T00:00:00Z");
     assert_eq!(
         e["totalCount"],
         json!([[4, day1.0, day1.1], [4, day2.0, day2.1]])
@@ -175,7 +175,7 @@ async fn aggregations_match_hand_computed_values() {
         ))
         .await;
     assert_eq!(r.body["energy"]["sum"][0][0], json!(87.0));
-    assert_eq!(r.body["energy"]["sum"][0][1], "2025-01-01T12:00:00.000Z");
+    assert_eq!(r.body["energy"]["sum"][0][1], "2025-01-01T12:00:00Z");
 }
 
 #[tokio::test]
@@ -282,8 +282,19 @@ async fn temporal_writes_create_append_modify_and_delete() {
         r.header("location"),
         Some("/ngsi-ld/v1/temporal/entities/urn:ngsi-ld:Bin:1")
     );
+    // Sent again, the same instances are not stored twice; a new one is added.
     assert_eq!(
         app.json(Method::POST, T, &body).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let mut again = body.clone();
+    again["fillingLevel"][1]["value"] = json!(0.5);
+    again["fillingLevel"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "Property", "value": 0.6, "observedAt": "2025-03-01T16:00:00Z"}));
+    assert_eq!(
+        app.json(Method::POST, T, &again).await.status,
         StatusCode::NO_CONTENT
     );
     let r = app
@@ -298,7 +309,27 @@ async fn temporal_writes_create_append_modify_and_delete() {
         .get(&format!("{T}/urn:ngsi-ld:Bin:1?attrs=fillingLevel"))
         .await;
     let levels = r.body["fillingLevel"].as_array().unwrap();
-    assert_eq!(levels.len(), 4, "the second POST appended: {}", r.body);
+    let pairs: Vec<(f64, &str)> = levels
+        .iter()
+        .map(|i| {
+            (
+                i["value"].as_f64().unwrap(),
+                i["observedAt"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // 0.5 at noon differs in value from 0.4: both are kept.
+    assert_eq!(
+        pairs,
+        vec![
+            (0.1, "2025-03-01T08:00:00Z"),
+            (0.4, "2025-03-01T12:00:00Z"),
+            (0.5, "2025-03-01T12:00:00Z"),
+            (0.6, "2025-03-01T16:00:00Z"),
+        ],
+        "{}",
+        r.body
+    );
     assert!(r.body.get("temperature").is_none());
     let first = levels[0]["instanceId"].as_str().unwrap().to_string();
     let r = app
@@ -315,7 +346,7 @@ async fn temporal_writes_create_append_modify_and_delete() {
     assert_eq!(r.body["fillingLevel"][0]["value"], json!(0.15));
     assert_eq!(
         r.body["fillingLevel"][0]["observedAt"],
-        "2025-03-01T08:00:00.000Z"
+        "2025-03-01T08:00:00Z"
     );
     let r = app
         .delete(&format!("{T}/urn:ngsi-ld:Bin:1/attrs/fillingLevel/{first}"))
@@ -393,7 +424,12 @@ async fn bad_temporal_input_is_refused_with_reasons() {
         ("lastN=0", "lastN must be between"),
         ("lastN=100001", "lastN must be between"),
         ("lastN=ten", "lastN must be a positive integer"),
-        ("timeproperty=deletedAt", "timeproperty"),
+        (
+            "timeproperty=removedAt",
+            "timeproperty 'removedAt' is not one of",
+        ),
+        ("format=keyValues", "unknown format 'keyValues'"),
+        ("options=keyValues", "unknown option 'keyValues'"),
         (
             "options=temporalValues,aggregatedValues&aggrMethods=avg",
             "cannot be combined",
@@ -442,11 +478,16 @@ async fn bad_temporal_input_is_refused_with_reasons() {
     let r = app
         .json(
             Method::PATCH,
-            &format!("{base}/attrs/t/urn:ngsi-ld:instance:zz"),
+            &format!("{base}/attrs/t/not%20a%20uri"),
             &json!({"type": "Property", "value": 1}),
         )
         .await;
     assert_eq!(r.problem(), "BadRequestData");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("instanceId"),
+        "{}",
+        r.body
+    );
     // Refused input changed nothing: the import stopped before its batch was written.
     let r = app.get(&format!("{base}?options=temporalValues")).await;
     assert_eq!(
@@ -476,7 +517,7 @@ async fn long_histories_are_cut_with_a_content_range() {
     assert_eq!(values[9_999][0], json!(9_999));
     assert_eq!(
         r.header("content-range"),
-        Some("date-time 2025-01-01T00:00:00.000Z-2025-01-07T22:39:00.000Z/*")
+        Some("date-time 2025-01-01T00:00:00Z-2025-01-07T22:39:00Z/*")
     );
     // The next part: after the last instance returned.
     let r = app
@@ -575,4 +616,562 @@ async fn history_survives_a_restart() {
         .await;
     assert_eq!(r.body["t"]["totalCount"][0][0], json!(103), "{}", r.body);
     assert_eq!(r.body["t"]["max"][0][0], json!(1002.0));
+}
+
+/// `POST /temporal/entities` with the given attributes.
+async fn create_temporal(app: &TestApp, id: &str, ty: &str, attrs: serde_json::Value) {
+    let mut body = json!({"id": id, "type": ty});
+    for (k, v) in attrs.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = app.json(Method::POST, T, &body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
+fn ids(r: &crate::common::Resp) -> Vec<&str> {
+    r.body
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {}", r.body))
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn instance_times_come_back_as_they_were_given() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:S:1",
+        "Sensor",
+        json!({
+            "t": [
+                {"type": "Property", "value": 1, "observedAt": "2026-01-01T10:00:00Z"},
+                {"type": "Property", "value": 2, "observedAt": "2026-01-01T10:00:00.5Z",
+                 "accuracy": {"type": "Property", "value": 0.1, "observedAt": "2026-01-01T10:00:00.25Z"}},
+                {"type": "Property", "value": 3, "observedAt": "2026-01-01T10:00:01.123Z"},
+                {"type": "Property", "value": 4, "observedAt": "2026-01-01T11:00:02.000001+01:00"}
+            ],
+            "note": {"type": "Property", "value": "x",
+                     "createdAt": "2026-01-01T09:00:00Z", "modifiedAt": "2026-01-01T09:30:00.75Z"}
+        }),
+    )
+    .await;
+    let r = app
+        .get(&format!("{T}/urn:ngsi-ld:S:1?options=sysAttrs"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let t = r.body["t"].as_array().unwrap();
+    let observed: Vec<&str> = t
+        .iter()
+        .map(|i| i["observedAt"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        observed,
+        vec![
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:00:00.5Z",
+            "2026-01-01T10:00:01.123Z",
+            "2026-01-01T10:00:02.000001Z"
+        ]
+    );
+    assert_eq!(t[1]["accuracy"]["observedAt"], "2026-01-01T10:00:00.25Z");
+    assert_eq!(r.body["note"][0]["createdAt"], "2026-01-01T09:00:00Z");
+    assert_eq!(r.body["note"][0]["modifiedAt"], "2026-01-01T09:30:00.75Z");
+    // The simplified form, and an instance without observedAt at its modifiedAt.
+    let r = app
+        .get(&format!("{T}/urn:ngsi-ld:S:1?options=temporalValues"))
+        .await;
+    assert_eq!(
+        r.body["t"]["values"],
+        json!([
+            [1, "2026-01-01T10:00:00Z"],
+            [2, "2026-01-01T10:00:00.5Z"],
+            [3, "2026-01-01T10:00:01.123Z"],
+            [4, "2026-01-01T10:00:02.000001Z"]
+        ])
+    );
+    assert_eq!(
+        r.body["note"]["values"],
+        json!([["x", "2026-01-01T09:30:00.75Z"]])
+    );
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:S:1?options=temporalValues&attrs=note&timeproperty=modifiedAt&timerel=before&timeAt=2026-01-01T09:31:00Z"
+        ))
+        .await;
+    assert_eq!(
+        r.body["note"]["values"],
+        json!([["x", "2026-01-01T09:30:00.75Z"]])
+    );
+    let r = app
+        .json(
+            Method::POST,
+            &format!("{T}/urn:ngsi-ld:S:1/attrs"),
+            &json!({"note": {"type": "Property", "value": "y", "modifiedAt": "yesterday"}}),
+        )
+        .await;
+    assert_eq!(r.problem(), "BadRequestData");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("modifiedAt of 'note' is not an ISO 8601 date-time"),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test]
+async fn deleted_at_is_a_time_property_without_instances() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:S:1",
+        "Sensor",
+        json!({"t": {"type": "Property", "value": 1, "observedAt": "2026-01-01T10:00:00Z"}}),
+    )
+    .await;
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:S:1?timeproperty=deletedAt&timerel=after&timeAt=2020-01-01T00:00:00Z"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"id": "urn:ngsi-ld:S:1", "type": "Sensor"}));
+    let r = app
+        .get(&format!(
+            "{T}?type=Sensor&timeproperty=deletedAt&timerel=after&timeAt=2020-01-01T00:00:00Z&options=aggregatedValues&aggrMethods=totalCount"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!([]));
+}
+
+#[tokio::test]
+async fn queries_leave_out_entities_without_instances_in_the_window() {
+    let app = TestApp::new();
+    for (id, at, attr) in [
+        ("urn:ngsi-ld:S:1", "2026-01-01T10:00:00Z", "t"),
+        ("urn:ngsi-ld:S:2", "2026-01-03T10:00:00Z", "t"),
+        ("urn:ngsi-ld:S:3", "2026-01-03T11:00:00Z", "h"),
+        ("urn:ngsi-ld:S:4", "2026-01-04T10:00:00Z", "t"),
+    ] {
+        create_temporal(
+            &app,
+            id,
+            "Sensor",
+            json!({attr: {"type": "Property", "value": 1, "observedAt": at}}),
+        )
+        .await;
+    }
+    let window = "timerel=between&timeAt=2026-01-02T00:00:00Z&endTimeAt=2026-01-04T00:00:00Z";
+    let r = app
+        .get(&format!("{T}?type=Sensor&{window}&count=true"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:2", "urn:ngsi-ld:S:3"]);
+    assert_eq!(r.header("ngsild-results-count"), Some("2"));
+    // attrs: an instance of one of them in the window.
+    let r = app.get(&format!("{T}?type=Sensor&{window}&attrs=t")).await;
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:2"]);
+    // Pages are made of the entities that remain.
+    let r = app
+        .get(&format!(
+            "{T}?type=Sensor&timerel=after&timeAt=2026-01-02T00:00:00Z&limit=2&count=true"
+        ))
+        .await;
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:2", "urn:ngsi-ld:S:3"]);
+    assert_eq!(r.header("ngsild-results-count"), Some("3"));
+    let r = app
+        .get(&format!(
+            "{T}?type=Sensor&timerel=after&timeAt=2026-01-02T00:00:00Z&limit=2&offset=2"
+        ))
+        .await;
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:4"]);
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/temporal/entityOperations/query?options=aggregatedValues",
+            &json!({"type": "Query", "entities": [{"type": "Sensor"}],
+                    "temporalQ": {"timerel": "before", "timeAt": "2026-01-02T00:00:00Z", "aggrMethods": "totalCount"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:1"]);
+    assert_eq!(
+        r.body[0]["t"]["totalCount"],
+        json!([[1, "2026-01-01T10:00:00Z", "2026-01-02T00:00:00Z"]])
+    );
+    // Retrieving one entity still answers it, without attributes.
+    let r = app.get(&format!("{T}/urn:ngsi-ld:S:1?{window}")).await;
+    assert_eq!(r.body, json!({"id": "urn:ngsi-ld:S:1", "type": "Sensor"}));
+}
+
+#[tokio::test]
+async fn q_and_geo_apply_to_entities_that_exist_only_in_history() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:Bus:1",
+        "Bus",
+        json!({
+            "zone": [
+                {"type": "Property", "value": "south", "observedAt": "2026-01-01T08:00:00Z"},
+                {"type": "Property", "value": "north", "observedAt": "2026-01-01T09:00:00Z"}
+            ],
+            "location": [
+                {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.35, 48.85]}, "observedAt": "2026-01-01T09:00:00Z"},
+                {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [4.83, 45.76]}, "observedAt": "2026-01-01T08:00:00Z"}
+            ]
+        }),
+    )
+    .await;
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:Bus:2",
+        "Bus",
+        json!({
+            "zone": {"type": "Property", "value": "south", "observedAt": "2026-01-01T09:00:00Z"},
+            "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [4.83, 45.76]}, "observedAt": "2026-01-01T09:00:00Z"}
+        }),
+    )
+    .await;
+    let r = app.get(&format!("{T}?type=Bus&q=zone==%22north%22")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:Bus:1"]);
+    // The latest instance counts: Bus:1 was in the south before.
+    let r = app.get(&format!("{T}?type=Bus&q=zone==%22south%22")).await;
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:Bus:2"]);
+    // Near Paris (the latest location of Bus:1, though listed first).
+    let r = app
+        .get(&format!(
+            "{T}?type=Bus&georel=near;maxDistance==10000&geometry=Point&coordinates=[2.35,48.86]"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:Bus:1"]);
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/temporal/entityOperations/query",
+            &json!({"type": "Query", "entities": [{"type": "Bus"}], "q": "zone==\"south\"",
+                    "geoQ": {"georel": "near;maxDistance==10000", "geometry": "Point", "coordinates": [4.83, 45.77]}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:Bus:2"]);
+    // A current entity still decides by its current state.
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/entities",
+            &json!({"id": "urn:ngsi-ld:Bus:2", "type": "Bus", "zone": {"type": "Property", "value": "north"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = app.get(&format!("{T}?type=Bus&q=zone==%22north%22")).await;
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:Bus:1", "urn:ngsi-ld:Bus:2"]);
+}
+
+#[tokio::test]
+async fn simplified_values_of_language_json_and_vocab_properties() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:Shop:1",
+        "Shop",
+        json!({
+            "name": [
+                {"type": "LanguageProperty", "languageMap": {"en": "Bakery", "fr": "Boulangerie"}, "observedAt": "2026-01-01T08:00:00Z"},
+                {"type": "LanguageProperty", "languageMap": {"en": "Cafe"}, "observedAt": "2026-01-02T08:00:00Z"}
+            ],
+            "config": {"type": "JsonProperty", "json": {"open": [8, 18]}, "observedAt": "2026-01-01T08:00:00Z"},
+            "state": {"type": "VocabProperty", "vocab": "Open", "observedAt": "2026-01-01T08:00:00Z"},
+            "owner": {"type": "Relationship", "object": "urn:ngsi-ld:Person:1", "observedAt": "2026-01-01T08:00:00Z"}
+        }),
+    )
+    .await;
+    let r = app
+        .get(&format!("{T}/urn:ngsi-ld:Shop:1?format=temporalValues"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body,
+        json!({
+            "id": "urn:ngsi-ld:Shop:1", "type": "Shop",
+            "name": {"type": "LanguageProperty", "languageMap": [
+                [{"en": "Bakery", "fr": "Boulangerie"}, "2026-01-01T08:00:00Z"],
+                [{"en": "Cafe"}, "2026-01-02T08:00:00Z"]
+            ]},
+            "config": {"type": "JsonProperty", "json": [[{"open": [8, 18]}, "2026-01-01T08:00:00Z"]]},
+            "state": {"type": "VocabProperty", "vocab": [["Open", "2026-01-01T08:00:00Z"]]},
+            "owner": {"type": "Relationship", "objects": [["urn:ngsi-ld:Person:1", "2026-01-01T08:00:00Z"]]}
+        })
+    );
+}
+
+#[tokio::test]
+async fn format_temporal_values_with_aggregated_values_answers_the_aggregation() {
+    let app = TestApp::new();
+    let csv: String = [3, 4, 5]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("urn:ngsi-ld:M:1,Meter,energy,{},{v}\n", at(i as i64 * 60)))
+        .collect();
+    assert_eq!(import(&app, csv).await.status, StatusCode::OK);
+    let window = "timerel=between&timeAt=2025-01-01T00:00:00Z&endTimeAt=2025-01-01T03:00:00.5Z";
+    let expected = json!([[12.0, "2025-01-01T00:00:00Z", "2025-01-01T03:00:00.5Z"]]);
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:M:1?format=temporalValues&options=aggregatedValues&aggrMethods=sum&{window}"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["energy"]["sum"], expected);
+    assert!(r.body["energy"].get("values").is_none(), "{}", r.body);
+    let r = app
+        .get(&format!(
+            "{T}?type=Meter&format=aggregatedValues&options=temporalValues&aggrMethods=sum&{window}"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body[0]["energy"]["sum"], expected);
+}
+
+#[tokio::test]
+async fn the_instance_page_size_is_configurable() {
+    let app = TestApp::with_config(borough_api::ApiConfig {
+        temporal_page_instances: 3,
+        ..borough_api::ApiConfig::default()
+    });
+    let csv: String = (0..5)
+        .map(|i| format!("urn:ngsi-ld:S:1,Sensor,t,{},{i}\n", at(i)))
+        .collect();
+    assert_eq!(import(&app, csv).await.status, StatusCode::OK);
+    let r = app
+        .get(&format!("{T}/urn:ngsi-ld:S:1?options=temporalValues"))
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{}", r.body);
+    assert_eq!(
+        r.body["t"]["values"],
+        json!([
+            [0, "2025-01-01T00:00:00Z"],
+            [1, "2025-01-01T00:01:00Z"],
+            [2, "2025-01-01T00:02:00Z"]
+        ])
+    );
+    assert_eq!(
+        r.header("content-range"),
+        Some("date-time 2025-01-01T00:00:00Z-2025-01-01T00:02:00Z/*")
+    );
+    let r = app
+        .get(&format!("{T}?type=Sensor&options=temporalValues"))
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{}", r.body);
+    assert_eq!(r.body[0]["t"]["values"].as_array().unwrap().len(), 3);
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:S:1?options=temporalValues&timerel=after&timeAt=2025-01-01T00:03:00Z"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["t"]["values"].as_array().unwrap().len(), 2);
+    let r = app.get(&format!("{T}/urn:ngsi-ld:S:1?lastN=4")).await;
+    assert_eq!(r.problem(), "BadRequestData");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("lastN must be between 1 and 3"),
+        "{}",
+        r.body
+    );
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:S:1?options=temporalValues&lastN=3"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["t"]["values"][2][0], json!(4));
+}
+
+#[tokio::test]
+async fn sending_stored_instances_again_adds_nothing() {
+    let app = TestApp::new();
+    // Imported points are sealed into chunks at once: compared there too.
+    let csv: String = (0..3)
+        .map(|i| format!("urn:ngsi-ld:S:1,Sensor,t,{},{}\n", at(i), i * 10))
+        .collect();
+    assert_eq!(import(&app, csv).await.status, StatusCode::OK);
+    let r = app
+        .json(
+            Method::POST,
+            T,
+            &json!({"id": "urn:ngsi-ld:S:1", "type": "Sensor", "t": [
+                {"type": "Property", "value": 10, "observedAt": "2025-01-01T00:01:00Z"},
+                {"type": "Property", "value": 20.0, "observedAt": "2025-01-01T00:02:00Z"},
+                {"type": "Property", "value": 30, "observedAt": "2025-01-01T00:03:00Z"},
+                {"type": "Property", "value": 30, "observedAt": "2025-01-01T00:03:00Z"},
+                {"type": "Property", "value": 99, "observedAt": "2025-01-01T00:00:00Z"}
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    let r = app
+        .get(&format!("{T}/urn:ngsi-ld:S:1?options=temporalValues"))
+        .await;
+    assert_eq!(
+        r.body["t"]["values"],
+        json!([
+            [0, "2025-01-01T00:00:00Z"],
+            [99, "2025-01-01T00:00:00Z"],
+            [10, "2025-01-01T00:01:00Z"],
+            [20, "2025-01-01T00:02:00Z"],
+            [30, "2025-01-01T00:03:00Z"]
+        ])
+    );
+}
+
+#[tokio::test]
+async fn unknown_instance_ids_are_not_found() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:S:1",
+        "Sensor",
+        json!({"t": {"type": "Property", "value": 1, "observedAt": "2026-01-01T10:00:00Z"}}),
+    )
+    .await;
+    let r = app.get(&format!("{T}/urn:ngsi-ld:S:1")).await;
+    let known = r.body["t"][0]["instanceId"].as_str().unwrap().to_string();
+    let base = format!("{T}/urn:ngsi-ld:S:1/attrs/t");
+    for unknown in [
+        "urn:ngsi-ld:instance:zz",
+        "urn:ngsi-ld:instance:1-0-ffff",
+        "urn:ngsi-ld:instance:ffff-0-1",
+        "urn:ngsi-ld:Instance:elsewhere",
+    ] {
+        let r = app.delete(&format!("{base}/{unknown}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{unknown}: {}", r.body);
+        assert_eq!(r.problem(), "ResourceNotFound");
+        let r = app
+            .json(
+                Method::PATCH,
+                &format!("{base}/{unknown}"),
+                &json!({"type": "Property", "value": 2}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{unknown}: {}", r.body);
+        assert_eq!(r.problem(), "ResourceNotFound");
+    }
+    // A known instance of another attribute or entity is not found either.
+    let r = app
+        .delete(&format!("{T}/urn:ngsi-ld:S:1/attrs/h/{known}"))
+        .await;
+    assert_eq!(r.problem(), "ResourceNotFound");
+    let r = app
+        .delete(&format!("{T}/urn:ngsi-ld:S:2/attrs/t/{known}"))
+        .await;
+    assert_eq!(r.problem(), "ResourceNotFound");
+    assert_eq!(
+        app.delete(&format!("{base}/{known}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+}
+
+#[tokio::test]
+async fn options_count_gives_the_results_count() {
+    let app = TestApp::new();
+    for i in 0..3 {
+        create_temporal(
+            &app,
+            &format!("urn:ngsi-ld:S:{i}"),
+            "Sensor",
+            json!({"t": {"type": "Property", "value": i, "observedAt": "2026-01-01T10:00:00Z"}}),
+        )
+        .await;
+    }
+    let r = app
+        .get(&format!("{T}?type=Sensor&options=count&limit=1"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.header("ngsild-results-count"), Some("3"));
+    assert_eq!(ids(&r), vec!["urn:ngsi-ld:S:0"]);
+    let r = app
+        .get(&format!(
+            "{T}?type=Sensor&options=temporalValues,count&limit=0"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.header("ngsild-results-count"), Some("3"));
+    assert_eq!(r.body, json!([]));
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/temporal/entityOperations/query?options=count",
+            &json!({"type": "Query", "entities": [{"type": "Sensor"}]}),
+        )
+        .await;
+    assert_eq!(r.header("ngsild-results-count"), Some("3"));
+    let r = app.get(&format!("{T}?type=Sensor")).await;
+    assert_eq!(r.header("ngsild-results-count"), None);
+}
+
+#[tokio::test]
+async fn pick_and_omit_project_temporal_answers() {
+    let app = TestApp::new();
+    create_temporal(
+        &app,
+        "urn:ngsi-ld:S:1",
+        "Sensor",
+        json!({
+            "temperature": {"type": "Property", "value": 20, "observedAt": "2026-01-01T10:00:00Z"},
+            "humidity": {"type": "Property", "value": 60, "observedAt": "2026-01-01T10:00:00Z"},
+            "status": {"type": "Property", "value": "ok", "observedAt": "2026-01-01T10:00:00Z"}
+        }),
+    )
+    .await;
+    let r = app
+        .get(&format!(
+            "{T}/urn:ngsi-ld:S:1?pick=id,temperature&options=temporalValues"
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body,
+        json!({"id": "urn:ngsi-ld:S:1",
+               "temperature": {"type": "Property", "values": [[20, "2026-01-01T10:00:00Z"]]}})
+    );
+    let r = app
+        .get(&format!(
+            "{T}?type=Sensor&omit=humidity,status&options=temporalValues"
+        ))
+        .await;
+    assert_eq!(
+        r.body,
+        json!([{"id": "urn:ngsi-ld:S:1", "type": "Sensor",
+                "temperature": {"type": "Property", "values": [[20, "2026-01-01T10:00:00Z"]]}}])
+    );
+    let r = app
+        .get(&format!("{T}?type=Sensor&omit=id,temperature,humidity"))
+        .await;
+    let keys: Vec<&String> = r.body[0].as_object().unwrap().keys().collect();
+    assert_eq!(keys, vec!["type", "status"], "{}", r.body);
+    let r = app
+        .json(
+            Method::POST,
+            "/ngsi-ld/v1/temporal/entityOperations/query?pick=type,humidity&options=temporalValues",
+            &json!({"type": "Query", "entities": [{"type": "Sensor"}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body,
+        json!([{"type": "Sensor",
+                "humidity": {"type": "Property", "values": [[60, "2026-01-01T10:00:00Z"]]}}])
+    );
+    // A pick that shows nothing of history still answers the entity.
+    let r = app.get(&format!("{T}?type=Sensor&pick=id")).await;
+    assert_eq!(r.body, json!([{"id": "urn:ngsi-ld:S:1"}]));
 }
