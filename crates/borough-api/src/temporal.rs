@@ -256,15 +256,7 @@ fn temporal_paging(params: &HashMap<String, String>) -> NgsiResult<Paging> {
 }
 
 /// Members of a normalized attribute that hold its value (not sub-attributes).
-const VALUE_MEMBERS: [&str; 7] = [
-    "value",
-    "object",
-    "languageMap",
-    "vocab",
-    "json",
-    "valueList",
-    "objectList",
-];
+const VALUE_MEMBERS: [&str; 7] = borough_core::entity::VALUE_KEYS;
 /// Members of an attribute that are times.
 const TIME_MEMBERS: [&str; 4] = ["observedAt", "createdAt", "modifiedAt", "deletedAt"];
 

@@ -104,7 +104,7 @@ pub fn is_ngsi_null(member: &str, raw: &Value) -> bool {
 }
 
 /// Members of an attribute object that are not sub-attributes.
-const VALUE_KEYS: [&str; 7] = [
+pub const VALUE_KEYS: [&str; 7] = [
     "value",
     "object",
     "languageMap",
