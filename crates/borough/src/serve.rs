@@ -67,11 +67,21 @@ pub struct ServeArgs {
     pub command_attempts: u32,
     /// Most instances (or aggregation buckets) of one attribute in a temporal
     /// answer; a longer answer is cut (206 with Content-Range).
-    #[arg(long, env = "BOROUGH_TEMPORAL_PAGE_INSTANCES", default_value_t = borough_api::temporal::MAX_INSTANCES)]
+    #[arg(long, env = "BOROUGH_TEMPORAL_PAGE_INSTANCES", default_value_t = borough_api::temporal::MAX_INSTANCES,
+          value_parser = page_instances)]
     pub temporal_page_instances: usize,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
+}
+
+/// `--temporal-page-instances`: at least one.
+fn page_instances(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive whole number")),
+    }
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
