@@ -61,6 +61,9 @@ cargo test --workspace
 log "dashboard end-to-end tests (headless Chromium)"
 ./scripts/test-dashboard.sh
 
+log "third-party NGSI-LD clients (ngsildclient, ngsijs)"
+BOROUGH_BIN="$PWD/target/debug/borough" ./scripts/test-clients.sh
+
 log "benchmarks, quick variant"
 for scenario in entities query geo temporal dashboard mqtt; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"

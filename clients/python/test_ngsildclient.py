@@ -201,10 +201,13 @@ def test_batch_create_upsert_update_delete(client):
     assert got["fillingLevel"]["value"] == 0.0
     assert "status" not in got.to_dict()
 
-    # batch update with noOverwrite: existing values stay, new attributes are added
+    # batch update with noOverwrite: existing values stay, new attributes are
+    # added, and the attribute left as it was is reported (207)
     noover = Entity("WasteBin", f"bin1-{RUN}").prop("fillingLevel", 0.1).prop("colour", "green")
     upd = client.update([noover], overwrite=False)
-    assert upd.ok, upd.errors
+    assert not upd.ok
+    assert [e["entityId"] for e in upd.errors] == [noover.id]
+    assert "fillingLevel" in upd.errors[0]["error"]["detail"]
     got = client.get(bins[1].id)
     assert got["fillingLevel"]["value"] == 0.9
     assert got["colour"]["value"] == "green"

@@ -55,9 +55,13 @@ test('the city loads as clusters with layers and alerts', async () => {
   await page.waitForSelector('body[data-rendered="true"]', { timeout: 15000 });
   const clusters = await page.locator('.cluster').count();
   assert.ok(clusters > 0, 'clusters are drawn');
-  const counts = await page.$$eval('.cluster', (els) => els.reduce((n, e) => n + Number(e.dataset.count), 0));
-  const visible = Number((await page.textContent('#kpi-visible')).replace(/,/g, ''));
-  const markers = Number(await bodyData('markers'));
+  // Read in one step: the map may redraw (a live change, the view settling)
+  // between separate reads, and two draws need not add up.
+  const { counts, visible, markers } = await page.evaluate(() => ({
+    counts: [...document.querySelectorAll('.cluster')].reduce((n, e) => n + Number(e.dataset.count), 0),
+    visible: Number(document.getElementById('kpi-visible').textContent.replace(/,/g, '')),
+    markers: Number(document.body.dataset.markers),
+  }));
   assert.equal(counts + markers, visible, 'cluster counts and single markers add up to what is in view');
   assert.ok(visible > DEVICES * 0.9, `most of the city is in view (${visible})`);
   assert.equal(await page.locator('#layers li').count(), 10, 'a layer per entity type');

@@ -26,8 +26,11 @@ struct Outcomes {
 }
 
 impl Outcomes {
+    /// Every entity done in full: no error, and no attribute left as it was.
     fn all_ok(&self) -> bool {
-        self.results.iter().all(Result::is_ok)
+        self.results
+            .iter()
+            .all(|r| matches!(r, Ok(o) if !matches!(o, OpOutcome::Partial { .. })))
     }
 
     fn created(&self) -> Vec<&String> {
@@ -45,6 +48,17 @@ impl Outcomes {
         let mut errors = Vec::new();
         for (id, r) in self.ids.iter().zip(&self.results) {
             match r {
+                Ok(OpOutcome::Partial { not_updated, .. }) => {
+                    let names: Vec<&str> = not_updated
+                        .iter()
+                        .map(|n| borough_core::entity::short_name(&n.attribute_name))
+                        .collect();
+                    let e = NgsiError::bad_data(format!(
+                        "attributes not updated: {}",
+                        names.join(", ")
+                    ));
+                    errors.push(json!({"entityId": id, "error": e.to_problem()}));
+                }
                 Ok(_) => success.push(json!(id)),
                 Err(e) => errors.push(json!({"entityId": id, "error": e.to_problem()})),
             }
@@ -66,6 +80,12 @@ async fn items(
 ) -> ApiResult<(Vec<Value>, BodyType, Option<String>)> {
     let bt = body_type(headers, false)?;
     let link = link_context(headers)?;
+    if bt == BodyType::LdJson && link.is_some() {
+        return Err(NgsiError::bad_data(
+            "a JSON-LD context Link header cannot be combined with an application/ld+json body; put the @context in each entity",
+        )
+        .into());
+    }
     let v = read_json(body, state.config.max_batch_body_bytes).await?;
     let Value::Array(items) = v else {
         return Err(NgsiError::bad_data("a batch body must be a JSON array").into());

@@ -147,7 +147,7 @@ pub(crate) fn options(
         .map(str::to_string)
         .collect();
     if let Some(bad) = opts.iter().find(|o| !allowed.contains(&o.as_str())) {
-        return Err(NgsiError::bad_data(format!(
+        return Err(NgsiError::invalid(format!(
             "unknown option '{bad}'; allowed here: {}",
             allowed.join(", ")
         ))
@@ -178,20 +178,29 @@ pub async fn create(
 /// The representation options of a retrieval request (format and sysAttrs);
 /// projection is added by `query::projection`.
 pub(crate) fn render_options(params: &HashMap<String, String>) -> ApiResult<RenderOptions> {
-    let opts = options(params, &["keyValues", "concise", "sysAttrs", "normalized"])?;
+    let opts = options(
+        params,
+        &[
+            "keyValues",
+            "simplified",
+            "concise",
+            "sysAttrs",
+            "normalized",
+        ],
+    )?;
     let mut format = match params.get("format").map(String::as_str) {
         None => Format::Normalized,
         Some("normalized") => Format::Normalized,
         Some("concise") => Format::Concise,
         Some("keyValues" | "simplified") => Format::KeyValues,
         Some(other) => {
-            return Err(NgsiError::bad_data(format!(
-                "unknown format '{other}'; use normalized, concise or keyValues"
+            return Err(NgsiError::invalid(format!(
+                "unknown format '{other}'; use normalized, concise, keyValues or simplified"
             ))
             .into());
         }
     };
-    let kv = opts.iter().any(|o| o == "keyValues");
+    let kv = opts.iter().any(|o| o == "keyValues" || o == "simplified");
     let concise = opts.iter().any(|o| o == "concise");
     if kv && concise {
         return Err(NgsiError::bad_data("options keyValues and concise exclude each other").into());
@@ -256,6 +265,24 @@ pub(crate) fn represent_view(
     with_tenant(resp, tenant)
 }
 
+/// A body already complete (with any `@context` members it needs) in JSON or JSON-LD.
+pub(crate) fn represent_json(
+    rt: ResponseType,
+    body: Value,
+    actx: &ActiveContext,
+    tenant: &str,
+) -> Response {
+    let mut r = if rt == ResponseType::LdJson {
+        typed_json_response(StatusCode::OK, &body, "application/ld+json")
+    } else {
+        let mut r = typed_json_response(StatusCode::OK, &body, "application/json");
+        r.headers_mut().insert(header::LINK, link_header(actx));
+        r
+    };
+    r = with_tenant(r, tenant);
+    r
+}
+
 /// Renders a response body in the negotiated media type.
 pub(crate) fn represent(
     rt: ResponseType,
@@ -263,26 +290,29 @@ pub(crate) fn represent(
     actx: &ActiveContext,
     tenant: &str,
 ) -> Response {
+    let with_context = |body: Value| match body {
+        Value::Object(m) => {
+            let mut out = Map::with_capacity(m.len() + 1);
+            out.insert("@context".into(), actx.source.as_value());
+            out.extend(m);
+            Value::Object(out)
+        }
+        other => other,
+    };
     let resp = match rt {
         ResponseType::LdJson => {
-            let body = match body {
-                Value::Object(m) => {
-                    let mut out = Map::with_capacity(m.len() + 1);
-                    out.insert("@context".into(), actx.source.as_value());
-                    out.extend(m);
-                    Value::Object(out)
-                }
-                other => other,
-            };
-            typed_json_response(StatusCode::OK, &body, "application/ld+json")
+            typed_json_response(StatusCode::OK, &with_context(body), "application/ld+json")
         }
-        ResponseType::Json | ResponseType::GeoJson => {
-            let mt = if rt == ResponseType::Json {
-                "application/json"
-            } else {
-                "application/geo+json"
-            };
-            let mut r = typed_json_response(StatusCode::OK, &body, mt);
+        ResponseType::GeoJson => {
+            // A GeoJSON Feature or FeatureCollection carries its @context in
+            // the body (clause 4.5.16), and in a Link header for plain readers.
+            let mut r =
+                typed_json_response(StatusCode::OK, &with_context(body), "application/geo+json");
+            r.headers_mut().insert(header::LINK, link_header(actx));
+            r
+        }
+        ResponseType::Json => {
+            let mut r = typed_json_response(StatusCode::OK, &body, "application/json");
             r.headers_mut().insert(header::LINK, link_header(actx));
             r
         }
@@ -304,11 +334,32 @@ pub async fn retrieve(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    let (opts, _) = crate::query::projection(&params, None, &actx)?;
+    let (opts, attrs) = crate::query::projection(&params, None, &actx)?;
     let entity = state
         .store
         .get(&tenant, &id)
         .ok_or_else(|| NgsiError::not_found(format!("entity '{id}' does not exist")))?;
+    // An entity without any of the attributes asked for is not found (clause
+    // 5.7.1.4), and so is one of which a pick leaves nothing.
+    let has_wanted = opts
+        .attrs
+        .as_ref()
+        .is_none_or(|want| want.iter().any(|a| entity.attrs.contains_key(a)));
+    if !has_wanted && !attrs.is_empty() {
+        return Err(NgsiError::not_found(format!(
+            "entity '{id}' has none of the attributes asked for"
+        ))
+        .into());
+    }
+    if !has_wanted
+        && opts.hide_id
+        && opts.hide_type
+        && (opts.hide_scope || entity.scopes.is_empty())
+    {
+        return Err(
+            NgsiError::not_found(format!("the pick leaves nothing of entity '{id}'")).into(),
+        );
+    }
     if rt == ResponseType::GeoJson {
         let geo = params
             .get("geometryProperty")
@@ -316,6 +367,16 @@ pub async fn retrieve(
             .unwrap_or_else(|| "https://uri.etsi.org/ngsi-ld/location".to_string());
         let body = render_feature(&entity, &actx.ctx, &opts, &geo);
         return Ok(represent(rt, body, &actx, &tenant));
+    }
+    if let Some(join) = crate::join::join_param(&params)? {
+        let body = crate::query::joined(&state, &tenant, &[entity], &opts, &actx, rt, join);
+        let body = match (join.mode, body) {
+            (crate::join::JoinMode::Inline, Value::Array(mut one)) if one.len() == 1 => {
+                one.swap_remove(0)
+            }
+            (_, other) => other,
+        };
+        return Ok(represent_json(rt, body, &actx, &tenant));
     }
     let context = (rt == ResponseType::LdJson).then(|| actx.source.as_value());
     let view = EntityView {
@@ -430,7 +491,7 @@ pub async fn update(
         body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
-    if frag.attrs.is_empty() {
+    if frag.attrs.is_empty() && frag.types.is_empty() && frag.scopes.is_none() {
         return Err(NgsiError::bad_data("the body names no attribute to update").into());
     }
     let outcome = write_one(&state, &tenant, EntityOp::Update { id, frag }).await?;

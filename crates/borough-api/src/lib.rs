@@ -7,10 +7,13 @@ pub mod contexts;
 pub mod discovery;
 pub mod entities;
 pub mod import;
+pub mod join;
 pub mod metrics;
+pub mod params;
 pub mod problem;
 pub mod query;
 pub mod request;
+pub mod server;
 pub mod subscriptions;
 pub mod temporal;
 
@@ -90,7 +93,9 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
     let ngsi = Router::new()
         .route(
             "/entities",
-            post(entities::create).get(query::query_entities),
+            post(entities::create)
+                .get(query::query_entities)
+                .delete(query::purge),
         )
         .route(
             "/entities/{id}",
@@ -161,7 +166,8 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
         .route(
             "/jsonldContexts/{id}",
             get(context_registry::serve).delete(context_registry::delete),
-        );
+        )
+        .route_layer(axum::middleware::from_fn(params::reject_unknown));
     Ok(Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics::metrics))
@@ -182,7 +188,36 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
 /// `/ngsi-ld/v1/entities/`. The rewrite happens before routing, so it holds
 /// for every route merged into `app`.
 pub fn with_normalized_paths(app: Router) -> Router {
-    Router::new().fallback_service(tower::ServiceExt::map_request(app, trim_trailing_slash))
+    Router::new()
+        .fallback_service(tower::ServiceExt::map_request(app, trim_trailing_slash))
+        .layer(axum::middleware::from_fn(problem_media_type))
+}
+
+/// Errors are problem details (RFC 9457) under `application/json`, the media
+/// type the NGSI-LD API names for them and the one FIWARE clients (ngsijs)
+/// accept; a client that asks for `application/problem+json` gets that.
+async fn problem_media_type(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let wants_problem = request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/problem+json"));
+    let mut response = next.run(request).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if is_problem && !wants_problem {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    response
 }
 
 fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {

@@ -10,13 +10,15 @@ use crate::{AppState, SharedState};
 use axum::body::Body;
 use axum::extract::{OriginalUri, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use borough_core::entity::render_feature;
 use borough_core::query::geo::{GeoQuery, parse_geo_q, parse_geo_query};
+use borough_core::query::projection::{Projected, parse_projection};
 use borough_core::query::{
     EntityQuery, EntitySelector, compile_id_pattern, parse_q, parse_scope_q, parse_type_expr,
 };
 use borough_core::render::EntityListView;
+use borough_core::render::SubSelect;
 use borough_core::validate::check_uri;
 use borough_core::{NgsiError, NgsiResult, RenderOptions};
 use serde_json::{Value, json};
@@ -97,41 +99,91 @@ pub(crate) fn projection(
     let attrs: Vec<String> = attrs
         .iter()
         .map(|a| {
+            if matches!(a.as_str(), "id" | "type" | "scope") {
+                return Err(NgsiError::bad_data(format!(
+                    "attrs names attributes, and '{a}' is not one; use pick to select it"
+                )));
+            }
             borough_core::validate::check_name("attribute name", a)?;
             Ok(actx.ctx.expand(a).into_owned())
         })
         .collect::<NgsiResult<_>>()?;
     opts.attrs = (!attrs.is_empty()).then(|| attrs.clone());
-    let pick = list_param(params.get("pick").map(String::as_str));
-    let omit = list_param(params.get("omit").map(String::as_str));
-    if !pick.is_empty() && !omit.is_empty() {
-        return Err(NgsiError::bad_data("pick and omit exclude each other"));
+    let parse = |name: &'static str| -> NgsiResult<Vec<Projected>> {
+        match params.get(name) {
+            None => Ok(Vec::new()),
+            Some(v) => parse_projection(v, name),
+        }
+    };
+    let pick = parse("pick")?;
+    let omit = parse("omit")?;
+    if let Some(both) = pick.iter().find(|p| omit.iter().any(|o| o.name == p.name)) {
+        return Err(NgsiError::bad_data(format!(
+            "'{}' is both picked and omitted",
+            both.name
+        )));
     }
+    let is_core = |p: &&Projected| matches!(p.name.as_str(), "id" | "type" | "scope");
+    if let Some(core) = pick
+        .iter()
+        .chain(&omit)
+        .find(|p| is_core(p) && !p.nested.is_empty())
+    {
+        return Err(NgsiError::bad_data(format!(
+            "'{}' has no members to project",
+            core.name
+        )));
+    }
+    let names = |list: &[Projected]| -> Vec<String> {
+        list.iter()
+            .filter(|p| !is_core(p))
+            .map(|p| actx.ctx.expand(&p.name).into_owned())
+            .collect()
+    };
+    let nested = |list: &[Projected], only: bool| {
+        list.iter()
+            .filter(|p| !p.nested.is_empty())
+            .map(|p| {
+                let subs = p
+                    .nested
+                    .iter()
+                    .map(|n| actx.ctx.expand(&n.name).into_owned())
+                    .collect();
+                let select = if only {
+                    SubSelect::Only(subs)
+                } else {
+                    SubSelect::Drop(subs)
+                };
+                (actx.ctx.expand(&p.name).into_owned(), select)
+            })
+            .collect::<Vec<_>>()
+    };
+    let has = |list: &[Projected], name: &str| list.iter().any(|p| p.name == name);
     if !pick.is_empty() {
         if !attrs.is_empty() {
             return Err(NgsiError::bad_data(
                 "pick and attrs exclude each other; use one",
             ));
         }
-        opts.hide_id = !pick.contains(&"id");
-        opts.hide_type = !pick.contains(&"type");
-        opts.hide_scope = !pick.contains(&"scope");
-        opts.attrs = Some(
-            pick.iter()
-                .filter(|p| !matches!(**p, "id" | "type" | "scope"))
-                .map(|p| actx.ctx.expand(p).into_owned())
-                .collect(),
-        );
+        opts.hide_id = !has(&pick, "id");
+        opts.hide_type = !has(&pick, "type");
+        opts.hide_scope = !has(&pick, "scope");
+        opts.attrs = Some(names(&pick));
+        opts.sub_attrs = nested(&pick, true);
     }
     if !omit.is_empty() {
-        opts.hide_id = omit.contains(&"id");
-        opts.hide_type = omit.contains(&"type");
-        opts.hide_scope = omit.contains(&"scope");
-        opts.omit = omit
-            .iter()
-            .filter(|p| !matches!(**p, "id" | "type" | "scope"))
-            .map(|p| actx.ctx.expand(p).into_owned())
-            .collect();
+        opts.hide_id |= has(&omit, "id");
+        opts.hide_type |= has(&omit, "type");
+        opts.hide_scope |= has(&omit, "scope");
+        // An attribute with braces keeps itself and loses the members named in them.
+        opts.omit = names(
+            &omit
+                .iter()
+                .filter(|p| p.nested.is_empty())
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        opts.sub_attrs.extend(nested(&omit, false));
     }
     if let Some(lang) = params.get("lang") {
         opts.lang = language_preferences(lang)?;
@@ -254,7 +306,9 @@ pub async fn query_entities(
     let page = paging(&params)?;
     let (opts, attrs) = projection(&params, None, &actx)?;
     let query = query_from_params(&params, attrs, &actx)?;
-    if query.is_unrestricted() {
+    // `local=true` alone asks for every local entity (clause 6.4.3.2).
+    let local = params.get("local").is_some_and(|l| l == "true");
+    if query.is_unrestricted() && !local {
         return Err(NgsiError::bad_data(
             "the query is too broad: give at least one of type, id, idPattern, attrs, q, scopeQ or a geo-query",
         )
@@ -297,6 +351,59 @@ pub async fn query_post(
     respond(
         &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
     )
+}
+
+/// Entities deleted per write while purging.
+const PURGE_BATCH: usize = 1000;
+
+/// `DELETE /entities?type=…` (purge entities, new in v1.8): deletes every
+/// entity the selection matches, a page at a time. The selection must name
+/// something: `DELETE /entities` alone is refused rather than emptying the tenant.
+pub async fn purge(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
+    let query = query_from_params(&params, Vec::new(), &actx)?;
+    if query.is_unrestricted() {
+        return Err(NgsiError::bad_data(
+            "a purge needs a selection: give at least one of type, id, idPattern, q, scopeQ or a geo-query",
+        )
+        .into());
+    }
+    loop {
+        let page = state.store.query(&tenant, &query, 0, PURGE_BATCH, false);
+        if page.entities.is_empty() {
+            break;
+        }
+        let ops: Vec<borough_core::EntityOp> = page
+            .entities
+            .iter()
+            .map(|e| borough_core::EntityOp::Delete { id: e.id.clone() })
+            .collect();
+        let results = state.store.write(&tenant, ops).await?;
+        let mut deleted = 0;
+        for r in results {
+            match r {
+                Ok(_) => deleted += 1,
+                // Deleted in the meantime is fine; anything else stops the purge.
+                Err(e) if e.kind == borough_core::ProblemKind::ResourceNotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if deleted == 0 {
+            break;
+        }
+    }
+    Ok(crate::entities::with_tenant(
+        axum::http::StatusCode::NO_CONTENT.into_response(),
+        &tenant,
+    ))
 }
 
 /// Query-body members that are also URL parameters count as parameters for projection.
@@ -404,6 +511,7 @@ fn respond(
     actx: &ActiveContext,
     uri: &Uri,
 ) -> ApiResult<Response> {
+    let join = crate::join::join_param(params)?;
     // One more than the page tells whether a next page exists.
     let result = state
         .store
@@ -420,6 +528,20 @@ fn respond(
                 "type": "FeatureCollection",
                 "features": entities.iter().map(|e| render_feature(e, &actx.ctx, opts, &geo)).collect::<Vec<_>>(),
             })
+        }
+        ResponseType::LdJson | ResponseType::Json if join.is_some() => {
+            let join = join.unwrap_or(crate::join::Join {
+                mode: crate::join::JoinMode::Flat,
+                level: 1,
+            });
+            let body = joined(state, tenant, entities, opts, actx, rt, join);
+            return Ok(paged(
+                crate::entities::represent_json(rt, body, actx, tenant),
+                &result,
+                has_next,
+                page,
+                uri,
+            ));
         }
         ResponseType::LdJson | ResponseType::Json => {
             // JSON-LD arrays carry @context in each entity.
@@ -446,6 +568,57 @@ fn respond(
         page,
         uri,
     ))
+}
+
+/// Entities with what they link to (`join`), as a JSON array: the entities
+/// themselves with their links inline, or followed by the linked entities
+/// (flat). JSON-LD puts `@context` in each entity.
+pub(crate) fn joined(
+    state: &AppState,
+    tenant: &str,
+    entities: &[std::sync::Arc<borough_core::Entity>],
+    opts: &RenderOptions,
+    actx: &ActiveContext,
+    rt: ResponseType,
+    join: crate::join::Join,
+) -> Value {
+    let store = state.store.as_ref();
+    let with_context = |mut m: serde_json::Map<String, Value>| {
+        if rt == ResponseType::LdJson {
+            let mut out = serde_json::Map::with_capacity(m.len() + 1);
+            out.insert("@context".into(), actx.source.as_value());
+            out.append(&mut m);
+            m = out;
+        }
+        Value::Object(m)
+    };
+    let list: Vec<Value> = match join.mode {
+        crate::join::JoinMode::Inline => entities
+            .iter()
+            .map(|e| {
+                with_context(crate::join::render_inline(
+                    store, tenant, e, &actx.ctx, opts, join.level,
+                ))
+            })
+            .collect(),
+        crate::join::JoinMode::Flat => {
+            let linked = crate::join::linked_entities(store, tenant, entities, opts, join.level);
+            let whole = RenderOptions {
+                format: opts.format,
+                sys_attrs: opts.sys_attrs,
+                lang: opts.lang.clone(),
+                ..RenderOptions::default()
+            };
+            entities
+                .iter()
+                .map(|e| with_context(borough_core::render::render_entity(e, &actx.ctx, opts)))
+                .chain(linked.iter().map(|e| {
+                    with_context(borough_core::render::render_entity(e, &actx.ctx, &whole))
+                }))
+                .collect()
+        }
+    };
+    Value::Array(list)
 }
 
 /// Adds the count and page links to a query response.

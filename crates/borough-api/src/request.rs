@@ -80,7 +80,14 @@ pub async fn read_json(body: Body, limit: usize) -> NgsiResult<Value> {
             format!("the body is larger than the limit of {limit} bytes"),
         )
     };
-    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+    // A client that sends its head and then trickles (or stalls) its body
+    // would otherwise hold the handler, and its connection, forever.
+    const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+    let collecting = http_body_util::Limited::new(body, limit).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collecting).await else {
+        return Err(NgsiError::invalid("the body was not received within 30 s"));
+    };
+    let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Err(e) => {

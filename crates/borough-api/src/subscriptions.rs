@@ -8,7 +8,7 @@ use crate::problem::ApiResult;
 use crate::request::{ResponseType, link_context, negotiate, tenant};
 use crate::{SharedState, json_response, typed_json_response};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use borough_core::subscription::{CompiledSubscription, SubscriptionRecord};
@@ -30,6 +30,26 @@ async fn context_record(
     let value = actx.source.as_value();
     let objects = state.contexts.objects(&value).await?;
     Ok((value, objects))
+}
+
+/// Resolves `jsonldContext` (the context notifications are compacted with)
+/// once, when the subscription is written, so that a context server that
+/// goes away later does not stop notifications.
+async fn notification_context(
+    state: &crate::AppState,
+    record: &mut SubscriptionRecord,
+) -> ApiResult<()> {
+    record.notification_context_objects = match record.body.get("jsonldContext") {
+        Some(Value::String(url)) => {
+            check_uri("jsonldContext", url)?;
+            Some(state.contexts.objects(&json!(url)).await?)
+        }
+        Some(_) => {
+            return Err(NgsiError::bad_data("jsonldContext must be the URI of a context").into());
+        }
+        None => None,
+    };
+    Ok(())
 }
 
 /// `POST /subscriptions`
@@ -59,6 +79,7 @@ pub async fn create(
     };
     body.remove("id");
     body.remove("status");
+    borough_core::subscription::normalize_body(&mut body);
     if state.store.subscription(&tenant, &id).is_some() {
         return Err(NgsiError::new(
             ProblemKind::AlreadyExists,
@@ -67,15 +88,17 @@ pub async fn create(
         .into());
     }
     let (context, context_objects) = context_record(&state, &actx).await?;
-    let record = SubscriptionRecord {
+    let mut record = SubscriptionRecord {
         id: id.clone(),
         body,
         context,
         context_objects,
+        notification_context_objects: None,
         created_at: now,
         modified_at: now,
         stats: Default::default(),
     };
+    notification_context(&state, &mut record).await?;
     // Validate before storing: every error is a 400 and nothing is kept.
     CompiledSubscription::compile(record.clone(), now, true)?;
     state.store.put_subscription(&tenant, record).await?;
@@ -99,47 +122,53 @@ fn render(
     sub.to_json(now_micros(), rt == ResponseType::LdJson, &stats)
 }
 
-fn respond(rt: ResponseType, body: &Value, tenant: &str) -> Response {
-    let media = if rt == ResponseType::LdJson {
-        "application/ld+json"
-    } else {
-        "application/json"
+/// A subscription answer; plain JSON carries the context in a `Link` header
+/// (the subscription's own when it is one URL, else the core context).
+fn respond(rt: ResponseType, body: &Value, tenant: &str, context: &Value) -> Response {
+    if rt == ResponseType::LdJson {
+        return with_tenant(
+            typed_json_response(StatusCode::OK, body, "application/ld+json"),
+            tenant,
+        );
+    }
+    let mut resp = typed_json_response(StatusCode::OK, body, "application/json");
+    let url = match context {
+        Value::String(u) => u.as_str(),
+        _ => borough_core::context::CORE_CONTEXT_URL,
     };
-    with_tenant(typed_json_response(StatusCode::OK, body, media), tenant)
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "<{url}>; rel=\"{}\"; type=\"application/ld+json\"",
+        crate::request::JSONLD_CONTEXT_REL
+    )) {
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    with_tenant(resp, tenant)
 }
 
-/// `GET /subscriptions` (`limit`, `offset`)
+/// `GET /subscriptions` (`limit`, `offset`, `count`), with `Link` rel=next/prev.
 pub async fn list(
     State(state): State<SharedState>,
     Query(params): Params,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
     let tenant = existing_tenant(&state, &headers)?;
-    let number = |k: &str, d: usize| -> ApiResult<usize> {
-        match params.get(k) {
-            None => Ok(d),
-            Some(v) => v.parse().map_err(|_| {
-                NgsiError::bad_data(format!("{k} must be a non-negative integer")).into()
-            }),
-        }
-    };
-    let limit = number("limit", 20)?.min(crate::query::MAX_LIMIT);
-    let offset = number("offset", 0)?;
+    let page = crate::query::paging(&params)?;
     let subs = state.store.subscriptions(&tenant);
     let body: Vec<Value> = subs
         .iter()
-        .skip(offset)
-        .take(limit)
+        .skip(page.offset)
+        .take(page.limit)
         .map(|s| render(&state, &tenant, s, rt))
         .collect();
-    let mut resp = respond(rt, &Value::Array(body), &tenant);
-    if params.get("count").is_some_and(|c| c == "true")
-        && let Ok(v) = HeaderValue::from_str(&subs.len().to_string())
-    {
-        resp.headers_mut().insert("ngsild-results-count", v);
-    }
-    Ok(resp)
+    let resp = respond(rt, &Value::Array(body), &tenant, &Value::Null);
+    let result = borough_store::QueryPage {
+        entities: Vec::new(),
+        total: page.count.then_some(subs.len()),
+    };
+    let has_next = subs.len() > page.offset.saturating_add(page.limit);
+    Ok(crate::query::paged(resp, &result, has_next, page, &uri))
 }
 
 fn find(
@@ -163,7 +192,12 @@ pub async fn retrieve(
     let rt = negotiate(&headers, false)?;
     let tenant = existing_tenant(&state, &headers)?;
     let sub = find(&state, &tenant, &id)?;
-    Ok(respond(rt, &render(&state, &tenant, &sub, rt), &tenant))
+    Ok(respond(
+        rt,
+        &render(&state, &tenant, &sub, rt),
+        &tenant,
+        &sub.record.context,
+    ))
 }
 
 /// `PATCH /subscriptions/{id}`: the given members replace theirs; `null` removes.
@@ -181,6 +215,8 @@ pub async fn update(
         return Err(NgsiError::bad_data("a subscription update must be a JSON object").into());
     };
     let mut record = sub.record.clone();
+    let mut patch = patch;
+    borough_core::subscription::normalize_body(&mut patch);
     for (k, v) in patch {
         match k.as_str() {
             "id" if v != json!(id) => {
@@ -201,6 +237,7 @@ pub async fn update(
         record.context = context;
         record.context_objects = objects;
     }
+    notification_context(&state, &mut record).await?;
     let now = now_micros();
     record.modified_at = now;
     CompiledSubscription::compile(record.clone(), now, true)?;

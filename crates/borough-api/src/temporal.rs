@@ -114,8 +114,9 @@ impl TemporalParams {
 }
 
 /// Options of the temporal API.
-const OPTIONS: [&str; 5] = [
+const OPTIONS: [&str; 6] = [
     "temporalValues",
+    "simplified",
     "aggregatedValues",
     "sysAttrs",
     "normalized",
@@ -141,7 +142,11 @@ fn temporal_params(
     };
     let page_instances = page_instances.max(1);
     let opts = options(params, &OPTIONS).map_err(|e| e.0)?;
-    let has = |o: &str| opts.iter().any(|x| x == o);
+    // `simplified` is the 1.8 name of temporalValues.
+    let has = |o: &str| {
+        opts.iter()
+            .any(|x| x == o || (o == "temporalValues" && x == "simplified"))
+    };
     if has("temporalValues") && has("aggregatedValues") {
         return Err(NgsiError::bad_data(
             "options temporalValues and aggregatedValues cannot be combined",
@@ -150,9 +155,10 @@ fn temporal_params(
     let format = match params.get("format").map(String::as_str) {
         None | Some("normalized") => None,
         Some(f @ ("temporalValues" | "aggregatedValues")) => Some(f),
+        Some("simplified") => Some("temporalValues"),
         Some(other) => {
-            return Err(NgsiError::bad_data(format!(
-                "unknown format '{}'; use normalized, temporalValues or aggregatedValues",
+            return Err(NgsiError::invalid(format!(
+                "unknown format '{}'; use normalized, temporalValues (or simplified) or aggregatedValues",
                 other.chars().take(80).collect::<String>()
             )));
         }
@@ -348,6 +354,7 @@ fn render(h: &EntityHistory, ctx: &Context, tp: &TemporalParams) -> Value {
                             attr: &i.attr,
                             ctx,
                             opts: &opts,
+                            subs: None,
                         })
                         .unwrap_or(Value::Null);
                         if let Value::Object(m) = &mut v {
@@ -415,9 +422,10 @@ fn simplified_key(kind: AttrKind) -> &'static str {
     match kind {
         AttrKind::Property | AttrKind::GeoProperty => "values",
         AttrKind::Relationship => "objects",
-        AttrKind::LanguageProperty => "languageMap",
-        AttrKind::VocabProperty => "vocab",
-        AttrKind::JsonProperty => "json",
+        // The plural terms of the core context (`ngsi-ld:hasLanguageMaps`, …).
+        AttrKind::LanguageProperty => "languageMaps",
+        AttrKind::VocabProperty => "vocabs",
+        AttrKind::JsonProperty => "jsons",
         AttrKind::ListProperty => "valueLists",
         AttrKind::ListRelationship => "objectLists",
     }

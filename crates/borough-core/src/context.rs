@@ -67,6 +67,10 @@ pub struct Context {
     terms: HashMap<String, TermDef>,
     reverse: HashMap<String, String>,
     vocab: String,
+    /// Terms usable as CURIE prefixes (their IRI ends with '/' or '#'), as
+    /// (IRI, term); compaction falls back to them when no term or the
+    /// vocabulary covers an IRI.
+    prefixes: Vec<(String, String)>,
     /// Terms of the core context, which a user context cannot redefine.
     protected: usize,
 }
@@ -79,6 +83,7 @@ static CORE: LazyLock<Arc<Context>> = LazyLock::new(|| {
         terms: HashMap::new(),
         reverse: HashMap::new(),
         vocab: DEFAULT_VOCAB.to_string(),
+        prefixes: Vec::new(),
         protected: 0,
     };
     if let Some(Value::Object(map)) = doc.get("@context") {
@@ -140,6 +145,7 @@ impl Context {
                 Value::Null => {
                     if let Some(old) = self.terms.remove(term) {
                         self.reverse.remove(&old.iri);
+                        self.prefixes.retain(|(_, t)| t != term);
                     }
                     continue;
                 }
@@ -161,6 +167,17 @@ impl Context {
             });
             if !keep_existing {
                 self.reverse.insert(iri.clone(), term.clone());
+            }
+            self.prefixes.retain(|(_, t)| t != term);
+            if (iri.ends_with('/') || iri.ends_with('#')) && !term.contains(':') {
+                self.prefixes.push((iri.clone(), term.clone()));
+                // Longest IRI first, then the shortest term: the most specific CURIE.
+                self.prefixes.sort_by(|a, b| {
+                    b.0.len()
+                        .cmp(&a.0.len())
+                        .then(a.1.len().cmp(&b.1.len()))
+                        .then(a.1.cmp(&b.1))
+                });
             }
             self.terms.insert(term.clone(), TermDef { iri });
         }
@@ -222,7 +239,10 @@ impl Context {
         Cow::Owned(format!("{}{}", self.vocab, term))
     }
 
-    /// Compacts an IRI back to the shortest form this context gives it.
+    /// Compacts an IRI back to the shortest form this context gives it: a
+    /// term, else a name relative to the vocabulary, else a CURIE through a
+    /// prefix (`ngsi-ld:default-context/speed` when a user `@vocab` or term
+    /// hides the default vocabulary), else the IRI itself.
     pub fn compact<'a>(&'a self, iri: &'a str) -> Cow<'a, str> {
         if let Some(term) = self.reverse.get(iri) {
             return Cow::Borrowed(term.as_str());
@@ -232,6 +252,16 @@ impl Context {
             && !self.terms.contains_key(rest)
         {
             return Cow::Borrowed(rest);
+        }
+        for (prefix_iri, term) in &self.prefixes {
+            if let Some(rest) = iri.strip_prefix(prefix_iri.as_str())
+                && !rest.is_empty()
+            {
+                let curie = format!("{term}:{rest}");
+                if !self.terms.contains_key(&curie) {
+                    return Cow::Owned(curie);
+                }
+            }
         }
         Cow::Borrowed(iri)
     }
@@ -291,6 +321,33 @@ mod tests {
         let v = user(json!({"@vocab": "https://example.org/terms/"}));
         assert_eq!(v.expand("speed"), "https://example.org/terms/speed");
         assert_eq!(v.compact("https://example.org/terms/speed"), "speed");
+    }
+
+    #[test]
+    fn iris_outside_terms_and_vocabulary_compact_to_curies() {
+        // A user vocabulary hides the default one: its names come back through
+        // the core context's `ngsi-ld` prefix.
+        let c = user(json!({"@vocab": "https://example.org/terms/"}));
+        assert_eq!(
+            c.compact("https://uri.etsi.org/ngsi-ld/default-context/speed"),
+            "ngsi-ld:default-context/speed"
+        );
+        // So does a user term of the same name.
+        let c = user(json!({"speed": "https://example.org/speed"}));
+        assert_eq!(
+            c.compact("https://uri.etsi.org/ngsi-ld/default-context/speed"),
+            "ngsi-ld:default-context/speed"
+        );
+        assert_eq!(
+            c.expand("ngsi-ld:default-context/speed"),
+            "https://uri.etsi.org/ngsi-ld/default-context/speed"
+        );
+        let c = user(json!({"ex": "https://example.org/ns#"}));
+        assert_eq!(c.compact("https://example.org/ns#thing"), "ex:thing");
+        assert_eq!(
+            c.compact("https://example.org/other"),
+            "https://example.org/other"
+        );
     }
 
     #[test]

@@ -371,6 +371,9 @@ pub fn parse_fragment(body: &Value, ctx: &Context, mode: ParseMode) -> NgsiResul
                 frag.id = Some(id.to_string());
             }
             "type" | "@type" => frag.types = parse_types(v, ctx)?,
+            // NGSI-LD Null (or a JSON null in a merge-patch) removes the scopes.
+            "scope" if v.as_str() == Some(NGSI_LD_NULL) => frag.scopes = Some(Vec::new()),
+            "scope" if v.is_null() && mode == ParseMode::Patch => frag.scopes = Some(Vec::new()),
             "scope" => frag.scopes = Some(parse_scopes(v)?),
             "@context" | "createdAt" | "modifiedAt" | "deletedAt" => {}
             name => {
@@ -445,6 +448,11 @@ fn parse_types(v: &Value, ctx: &Context) -> NgsiResult<Vec<String>> {
     let mut out = Vec::with_capacity(names.len());
     for n in names {
         check_name("entity type", n)?;
+        if matches!(n, "id" | "type") {
+            return Err(NgsiError::bad_data(format!(
+                "entity type '{n}' is a keyword alias of the core context (@{n}), not a type name"
+            )));
+        }
         let iri = ctx.expand(n).into_owned();
         if !out.contains(&iri) {
             out.push(iri);

@@ -214,6 +214,7 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
         EntityOp::Update { id, frag } => {
             let cur = current.ok_or_else(|| missing(&id))?;
             let mut next = cur.clone();
+            merge_types_and_scopes(&mut next, &frag);
             let mut updated = Vec::new();
             let mut not_updated = Vec::new();
             for (name, instances) in frag.attrs {
@@ -297,6 +298,15 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
         } => {
             let cur = current.ok_or_else(|| missing(&id))?;
             let mut next = cur.clone();
+            if attr == SCOPE_IRI {
+                // `scope` is deleted like an attribute (clause 5.6.5).
+                if next.scopes.is_empty() {
+                    return Err(NgsiError::not_found(format!("entity '{id}' has no scope")));
+                }
+                next.scopes.clear();
+                next.modified_at = now;
+                return Ok((Change::Put(next), OpOutcome::Updated));
+            }
             let removed = if delete_all {
                 next.attrs.shift_remove(&attr).is_some()
             } else {
@@ -327,6 +337,9 @@ pub fn apply(op: EntityOp, current: Option<&Entity>, now: i64) -> NgsiResult<(Ch
         }
     }
 }
+
+/// The expanded name of the entity member `scope`.
+pub const SCOPE_IRI: &str = "https://uri.etsi.org/ngsi-ld/scope";
 
 fn attr_missing(id: &str, attr: &str, dataset_id: Option<&str>) -> NgsiError {
     let name = short_name(attr);

@@ -38,6 +38,25 @@ pub struct RenderOptions {
     pub lang: Option<Vec<String>>,
     /// Only instances with these datasetIds (`None` is the default instance).
     pub dataset_ids: Option<Vec<Option<String>>>,
+    /// Sub-attribute projection per attribute (expanded names): `pick` or
+    /// `omit` with braces, `temperature{accuracy}`.
+    pub sub_attrs: Vec<(String, SubSelect)>,
+}
+
+/// Which sub-attributes of an attribute are shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubSelect {
+    Only(Vec<String>),
+    Drop(Vec<String>),
+}
+
+impl SubSelect {
+    fn shows(&self, name: &str) -> bool {
+        match self {
+            Self::Only(names) => names.iter().any(|n| n == name),
+            Self::Drop(names) => !names.iter().any(|n| n == name),
+        }
+    }
 }
 
 impl RenderOptions {
@@ -47,6 +66,14 @@ impl RenderOptions {
             .as_ref()
             .is_none_or(|w| w.iter().any(|x| x == name))
             && !self.omit.iter().any(|x| x == name)
+    }
+
+    /// The sub-attribute projection of attribute `name`, if any.
+    pub fn sub_select(&self, name: &str) -> Option<&SubSelect> {
+        self.sub_attrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
     }
 
     /// Whether the instance is shown (datasetId selection).
@@ -163,13 +190,16 @@ impl Serialize for EntityView<'_> {
                 instances,
                 ctx,
                 opts,
+                subs: opts.sub_select(name),
             };
             if view.is_empty() {
                 continue;
             }
             m.serialize_entry(&*ctx.compact(name), &view)?;
         }
-        if opts.sys_attrs && opts.format != Format::KeyValues {
+        // keyValues has no room for attribute system members, but the
+        // entity's own are plain members and are shown with sysAttrs.
+        if opts.sys_attrs {
             m.serialize_entry("createdAt", &format_datetime(e.created_at))?;
             m.serialize_entry("modifiedAt", &format_datetime(e.modified_at))?;
         }
@@ -182,6 +212,7 @@ struct InstancesView<'a> {
     instances: &'a [Attribute],
     ctx: &'a Context,
     opts: &'a RenderOptions,
+    subs: Option<&'a SubSelect>,
 }
 
 impl InstancesView<'_> {
@@ -198,7 +229,7 @@ impl InstancesView<'_> {
 
 impl Serialize for InstancesView<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (ctx, opts) = (self.ctx, self.opts);
+        let (ctx, opts, subs) = (self.ctx, self.opts, self.subs);
         if opts.format == Format::KeyValues {
             // keyValues has no room for instances: the default instance (or the first) stands for the attribute.
             let chosen = self
@@ -216,12 +247,18 @@ impl Serialize for InstancesView<'_> {
                 attr: one,
                 ctx,
                 opts,
+                subs,
             }
             .serialize(s),
             _ => {
                 let mut seq = s.serialize_seq(None)?;
                 for a in self.selected() {
-                    seq.serialize_element(&AttributeView { attr: a, ctx, opts })?;
+                    seq.serialize_element(&AttributeView {
+                        attr: a,
+                        ctx,
+                        opts,
+                        subs,
+                    })?;
                 }
                 seq.end()
             }
@@ -303,14 +340,17 @@ pub struct AttributeView<'a> {
     pub attr: &'a Attribute,
     pub ctx: &'a Context,
     pub opts: &'a RenderOptions,
+    /// Which sub-attributes are shown (all when `None`).
+    pub subs: Option<&'a SubSelect>,
 }
 
 impl Serialize for AttributeView<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (a, ctx, opts) = (self.attr, self.ctx, self.opts);
         let concise = opts.format == Format::Concise;
+        let shown = |name: &str| self.subs.is_none_or(|s| s.shows(name));
         let bare = concise
-            && a.sub.is_empty()
+            && !a.sub.keys().any(|n| shown(n))
             && a.observed_at.is_none()
             && a.unit_code.is_none()
             && a.dataset_id.is_none()
@@ -358,12 +398,16 @@ impl Serialize for AttributeView<'_> {
             m.serialize_entry("unitCode", u)?;
         }
         for (name, sub) in &a.sub {
+            if !shown(name) {
+                continue;
+            }
             m.serialize_entry(
                 &*ctx.compact(name),
                 &AttributeView {
                     attr: sub,
                     ctx,
                     opts,
+                    subs: None,
                 },
             )?;
         }
@@ -393,9 +437,19 @@ pub fn render_entity(e: &Entity, ctx: &Context, opts: &RenderOptions) -> Map<Str
     }
 }
 
+/// The value member of an attribute instance as it is shown (vocab IRIs compacted).
+pub fn render_value(a: &Attribute, ctx: &Context) -> Value {
+    to_value(StoredValue { attr: a, ctx })
+}
+
 /// Renders one attribute instance as JSON.
 pub fn render_attribute(a: &Attribute, ctx: &Context, opts: &RenderOptions) -> Value {
-    to_value(AttributeView { attr: a, ctx, opts })
+    to_value(AttributeView {
+        attr: a,
+        ctx,
+        opts,
+        subs: None,
+    })
 }
 
 /// Renders an entity as a GeoJSON Feature (clause 4.5.16): the geometry comes

@@ -27,6 +27,33 @@ const DEFAULT_TRIGGERS: [&str; 2] = ["attributeCreated", "attributeUpdated"];
 /// Most subscriptions' `entities` members and watched attributes.
 const MAX_LIST: usize = 100;
 
+/// `q` as ngsildclient and others send it in a subscription body,
+/// percent-encoded (`name%3D%3D%22Eiffel%20Tower%22`), decoded; a `q` with
+/// no valid `%XX` sequence is returned as it is.
+pub fn percent_decoded(q: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = q.as_bytes();
+    let encoded = bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit());
+    if !encoded {
+        return std::borrow::Cow::Borrowed(q);
+    }
+    match percent_encoding::percent_decode_str(q).decode_utf8() {
+        Ok(d) => std::borrow::Cow::Owned(d.into_owned()),
+        Err(_) => std::borrow::Cow::Borrowed(q),
+    }
+}
+
+/// Normalizes a subscription body as given by a client before it is stored:
+/// a percent-encoded `q` is kept decoded, so that it reads back as a query.
+pub fn normalize_body(body: &mut Map<String, Value>) {
+    if let Some(Value::String(q)) = body.get_mut("q")
+        && let std::borrow::Cow::Owned(d) = percent_decoded(q)
+    {
+        *q = d;
+    }
+}
+
 /// Delivery statistics kept with a subscription (clause 5.2.12).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -52,6 +79,10 @@ pub struct SubscriptionRecord {
     /// The user context objects, resolved at creation, so the subscription
     /// reads the same after a restart even if remote contexts are gone.
     pub context_objects: Vec<Map<String, Value>>,
+    /// The context objects of `jsonldContext`, resolved at creation: the
+    /// context notifications are compacted with instead of the body's.
+    #[serde(default)]
+    pub notification_context_objects: Option<Vec<Map<String, Value>>>,
     pub created_at: i64,
     pub modified_at: i64,
     #[serde(default)]
@@ -143,6 +174,9 @@ pub struct Endpoint {
 pub struct CompiledSubscription {
     pub record: SubscriptionRecord,
     pub ctx: Context,
+    /// The context notifications are compacted with: `jsonldContext` when
+    /// given, else the subscription's own.
+    pub notify_ctx: Context,
     pub query: EntityQuery,
     /// Expanded names; empty: every attribute.
     pub watched: Vec<String>,
@@ -215,10 +249,13 @@ impl CompiledSubscription {
         let ctx = Context::with_user_contexts(&record.context_objects)?;
         let b = &record.body;
         for key in b.keys() {
-            const KNOWN: [&str; 19] = [
+            const KNOWN: [&str; 21] = [
                 "id",
                 "type",
                 "subscriptionName",
+                // NGSI-LD 1.3's name of subscriptionName, still sent by clients.
+                "name",
+                "datasetId",
                 "description",
                 "entities",
                 "watchedAttributes",
@@ -243,6 +280,31 @@ impl CompiledSubscription {
         if b.get("type").and_then(Value::as_str) != Some("Subscription") {
             return Err(bad("a subscription needs \"type\": \"Subscription\""));
         }
+        if b.contains_key("name") && b.contains_key("subscriptionName") {
+            return Err(bad(
+                "name (NGSI-LD 1.3) and subscriptionName are the same member: give one",
+            ));
+        }
+        for key in ["name", "subscriptionName", "description"] {
+            if b.get(key).is_some_and(|v| !v.is_string()) {
+                return Err(bad(format!("{key} must be a string")));
+            }
+        }
+        let notify_ctx = match (
+            &b.get("jsonldContext"),
+            &record.notification_context_objects,
+        ) {
+            (None, _) => ctx.clone(),
+            (Some(Value::String(u)), Some(objects)) => {
+                check_uri("jsonldContext", u)?;
+                Context::with_user_contexts(objects)?
+            }
+            (Some(Value::String(u)), None) => {
+                check_uri("jsonldContext", u)?;
+                return Err(bad("jsonldContext was not resolved"));
+            }
+            (Some(_), _) => return Err(bad("jsonldContext must be the URI of a context")),
+        };
         let mut query = EntityQuery::default();
         if let Some(entities) = b.get("entities") {
             let list = entities
@@ -306,7 +368,7 @@ impl CompiledSubscription {
         };
         if let Some(q) = b.get("q") {
             let q = q.as_str().ok_or_else(|| bad("q must be a string"))?;
-            query.q = Some(parse_q(q, &ctx)?);
+            query.q = Some(parse_q(&percent_decoded(q), &ctx)?);
         }
         if let Some(g) = b.get("geoQ") {
             query.geo = Some(parse_geo_q(g, &ctx)?);
@@ -359,10 +421,10 @@ impl CompiledSubscription {
         let format = match n.get("format").and_then(Value::as_str) {
             None | Some("normalized") => Format::Normalized,
             Some("concise") => Format::Concise,
-            Some("keyValues") => Format::KeyValues,
+            Some("keyValues" | "simplified") => Format::KeyValues,
             Some(other) => {
                 return Err(bad(format!(
-                    "unknown notification format '{other}'; use normalized, concise or keyValues"
+                    "unknown notification format '{other}'; use normalized, concise, keyValues or simplified"
                 )));
             }
         };
@@ -387,11 +449,27 @@ impl CompiledSubscription {
             Some(Value::String(l)) => Some(vec![l.clone()]),
             Some(_) => return Err(bad("lang must be a string")),
         };
+        let dataset_ids = match b.get("datasetId") {
+            None => None,
+            Some(v) => Some(
+                strings(v, "datasetId")?
+                    .into_iter()
+                    .map(|d| {
+                        if d == "@none" {
+                            Ok(None)
+                        } else {
+                            check_uri("datasetId", &d).map(|()| Some(d))
+                        }
+                    })
+                    .collect::<NgsiResult<Vec<_>>>()?,
+            ),
+        };
         let render = RenderOptions {
             format,
             sys_attrs: flag("sysAttrs")?,
             attrs: attributes,
             lang,
+            dataset_ids,
             ..RenderOptions::default()
         };
         let throttling = positive_seconds(b.get("throttling"), "throttling")?;
@@ -428,6 +506,7 @@ impl CompiledSubscription {
             show_changes: flag("showChanges")?,
             record,
             ctx,
+            notify_ctx,
             query,
             watched,
             triggers,
@@ -569,6 +648,7 @@ mod tests {
             body: body.as_object().cloned().unwrap(),
             context: Value::Null,
             context_objects: Vec::new(),
+            notification_context_objects: None,
             created_at: 0,
             modified_at: 0,
             stats: Stats::default(),

@@ -57,6 +57,12 @@ pub fn check_name(what: &str, s: &str) -> NgsiResult<()> {
             "{what} is longer than {MAX_NAME_LEN} characters"
         )));
     }
+    if s.starts_with('@') {
+        return Err(NgsiError::bad_data(format!(
+            "{what} '{}' starts with '@': names beginning with '@' are reserved for JSON-LD keywords",
+            truncate(s)
+        )));
+    }
     if let Some(c) = s
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || FORBIDDEN_NAME_CHARS.contains(c))

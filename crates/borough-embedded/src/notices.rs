@@ -508,6 +508,7 @@ mod tests {
             body: body.as_object().cloned().unwrap(),
             context: Value::Null,
             context_objects: Vec::new(),
+            notification_context_objects: None,
             created_at: 0,
             modified_at: 0,
             stats: Stats::default(),

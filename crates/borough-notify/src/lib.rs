@@ -365,7 +365,7 @@ fn notification(sub: &CompiledSubscription, id: &str, items: &[Item<'_>], now: i
         .collect();
     let mut n = Map::new();
     if ld {
-        n.insert("@context".into(), sub.record.context.clone());
+        n.insert("@context".into(), notification_context(sub));
     }
     n.insert("id".into(), json!(id));
     n.insert("type".into(), json!("Notification"));
@@ -375,6 +375,15 @@ fn notification(sub: &CompiledSubscription, id: &str, items: &[Item<'_>], now: i
     Value::Object(n)
 }
 
+/// The `@context` notifications carry: `jsonldContext` when the subscription
+/// names one, else the subscription's own.
+fn notification_context(sub: &CompiledSubscription) -> Value {
+    match sub.record.body.get("jsonldContext") {
+        Some(Value::String(u)) => json!(u),
+        _ => sub.record.context.clone(),
+    }
+}
+
 fn render(
     sub: &CompiledSubscription,
     e: &Entity,
@@ -382,15 +391,23 @@ fn render(
     previous: Option<&Entity>,
     now: i64,
 ) -> Value {
-    let (ctx, opts) = (&sub.ctx, &sub.render);
+    let (ctx, opts) = (&sub.notify_ctx, &sub.render);
     if deleted {
+        // An entity deletion shows the entity with each of its attributes
+        // deleted: NGSI-LD Null, deletedAt and, with showChanges, the value it had.
         let types: Vec<Value> = e.types.iter().map(|t| json!(ctx.compact(t))).collect();
         let t = if types.len() == 1 {
             types[0].clone()
         } else {
             Value::Array(types)
         };
-        return json!({"id": e.id, "type": t, "deletedAt": format_datetime(now)});
+        let mut out = json!({"id": e.id, "type": t, "deletedAt": format_datetime(now)});
+        let gone = Entity {
+            attrs: Default::default(),
+            ..e.clone()
+        };
+        show_deleted(&mut out, &gone, e, sub, now);
+        return out;
     }
     let list = [e];
     let view = EntityListView {
@@ -412,6 +429,12 @@ fn render(
     out
 }
 
+/// `previousValue`, `previousObject`, … for an attribute kind's value member.
+fn previous_key(a: &borough_core::entity::Attribute) -> String {
+    let key = a.kind.value_key();
+    format!("previous{}{}", key[..1].to_uppercase(), &key[1..])
+}
+
 /// Adds every attribute instance that the change deleted, as the spec shows a
 /// deletion: NGSI-LD Null as its value, `deletedAt`, and with `showChanges`
 /// the value it had. keyValues shows the bare NGSI-LD Null.
@@ -422,7 +445,7 @@ fn show_deleted(
     sub: &CompiledSubscription,
     now: i64,
 ) {
-    let (ctx, opts) = (&sub.ctx, &sub.render);
+    let (ctx, opts) = (&sub.notify_ctx, &sub.render);
     let Value::Object(members) = out else {
         return;
     };
@@ -454,8 +477,7 @@ fn show_deleted(
                 }
                 m.insert("deletedAt".into(), json!(format_datetime(now)));
                 if sub.show_changes {
-                    let prev = format!("previous{}{}", key[..1].to_uppercase(), &key[1..]);
-                    m.insert(prev, borough_core::render::render_attribute(a, ctx, opts));
+                    m.insert(previous_key(a), borough_core::render::render_value(a, ctx));
                 }
                 Value::Object(m)
             })
@@ -493,12 +515,10 @@ fn show_changes(out: &mut Value, e: &Entity, before: &Entity, ctx: &Context) {
                 other => Some(other),
             };
             if let Some(Value::Object(m)) = slot {
-                let key = format!(
-                    "previous{}{}",
-                    a.kind.value_key()[..1].to_uppercase(),
-                    &a.kind.value_key()[1..]
+                m.insert(
+                    previous_key(a),
+                    borough_core::render::render_value(prev, ctx),
                 );
-                m.insert(key, prev.value.clone());
             }
         }
     }
@@ -552,8 +572,8 @@ async fn send(
         .header("Content-Type", media)
         .body(body.to_string());
     if media == "application/json" {
-        let link = match &sub.record.context {
-            Value::String(u) => u.clone(),
+        let link = match notification_context(sub) {
+            Value::String(u) => u,
             _ => borough_core::context::CORE_CONTEXT_URL.to_string(),
         };
         req = req.header(

@@ -102,6 +102,9 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         device_max_payload_bytes: 64 << 10,
         command_ack_timeout_secs: 30,
         command_attempts: 3,
+        max_connections: 8192,
+        max_connections_per_ip: 512,
+        header_read_timeout_secs: 30,
     };
     let listener = bind(args.http).await?;
     let mqtt = bind(args.mqtt).await?;

@@ -70,6 +70,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BOROUGH_TEMPORAL_PAGE_INSTANCES", default_value_t = borough_api::temporal::MAX_INSTANCES,
           value_parser = page_instances)]
     pub temporal_page_instances: usize,
+    /// Most open HTTP connections; more are answered 503 and closed.
+    #[arg(long, env = "BOROUGH_MAX_CONNECTIONS", default_value_t = 8192, value_parser = at_least_one)]
+    pub max_connections: usize,
+    /// Most open HTTP connections from one client address.
+    #[arg(long, env = "BOROUGH_MAX_CONNECTIONS_PER_IP", default_value_t = 512,
+          value_parser = at_least_one)]
+    pub max_connections_per_ip: usize,
+    /// Seconds a client has to send a request head; also how long an idle
+    /// keep-alive connection is kept open.
+    #[arg(long, env = "BOROUGH_HEADER_READ_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = at_least_one_sec)]
+    pub header_read_timeout_secs: u64,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -78,6 +90,20 @@ pub struct ServeArgs {
 /// `--temporal-page-instances`: at least one.
 fn page_instances(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive whole number")),
+    }
+}
+
+/// A count that must be at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    page_instances(s)
+}
+
+/// A number of seconds, at least one.
+fn at_least_one_sec(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("'{s}' is not a positive whole number")),
@@ -216,13 +242,14 @@ pub async fn start(
     }
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let limits = borough_api::server::ServerLimits {
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+    };
+    let task = tokio::spawn(borough_api::server::serve(listener, app, limits, async {
+        let _ = stopped.await;
+    }));
     // Notifications are delivered from the store's outbox, off the request path.
     let (stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
     let mqtt_ca_pem = match &args.mqtt_ca_file {

@@ -570,6 +570,98 @@ fn show_changes_carries_the_previous_value() {
     );
 }
 
+#[test]
+fn deletions_notify_with_ngsi_ld_null_previous_values_and_the_notification_context() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    // A context hosted by the server itself, naming `n` `level`, for notifications.
+    let (s, _) = call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{}/ngsi-ld/v1/jsonldContexts", server.base),
+        Some(json!({"@context": {"level": "https://uri.etsi.org/ngsi-ld/default-context/n"}})),
+    );
+    assert_eq!(s, 201);
+    let (_, listed) = call(
+        &rt,
+        reqwest::Method::GET,
+        &format!("{}/ngsi-ld/v1/jsonldContexts?kind=Hosted", server.base),
+        None,
+    );
+    let context_url = listed[0].as_str().unwrap().to_string();
+    let (uri, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    subscribe(
+        &rt,
+        &server.base,
+        "urn:ngsi-ld:Subscription:deletions",
+        &uri,
+        json!({
+            "notificationTrigger": ["attributeDeleted", "entityDeleted"],
+            "jsonldContext": context_url,
+            "notification": {"format": "normalized", "showChanges": true, "endpoint": {"uri": uri}}
+        }),
+    );
+    let (kv_uri, kv_inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    subscribe(
+        &rt,
+        &server.base,
+        "urn:ngsi-ld:Subscription:kv-sys",
+        &kv_uri,
+        json!({"notification": {"format": "keyValues", "sysAttrs": true, "endpoint": {"uri": kv_uri}}}),
+    );
+    let ops = format!("{}/ngsi-ld/v1/entityOperations", server.base);
+    call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{ops}/upsert"),
+        Some(json!([spot(5, "free", 7)])),
+    );
+    let kv = kv_inbox.wait_for("the creation", Duration::from_secs(10), |g| !g.is_empty());
+    assert!(
+        kv[0]["createdAt"].is_string(),
+        "keyValues with sysAttrs: {}",
+        kv[0]
+    );
+    assert!(kv[0]["modifiedAt"].is_string(), "{}", kv[0]);
+    // NGSI-LD Null in a merge deletes the attribute and notifies as a deletion.
+    let (s, b) = call(
+        &rt,
+        reqwest::Method::PATCH,
+        &format!(
+            "{}/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:5",
+            server.base
+        ),
+        Some(json!({"n": "urn:ngsi-ld:null"})),
+    );
+    assert_eq!(s, 204, "{b}");
+    let got = inbox.wait_for("the attribute deletion", Duration::from_secs(10), |g| {
+        !g.is_empty()
+    });
+    let level = &got[0]["level"];
+    assert_eq!(level["value"], "urn:ngsi-ld:null", "{}", got[0]);
+    assert_eq!(level["previousValue"], 7, "{}", got[0]);
+    assert!(level["deletedAt"].is_string());
+    let (s, _) = call(
+        &rt,
+        reqwest::Method::DELETE,
+        &format!(
+            "{}/ngsi-ld/v1/entities/urn:ngsi-ld:ParkingSpot:5",
+            server.base
+        ),
+        None,
+    );
+    assert_eq!(s, 204);
+    let got = inbox.wait_for("the entity deletion", Duration::from_secs(10), |g| {
+        g.len() >= 2
+    });
+    let gone = &got[1];
+    assert_eq!(gone["id"], "urn:ngsi-ld:ParkingSpot:5");
+    assert!(gone["deletedAt"].is_string(), "{gone}");
+    assert_eq!(gone["status"]["value"], "urn:ngsi-ld:null", "{gone}");
+    assert_eq!(gone["status"]["previousValue"], "free", "{gone}");
+}
+
 /// A Mosquitto of the test's own with a plain and a TLS listener, and a CA of
 /// the test's own that signed the TLS listener's certificate.
 struct TlsBroker {

@@ -153,7 +153,18 @@ async fn batch_update_merge_and_delete() {
             {"id": "urn:ngsi-ld:Bin:1", "fillingLevel": {"type": "Property", "value": 99}}]),
         )
         .await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // An attribute left as it was is reported: 207 with the entity in errors.
+    assert_eq!(r.status, StatusCode::MULTI_STATUS, "{}", r.body);
+    assert_eq!(r.body["success"], json!([]));
+    assert_eq!(r.body["errors"][0]["entityId"], "urn:ngsi-ld:Bin:1");
+    assert!(
+        r.body["errors"][0]["error"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("fillingLevel"),
+        "{}",
+        r.body
+    );
     assert_eq!(
         level(&app, 1).await,
         15,

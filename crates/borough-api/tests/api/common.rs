@@ -34,12 +34,15 @@ impl Resp {
 
     /// The problem type's last segment, e.g. "BadRequestData".
     pub fn problem(&self) -> &str {
+        // Problem details come as application/json unless the client asks
+        // for application/problem+json (see errors.rs).
         assert_eq!(
             self.header("content-type"),
-            Some("application/problem+json"),
+            Some("application/json"),
             "expected a problem body, got {:?}",
             self.body
         );
+        assert!(self.status.is_client_error() || self.status.is_server_error());
         assert!(
             self.body["detail"].as_str().is_some_and(|d| !d.is_empty()),
             "a problem must say what was wrong: {}",

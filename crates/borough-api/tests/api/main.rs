@@ -3,6 +3,7 @@
 
 mod batch;
 mod common;
+mod conformance;
 mod contexts;
 mod entities;
 mod errors;

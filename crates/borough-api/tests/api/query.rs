@@ -383,8 +383,14 @@ async fn query_errors() {
         "idPattern=(",
         "scopeQ=city",
         "type=A;;B",
-        "pick=id&omit=type",
-        "options=nope",
+        "pick=id&omit=id",
+        "pick=id;name",
+        "pick=name{",
+        "pick=name{}",
+        "omit=,",
+        "attrs=id,type",
+        "attrs=name&pick=name",
+        "q=temperature%3E%3E%3E(",
     ] {
         let r = app.get(&format!("{ENTITIES}?type=ParkingSpot&{bad}")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);

@@ -428,8 +428,6 @@ async fn bad_temporal_input_is_refused_with_reasons() {
             "timeproperty=removedAt",
             "timeproperty 'removedAt' is not one of",
         ),
-        ("format=keyValues", "unknown format 'keyValues'"),
-        ("options=keyValues", "unknown option 'keyValues'"),
         (
             "options=temporalValues,aggregatedValues&aggrMethods=avg",
             "cannot be combined",
@@ -437,11 +435,26 @@ async fn bad_temporal_input_is_refused_with_reasons() {
     ] {
         let r = app.get(&format!("{base}?{query}")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}: {}", r.body);
-        assert_eq!(r.problem(), "BadRequestData");
+        assert_eq!(r.problem(), "BadRequestData", "{query}");
         let detail = r.body["detail"].as_str().unwrap();
         assert!(
             detail.contains(expect),
             "{query}: '{detail}' should say '{expect}'"
+        );
+    }
+    // Values a parameter cannot take are invalid requests.
+    for (query, expect) in [
+        ("format=keyValues", "unknown format 'keyValues'"),
+        ("options=keyValues", "unknown option 'keyValues'"),
+        ("lastN=1&colour=red", "unknown query parameter 'colour'"),
+    ] {
+        let r = app.get(&format!("{base}?{query}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}: {}", r.body);
+        assert_eq!(r.problem(), "InvalidRequest", "{query}");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(expect),
+            "{}",
+            r.body
         );
     }
     let r = import(
@@ -900,12 +913,12 @@ async fn simplified_values_of_language_json_and_vocab_properties() {
         r.body,
         json!({
             "id": "urn:ngsi-ld:Shop:1", "type": "Shop",
-            "name": {"type": "LanguageProperty", "languageMap": [
+            "name": {"type": "LanguageProperty", "languageMaps": [
                 [{"en": "Bakery", "fr": "Boulangerie"}, "2026-01-01T08:00:00Z"],
                 [{"en": "Cafe"}, "2026-01-02T08:00:00Z"]
             ]},
-            "config": {"type": "JsonProperty", "json": [[{"open": [8, 18]}, "2026-01-01T08:00:00Z"]]},
-            "state": {"type": "VocabProperty", "vocab": [["Open", "2026-01-01T08:00:00Z"]]},
+            "config": {"type": "JsonProperty", "jsons": [[{"open": [8, 18]}, "2026-01-01T08:00:00Z"]]},
+            "state": {"type": "VocabProperty", "vocabs": [["Open", "2026-01-01T08:00:00Z"]]},
             "owner": {"type": "Relationship", "objects": [["urn:ngsi-ld:Person:1", "2026-01-01T08:00:00Z"]]}
         })
     );

@@ -53,6 +53,11 @@ impl<'a> Cursor<'a> {
         Self { src, pos: 0, what }
     }
 
+    /// What is being parsed (`q`, `pick`, …), for messages.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
     pub fn rest(&self) -> &'a str {
         &self.src[self.pos..]
     }

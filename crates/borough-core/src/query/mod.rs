@@ -5,6 +5,7 @@
 
 pub mod expr;
 pub mod geo;
+pub mod projection;
 pub mod q;
 
 use crate::context::Context;

@@ -263,6 +263,15 @@ fn literal(c: &mut Cursor, ctx: &Context) -> NgsiResult<Lit> {
         if matches!(ch, ';' | '|' | ')' | ',') || c.rest().starts_with("..") {
             break;
         }
+        // An unquoted value is a number, a date-time, true/false, a URI or a
+        // term: none of these holds a quote, a bracket, a comparison
+        // character or a space. Anything else is a syntax error here, not a
+        // value that silently matches nothing.
+        if !unquoted_value_char(ch) {
+            return Err(c.error(
+                "a value: a number, true, false, a date-time, a URI or a \"quoted string\"",
+            ));
+        }
         c.bump();
     }
     let raw = &c.src[start..c.pos];
@@ -287,6 +296,17 @@ fn literal(c: &mut Cursor, ctx: &Context) -> NgsiResult<Lit> {
             }
         }
     })
+}
+
+/// Characters of an unquoted value: those of URIs (RFC 3986) and date-times,
+/// less the ones the q grammar gives a meaning (`(`, `)`, `=`, `!`, `<`, `>`,
+/// `~`, quotes) and `[`/`]`.
+fn unquoted_value_char(ch: char) -> bool {
+    ch.is_alphanumeric()
+        || matches!(
+            ch,
+            '-' | '.' | '_' | ':' | '/' | '?' | '#' | '@' | '$' | '&' | '*' | '+' | '%'
+        )
 }
 
 fn value(c: &mut Cursor, ctx: &Context, op: Op) -> NgsiResult<QValue> {

@@ -149,6 +149,13 @@ fn parse_errors_name_position_and_expectation() {
         ("status==\"free", 14, "closing"),
         ("a>1..3", 4, "single value"),
         ("a>1,3", 4, "single value"),
+        // Garbage after an operator is a syntax error, not a string value.
+        ("temperature>>>(", 13, "value"),
+        ("temperature>>1", 13, "value"),
+        ("a==1 2", 5, "value"),
+        ("a==(1)", 4, "value"),
+        ("a==<b>", 4, "value"),
+        ("a===1", 4, "value"),
     ] {
         let e = parse_q(q, &ctx).unwrap_err();
         assert!(

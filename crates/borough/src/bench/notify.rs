@@ -273,7 +273,18 @@ impl Receiver {
         let app = Router::new()
             .route(RECEIVER_PATH, post(receive))
             .with_state(inbox.clone());
-        let serving = runtime.spawn(async move { axum::serve(listener, app).await });
+        // Every notification comes from this machine: no per-address cap.
+        let defaults = borough_api::server::ServerLimits::default();
+        let limits = borough_api::server::ServerLimits {
+            max_connections_per_ip: defaults.max_connections,
+            ..defaults
+        };
+        let serving = runtime.spawn(borough_api::server::serve(
+            listener,
+            app,
+            limits,
+            std::future::pending(),
+        ));
         Ok(Receiver {
             _runtime: runtime,
             addr,
