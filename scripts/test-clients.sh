@@ -65,7 +65,12 @@ cleanup() {
 trap cleanup EXIT
 
 log "starting $BIN"
-"$BIN" serve --http 127.0.0.1:0 --data "$DATA" --mqtt off \
+# The clients' tests subscribe endpoints on loopback.
+# Secured as `borough serve` is by default: the clients send the operator
+# key as a bearer token, and their per-run tenants are registered on first write.
+KEY_FILE="$DATA/operator.key"
+"$BIN" serve --http 127.0.0.1:0 --data "$DATA/store" --mqtt off --allow-outbound loopback \
+  --auth on --operator-key-file "$KEY_FILE" --auto-create-tenants \
   --log-level "${BOROUGH_LOG_LEVEL:-info}" >"$SERVER_OUT" 2>"$SERVER_LOG" &
 SERVER_PID=$!
 
@@ -101,6 +106,13 @@ if [ -z "$healthy" ]; then
 fi
 echo "borough is up at $URL"
 export BOROUGH_URL="$URL"
+BOROUGH_API_KEY="$(cat "$KEY_FILE")"
+export BOROUGH_API_KEY
+# Anonymous calls are refused: the clients succeed because they send the key.
+if [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ngsi-ld/v1/types")" != "401" ]; then
+  echo "borough answered an anonymous request: access control is not on" >&2
+  exit 1
+fi
 
 # --- the suites -------------------------------------------------------------
 log "ngsildclient (pytest clients/python)"

@@ -19,7 +19,9 @@ const RUN = randomBytes(4).toString("hex");
 const TENANT = `ngsijs-${RUN}`;
 const CORE = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context.jsonld";
 
-const connection = new NGSI.Connection(BASE);
+// Borough's access control asks for an API key (BOROUGH_API_KEY), sent as a header.
+const API_KEY = process.env.BOROUGH_API_KEY;
+const connection = new NGSI.Connection(BASE, API_KEY ? { headers: { Authorization: `Bearer ${API_KEY}` } } : {});
 const ld = connection.ld;
 const T = { tenant: TENANT };
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from ngsildclient import Client, Entity, SubscriptionBuilder
 from ngsildclient.api.exceptions import (
@@ -48,6 +49,20 @@ def _ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+class _Bearer(requests.auth.AuthBase):
+    """The API key Borough's access control asks for (BOROUGH_API_KEY)."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, r):
+        r.headers["Authorization"] = f"Bearer {self.key}"
+        return r
+
+
+API_KEY = os.environ.get("BOROUGH_API_KEY")
+
+
 @pytest.fixture(scope="module")
 def client():
     url = urlsplit(BOROUGH_URL)
@@ -56,6 +71,7 @@ def client():
         port=url.port or 80,
         tenant=TENANT,
         verbose=False,
+        custom_auth=_Bearer(API_KEY) if API_KEY else None,
     )
     yield c
     c.close()

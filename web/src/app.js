@@ -474,6 +474,35 @@ setInterval(() => {
 
 // ---------- start ----------
 
+// ---------- sign-in ----------
+
+// A server with access control wants an API key once; the session lives in
+// an HttpOnly cookie that every request of the page then carries.
+function showSignIn() {
+  setPageState('signin');
+  $('signin').hidden = false;
+  $('signin-key').focus();
+  $('signin-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    $('signin-error').hidden = true;
+    const resp = await fetch('/dashboard/api/login', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ apiKey: $('signin-key').value.trim() }),
+    });
+    if (resp.ok) { location.reload(); return; }
+    let detail = `HTTP ${resp.status}`;
+    try { detail = (await resp.json()).detail || detail; } catch { /* keep the status */ }
+    $('signin-error').textContent = detail;
+    $('signin-error').hidden = false;
+  });
+}
+
+async function signOut() {
+  await fetch('/dashboard/api/logout', { method: 'POST' });
+  location.reload();
+}
+
 async function start() {
   try {
     state.config = await dash('config');
@@ -481,6 +510,14 @@ async function start() {
     overlay('error', 'The server cannot be reached', `${e.message}. Retrying…`);
     setTimeout(start, 3000);
     return;
+  }
+  if (state.config.auth && !state.config.signedIn) {
+    showSignIn();
+    return;
+  }
+  if (state.config.auth) {
+    $('signout').hidden = false;
+    $('signout').addEventListener('click', signOut);
   }
   initMap();
   $('tenant').addEventListener('change', (e) => selectTenant(e.target.value));

@@ -6,7 +6,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { launch, startServer, stopServer, simulate, until } from './lib.mjs';
@@ -16,14 +16,14 @@ const SHOTS = resolve(process.env.SCREENSHOTS || new URL('../../target/dashboard
 const TENANT = 'city';
 const DEVICES = Number(process.env.DEVICES || 3000);
 
-let data, server, url, sim, browser, page;
+let data, keyFile, operatorKey, server, url, sim, browser, context, page;
 
 async function shot(name) {
   await page.screenshot({ path: join(SHOTS, `${name}.png`) });
 }
 
 async function ngsi(path, { method = 'GET', body, tenant = TENANT } = {}) {
-  const headers = { 'Content-Type': 'application/json' };
+  const headers = { 'Content-Type': 'application/json', Authorization: `Bearer ${operatorKey}` };
   if (tenant) headers['NGSILD-Tenant'] = tenant;
   const r = await fetch(`${url}/ngsi-ld/v1${path}`, { method, headers, body: body && JSON.stringify(body) });
   const text = await r.text();
@@ -36,11 +36,37 @@ before(async () => {
   assert.ok(BIN, 'BOROUGH_BIN must name the borough binary');
   mkdirSync(SHOTS, { recursive: true });
   data = mkdtempSync(join(tmpdir(), 'borough-dash-'));
-  ({ child: server, url } = await startServer(BIN, { data }));
-  sim = await simulate(BIN, url, { tenant: TENANT, devices: DEVICES, rate: 40 });
+  // A secured server, as `borough serve` runs by default: the operator
+  // registers the city's tenant and the simulator writes with a key.
+  keyFile = join(data, 'operator.key');
+  ({ child: server, url } = await startServer(BIN, { data: join(data, 'store'), keyFile }));
+  operatorKey = readFileSync(keyFile, 'utf8').trim();
+  const created = await fetch(`${url}/api/v1/tenants`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${operatorKey}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ name: TENANT, city: 'Simulated City' }),
+  });
+  assert.equal(created.status, 201, await created.text());
+  sim = await simulate(BIN, url, { tenant: TENANT, devices: DEVICES, rate: 40, apiKey: operatorKey });
   browser = await launch();
-  page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  // One browser profile for every test: signed in once, like a user.
+  context = await browser.newContext({ viewport: { width: 1600, height: 900 } });
+  page = await context.newPage();
   page.on('pageerror', (e) => console.error('page error:', e.message));
+});
+
+test('the page asks for a key, refuses a wrong one and signs in with a good one', async () => {
+  await page.goto(`${url}/?tenant=${TENANT}`);
+  await page.waitForSelector('body[data-state="signin"]');
+  await shot('00-sign-in');
+  await page.fill('#signin-key', 'bk_0000_1111');
+  await page.click('#signin-submit');
+  await page.waitForSelector('#signin-error:not([hidden])');
+  assert.match(await page.textContent('#signin-error'), /not valid/);
+  await page.fill('#signin-key', operatorKey);
+  await page.click('#signin-submit');
+  await page.waitForSelector('body[data-rendered="true"]', { timeout: 15000 });
+  assert.ok(await page.isVisible('#signout'));
 });
 
 after(async () => {
@@ -160,7 +186,7 @@ test('a command sent from the panel follows the device: queued, sent, acknowledg
   const id = lights[0].id;
   const device = id.split(':').pop();
   const rotated = await fetch(`${url}/api/v1/devices/${device}/token`, {
-    method: 'POST', headers: { 'NGSILD-Tenant': TENANT },
+    method: 'POST', headers: { 'NGSILD-Tenant': TENANT, Authorization: `Bearer ${operatorKey}` },
   });
   assert.equal(rotated.status, 200, await rotated.clone().text());
   const { token } = await rotated.json();
@@ -191,7 +217,8 @@ test('a command sent from the panel follows the device: queued, sent, acknowledg
 });
 
 test('without its map library the page says so and the rest still works', async () => {
-  const other = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+  // A second tab of the signed-in browser (its session cookie included).
+  const other = await context.newPage();
   await other.route('**/dashboard/vendor/leaflet.js', (r) => r.fulfill({ status: 404, body: '' }));
   await other.goto(`${url}/?tenant=${TENANT}`);
   await other.waitForSelector('body[data-state="no-map-library"]');
@@ -230,7 +257,7 @@ test('a server restart: the page shows it and reconnects by itself', async () =>
   await page.waitForSelector('#live[data-live="reconnecting"], #live[data-live="offline"]', { timeout: 10000 });
   await shot('07-server-down');
   const port = new URL(url).port;
-  ({ child: server } = await startServer(BIN, { data, http: `127.0.0.1:${port}` }));
+  ({ child: server } = await startServer(BIN, { data: join(data, 'store'), http: `127.0.0.1:${port}`, keyFile }));
   await page.waitForSelector('#live[data-live="live"]', { timeout: 15000 });
   await page.waitForSelector('body[data-state="ready"]');
   assert.ok((await page.locator('.cluster').count()) > 0);

@@ -17,10 +17,15 @@ export async function launch() {
   return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
 }
 
-/** Starts `borough serve` and resolves with its base URL once it prints `listening on`. */
-export function startServer(bin, { data, http = '127.0.0.1:0', env = {} }) {
+/**
+ * Starts `borough serve` and resolves with its base URL once it prints
+ * `listening on`. With `keyFile`, access control is on and the operator key
+ * is kept in (or read from) that file; without, the server runs open.
+ */
+export function startServer(bin, { data, http = '127.0.0.1:0', env = {}, keyFile }) {
   return new Promise((resolve, reject) => {
-    const child = spawn(bin, ['serve', '--http', http, '--data', data, '--log-level', 'warn', '--mqtt', 'off'], {
+    const auth = keyFile ? ['--auth', 'on', '--operator-key-file', keyFile] : ['--auth', 'off'];
+    const child = spawn(bin, ['serve', '--http', http, '--data', data, '--log-level', 'warn', '--mqtt', 'off', ...auth], {
       stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env },
     });
     let out = '';
@@ -44,16 +49,19 @@ export async function stopServer(child) {
 }
 
 /** Runs `borough simulate` in the background; resolves once the city is provisioned. */
-export async function simulate(bin, url, { tenant, devices, rate = 20, duration = '15m', seed = 7 }) {
+export async function simulate(bin, url, { tenant, devices, rate = 20, duration = '15m', seed = 7, apiKey }) {
   const args = ['simulate', '--target', url, '--devices', String(devices), '--rate', String(rate),
     '--duration', duration, '--seed', String(seed), '--quiet'];
   if (tenant) args.push('--tenant', tenant);
-  const child = spawn(bin, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  const env = { ...process.env };
+  if (apiKey) env.BOROUGH_API_KEY = apiKey;
+  const child = spawn(bin, args, { stdio: ['ignore', 'ignore', 'inherit'], env });
+  const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
   const deadline = Date.now() + 120000;
   for (;;) {
     if (child.exitCode !== null && child.exitCode !== 0) throw new Error(`simulate exited with ${child.exitCode}`);
     try {
-      const r = await fetch(`${url}/dashboard/api/summary?tenant=${encodeURIComponent(tenant || '')}`);
+      const r = await fetch(`${url}/dashboard/api/summary?tenant=${encodeURIComponent(tenant || '')}`, { headers });
       if (r.ok && (await r.json()).entities >= devices) return child;
     } catch { /* not yet */ }
     if (Date.now() > deadline) throw new Error('the simulated city was not provisioned in time');

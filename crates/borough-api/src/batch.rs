@@ -152,6 +152,7 @@ async fn run(state: &AppState, tenant: &str, slots: Vec<Slot>) -> ApiResult<Outc
     let mut written = if ops.is_empty() {
         Vec::new()
     } else {
+        crate::entities::admit_ops(state, tenant, &ops)?;
         state.store.write(tenant, ops).await?
     }
     .into_iter()

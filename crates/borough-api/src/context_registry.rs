@@ -1,9 +1,13 @@
 //! The `@context` registry, `/ngsi-ld/v1/jsonldContexts` (clause 5.13): list,
 //! serve, host (durably), delete, and reload cached contexts without a restart.
+//! Hosted documents belong to the tenant that added them: only it lists,
+//! reads and deletes them. Cached and built-in documents are everyone's to
+//! read; evicting or reloading a cached one, which every tenant shares, is the
+//! operator's.
 
 use crate::contexts::{ContextEntry, ContextKind, HOSTED_PATH};
 use crate::problem::ApiResult;
-use crate::request::{body_type, read_json};
+use crate::request::{body_type, read_json, tenant};
 use crate::{SharedState, json_response, typed_json_response};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -13,7 +17,6 @@ use borough_core::NgsiError;
 use borough_core::validate::{format_datetime, now_micros};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 type Params = Query<HashMap<String, String>>;
 
@@ -86,11 +89,13 @@ pub async fn list(
         }
     };
     let base = base_url(&headers);
+    let t = tenant(&headers)?;
     let entries: Vec<ContextEntry> = state
         .contexts
         .entries()
         .into_iter()
         .filter(|e| kind.is_none_or(|k| k == Some(e.kind)))
+        .filter(|e| visible(e, &t))
         .collect();
     let body = if details {
         Value::Array(entries.iter().map(|e| details_of(e, &base)).collect())
@@ -98,6 +103,20 @@ pub async fn list(
         Value::Array(entries.iter().map(|e| json!(full_url(e, &base))).collect())
     };
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Whether tenant `t` sees the entry: hosted ones only by their owner.
+fn visible(e: &ContextEntry, t: &str) -> bool {
+    e.owner.as_deref().is_none_or(|o| o == t)
+}
+
+/// The entry `id` as tenant `t` may see it.
+fn entry_of(state: &crate::AppState, id: &str, t: &str) -> ApiResult<ContextEntry> {
+    state
+        .contexts
+        .entry(id)
+        .filter(|e| visible(e, t))
+        .ok_or_else(|| NgsiError::not_found(format!("no @context '{id}' in the registry")).into())
 }
 
 /// `GET /jsonldContexts/{id}`: the document itself, or its details.
@@ -108,10 +127,7 @@ pub async fn serve(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let details = flag(&params, "details")?;
-    let e = state
-        .contexts
-        .entry(&id)
-        .ok_or_else(|| NgsiError::not_found(format!("no @context '{id}' in the registry")))?;
+    let e = entry_of(&state, &id, &tenant(&headers)?)?;
     if details {
         return Ok(json_response(
             StatusCode::OK,
@@ -124,8 +140,6 @@ pub async fn serve(
         "application/ld+json",
     ))
 }
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// `POST /jsonldContexts`: host a context document.
 pub async fn add(
@@ -143,20 +157,18 @@ pub async fn add(
     }
     // It must be usable: resolve it (fetching what it references) before accepting it.
     state.contexts.for_body(ctx).await?;
+    let owner = tenant(&headers)?;
     let created_at = now_micros();
-    let id = format!(
-        "{:x}{:04x}",
-        created_at,
-        NEXT_ID.fetch_add(1, Ordering::Relaxed) & 0xffff
-    );
-    let record = serde_json::to_vec(&json!({"createdAt": created_at, "doc": doc}))
+    // Random, so that another tenant cannot guess where a document is served.
+    let id = borough_access::secret::random_hex(12).map_err(NgsiError::internal)?;
+    let record = serde_json::to_vec(&json!({"createdAt": created_at, "doc": doc, "tenant": owner}))
         .map_err(|e| NgsiError::internal(e.to_string()))?;
     let store = state.store.clone();
     let key = id.clone();
     tokio::task::spawn_blocking(move || store.put_context(&key, &record))
         .await
         .map_err(|e| NgsiError::internal(e.to_string()))??;
-    state.contexts.host(&id, doc, created_at);
+    state.contexts.host(&id, doc, created_at, &owner);
     let location = format!("{}{HOSTED_PATH}{id}", base_url(&headers));
     let mut resp = StatusCode::CREATED.into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -170,12 +182,18 @@ pub async fn delete(
     State(state): State<SharedState>,
     Path(id): Path<String>,
     Query(params): Params,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let reload = flag(&params, "reload")?;
-    let e = state
-        .contexts
-        .entry(&id)
-        .ok_or_else(|| NgsiError::not_found(format!("no @context '{id}' in the registry")))?;
+    let e = entry_of(&state, &id, &tenant(&headers)?)?;
+    let operator = crate::auth::caller().is_none_or(|p| p.is_operator());
+    if e.kind == ContextKind::Cached && !e.builtin && !operator {
+        return Err(NgsiError::new(
+            borough_core::ProblemKind::Forbidden,
+            "cached contexts are shared by every tenant: only the operator evicts or reloads them",
+        )
+        .into());
+    }
     if e.builtin {
         return Err(NgsiError::bad_data(format!(
             "the core context '{}' is built in and cannot be deleted",
@@ -213,7 +231,30 @@ pub fn load_hosted(state: &crate::AppState) -> Result<usize, String> {
         let record: Value = serde_json::from_slice(&bytes)
             .map_err(|e| format!("hosted @context '{id}' cannot be read: {e}"))?;
         let created_at = record["createdAt"].as_i64().unwrap_or_default();
-        state.contexts.host(&id, record["doc"].clone(), created_at);
+        // Documents hosted before tenants owned them are the default tenant's.
+        let owner = record["tenant"].as_str().unwrap_or_default();
+        state
+            .contexts
+            .host(&id, record["doc"].clone(), created_at, owner);
     }
     Ok(n)
+}
+
+/// Deletes every context a tenant hosts (the tenant is being removed).
+pub async fn purge_tenant(state: &crate::AppState, tenant: &str) -> ApiResult<usize> {
+    let mine: Vec<ContextEntry> = state
+        .contexts
+        .entries()
+        .into_iter()
+        .filter(|e| e.owner.as_deref() == Some(tenant))
+        .collect();
+    for e in &mine {
+        let store = state.store.clone();
+        let key = e.local_id.clone();
+        tokio::task::spawn_blocking(move || store.delete_context(&key))
+            .await
+            .map_err(|err| NgsiError::internal(err.to_string()))??;
+        state.contexts.remove(&e.local_id);
+    }
+    Ok(mine.len())
 }

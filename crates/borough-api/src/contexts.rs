@@ -2,6 +2,7 @@
 //! fetched with a short timeout and cached, and inline context objects. Each
 //! distinct context is processed once into term maps and then shared.
 
+use borough_access::outbound::{OutboundError, OutboundPolicy};
 use borough_core::context::{CORE_CONTEXT_URL, MAX_CONTEXT_DOCUMENTS, builtin_context};
 use borough_core::validate::now_micros;
 use borough_core::{Context, NgsiError, NgsiResult, ProblemKind};
@@ -101,6 +102,9 @@ pub struct ContextEntry {
     pub hits: u64,
     /// Built into the binary: listed, served, never deleted.
     pub builtin: bool,
+    /// The tenant that hosts the document (internal name); `None` for
+    /// cached and built-in documents, which are not any tenant's.
+    pub owner: Option<String>,
 }
 
 /// The path under which hosted contexts are served.
@@ -110,6 +114,8 @@ pub const HOSTED_PATH: &str = "/ngsi-ld/v1/jsonldContexts/";
 /// `/jsonldContexts`: hosted documents by local id, cached ones by URL.
 pub struct ContextResolver {
     client: reqwest::Client,
+    /// Which context servers may be fetched from (not internal ones).
+    outbound: OutboundPolicy,
     /// Every document by URL (hosted ones by their serving URL's path suffix too).
     registry: Mutex<HashMap<String, ContextEntry>>,
     processed: Mutex<HashMap<String, Arc<Context>>>,
@@ -124,14 +130,18 @@ fn unavailable(url: &str, why: impl std::fmt::Display) -> NgsiError {
 
 impl ContextResolver {
     /// `timeout` bounds each remote fetch, so a dead context server costs a
-    /// request that many seconds at most and never hangs it.
-    pub fn new(timeout: Duration) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
+    /// request that many seconds at most and never hangs it. Fetches go only
+    /// where `outbound` allows. Fails if the HTTP client cannot be set up.
+    pub fn new(timeout: Duration, outbound: OutboundPolicy) -> Result<Self, String> {
+        let client = outbound
+            .guard(
+                reqwest::Client::builder()
+                    .timeout(timeout)
+                    .connect_timeout(timeout),
+                3,
+            )
             .build()
-            .unwrap_or_default();
+            .map_err(|e| format!("cannot set up the @context HTTP client: {e}"))?;
         let now = now_micros();
         let registry = borough_core::context::BUILTIN_CONTEXTS
             .iter()
@@ -149,15 +159,17 @@ impl ContextResolver {
                         last_usage: None,
                         hits: 0,
                         builtin: true,
+                        owner: None,
                     },
                 ))
             })
             .collect();
-        Self {
+        Ok(Self {
             client,
+            outbound,
             registry: Mutex::new(registry),
             processed: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn lock_registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, ContextEntry>> {
@@ -179,9 +191,9 @@ impl ContextResolver {
             .cloned()
     }
 
-    /// Adds a hosted document under `local_id`; its URL is the serving path,
-    /// which handlers complete with the host the client used.
-    pub fn host(&self, local_id: &str, doc: Value, created_at: i64) {
+    /// Adds a hosted document of tenant `owner` under `local_id`; its URL is
+    /// the serving path, which handlers complete with the host the client used.
+    pub fn host(&self, local_id: &str, doc: Value, created_at: i64, owner: &str) {
         self.lock_registry().insert(
             hosted_key(local_id),
             ContextEntry {
@@ -193,6 +205,7 @@ impl ContextResolver {
                 last_usage: None,
                 hits: 0,
                 builtin: false,
+                owner: Some(owner.to_string()),
             },
         );
         self.forget_processed();
@@ -373,6 +386,7 @@ impl ContextResolver {
             last_usage: Some(now_micros()),
             hits: 1,
             builtin: false,
+            owner: None,
         });
         Ok(doc)
     }
@@ -384,13 +398,21 @@ impl ContextResolver {
                 "@context '{url}' is not an http(s) URL"
             )));
         }
+        // reqwest resolves names through the policy, but connects to
+        // address literals directly.
+        self.outbound
+            .check_url_literal(url)
+            .map_err(|e| unavailable(url, e))?;
         let mut resp = self
             .client
             .get(url)
             .header("Accept", "application/ld+json, application/json")
             .send()
             .await
-            .map_err(|e| unavailable(url, e))?;
+            .map_err(|e| match OutboundError::find(&e) {
+                Some(refused) => unavailable(url, refused),
+                None => unavailable(url, e),
+            })?;
         if !resp.status().is_success() {
             return Err(unavailable(
                 url,

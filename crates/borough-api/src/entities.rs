@@ -78,10 +78,15 @@ pub(crate) fn path_id(id: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Reads must address a tenant that exists.
+/// Reads must address a tenant that exists: one the operator registered
+/// (with access control), or one that has been written to.
 pub(crate) fn existing_tenant(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
     let t = tenant(headers)?;
-    if !state.store.tenant_exists(&t) {
+    let registered = state
+        .access
+        .as_ref()
+        .is_some_and(|a| a.enabled() && a.tenant(&t).is_some());
+    if !registered && !state.store.tenant_exists(&t) {
         return Err(NgsiError::new(
             ProblemKind::NonexistentTenant,
             format!("tenant '{t}' does not exist"),
@@ -91,8 +96,47 @@ pub(crate) fn existing_tenant(state: &AppState, headers: &HeaderMap) -> ApiResul
     Ok(t)
 }
 
+/// Checks, before a write, what access control asks of it: the caller's
+/// entity types (for the entities the operations name and, for changes of
+/// existing ones, the entities as they are) and the tenant's entity quota.
+pub(crate) fn admit_ops(state: &AppState, tenant: &str, ops: &[EntityOp]) -> ApiResult<()> {
+    if crate::auth::caller_entity_types().is_some() {
+        for op in ops {
+            let id = op.entity_id();
+            let named = match op {
+                EntityOp::Create(e) | EntityOp::Replace(e) => Some(&e.types),
+                EntityOp::Upsert { entity, .. } => Some(&entity.types),
+                _ => None,
+            };
+            if let Some(types) = named {
+                crate::auth::check_entity_types(id, types)?;
+            }
+            if let Some(current) = state.store.get(tenant, id) {
+                crate::auth::check_entity_types(id, &current.types)?;
+            }
+        }
+    }
+    if let Some(access) = &state.access {
+        let creating = ops
+            .iter()
+            .filter(|op| matches!(op, EntityOp::Create(_) | EntityOp::Upsert { .. }))
+            .count() as u64;
+        if creating > 0 {
+            access.check_quota(
+                tenant,
+                "entities",
+                |q| q.max_entities,
+                state.store.entity_count(tenant) as u64,
+                creating,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs one operation and returns its outcome.
 async fn write_one(state: &AppState, tenant: &str, op: EntityOp) -> ApiResult<OpOutcome> {
+    admit_ops(state, tenant, std::slice::from_ref(&op))?;
     let mut results = state.store.write(tenant, vec![op]).await?;
     let result = results
         .pop()
@@ -339,6 +383,7 @@ pub async fn retrieve(
         .store
         .get(&tenant, &id)
         .ok_or_else(|| NgsiError::not_found(format!("entity '{id}' does not exist")))?;
+    crate::auth::check_entity_types(&id, &entity.types)?;
     // An entity without any of the attributes asked for is not found (clause
     // 5.7.1.4), and so is one of which a pick leaves nothing.
     let has_wanted = opts

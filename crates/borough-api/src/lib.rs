@@ -1,6 +1,8 @@
 //! Borough's HTTP layer: it parses requests, resolves `@context`, calls the
 //! core and the store, and renders responses. It holds no state of its own.
 
+pub mod admin;
+pub mod auth;
 pub mod batch;
 pub mod context_registry;
 pub mod contexts;
@@ -47,6 +49,9 @@ pub struct ApiConfig {
     /// Most instances (or aggregation buckets) of one attribute in a temporal
     /// answer; a longer one is cut, as a 206 with `Content-Range`.
     pub temporal_page_instances: usize,
+    /// Where remote `@context` documents and notification endpoints may be;
+    /// the default refuses internal addresses (loopback, private ranges).
+    pub outbound: borough_access::outbound::OutboundPolicy,
 }
 
 impl Default for ApiConfig {
@@ -58,6 +63,7 @@ impl Default for ApiConfig {
             context_fetch_timeout: Duration::from_secs(3),
             bench_static_bytes: None,
             temporal_page_instances: temporal::MAX_INSTANCES,
+            outbound: Default::default(),
         }
     }
 }
@@ -67,14 +73,35 @@ pub struct AppState {
     pub store: Arc<dyn EntityStore>,
     pub contexts: ContextResolver,
     pub config: ApiConfig,
+    /// Tenants, keys and the audit log; `None` on a bare router (tests of
+    /// the API alone), where there is no access control at all.
+    pub access: Option<Arc<borough_access::Access>>,
+    /// Other layers' data of a tenant, purged with it.
+    pub tenant_data: Vec<Arc<dyn admin::TenantData>>,
     static_body: Option<Bytes>,
 }
 
 pub type SharedState = Arc<AppState>;
 
+/// What the binary wires into the API besides the store.
+#[derive(Default, Clone)]
+pub struct Wiring {
+    pub access: Option<Arc<borough_access::Access>>,
+    pub tenant_data: Vec<Arc<dyn admin::TenantData>>,
+}
+
 /// Builds the full router: `/health` and the NGSI-LD API under `/ngsi-ld/v1`.
 /// Fails if the store's hosted `@context` documents cannot be read.
 pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, String> {
+    router_with(store, config, Wiring::default())
+}
+
+/// `router`, with access control and the other layers' tenant data.
+pub fn router_with(
+    store: Arc<dyn EntityStore>,
+    config: ApiConfig,
+    wiring: Wiring,
+) -> Result<Router, String> {
     let static_body = config.bench_static_bytes.map(|n| {
         let mut s = String::from("{\"id\":\"urn:ngsi-ld:Static:1\",\"type\":\"Static\",\"pad\":\"");
         while s.len() + 2 < n {
@@ -85,8 +112,10 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
     });
     let state = Arc::new(AppState {
         store,
-        contexts: ContextResolver::new(config.context_fetch_timeout),
+        contexts: ContextResolver::new(config.context_fetch_timeout, config.outbound.clone())?,
         config,
+        access: wiring.access,
+        tenant_data: wiring.tenant_data,
         static_body,
     });
     context_registry::load_hosted(&state)?;
@@ -168,7 +197,7 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
             get(context_registry::serve).delete(context_registry::delete),
         )
         .route_layer(axum::middleware::from_fn(params::reject_unknown));
-    Ok(Router::new()
+    let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics::metrics))
         .route("/bench/static", get(static_body_route))
@@ -177,7 +206,8 @@ pub fn router(store: Arc<dyn EntityStore>, config: ApiConfig) -> Result<Router, 
             get(temporal::get_retention).put(temporal::put_retention),
         )
         .route("/api/v1/history/import", post(import::import))
-        .nest("/ngsi-ld/v1", ngsi)
+        .nest("/ngsi-ld/v1", ngsi);
+    Ok(admin::routes(app)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state))

@@ -66,6 +66,9 @@ fn collect(state: &crate::AppState) -> Result<Vec<u8>, prometheus::Error> {
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    if let Some(access) = &state.access {
+        out.extend(access.render_metrics().into_bytes());
+    }
     Ok(out)
 }
 

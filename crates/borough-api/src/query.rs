@@ -290,6 +290,18 @@ pub(crate) fn query_from_params(
     Ok(query)
 }
 
+/// Narrows a query to the entity types the caller is limited to, if any.
+pub(crate) fn scope_to_caller(query: &mut EntityQuery) {
+    use borough_core::query::expr::BoolExpr;
+    if let Some(allowed) = crate::auth::caller_entity_types() {
+        let allowed = BoolExpr::Or(allowed.into_iter().map(BoolExpr::Leaf).collect());
+        query.types = Some(match query.types.take() {
+            None => allowed,
+            Some(asked) => BoolExpr::And(vec![asked, allowed]),
+        });
+    }
+}
+
 /// `GET /entities`
 pub async fn query_entities(
     State(state): State<SharedState>,
@@ -305,7 +317,7 @@ pub async fn query_entities(
         .await?;
     let page = paging(&params)?;
     let (opts, attrs) = projection(&params, None, &actx)?;
-    let query = query_from_params(&params, attrs, &actx)?;
+    let mut query = query_from_params(&params, attrs, &actx)?;
     // `local=true` alone asks for every local entity (clause 6.4.3.2).
     let local = params.get("local").is_some_and(|l| l == "true");
     if query.is_unrestricted() && !local {
@@ -314,6 +326,7 @@ pub async fn query_entities(
         )
         .into());
     }
+    scope_to_caller(&mut query);
     respond(
         &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri,
     )
@@ -339,7 +352,7 @@ pub async fn query_post(
         _ => return Err(NgsiError::bad_data("a query body needs \"type\": \"Query\"").into()),
     }
     let page = paging(&params)?;
-    let (query, _) = query_from_body(obj, &params, &actx)?;
+    let (mut query, _) = query_from_body(obj, &params, &actx)?;
     let merged = merged_params(obj, &params);
     let (opts, _) = projection(&merged, body_attrs(obj)?, &actx)?;
     if query.is_unrestricted() {
@@ -348,6 +361,7 @@ pub async fn query_post(
         )
         .into());
     }
+    scope_to_caller(&mut query);
     respond(
         &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
     )
@@ -369,13 +383,14 @@ pub async fn purge(
         .contexts
         .for_link(link_context(&headers)?.as_deref())
         .await?;
-    let query = query_from_params(&params, Vec::new(), &actx)?;
+    let mut query = query_from_params(&params, Vec::new(), &actx)?;
     if query.is_unrestricted() {
         return Err(NgsiError::bad_data(
             "a purge needs a selection: give at least one of type, id, idPattern, q, scopeQ or a geo-query",
         )
         .into());
     }
+    scope_to_caller(&mut query);
     loop {
         let page = state.store.query(&tenant, &query, 0, PURGE_BATCH, false);
         if page.entities.is_empty() {

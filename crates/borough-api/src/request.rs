@@ -23,7 +23,12 @@ pub fn tenant(headers: &HeaderMap) -> NgsiResult<String> {
         && t.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if valid {
-        Ok(t.to_string())
+        // `default` names the default tenant, as MQTT topics write it.
+        Ok(if t == "default" {
+            String::new()
+        } else {
+            t.to_string()
+        })
     } else {
         Err(NgsiError::bad_data(format!(
             "tenant '{t}' is not valid: use 1 to {MAX_TENANT_LEN} letters, digits, '_' or '-'"

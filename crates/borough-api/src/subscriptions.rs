@@ -87,6 +87,15 @@ pub async fn create(
         )
         .into());
     }
+    if let Some(access) = &state.access {
+        access.check_quota(
+            &tenant,
+            "subscriptions",
+            |q| q.max_subscriptions,
+            state.store.subscriptions(&tenant).len() as u64,
+            1,
+        )?;
+    }
     let (context, context_objects) = context_record(&state, &actx).await?;
     let mut record = SubscriptionRecord {
         id: id.clone(),
@@ -100,7 +109,8 @@ pub async fn create(
     };
     notification_context(&state, &mut record).await?;
     // Validate before storing: every error is a 400 and nothing is kept.
-    CompiledSubscription::compile(record.clone(), now, true)?;
+    let compiled = CompiledSubscription::compile(record.clone(), now, true)?;
+    check_endpoint(&state, &compiled.endpoint.uri).await?;
     state.store.put_subscription(&tenant, record).await?;
     let mut resp = StatusCode::CREATED.into_response();
     if let Ok(l) = HeaderValue::from_str(&format!(
@@ -240,7 +250,8 @@ pub async fn update(
     notification_context(&state, &mut record).await?;
     let now = now_micros();
     record.modified_at = now;
-    CompiledSubscription::compile(record.clone(), now, true)?;
+    let compiled = CompiledSubscription::compile(record.clone(), now, true)?;
+    check_endpoint(&state, &compiled.endpoint.uri).await?;
     state.store.put_subscription(&tenant, record).await?;
     Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
 }
@@ -281,4 +292,17 @@ pub async fn dead_letters(
         json_response(StatusCode::OK, &Value::Array(body)),
         &tenant,
     ))
+}
+
+/// Refuses an endpoint at an address the operator has not allowed (loopback,
+/// private ranges, cloud metadata): the server must not be made to probe its
+/// own network. A name that does not resolve now is left to delivery, which
+/// checks again.
+async fn check_endpoint(state: &crate::AppState, uri: &str) -> ApiResult<()> {
+    match state.config.outbound.check_url(uri).await {
+        Err(e) if e.is_refusal() => {
+            Err(NgsiError::bad_data(format!("notification endpoint {e}")).into())
+        }
+        _ => Ok(()),
+    }
 }

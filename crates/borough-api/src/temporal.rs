@@ -525,6 +525,7 @@ pub async fn retrieve(
     let h = found.pop().ok_or_else(|| {
         NgsiError::not_found(format!("entity '{id}' has no temporal representation"))
     })?;
+    crate::auth::check_entity_types(&id, &h.types)?;
     let body = render(&h, &actx.ctx, &tp);
     Ok(respond(rt, body, &actx, &tenant, h.truncated))
 }
@@ -657,7 +658,7 @@ fn select(
 async fn query_and_respond(
     state: &SharedState,
     tenant: &str,
-    query: EntityQuery,
+    mut query: EntityQuery,
     tp: TemporalParams,
     page: Paging,
     rt: ResponseType,
@@ -670,6 +671,7 @@ async fn query_and_respond(
         )
         .into());
     }
+    crate::query::scope_to_caller(&mut query);
     let store = state.store.clone();
     let owned_tenant = tenant.to_string();
     let probe = tp.probe();
@@ -1154,6 +1156,7 @@ pub async fn put_retention(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
+    crate::request::body_type(&headers, false)?;
     let v = crate::request::read_json(body, state.config.max_body_bytes).await?;
     let obj = v
         .as_object()
@@ -1167,6 +1170,12 @@ pub async fn put_retention(
         if p.months > 0 {
             return Err(NgsiError::bad_data(format!(
                 "{what}: use days rather than months or years (e.g. P365D)"
+            )));
+        }
+        // A retention of seconds erases history as it is written: surely a slip.
+        if p.micros < MIN_RETENTION_MICROS {
+            return Err(NgsiError::bad_data(format!(
+                "{what}: history is kept for at least an hour (PT1H)"
             )));
         }
         Ok(p.micros)
@@ -1194,9 +1203,26 @@ pub async fn put_retention(
         }
     }
     state.store.set_retention(&tenant, r).await?;
+    if let Some(access) = &state.access {
+        access
+            .record(borough_access::audit::AuditEvent {
+                tenant: Some(borough_access::public_tenant(&tenant).to_string()),
+                actor: crate::auth::caller()
+                    .map(|p| p.subject.clone())
+                    .unwrap_or_else(|| "anonymous".into()),
+                action: "retention.set".into(),
+                outcome: "ok".into(),
+                detail: v.clone(),
+                ..Default::default()
+            })
+            .await;
+    }
     state.store.maintain_history().await?;
     Ok(no_content(&tenant))
 }
+
+/// The shortest history retention accepted.
+const MIN_RETENTION_MICROS: i64 = 3_600_000_000;
 
 fn micros_to_duration(m: i64) -> String {
     const DAY: i64 = 86_400_000_000;

@@ -24,6 +24,14 @@ pub enum ProblemKind {
     PayloadTooLarge,
     /// 405: the path exists but not with this method.
     MethodNotAllowed,
+    /// 401: no credentials, or credentials that prove nothing.
+    Unauthorized,
+    /// 403: the caller is known but may not do this (role, tenant, suspension).
+    Forbidden,
+    /// 403: the tenant's quota does not allow it.
+    QuotaExceeded,
+    /// 429: too many requests for the caller, the tenant or the address.
+    TooManyRequests,
 }
 
 impl ProblemKind {
@@ -40,6 +48,9 @@ impl ProblemKind {
             Self::UnsupportedMediaType => 415,
             Self::PayloadTooLarge => 413,
             Self::MethodNotAllowed => 405,
+            Self::Unauthorized => 401,
+            Self::Forbidden | Self::QuotaExceeded => 403,
+            Self::TooManyRequests => 429,
         }
     }
 
@@ -66,6 +77,11 @@ impl ProblemKind {
                 "https://uri.etsi.org/ngsi-ld/errors/LdContextNotAvailable"
             }
             Self::NonexistentTenant => "https://uri.etsi.org/ngsi-ld/errors/NonexistentTenant",
+            // Access control has no NGSI-LD problem type: Borough names its own.
+            Self::Unauthorized => "urn:borough:problem:Unauthorized",
+            Self::Forbidden => "urn:borough:problem:Forbidden",
+            Self::QuotaExceeded => "urn:borough:problem:QuotaExceeded",
+            Self::TooManyRequests => "urn:borough:problem:TooManyRequests",
         }
     }
 
@@ -85,6 +101,10 @@ impl ProblemKind {
             Self::UnsupportedMediaType => "Unsupported media type",
             Self::PayloadTooLarge => "Payload too large",
             Self::MethodNotAllowed => "Method not allowed",
+            Self::Unauthorized => "Unauthorized",
+            Self::Forbidden => "Forbidden",
+            Self::QuotaExceeded => "Quota exceeded",
+            Self::TooManyRequests => "Too many requests",
         }
     }
 }

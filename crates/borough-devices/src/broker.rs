@@ -688,6 +688,7 @@ impl Broker {
     ) {
         let refusal = |e: &crate::IngestError| match e {
             crate::IngestError::RateLimited => v5::PubAckReason::QuotaExceeded,
+            crate::IngestError::Tenant(_) => v5::PubAckReason::NotAuthorized,
             crate::IngestError::Store(_) => v5::PubAckReason::UnspecifiedError,
             _ => v5::PubAckReason::PayloadFormatInvalid,
         };

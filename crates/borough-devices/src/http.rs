@@ -95,6 +95,13 @@ fn tenant(h: &HeaderMap) -> Result<String, Problem> {
     Ok(borough_api::request::tenant(h)?)
 }
 
+/// Management writes take JSON only: a form or `text/plain` body from another
+/// site's page (CSRF) is refused before anything is read.
+fn require_json(h: &HeaderMap) -> Result<(), Problem> {
+    borough_api::request::body_type(h, true)?;
+    Ok(())
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_json::from_slice(body)
         .map_err(|e| NgsiError::bad_data(format!("the body is not valid: {e}")).into())
@@ -149,6 +156,7 @@ pub fn router(devices: Arc<Devices>) -> Router {
 
 async fn create(State(d): S, h: HeaderMap, body: Bytes) -> Res {
     let t = tenant(&h)?;
+    require_json(&h)?;
     let input: DeviceInput = parse_json(&body)?;
     let (device, token) = d.create(&t, input).await?;
     let mut v = device.to_json();
@@ -174,6 +182,7 @@ async fn retrieve(State(d): S, h: HeaderMap, Path(id): Path<String>) -> Res {
 
 async fn update(State(d): S, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Res {
     let t = tenant(&h)?;
+    require_json(&h)?;
     let input: DeviceInput = parse_json(&body)?;
     let device = d.update(&t, &id, input).await?;
     Ok(json_resp(StatusCode::OK, &device.to_json()))
@@ -287,6 +296,9 @@ async fn import(State(d): S, h: HeaderMap, body: Bytes) -> Res {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/csv"));
+    if !is_csv {
+        require_json(&h)?;
+    }
     let inputs: Vec<DeviceInput> = if is_csv {
         let text =
             std::str::from_utf8(&body).map_err(|_| NgsiError::bad_data("the CSV is not UTF-8"))?;
@@ -365,12 +377,16 @@ async fn measures(
             Err(NgsiError::new(ProblemKind::PayloadTooLarge, e.detail()).into())
         }
         Err(e @ IngestError::Store(_)) => Err(NgsiError::internal(e.detail()).into()),
+        Err(e @ IngestError::Tenant(_)) => {
+            Err(NgsiError::new(ProblemKind::Forbidden, e.detail()).into())
+        }
         Err(e) => Err(NgsiError::bad_data(e.detail()).into()),
     }
 }
 
 async fn send_command(State(d): S, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Res {
     let t = tenant(&h)?;
+    require_json(&h)?;
     let mut input: CommandInput = parse_json(&body)?;
     if input.idempotency_key.is_none() {
         input.idempotency_key = h

@@ -4,7 +4,7 @@
 //! A measurement is mapped (`payload`) onto upserts of the device's own
 //! entity and written with [`EntityStore::write`], so state, history and
 //! subscriptions follow from the one durable write, as for any NGSI-LD update.
-//! Devices and commands are kept with [`DeviceStore`] and cached in memory.
+//! Devices and commands are kept with [`RecordStore`] and cached in memory.
 
 pub mod broker;
 pub mod commands;
@@ -18,7 +18,7 @@ pub mod token;
 
 use borough_core::validate::now_micros;
 use borough_core::{Context, EntityOp, NgsiError};
-use borough_store::{DeviceStore, EntityStore, RecordChange, RecordKind, StoreError};
+use borough_store::{EntityStore, RecordChange, RecordKind, RecordStore, StoreError};
 use commands::CommandQueue;
 use metrics::Metrics;
 use model::{Device, DeviceInput};
@@ -218,6 +218,8 @@ pub enum IngestError {
     Rejected(Rejected),
     TooLarge(usize),
     RateLimited,
+    /// The device's tenant refuses it: suspended, or over its message rate.
+    Tenant(String),
     Store(String),
 }
 
@@ -227,6 +229,7 @@ impl IngestError {
             Self::Rejected(r) => r.reason(),
             Self::TooLarge(_) => "too_large",
             Self::RateLimited => "rate_limited",
+            Self::Tenant(_) => "tenant",
             Self::Store(_) => "store",
         }
     }
@@ -236,6 +239,7 @@ impl IngestError {
             Self::Rejected(r) => r.detail(),
             Self::TooLarge(n) => format!("the payload is larger than {n} bytes"),
             Self::RateLimited => "the device sends faster than its rate limit".into(),
+            Self::Tenant(why) => why.clone(),
             Self::Store(e) => format!("the measurement could not be stored: {e}"),
         }
     }
@@ -264,7 +268,7 @@ const INGEST_BATCH: usize = 16_384;
 /// The devices layer. Cheap to share behind an `Arc`.
 pub struct Devices {
     store: Arc<dyn EntityStore>,
-    records: Arc<dyn DeviceStore>,
+    records: Arc<dyn RecordStore>,
     ctx: Arc<Context>,
     registry: RwLock<Registry>,
     /// Serializes registry changes (check, persist, publish).
@@ -273,6 +277,8 @@ pub struct Devices {
     pub config: DevicesConfig,
     ingest: mpsc::Sender<IngestJob>,
     pub commands: CommandQueue,
+    /// Tenants' status, device quotas and message rates, once wired.
+    access: std::sync::OnceLock<Arc<borough_access::Access>>,
 }
 
 impl Devices {
@@ -280,7 +286,7 @@ impl Devices {
     /// batcher and the command sweeper. Needs a Tokio runtime.
     pub fn start(
         store: Arc<dyn EntityStore>,
-        records: Arc<dyn DeviceStore>,
+        records: Arc<dyn RecordStore>,
         config: DevicesConfig,
     ) -> Result<Arc<Self>, String> {
         let mut registry = Registry::default();
@@ -307,6 +313,7 @@ impl Devices {
             config,
             ingest: tx,
             commands,
+            access: std::sync::OnceLock::new(),
         });
         tokio::spawn(run_batcher(devices.clone(), rx));
         tokio::spawn(commands::run_sweeper(Arc::downgrade(&devices)));
@@ -316,6 +323,30 @@ impl Devices {
     /// The entity store the devices write to (without the command hook).
     pub fn store(&self) -> &Arc<dyn EntityStore> {
         &self.store
+    }
+
+    /// Wires access control: a suspended tenant's devices are refused, and
+    /// tenants' device quotas and message rates apply.
+    pub fn set_access(&self, access: Arc<borough_access::Access>) {
+        let _ = self.access.set(access);
+    }
+
+    fn access(&self) -> Option<&Arc<borough_access::Access>> {
+        self.access.get().filter(|a| a.enabled())
+    }
+
+    /// Removes every device and command of a tenant (the tenant is being
+    /// deleted); answers how many devices there were.
+    pub async fn purge_tenant(&self, tenant: &str) -> Result<usize, DeviceError> {
+        let ids: Vec<String> = self
+            .list(tenant)
+            .iter()
+            .map(|e| e.device.id.clone())
+            .collect();
+        for id in &ids {
+            self.delete(tenant, id).await?;
+        }
+        Ok(ids.len())
     }
 
     pub fn get(&self, tenant: &str, id: &str) -> Option<Arc<Entry>> {
@@ -432,6 +463,15 @@ impl Devices {
         inputs: Vec<DeviceInput>,
     ) -> Result<Vec<Result<(Device, String), NgsiError>>, DeviceError> {
         let _admin = self.admin.lock().await;
+        if let Some(a) = self.access() {
+            a.check_quota(
+                tenant,
+                "devices",
+                |q| q.max_devices,
+                self.list(tenant).len() as u64,
+                inputs.len() as u64,
+            )?;
+        }
         let now = now_micros();
         let mut results = Vec::with_capacity(inputs.len());
         let mut ok = Vec::new();
@@ -627,7 +667,23 @@ impl Devices {
         entry: &Entry,
         payload: &[u8],
     ) -> Result<payload::Mapped, IngestError> {
-        let result = if payload.len() > self.config.max_payload_bytes {
+        let tenant_refusal = self.access().and_then(|a| {
+            let suspended = a
+                .tenant(&entry.tenant)
+                .is_none_or(|t| t.status == borough_access::model::TenantStatus::Suspended);
+            if suspended {
+                return Some(IngestError::Tenant(format!(
+                    "tenant '{}' is suspended or not registered",
+                    borough_access::public_tenant(&entry.tenant)
+                )));
+            }
+            a.admit_messages(&entry.tenant, 1)
+                .err()
+                .map(|e| IngestError::Tenant(e.detail))
+        });
+        let result = if let Some(refusal) = tenant_refusal {
+            Err(refusal)
+        } else if payload.len() > self.config.max_payload_bytes {
             Err(IngestError::TooLarge(self.config.max_payload_bytes))
         } else if !entry.allow(self.config.rate_limit, self.config.rate_burst) {
             Err(IngestError::RateLimited)

@@ -5,13 +5,21 @@
 //! not wait behind a large ingest group.
 
 use crate::{EmbeddedStore, io};
-use borough_store::{DeviceStore, RecordChange, RecordKind, StoreError, StoredRecord};
+use borough_store::{RecordChange, RecordKind, RecordStore, StoreError, StoredRecord};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 /// (tenant, device id) → the device record.
 const DEVICES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("devices");
 /// (tenant, "{device id}/{command id}") → the command record.
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("device_commands");
+/// ("", tenant name) → the tenant record.
+const TENANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tenant_records");
+/// (tenant, key id) → the API key record (its secret only as a hash).
+const API_KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("api_keys");
+/// ("", zero-padded sequence number) → an audit log entry.
+const AUDIT: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("audit_log");
+/// ("", name) → a server setting.
+const SETTINGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("settings");
 
 fn table(
     kind: RecordKind,
@@ -19,17 +27,22 @@ fn table(
     match kind {
         RecordKind::Device => DEVICES,
         RecordKind::Command => COMMANDS,
+        RecordKind::Tenant => TENANTS,
+        RecordKind::ApiKey => API_KEYS,
+        RecordKind::Audit => AUDIT,
+        RecordKind::Setting => SETTINGS,
     }
 }
 
 /// Creates the tables on first open, so that reads never miss them.
 pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
-    txn.open_table(DEVICES).map_err(io)?;
-    txn.open_table(COMMANDS).map_err(io)?;
+    for kind in RecordKind::ALL {
+        txn.open_table(table(kind)).map_err(io)?;
+    }
     Ok(())
 }
 
-impl DeviceStore for EmbeddedStore {
+impl RecordStore for EmbeddedStore {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -38,12 +51,13 @@ impl DeviceStore for EmbeddedStore {
         txn.set_durability(redb::Durability::Immediate)
             .map_err(io)?;
         {
-            let mut devices = txn.open_table(DEVICES).map_err(io)?;
-            let mut commands = txn.open_table(COMMANDS).map_err(io)?;
+            let mut tables = Vec::with_capacity(RecordKind::ALL.len());
+            for kind in RecordKind::ALL {
+                tables.push((kind, txn.open_table(table(kind)).map_err(io)?));
+            }
             for c in changes {
-                let t = match c.kind {
-                    RecordKind::Device => &mut devices,
-                    RecordKind::Command => &mut commands,
+                let Some((_, t)) = tables.iter_mut().find(|(k, _)| *k == c.kind) else {
+                    continue;
                 };
                 let key = (c.tenant.as_str(), c.key.as_str());
                 match &c.value {
@@ -70,6 +84,56 @@ impl DeviceStore for EmbeddedStore {
         }
         Ok(out)
     }
+
+    fn records_page(
+        &self,
+        kind: RecordKind,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let read = self.db.begin_read().map_err(io)?;
+        let t = read.open_table(table(kind)).map_err(io)?;
+        let mut out = Vec::new();
+        let mut push = |row: Result<_, redb::StorageError>| -> Result<bool, StoreError> {
+            let (k, v): (redb::AccessGuard<(&str, &str)>, redb::AccessGuard<&[u8]>) =
+                row.map_err(io)?;
+            let (tenant, key) = k.value();
+            out.push((tenant.to_string(), key.to_string(), v.value().to_vec()));
+            Ok(out.len() < limit)
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        if reverse {
+            let range = match after {
+                Some(a) => t.range((tenant, "")..(tenant, a)).map_err(io)?,
+                None => t.range((tenant, "")..=(tenant, "\u{10FFFF}")).map_err(io)?,
+            };
+            for row in range.rev() {
+                if !push(row)? {
+                    break;
+                }
+            }
+        } else {
+            let range = match after {
+                Some(a) => t
+                    .range::<(&str, &str)>((
+                        std::ops::Bound::Excluded((tenant, a)),
+                        std::ops::Bound::Included((tenant, "\u{10FFFF}")),
+                    ))
+                    .map_err(io)?,
+                None => t.range((tenant, "")..=(tenant, "\u{10FFFF}")).map_err(io)?,
+            };
+            for row in range {
+                if !push(row)? {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -81,6 +145,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         borough_store::testsuite::device_records(&store);
+    }
+
+    #[test]
+    fn passes_the_record_page_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        borough_store::testsuite::record_pages(&store);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

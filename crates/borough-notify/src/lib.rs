@@ -7,6 +7,7 @@
 //! the last retry failed (then it goes to the dead letters): delivery is at
 //! least once, across restarts.
 
+use borough_access::outbound::{OutboundError, OutboundPolicy};
 use borough_core::entity::NGSI_LD_NULL;
 use borough_core::render::EntityListView;
 use borough_core::subscription::CompiledSubscription;
@@ -40,6 +41,9 @@ pub struct NotifierConfig {
     /// PEM certificates of CAs trusted for `mqtts://` endpoints besides the
     /// usual public roots.
     pub mqtt_ca_pem: Option<Vec<u8>>,
+    /// Where endpoints may be; the default refuses internal addresses
+    /// (loopback, private ranges, link-local).
+    pub outbound: OutboundPolicy,
 }
 
 impl Default for NotifierConfig {
@@ -52,6 +56,7 @@ impl Default for NotifierConfig {
             batch: 200,
             queue: 10_000,
             mqtt_ca_pem: None,
+            outbound: OutboundPolicy::default(),
         }
     }
 }
@@ -82,27 +87,33 @@ struct Shared {
 
 /// Runs the notifier until `stop` resolves. Notices still undelivered stay
 /// in the outbox and are delivered after the next start. Fails at once if the
-/// MQTT CA certificates cannot be read.
+/// MQTT CA certificates cannot be read or the HTTP client cannot be set up.
 pub fn start(
     store: Arc<dyn EntityStore>,
     config: NotifierConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let mqtt_tls = mqtt::tls_config(config.mqtt_ca_pem.as_deref())?;
-    Ok(tokio::spawn(run(store, config, mqtt_tls, stop)))
+    let client = config
+        .outbound
+        .guard(
+            reqwest::Client::builder()
+                .timeout(config.timeout)
+                .connect_timeout(config.timeout),
+            10,
+        )
+        .build()
+        .map_err(|e| format!("cannot set up the notification HTTP client: {e}"))?;
+    Ok(tokio::spawn(run(store, config, client, mqtt_tls, stop)))
 }
 
 async fn run(
     store: Arc<dyn EntityStore>,
     config: NotifierConfig,
+    client: reqwest::Client,
     mqtt_tls: Arc<rustls::ClientConfig>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let client = reqwest::Client::builder()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeout)
-        .build()
-        .unwrap_or_default();
     let shared = Arc::new(Shared {
         store,
         client,
@@ -550,11 +561,15 @@ async fn send(
         let payload = serde_json::to_vec(&json!({"metadata": metadata, "body": body}))
             .map_err(|e| e.to_string())?;
         if mqtt.is_none() {
-            *mqtt = Some(MqttEndpoint::connect(
-                uri,
-                &sub.endpoint.notifier_info,
-                &shared.mqtt_tls,
-            )?);
+            *mqtt = Some(
+                MqttEndpoint::connect(
+                    uri,
+                    &sub.endpoint.notifier_info,
+                    &shared.mqtt_tls,
+                    &shared.config.outbound,
+                )
+                .await?,
+            );
         }
         let Some(conn) = mqtt.as_mut() else {
             return Err("no MQTT connection".into());
@@ -566,6 +581,12 @@ async fn send(
         }
         return result;
     }
+    // The client's resolver checks names; address literals are checked here.
+    shared
+        .config
+        .outbound
+        .check_url_literal(uri)
+        .map_err(|e| format!("notification endpoint {e}"))?;
     let mut req = shared
         .client
         .post(uri)
@@ -587,7 +608,13 @@ async fn send(
     for (k, v) in &sub.endpoint.receiver_info {
         req = req.header(k.as_str(), v.as_str());
     }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| match OutboundError::find(&e) {
+            Some(refused) => format!("notification endpoint {refused}"),
+            None => e.to_string(),
+        })?;
     if resp.status().is_success() {
         Ok(())
     } else {

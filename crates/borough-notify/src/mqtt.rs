@@ -3,11 +3,13 @@
 //! broker acknowledges it (PUBACK for QoS 1, PUBCOMP for QoS 2, the packet
 //! written for QoS 0).
 
+use borough_access::outbound::OutboundPolicy;
 use rumqttc::{
     AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -117,15 +119,49 @@ pub fn qos(notifier_info: &[(String, String)]) -> Result<QoS, String> {
 }
 
 impl MqttEndpoint {
-    pub fn connect(
+    /// Connects to the broker if `outbound` allows its address.
+    ///
+    /// Over plain MQTT, and over TLS to an address literal, rumqttc is given
+    /// the checked address itself, so it connects there and nowhere else
+    /// (reconnections included). Over TLS to a name, rumqttc must be given
+    /// the name, its TLS server name for SNI and the certificate check, and
+    /// it resolves the name again itself: the name is checked just before
+    /// each connection, which leaves a short window in which a DNS answer
+    /// that changes (rebinding) could send the connection elsewhere.
+    pub async fn connect(
         uri: &str,
         notifier_info: &[(String, String)],
         tls: &Arc<rustls::ClientConfig>,
+        outbound: &OutboundPolicy,
     ) -> Result<Self, String> {
         let parts = parse_uri(uri)?;
         let qos = qos(notifier_info)?;
+        let refused = |e| format!("notification endpoint {e}");
+        let addrs = outbound
+            .resolve_checked(&parts.host, parts.port)
+            .await
+            .map_err(refused)?;
+        let literal = parts
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok();
+        let (broker, recheck) = match addrs.first() {
+            Some(addr) if !parts.tls || literal => {
+                let ip = match addr.ip() {
+                    IpAddr::V4(ip) => ip.to_string(),
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                };
+                (ip, None)
+            }
+            _ => (
+                parts.host.clone(),
+                Some((outbound.clone(), parts.host, parts.port)),
+            ),
+        };
         let client_id = format!("borough-{:x}", borough_core::validate::now_micros());
-        let mut opts = MqttOptions::new(client_id, parts.host, parts.port);
+        let mut opts = MqttOptions::new(client_id, broker, parts.port);
         opts.set_keep_alive(Duration::from_secs(30));
         if let Some((u, p)) = parts.user {
             opts.set_credentials(u, p);
@@ -154,6 +190,13 @@ impl MqttEndpoint {
                         // The next poll reconnects; pace it.
                         let _ = tx.try_send(Err(format!("MQTT connection: {e}")));
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                        // rumqttc will resolve the name again: check it first.
+                        if let Some((policy, host, port)) = &recheck
+                            && let Err(e) = policy.resolve_checked(host, *port).await
+                        {
+                            let _ = tx.try_send(Err(refused(e)));
+                            return;
+                        }
                         None
                     }
                 };
@@ -225,5 +268,31 @@ mod tests {
         assert!(parse_uri("mqtt://broker:x/t").is_err());
         assert!(qos(&[("MQTT-QoS".into(), "1".into())]).is_ok_and(|q| q == QoS::AtLeastOnce));
         assert!(qos(&[("MQTT-QoS".into(), "3".into())]).is_err());
+    }
+
+    #[tokio::test]
+    async fn brokers_at_refused_addresses_are_not_connected() {
+        let tls = tls_config(None).unwrap();
+        let public_only = OutboundPolicy::default();
+        for uri in [
+            "mqtt://127.0.0.1:1883/t",
+            "mqtt://localhost/t",
+            "mqtts://169.254.169.254/t",
+            "mqtt://[::1]:1883/t",
+            "mqtts://10.0.0.5/t",
+        ] {
+            let Err(e) = MqttEndpoint::connect(uri, &[], &tls, &public_only).await else {
+                panic!("{uri} must be refused");
+            };
+            assert!(e.starts_with("notification endpoint "), "{uri}: {e}");
+            assert!(e.contains("--allow-outbound"), "{uri}: {e}");
+        }
+        // Allowed: the connection is made in the background, not here.
+        let loopback = OutboundPolicy::loopback();
+        assert!(
+            MqttEndpoint::connect("mqtt://localhost:1/t", &[], &tls, &loopback)
+                .await
+                .is_ok()
+        );
     }
 }

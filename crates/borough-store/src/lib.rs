@@ -53,16 +53,36 @@ pub struct ImportCounts {
     pub series: u64,
 }
 
-/// Which kind of device-registry record a [`RecordChange`] concerns.
+/// Which kind of management record a [`RecordChange`] concerns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordKind {
     /// A registered device, keyed by (tenant, device id).
     Device,
     /// A device command, keyed by (tenant, "{device id}/{command id}").
     Command,
+    /// A tenant of the operator, keyed by ("", tenant name).
+    Tenant,
+    /// An API key, keyed by (tenant, key id).
+    ApiKey,
+    /// An entry of the audit log, keyed by ("", its sequence number as 20
+    /// zero-padded digits, so that key order is log order).
+    Audit,
+    /// A server setting, keyed by ("", its name): the key that signs sessions.
+    Setting,
 }
 
-/// One write to the device registry: `value: None` deletes the record.
+impl RecordKind {
+    pub const ALL: [RecordKind; 6] = [
+        Self::Device,
+        Self::Command,
+        Self::Tenant,
+        Self::ApiKey,
+        Self::Audit,
+        Self::Setting,
+    ];
+}
+
+/// One write of a management record: `value: None` deletes the record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordChange {
     pub kind: RecordKind,
@@ -71,18 +91,31 @@ pub struct RecordChange {
     pub value: Option<Vec<u8>>,
 }
 
-/// A stored record of the device registry: (tenant, key, serialized value).
+/// A stored management record: (tenant, key, serialized value).
 pub type StoredRecord = (String, String, Vec<u8>);
 
-/// Durable storage of the device registry and the command queue. Records are
-/// opaque bytes: their shape belongs to the devices layer, so a backend only
-/// has to keep them. Both calls block: run them off the async executor.
-pub trait DeviceStore: Send + Sync + 'static {
+/// Durable storage of management records: the device registry and command
+/// queue, tenants, API keys and the audit log. Records are opaque bytes:
+/// their shape belongs to the layer that owns them, so a backend only has to
+/// keep them. Every call blocks: run them off the async executor.
+pub trait RecordStore: Send + Sync + 'static {
     /// Applies every change in one transaction, durable when it returns.
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError>;
 
     /// Every record of a kind, ordered by (tenant, key).
     fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// At most `limit` records of a kind and tenant with a key above `after`
+    /// (from the first when `None`), in key order; with `reverse`, those below
+    /// `after`, newest first.
+    fn records_page(
+        &self,
+        kind: RecordKind,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<StoredRecord>, StoreError>;
 }
 
 /// One page of a query's results, in entity id order.

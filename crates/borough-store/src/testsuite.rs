@@ -2,7 +2,7 @@
 //! call [`run_all`] (and [`survives_reopen`] with a way to reopen it); a
 //! backend is done when they pass.
 
-use crate::{DEFAULT_TENANT, DeviceStore, EntityStore, RecordChange, RecordKind};
+use crate::{DEFAULT_TENANT, EntityStore, RecordChange, RecordKind, RecordStore};
 use borough_core::entity::parse_entity;
 use borough_core::{Context, Entity, EntityOp, OpOutcome, ProblemKind};
 use serde_json::json;
@@ -375,7 +375,7 @@ fn change(kind: RecordKind, tenant: &str, key: &str, value: Option<&str>) -> Rec
 
 /// Device and command records: written together, listed per kind in key
 /// order, replaced, deleted, and kept apart by tenant.
-pub fn device_records(store: &dyn DeviceStore) {
+pub fn device_records(store: &dyn RecordStore) {
     use RecordKind::{Command, Device};
     store
         .write_records(&[
@@ -410,8 +410,46 @@ pub fn device_records(store: &dyn DeviceStore) {
     assert!(store.records(Command).expect("list commands").is_empty());
 }
 
+/// Every kind of record is kept apart from the others, and pages of one
+/// tenant's records come in key order, forwards and backwards.
+pub fn record_pages(store: &dyn RecordStore) {
+    let key = |n: u32| format!("{n:020}");
+    let mut changes: Vec<RecordChange> = (1..=5)
+        .map(|n| change(RecordKind::Audit, "", &key(n), Some(&format!("entry {n}"))))
+        .collect();
+    changes.push(change(RecordKind::ApiKey, "", &key(3), Some("not audit")));
+    changes.push(change(
+        RecordKind::Audit,
+        "z",
+        &key(1),
+        Some("other tenant"),
+    ));
+    changes.push(change(RecordKind::Tenant, "", "city", Some("tenant")));
+    store.write_records(&changes).expect("write records");
+    let page = |after: Option<&str>, limit, reverse| -> Vec<String> {
+        store
+            .records_page(RecordKind::Audit, "", after, limit, reverse)
+            .expect("page")
+            .into_iter()
+            .map(|(_, _, v)| String::from_utf8(v).expect("utf-8"))
+            .collect()
+    };
+    assert_eq!(page(None, 2, false), ["entry 1", "entry 2"]);
+    assert_eq!(page(Some(&key(2)), 2, false), ["entry 3", "entry 4"]);
+    assert_eq!(page(Some(&key(4)), 10, false), ["entry 5"]);
+    assert_eq!(page(None, 2, true), ["entry 5", "entry 4"]);
+    assert_eq!(
+        page(Some(&key(4)), 10, true),
+        ["entry 3", "entry 2", "entry 1"]
+    );
+    assert!(page(None, 0, false).is_empty());
+    assert_eq!(store.records(RecordKind::Tenant).expect("tenants").len(), 1);
+    assert_eq!(store.records(RecordKind::ApiKey).expect("keys").len(), 1);
+    assert_eq!(store.records(RecordKind::Audit).expect("audit").len(), 6);
+}
+
 /// Device records written before a reopen are there after it.
-pub async fn device_records_survive_reopen<S: DeviceStore + EntityStore>(
+pub async fn device_records_survive_reopen<S: RecordStore + EntityStore>(
     store: S,
     reopen: impl FnOnce() -> S,
 ) {

@@ -14,7 +14,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use borough_access::{Access, Principal, TenantScope};
+use borough_api::auth::{ClientAddr, session_cookie, with_session_cookie};
 use borough_api::problem::{ApiError, ApiResult};
 use borough_core::{Context, NgsiError, ProblemKind};
 use borough_store::{DEFAULT_TENANT, EntityStore};
@@ -28,7 +30,7 @@ mod assets {
 }
 
 /// Settings of the dashboard.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct WebConfig {
     /// A raster tile URL template (`https://tile.openstreetmap.org/{z}/{x}/{y}.png`)
     /// for online use; without it the map draws its own offline base layer.
@@ -38,6 +40,9 @@ pub struct WebConfig {
     /// Turns true when the server shuts down: live streams end so that open
     /// pages do not hold up a graceful shutdown.
     pub stop: Option<watch::Receiver<bool>>,
+    /// Access control: sign-in with an API key, and which tenants a user sees.
+    /// `None`: the dashboard is open.
+    pub access: Option<Arc<Access>>,
 }
 
 struct WebState {
@@ -78,6 +83,8 @@ pub fn router(store: Arc<dyn EntityStore>, config: WebConfig) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/dashboard/api/config", get(config_route))
+        .route("/dashboard/api/login", post(login))
+        .route("/dashboard/api/logout", post(logout))
         .route("/dashboard/api/tenants", get(tenants))
         .route("/dashboard/api/summary", get(summary))
         .route("/dashboard/api/clusters", get(clusters_route))
@@ -151,9 +158,12 @@ fn param<'a>(p: &'a [(String, String)], name: &str) -> Option<&'a str> {
     p.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// The `tenant` parameter (the default tenant when absent or empty), which must exist.
-fn tenant(store: &dyn EntityStore, p: &[(String, String)]) -> ApiResult<String> {
+/// The `tenant` parameter (the default tenant when absent, empty or
+/// `default`), which must exist: registered, or written to.
+fn tenant(s: &WebState, p: &[(String, String)]) -> ApiResult<String> {
+    let store = &*s.store;
     let t = param(p, "tenant").unwrap_or(DEFAULT_TENANT);
+    let t = if t == "default" { DEFAULT_TENANT } else { t };
     let valid = t.len() <= MAX_TENANT_LEN
         && t.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
@@ -163,7 +173,12 @@ fn tenant(store: &dyn EntityStore, p: &[(String, String)]) -> ApiResult<String> 
             t.chars().take(80).collect::<String>()
         ))));
     }
-    if !store.tenant_exists(t) {
+    let registered = s
+        .config
+        .access
+        .as_ref()
+        .is_some_and(|a| a.enabled() && a.tenant(t).is_some());
+    if !registered && !store.tenant_exists(t) {
         return Err(ApiError(NgsiError::new(
             ProblemKind::NonexistentTenant,
             format!("tenant '{t}' does not exist"),
@@ -183,20 +198,112 @@ fn json(v: &Value) -> Response {
     resp
 }
 
-async fn config_route(State(s): State<Shared>) -> Response {
+async fn config_route(State(s): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    let access = s.config.access.as_ref().filter(|a| a.enabled());
+    let signed_in = access.map(|a| {
+        session_cookie(&headers)
+            .and_then(|c| a.session(&c))
+            .is_some()
+    });
     json(&json!({
         "tileUrl": s.config.tile_url,
         "tileAttribution": s.config.tile_attribution,
         "maxZoom": clusters::MAX_ZOOM,
         "mapLibrary": has_map_library(),
         "liveWindowMs": live::WINDOW.as_millis() as u64,
+        "auth": access.is_some(),
+        "signedIn": signed_in.unwrap_or(true),
     }))
 }
 
-async fn tenants(State(s): State<Shared>) -> Response {
+/// `POST /dashboard/api/login` with `{"apiKey": "..."}`: a session cookie
+/// (HttpOnly, SameSite=Strict) for the key's principal. Only a JSON body is
+/// accepted, so that no other site's form can sign a browser in or out.
+async fn login(
+    State(s): State<Shared>,
+    ClientAddr(addr): ClientAddr,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let Some(access) = s.config.access.as_ref().filter(|a| a.enabled()) else {
+        return Err(ApiError(NgsiError::new(
+            ProblemKind::OperationNotSupported,
+            "this dashboard is open: there is nothing to sign in to",
+        )));
+    };
+    borough_api::request::body_type(&headers, false)?;
+    let v = borough_api::request::read_json(body, 16 << 10).await?;
+    let key = v
+        .get("apiKey")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError(NgsiError::bad_data("give {\"apiKey\": \"...\"}")))?;
+    let addr = addr.unwrap_or_else(|| "local".into());
+    if let Some(wait) = access.throttled(&addr) {
+        return Err(ApiError(NgsiError::new(
+            ProblemKind::TooManyRequests,
+            format!(
+                "too many failed sign-ins; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        )));
+    }
+    let outcome = access.authenticate(key, &addr).await;
+    access
+        .record(borough_access::audit::AuditEvent {
+            actor: match &outcome {
+                Ok(p) => p.subject.clone(),
+                Err(_) => "anonymous".into(),
+            },
+            action: "dashboard.login".into(),
+            outcome: if outcome.is_ok() { "ok" } else { "denied" }.into(),
+            detail: match &outcome {
+                Ok(_) => Value::Null,
+                Err(e) => json!({"reason": e.detail}),
+            },
+            source: Some(addr),
+            ..Default::default()
+        })
+        .await;
+    let principal = outcome.map_err(ApiError)?;
+    let token = access.open_session(&principal).map_err(ApiError)?;
+    Ok(with_session_cookie(
+        (StatusCode::NO_CONTENT).into_response(),
+        Some(&token),
+        12 * 3600,
+    ))
+}
+
+/// `POST /dashboard/api/logout`: ends the session and clears its cookie.
+async fn logout(State(s): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    if let (Some(access), Some(cookie)) = (&s.config.access, session_cookie(&headers)) {
+        access.close_session(&cookie);
+    }
+    with_session_cookie(StatusCode::NO_CONTENT.into_response(), None, 0)
+}
+
+/// The tenants the signed-in user may see (all of them for the operator).
+async fn tenants(
+    State(s): State<Shared>,
+    principal: Option<axum::Extension<Arc<Principal>>>,
+) -> Response {
     let mut names = s.store.tenants();
+    if let Some(access) = s.config.access.as_ref().filter(|a| a.enabled()) {
+        for t in access.tenants() {
+            let internal = borough_access::internal_tenant(&t.name).to_string();
+            if !names.contains(&internal) {
+                names.push(internal);
+            }
+        }
+    }
     if !names.iter().any(|n| n == DEFAULT_TENANT) {
         names.insert(0, DEFAULT_TENANT.to_string());
+    }
+    names.sort();
+    if let Some(axum::Extension(p)) = principal
+        && let TenantScope::Only(allowed) = &p.tenants
+        && !p.is_operator()
+    {
+        names.retain(|n| allowed.contains(n));
     }
     let list: Vec<Value> = names
         .iter()
@@ -209,7 +316,7 @@ async fn tenants(State(s): State<Shared>) -> Response {
 /// and the extent of the located ones (to fit the map).
 async fn summary(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
     let p = params(q)?;
-    let t = tenant(&*s.store, &p)?;
+    let t = tenant(&s, &p)?;
     let ctx = Context::core();
     let mut types: Vec<(String, usize)> = s
         .store
@@ -238,7 +345,7 @@ async fn summary(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
 
 async fn clusters_route(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
     let p = params(q)?;
-    let t = tenant(&*s.store, &p)?;
+    let t = tenant(&s, &p)?;
     let req = clusters::parse_request(param(&p, "bbox"), param(&p, "zoom"), param(&p, "types"))?;
     let unknown = clusters::unknown_types(&*s.store, &t, &req);
     if !unknown.is_empty() {
@@ -265,7 +372,7 @@ async fn clusters_route(State(s): State<Shared>, q: Params) -> ApiResult<Respons
 /// Entities in an alert state, most severe first, then by id.
 async fn alerts_route(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
     let p = params(q)?;
-    let t = tenant(&*s.store, &p)?;
+    let t = tenant(&s, &p)?;
     let limit = match param(&p, "limit") {
         None => 200,
         Some(l) => l
@@ -306,7 +413,7 @@ async fn alerts_route(State(s): State<Shared>, q: Params) -> ApiResult<Response>
 
 async fn events(State(s): State<Shared>, q: Params) -> ApiResult<Response> {
     let p = params(q)?;
-    let t = tenant(&*s.store, &p)?;
+    let t = tenant(&s, &p)?;
     let stream = live::stream(&*s.store, t, s.config.stop.clone());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

@@ -105,6 +105,13 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         max_connections: 8192,
         max_connections_per_ip: 512,
         header_read_timeout_secs: 30,
+        // Everything runs on this one machine.
+        allow_outbound: borough_access::outbound::OutboundPolicy::loopback(),
+        // A demo on one's own machine is open; `borough serve` is not.
+        access: crate::access::AccessArgs {
+            auth: crate::access::AuthMode::Off,
+            ..crate::access::AccessArgs::default()
+        },
     };
     let listener = bind(args.http).await?;
     let mqtt = bind(args.mqtt).await?;
@@ -115,6 +122,9 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         say!("mqtt listening on {a} (devices: {base}/api/v1/devices)");
     }
     say!("Borough demo: data in {}", data.display());
+    say!(
+        "access control is OFF in the demo: anyone who reaches {base} can read and change everything (borough serve requires API keys)"
+    );
     say!(
         "provisioning a simulated city of {} devices...",
         args.devices
@@ -128,6 +138,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         seed: args.seed,
         history: args.history,
         quiet: true,
+        api_key: None,
     };
     let rate = args.rate;
     let streaming = simulate::simulate(&sim, std::future::pending(), |s| {

@@ -21,6 +21,10 @@ pub struct ImportArgs {
     /// Tenant to import into (the default tenant when not given).
     #[arg(long)]
     pub tenant: Option<String>,
+    /// API key (or token) to send; the server's access control needs one
+    /// that may write the tenant.
+    #[arg(long, env = "BOROUGH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 pub fn run(args: ImportArgs) -> Result<(), String> {
@@ -67,6 +71,9 @@ async fn import(args: ImportArgs) -> Result<(), String> {
             .body(part);
         if let Some(t) = &args.tenant {
             req = req.header("NGSILD-Tenant", t);
+        }
+        if let Some(k) = &args.api_key {
+            req = req.bearer_auth(k);
         }
         let resp = req
             .send()

@@ -1,5 +1,6 @@
 //! The `borough` binary: the server and the commands around it.
 
+mod access;
 mod bench;
 mod demo;
 mod import;
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (production entry point).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run a server with a simulated city streaming live data.
     Demo(demo::DemoArgs),
     /// Provision a simulated city on a running server and stream its measurements.
@@ -43,7 +44,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Import(args) => import::run(args),

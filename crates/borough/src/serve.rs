@@ -82,9 +82,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BOROUGH_HEADER_READ_TIMEOUT_SECS", default_value_t = 30,
           value_parser = at_least_one_sec)]
     pub header_read_timeout_secs: u64,
+    /// Internal addresses that remote @context URLs and notification
+    /// endpoints may name, comma-separated: CIDRs (10.1.0.0/16, ::1/128),
+    /// host names (broker.city.example), `loopback` or `private` (RFC 1918,
+    /// fc00::/7). By default only public addresses are reached.
+    #[arg(long, env = "BOROUGH_ALLOW_OUTBOUND", value_name = "LIST", default_value = "",
+          hide_default_value = true, value_parser = outbound_allowlist)]
+    pub allow_outbound: borough_access::outbound::OutboundPolicy,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
+    #[command(flatten)]
+    pub access: crate::access::AccessArgs,
 }
 
 /// `--temporal-page-instances`: at least one.
@@ -94,6 +103,12 @@ fn page_instances(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("'{s}' is not a positive whole number")),
     }
+}
+
+/// `--allow-outbound`: the allowlist, each entry checked.
+fn outbound_allowlist(s: &str) -> Result<borough_access::outbound::OutboundPolicy, String> {
+    s.parse::<borough_access::outbound::OutboundPolicy>()
+        .map_err(|e| e.to_string())
 }
 
 /// A count that must be at least one.
@@ -132,6 +147,10 @@ pub fn init_logging(level: &str) -> Result<(), String> {
 /// A running server: the store, the bound address and the task serving HTTP.
 pub struct Running {
     pub addr: SocketAddr,
+    /// An operator key made at this start, to show once.
+    pub new_operator_key: Option<String>,
+    pub auth: crate::access::AuthMode,
+    access: Arc<borough_access::Access>,
     /// The embedded MQTT broker's address, when it runs.
     pub mqtt_addr: Option<SocketAddr>,
     stop_mqtt: tokio::sync::watch::Sender<bool>,
@@ -185,13 +204,17 @@ pub async fn start(
         context_fetch_timeout: Duration::from_secs(args.context_timeout_secs),
         bench_static_bytes: args.bench_static_bytes,
         temporal_page_instances: args.temporal_page_instances,
+        outbound: args.allow_outbound.clone(),
         ..ApiConfig::default()
     };
+    let prepared = crate::access::prepare(&args.access, store.clone(), store.tenants()).await?;
+    let access = prepared.access.clone();
     let (stop_live, live_stopped) = tokio::sync::watch::channel(false);
     let web = borough_web::WebConfig {
         tile_url: args.map_tiles.clone(),
         tile_attribution: args.map_attribution.clone(),
         stop: Some(live_stopped),
+        access: Some(access.clone()),
     };
     let devices = borough_devices::Devices::start(
         store.clone(),
@@ -205,19 +228,41 @@ pub async fn start(
             ..borough_devices::DevicesConfig::default()
         },
     )?;
+    devices.set_access(access.clone());
     // The API writes through the command hook: a PATCH of a command attribute sends it.
     let api_store: Arc<dyn EntityStore> = Arc::new(borough_devices::store::CommandingStore::new(
         devices.clone(),
     ));
+    let wiring = borough_api::Wiring {
+        access: Some(access.clone()),
+        tenant_data: vec![Arc::new(crate::access::DeviceData(devices.clone()))],
+    };
     let app = borough_api::with_normalized_paths(
-        borough_api::router(api_store, config)?
+        borough_api::router_with(api_store, config, wiring)?
             .merge(borough_devices::http::router(devices.clone()))
             .merge(borough_web::router(store.clone(), web))
             .layer(axum::middleware::from_fn_with_state(
                 devices.clone(),
                 append_device_metrics,
+            ))
+            // Outermost of the routes: every one of them is guarded.
+            .layer(axum::middleware::from_fn_with_state(
+                access.clone(),
+                borough_api::auth::guard,
             )),
     );
+    let app = crate::access::with_cors(app, &args.access.cors_origins)?;
+    // Keys' last use is written now and then rather than on every request.
+    let flush = access.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = flush.flush_last_used().await {
+                tracing::warn!(error = %e.detail, "cannot record API keys' last use");
+            }
+        }
+    });
     let (stop_mqtt, mqtt_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -262,6 +307,7 @@ pub async fn start(
             max_attempts: args.notify_attempts.max(1),
             first_retry: Duration::from_millis(args.notify_retry_ms),
             mqtt_ca_pem,
+            outbound: args.allow_outbound.clone(),
             ..borough_notify::NotifierConfig::default()
         },
         async {
@@ -271,6 +317,9 @@ pub async fn start(
     tracing::info!(%addr, data = %args.data.display(), "borough is serving");
     Ok(Running {
         addr,
+        new_operator_key: prepared.new_operator_key,
+        auth: args.access.auth,
+        access,
         mqtt_addr,
         stop_mqtt,
         store,
@@ -292,6 +341,9 @@ impl Running {
             .await
             .map_err(|e| format!("server task failed: {e}"))?
             .map_err(|e| format!("server error: {e}"))?;
+        if let Err(e) = self.access.flush_last_used().await {
+            tracing::warn!(error = %e.detail, "cannot record API keys' last use");
+        }
         // Undelivered notices stay in the outbox for the next start.
         let _ = self.stop_notifier.send(());
         self.notifier.abort();
@@ -316,7 +368,24 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     {
         use std::io::Write as _;
         // A closed stdout must not stop the server.
-        let _ = writeln!(std::io::stdout(), "listening on http://{}", running.addr);
+        let mut out = std::io::stdout();
+        if running.auth == crate::access::AuthMode::Off {
+            let _ = writeln!(
+                out,
+                "access control is OFF (--auth off): anyone who reaches this port can do anything"
+            );
+        }
+        if let Some(key) = &running.new_operator_key {
+            let _ = writeln!(
+                out,
+                "operator key (shown once; keep it safe): {key}{}",
+                match &args.access.operator_key_file {
+                    Some(p) => format!(" (also written to {})", p.display()),
+                    None => String::new(),
+                }
+            );
+        }
+        let _ = writeln!(out, "listening on http://{}", running.addr);
         if let Some(a) = running.mqtt_addr {
             let _ = writeln!(std::io::stdout(), "mqtt listening on {a}");
         }

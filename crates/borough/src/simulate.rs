@@ -35,6 +35,10 @@ pub struct SimulateArgs {
     /// Hide the progress bar (for logs and scripts).
     #[arg(long)]
     pub quiet: bool,
+    /// API key (or token) to send; the server's access control needs one
+    /// that may write the tenant and register devices.
+    #[arg(long, env = "BOROUGH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Parses `30s`, `5m`, `2h`, `1d` or a number of seconds.
@@ -108,6 +112,7 @@ struct Target {
     client: reqwest::Client,
     base: String,
     tenant: Option<String>,
+    api_key: Option<String>,
 }
 
 impl Target {
@@ -115,6 +120,10 @@ impl Target {
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<(u16, Value), String> {
         let req = match &self.tenant {
             Some(t) => req.header("NGSILD-Tenant", t),
+            None => req,
+        };
+        let req = match &self.api_key {
+            Some(k) => req.bearer_auth(k),
             None => req,
         };
         let resp = req
@@ -169,6 +178,7 @@ pub async fn simulate(
             .map_err(|e| e.to_string())?,
         base: args.target.trim_end_matches('/').to_string(),
         tenant: args.tenant.clone(),
+        api_key: args.api_key.clone(),
     };
     let city = City::generate(args.seed, args.devices);
     let mut summary = provision(&target, &city, args.quiet).await?;

@@ -146,6 +146,8 @@ fn simulate_provisions_and_streams_against_a_server() {
     let (_server, lines) = start(
         &[
             "serve",
+            "--auth",
+            "off",
             "--mqtt",
             "off",
             "--http",

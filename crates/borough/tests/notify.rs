@@ -860,3 +860,91 @@ fn delivers_to_an_mqtts_broker_with_a_private_ca() {
         "nothing may reach the broker without trust"
     );
 }
+
+#[test]
+fn without_an_allowlist_loopback_receivers_are_refused_and_never_reached() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (uri, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    let by_name = uri.replace("127.0.0.1", "localhost");
+    let dir = tempfile::tempdir().unwrap();
+    // Subscriptions made while loopback was allowed...
+    {
+        let allowing = start(dir.path(), &[]);
+        subscribe(
+            &rt,
+            &allowing.base,
+            "urn:ngsi-ld:Subscription:literal",
+            &uri,
+            json!({}),
+        );
+        subscribe(
+            &rt,
+            &allowing.base,
+            "urn:ngsi-ld:Subscription:name",
+            &by_name,
+            json!({}),
+        );
+    }
+    // ...meet a server started without --allow-outbound.
+    let server = support::start_public_only(
+        dir.path(),
+        &["--notify-attempts", "2", "--notify-retry-ms", "50"],
+    );
+    let base = server.base.clone();
+    for (id, u) in [("new-literal", &uri), ("new-name", &by_name)] {
+        let (s, b) = call(
+            &rt,
+            reqwest::Method::POST,
+            &format!("{base}/ngsi-ld/v1/subscriptions"),
+            Some(json!({
+                "id": format!("urn:ngsi-ld:Subscription:{id}"), "type": "Subscription",
+                "entities": [{"type": "ParkingSpot"}],
+                "notification": {"endpoint": {"uri": u}}
+            })),
+        );
+        assert_eq!(s, 400, "{u}: {b}");
+        assert!(
+            b["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("loopback range") && d.contains("--allow-outbound")),
+            "{b}"
+        );
+    }
+
+    // Delivery refuses them too: retried, then dead-lettered with the reason.
+    let (s, _) = call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{base}/ngsi-ld/v1/entityOperations/upsert"),
+        Some(json!([spot(1, "free", 1)])),
+    );
+    assert!(s == 201 || s == 204);
+    for id in ["literal", "name"] {
+        let url = format!("{base}/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:{id}");
+        let started = Instant::now();
+        loop {
+            let (_, dead) = call(
+                &rt,
+                reqwest::Method::GET,
+                &format!("{url}/deadLetters"),
+                None,
+            );
+            if let Some(error) = dead[0]["error"].as_str() {
+                assert!(
+                    error.contains("after 2 attempts") && error.contains("loopback range"),
+                    "{id}: {error}"
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{id}: no dead letter after 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(
+        inbox.bodies.lock().unwrap().is_empty(),
+        "nothing may reach the receiver"
+    );
+}

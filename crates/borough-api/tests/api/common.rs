@@ -55,9 +55,18 @@ impl Resp {
     }
 }
 
+/// The default configuration, but allowing loopback: the tests' context
+/// servers and receivers run there (the default refuses internal addresses).
+pub fn test_config() -> ApiConfig {
+    ApiConfig {
+        outbound: borough_access::outbound::OutboundPolicy::loopback(),
+        ..ApiConfig::default()
+    }
+}
+
 impl TestApp {
     pub fn new() -> Self {
-        Self::with_config(ApiConfig::default())
+        Self::with_config(test_config())
     }
 
     pub fn with_config(config: ApiConfig) -> Self {

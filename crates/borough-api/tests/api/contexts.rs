@@ -150,7 +150,7 @@ async fn unavailable_contexts_fail_fast_with_ld_context_not_available() {
     let base = context_server().await;
     let app = TestApp::with_config(ApiConfig {
         context_fetch_timeout: Duration::from_millis(500),
-        ..ApiConfig::default()
+        ..crate::common::test_config()
     });
     let body = json!({"id": "urn:ngsi-ld:T:1", "type": "T"});
     for url in [

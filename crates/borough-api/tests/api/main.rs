@@ -8,6 +8,7 @@ mod contexts;
 mod entities;
 mod errors;
 mod geo;
+mod outbound;
 mod query;
 mod registry;
 mod subscriptions;

@@ -62,7 +62,14 @@ fn start_server() -> Result<Child_, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(["serve", "--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0"])
-        .args(["--log-level", "warn", "--device-rate-limit", "1000000"])
+        .args([
+            "--log-level",
+            "warn",
+            "--device-rate-limit",
+            "1000000",
+            "--auth",
+            "off",
+        ])
         .arg("--data")
         .arg(data.path())
         .env_remove("BOROUGH_MQTT_BROKER")

@@ -237,6 +237,13 @@ fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, Stri
             "warn",
             "--mqtt",
             "off",
+            // The baseline runs without access control; `bench entities
+            // --auth` measures it.
+            "--auth",
+            "off",
+            // The notification receiver runs on loopback.
+            "--allow-outbound",
+            "loopback",
         ])
         .arg("--data")
         .arg(data);
