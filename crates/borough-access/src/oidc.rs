@@ -8,6 +8,7 @@
 //! `jwks_min_refresh` and never twice at the same time.
 
 mod jwks;
+pub mod provider;
 #[cfg(test)]
 mod tests;
 
@@ -131,7 +132,16 @@ pub struct OidcVerifier {
     keys: RwLock<Arc<KeySet>>,
     /// Taken by whoever fetches the JWKS, so fetches never overlap.
     refresh: tokio::sync::Mutex<RefreshState>,
+    /// Tokens already verified, by the SHA-256 of their text, with the key
+    /// set generation that verified them: a client sends the same token with
+    /// every request, and an RSA check per request would cost more than the
+    /// request itself. An entry holds until the token expires or the key set
+    /// changes or grows old (so a withdrawn key stops working as before).
+    verified: std::sync::Mutex<std::collections::HashMap<String, (VerifiedToken, u64)>>,
 }
+
+/// Most verified tokens remembered.
+const MAX_VERIFIED: usize = 10_000;
 
 struct RefreshState {
     last_attempt: Instant,
@@ -200,6 +210,7 @@ impl OidcVerifier {
                 last_attempt: fetched_at,
                 last_error: None,
             }),
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -214,6 +225,34 @@ impl OidcVerifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed);
         }
+        let digest = crate::secret::sha256_hex(token.as_bytes());
+        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        let keys = self.current_keys();
+        let fresh = keys.fetched_at.elapsed() < self.config.jwks_max_age;
+        if fresh
+            && let Some((t, _)) = self
+                .verified
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&digest)
+                .filter(|(t, generation)| t.expires_at > now && *generation == keys.generation)
+        {
+            return Ok(t.clone());
+        }
+        let verified = self.verify_uncached(token).await?;
+        let generation = self.current_keys().generation;
+        let mut cache = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_VERIFIED {
+            cache.retain(|_, (t, g)| t.expires_at > now && *g == generation);
+            if cache.len() >= MAX_VERIFIED {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (verified.clone(), generation));
+        Ok(verified)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         let header = read_header(token)?;
         let alg = jwks::accepted_algorithm(&header.alg)
             .ok_or_else(|| TokenError::UnsupportedAlgorithm(printable(&header.alg)))?;

@@ -6,7 +6,7 @@ use crate::SharedState;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 fn gauge(
     registry: &Registry,
@@ -47,6 +47,14 @@ fn collect(state: &crate::AppState) -> Result<Vec<u8>, prometheus::Error> {
         "Failed delivery attempts since start-up",
         &["tenant", "subscription"],
     )?;
+    let dropped = IntCounterVec::new(
+        Opts::new(
+            "borough_subscription_notifications_dropped_total",
+            "Notifications not queued since start-up because the subscription had its bound of pending ones",
+        ),
+        &["tenant", "subscription"],
+    )?;
+    registry.register(Box::new(dropped.clone()))?;
     for tenant in state.store.tenants() {
         entities
             .with_label_values(&[tenant.as_str()])
@@ -62,6 +70,7 @@ fn collect(state: &crate::AppState) -> Result<Vec<u8>, prometheus::Error> {
             failed
                 .with_label_values(&labels)
                 .set(i64::try_from(s.times_failed).unwrap_or(i64::MAX));
+            dropped.with_label_values(&labels).inc_by(s.dropped);
         }
     }
     let mut out = Vec::new();

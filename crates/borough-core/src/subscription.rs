@@ -66,6 +66,10 @@ pub struct Stats {
     pub last_error: Option<String>,
     /// Notifications written but not yet delivered.
     pub pending: u64,
+    /// Notifications not written because the subscription already had its
+    /// bound of pending ones (a dead receiver must not fill the disk).
+    #[serde(default)]
+    pub dropped: u64,
 }
 
 /// A subscription as stored: the body as the client wrote it (compact terms),
@@ -618,6 +622,7 @@ impl CompiledSubscription {
                 n.insert("lastFailureReason".into(), json!(e));
             }
             n.insert("pending".into(), json!(s.pending));
+            n.insert("dropped".into(), json!(s.dropped));
             n.insert(
                 "status".into(),
                 json!(if s.last_failure > s.last_success {

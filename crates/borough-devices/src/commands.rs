@@ -7,12 +7,14 @@
 //! as any update, so history and subscriptions see it. A command for a device
 //! that is not connected stays queued until it connects (or picks it up over
 //! HTTP); a sent command not acknowledged within the ack timeout is sent
-//! again, up to the attempt limit; a command past its TTL expires.
+//! again, up to the attempt limit; a command past its TTL expires. A device
+//! has at most `max_open_per_device` open (queued or sent) commands; a new one
+//! beyond that is refused with 429.
 
 use crate::{Devices, Entry};
 use borough_core::entity::{AttrKind, Attribute, Entity};
 use borough_core::validate::{format_datetime, now_micros};
-use borough_core::{EntityOp, NgsiError};
+use borough_core::{EntityOp, NgsiError, ProblemKind};
 use borough_store::{RecordChange, RecordKind, StoredRecord};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -120,6 +122,55 @@ pub struct CommandQueue {
     sink: RwLock<Option<Arc<dyn CommandSink>>>,
     /// One delivery pass at a time, so that a command is not sent twice at once.
     delivering: tokio::sync::Mutex<()>,
+    /// Open-command slots held by NGSI-LD writes that will queue commands once
+    /// committed (see [`Slots`]). Locked after `by_device`, never before.
+    reserved: Mutex<HashMap<DeviceKey, usize>>,
+}
+
+/// Open-command slots of one device, held from the check before an NGSI-LD
+/// write until its commands are queued, so that concurrent writes cannot
+/// together pass the bound. Released when dropped.
+pub(crate) struct Slots {
+    devices: Arc<Devices>,
+    key: DeviceKey,
+    n: usize,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let mut r = self
+            .devices
+            .commands
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = r.get_mut(&self.key) {
+            *held = held.saturating_sub(self.n);
+            if *held == 0 {
+                r.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Slots {
+    pub(crate) fn is_for(&self, tenant: &str, device: &str) -> bool {
+        self.key.0 == tenant && self.key.1 == device
+    }
+}
+
+fn open_count(list: &[Command]) -> usize {
+    list.iter().filter(|c| !c.status.finished()).count()
+}
+
+fn too_many(device: &str, waiting: usize) -> NgsiError {
+    NgsiError::new(
+        ProblemKind::TooManyRequests,
+        format!(
+            "device '{device}' has {waiting} commands waiting (queued or sent); \
+             let it catch up, or let some expire or fail, before sending more"
+        ),
+    )
 }
 
 /// A request to send a command.
@@ -159,6 +210,7 @@ impl CommandQueue {
             by_device: Mutex::new(by_device),
             sink: RwLock::new(None),
             delivering: tokio::sync::Mutex::new(()),
+            reserved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,6 +263,19 @@ impl CommandQueue {
                 ..c.record(tenant)
             })
             .collect()
+    }
+
+    /// Open commands of a device plus the slots held for it; call with
+    /// `by_device` locked, so that the count and what follows are one step.
+    fn waiting(&self, key: &DeviceKey, list: &[Command]) -> usize {
+        let held = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        open_count(list) + held
     }
 
     /// Changes a command's state under the lock; returns what to persist.
@@ -333,14 +398,62 @@ impl Devices {
         }
     }
 
+    /// Holds `n` open-command slots of a device for a write that will queue
+    /// that many commands once committed; refused (429) if the device has no
+    /// room for them.
+    pub(crate) fn reserve_commands(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        n: usize,
+    ) -> Result<Slots, NgsiError> {
+        let key = (tenant.to_string(), device.to_string());
+        let map = self
+            .commands
+            .by_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let waiting = self
+            .commands
+            .waiting(&key, map.get(&key).map_or(&[][..], Vec::as_slice));
+        if waiting + n > self.config.max_open_per_device {
+            return Err(too_many(device, waiting));
+        }
+        *self
+            .commands
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += n;
+        Ok(Slots {
+            devices: self.clone(),
+            key,
+            n,
+        })
+    }
+
     /// Queues a command (durably) and delivers it if the device is connected.
     /// With an idempotency key already used for this device, returns the
-    /// existing command and `false`.
+    /// existing command and `false`. A device with its bound of open commands
+    /// gets no more: 429.
     pub async fn send_command(
         &self,
         tenant: &str,
         device: &str,
         input: CommandInput,
+    ) -> Result<(Command, bool), NgsiError> {
+        self.queue_command(tenant, device, input, None).await
+    }
+
+    /// [`Devices::send_command`], within slots reserved beforehand (then the
+    /// bound was checked when they were taken).
+    pub(crate) async fn queue_command(
+        &self,
+        tenant: &str,
+        device: &str,
+        input: CommandInput,
+        slots: Option<&Slots>,
     ) -> Result<(Command, bool), NgsiError> {
         let entry = self
             .get(tenant, device)
@@ -366,6 +479,8 @@ impl Devices {
             .unwrap_or(self.config.command_ttl);
         let ttl_micros = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
         let mut existing = None;
+        let mut full = None;
+        let key = (tenant.to_string(), device.to_string());
         let changed = self
             .commands
             .change(tenant, device, self.config.keep_finished, |list| {
@@ -374,6 +489,13 @@ impl Devices {
                 {
                     existing = Some(c.clone());
                     return None;
+                }
+                if slots.is_none() {
+                    let waiting = self.commands.waiting(&key, list);
+                    if waiting >= self.config.max_open_per_device {
+                        full = Some(waiting);
+                        return None;
+                    }
                 }
                 list.push(Command {
                     id: random_id(),
@@ -393,6 +515,9 @@ impl Devices {
             });
         if let Some(c) = existing {
             return Ok((c, false));
+        }
+        if let Some(waiting) = full {
+            return Err(too_many(device, waiting));
         }
         let Some(changed) = changed else {
             return Err(NgsiError::internal("the command was not queued"));

@@ -159,6 +159,13 @@ async fn create(State(d): S, h: HeaderMap, body: Bytes) -> Res {
     require_json(&h)?;
     let input: DeviceInput = parse_json(&body)?;
     let (device, token) = d.create(&t, input).await?;
+    d.audit(
+        &t,
+        "device.create",
+        &device.id,
+        json!({"entityId": device.entity_id}),
+    )
+    .await;
     let mut v = device.to_json();
     v["token"] = json!(token);
     let mut r = json_resp(StatusCode::CREATED, &v);
@@ -185,12 +192,14 @@ async fn update(State(d): S, h: HeaderMap, Path(id): Path<String>, body: Bytes) 
     require_json(&h)?;
     let input: DeviceInput = parse_json(&body)?;
     let device = d.update(&t, &id, input).await?;
+    d.audit(&t, "device.update", &id, Value::Null).await;
     Ok(json_resp(StatusCode::OK, &device.to_json()))
 }
 
 async fn delete(State(d): S, h: HeaderMap, Path(id): Path<String>) -> Res {
     let t = tenant(&h)?;
     if d.delete(&t, &id).await? {
+        d.audit(&t, "device.delete", &id, Value::Null).await;
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(missing(&id))
@@ -200,6 +209,7 @@ async fn delete(State(d): S, h: HeaderMap, Path(id): Path<String>) -> Res {
 async fn rotate(State(d): S, h: HeaderMap, Path(id): Path<String>) -> Res {
     let t = tenant(&h)?;
     let token = d.rotate_token(&t, &id).await?;
+    d.audit(&t, "device.token-rotate", &id, Value::Null).await;
     Ok(json_resp(
         StatusCode::OK,
         &json!({"id": id, "token": token}),
@@ -312,6 +322,14 @@ async fn import(State(d): S, h: HeaderMap, body: Bytes) -> Res {
         );
     }
     let results = d.create_many(&t, inputs).await?;
+    let created = results.iter().filter(|r| r.is_ok()).count();
+    d.audit(
+        &t,
+        "device.import",
+        "devices",
+        json!({"created": created, "refused": results.len() - created}),
+    )
+    .await;
     let mut created = Vec::new();
     let mut errors = Vec::new();
     for (i, r) in results.into_iter().enumerate() {

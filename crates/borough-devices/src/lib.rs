@@ -52,6 +52,10 @@ pub struct DevicesConfig {
     pub sweep_interval: Duration,
     /// Finished commands kept per device (with their idempotency keys).
     pub keep_finished: usize,
+    /// Open (queued or sent) commands a device may have; more are refused
+    /// (429), so that a device that never answers cannot grow the queue
+    /// without bound.
+    pub max_open_per_device: usize,
 }
 
 impl Default for DevicesConfig {
@@ -66,6 +70,7 @@ impl Default for DevicesConfig {
             max_attempts: 3,
             sweep_interval: Duration::from_secs(1),
             keep_finished: 50,
+            max_open_per_device: 100,
         }
     }
 }
@@ -333,6 +338,26 @@ impl Devices {
 
     fn access(&self) -> Option<&Arc<borough_access::Access>> {
         self.access.get().filter(|a| a.enabled())
+    }
+
+    /// Records a change of the registry in the audit log, as the request's caller.
+    pub async fn audit(&self, tenant: &str, action: &str, target: &str, detail: serde_json::Value) {
+        let Some(access) = self.access() else {
+            return;
+        };
+        access
+            .record(borough_access::audit::AuditEvent {
+                tenant: Some(borough_access::public_tenant(tenant).to_string()),
+                actor: borough_api::auth::caller()
+                    .map(|p| p.subject.clone())
+                    .unwrap_or_else(|| "anonymous".into()),
+                action: action.into(),
+                target: Some(target.into()),
+                outcome: "ok".into(),
+                detail,
+                source: None,
+            })
+            .await;
     }
 
     /// Removes every device and command of a tenant (the tenant is being

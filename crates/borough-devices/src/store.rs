@@ -3,9 +3,16 @@
 //! attribute of a device's entity (`PATCH …/attrs/open`, as FIWARE users
 //! expect) queues that command. The devices layer's own writes (readings,
 //! command status) bypass this wrapper, so they never trigger commands.
+//!
+//! A device's bound of open commands is checked before the write: an
+//! operation that would queue commands for a device without room for them
+//! is refused with 429 and not applied (its attribute keeps its value), so
+//! the client sees the refusal instead of a 204 for a command that never
+//! goes out. Slots are held from that check until the commands are queued.
 
 use crate::Devices;
 use crate::commands::CommandInput;
+use borough_core::NgsiError;
 use borough_core::query::EntityQuery;
 use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};
 use borough_core::temporal::{
@@ -17,6 +24,7 @@ use borough_store::{
 };
 use futures_util::future::BoxFuture;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct CommandingStore {
@@ -126,14 +134,50 @@ impl EntityStore for CommandingStore {
         ops: Vec<EntityOp>,
     ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
         let triggers = command_triggers(&self.devices, tenant, &ops);
-        let write = self.inner.write(tenant, ops);
         if triggers.is_empty() {
-            return write;
+            return self.inner.write(tenant, ops);
         }
+        // Slots for each operation's commands (an operation is of one entity,
+        // so of one device), or its refusal.
+        let mut slots = Vec::new();
+        let mut refused: BTreeMap<usize, NgsiError> = BTreeMap::new();
+        let mut start = 0;
+        while start < triggers.len() {
+            let (i, device) = (triggers[start].0, &triggers[start].1);
+            let n = triggers[start..].iter().take_while(|t| t.0 == i).count();
+            match self.devices.reserve_commands(tenant, device, n) {
+                Ok(s) => slots.push(s),
+                Err(e) => {
+                    refused.insert(i, e);
+                }
+            }
+            start += n;
+        }
+        let total = ops.len();
+        let admitted: Vec<EntityOp> = ops
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !refused.contains_key(i))
+            .map(|(_, op)| op)
+            .collect();
+        let write = (!admitted.is_empty()).then(|| self.inner.write(tenant, admitted));
         let devices = self.devices.clone();
         let tenant = tenant.to_string();
         Box::pin(async move {
-            let results = write.await?;
+            let mut written = match write {
+                Some(w) => w.await?.into_iter(),
+                None => Vec::new().into_iter(),
+            };
+            // The results in the order of the request's operations.
+            let mut results = Vec::with_capacity(total);
+            for i in 0..total {
+                match refused.remove(&i) {
+                    Some(e) => results.push(Err(e)),
+                    None => results.push(written.next().unwrap_or_else(|| {
+                        Err(NgsiError::internal("the store returned too few results"))
+                    })),
+                }
+            }
             for (i, device, name, value) in triggers {
                 if !results.get(i).is_some_and(Result::is_ok) {
                     continue;
@@ -143,10 +187,12 @@ impl EntityStore for CommandingStore {
                     value,
                     ..CommandInput::default()
                 };
-                if let Err(e) = devices.send_command(&tenant, &device, input).await {
+                let held = slots.iter().find(|s| s.is_for(&tenant, &device));
+                if let Err(e) = devices.queue_command(&tenant, &device, input, held).await {
                     tracing::error!(error = %e.detail, device, "a command set through NGSI-LD was not queued");
                 }
             }
+            drop(slots);
             Ok(results)
         })
     }

@@ -55,6 +55,22 @@ const QUEUE_DEPTH: usize = 4096;
 
 type TenantMap = RwLock<TenantState>;
 
+/// Settings of the embedded store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Most notices pending per subscription; further ones are dropped and
+    /// counted in its statistics, so a dead receiver cannot fill the disk.
+    pub max_pending_notices: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_pending_notices: notices::DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
@@ -129,6 +145,11 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, loading every entity into memory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir` with `options`.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("borough.redb");
@@ -140,7 +161,10 @@ impl EmbeddedStore {
                 .create(&path)
                 .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?,
         );
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            subscriptions: Registry::new(options.max_pending_notices),
+            ..Shared::default()
+        });
         load(&db, &shared)?;
         let next_notice = notices::load(&db, &shared.subscriptions, now_micros())?;
         let history = History::load(&db)?;
@@ -451,6 +475,8 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
         answers.push((job.reply, results));
     }
 
+    // A subscription with its bound of pending notices gets no more.
+    let admitted = shared.subscriptions.admit(&mut notices);
     let first_notice = w.next_notice;
     let persisted = persist(
         db,
@@ -486,11 +512,9 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
         }
     }
     shared.feed.publish(&staged);
+    shared.subscriptions.admitted(admitted);
     if !notices.is_empty() {
         w.next_notice = first_notice + notices.len() as u64;
-        for n in &notices {
-            shared.subscriptions.pending(&n.tenant, &n.subscription, 1);
-        }
         shared.subscriptions.watch.send_replace(w.next_notice - 1);
     }
     for (reply, results) in answers {
@@ -969,6 +993,89 @@ mod tests {
         let store = EmbeddedStore::open(&path).unwrap();
         borough_store::testsuite::survives_reopen(store, || EmbeddedStore::open(&path).unwrap())
             .await;
+    }
+
+    fn spot_subscription(id: &str) -> SubscriptionRecord {
+        let body = serde_json::json!({"type": "Subscription", "entities": [{"type": "Spot"}],
+            "notification": {"endpoint": {"uri": "http://127.0.0.1:9/n"}}});
+        SubscriptionRecord {
+            id: id.into(),
+            body: body.as_object().cloned().unwrap(),
+            context: serde_json::Value::Null,
+            context_objects: Vec::new(),
+            notification_context_objects: None,
+            created_at: 0,
+            modified_at: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    fn spot(n: i64) -> EntityOp {
+        let e = borough_core::entity::parse_entity(
+            &serde_json::json!({"id": "urn:spot:1", "type": "Spot", "n": n}),
+            &borough_core::Context::core(),
+            0,
+        )
+        .unwrap();
+        EntityOp::Upsert {
+            entity: e,
+            replace: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_notices_are_bounded_per_subscription_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            max_pending_notices: 3,
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        for id in ["urn:s:1", "urn:s:2"] {
+            store
+                .put_subscription("t", spot_subscription(id))
+                .await
+                .unwrap();
+        }
+        // One change alone, then four in one write (one group): five notices each.
+        store.write("t", vec![spot(0)]).await.unwrap();
+        store.write("t", (1..5).map(spot).collect()).await.unwrap();
+        for id in ["urn:s:1", "urn:s:2"] {
+            let s = store.stats("t", id);
+            assert_eq!((s.pending, s.dropped), (3, 2), "{id}");
+        }
+        let queued = store.pending_notices(0, 100).unwrap();
+        assert_eq!(queued.len(), 6);
+        // The oldest are kept: the first three changes.
+        let ns: Vec<i64> = queued
+            .iter()
+            .filter(|(_, n)| n.subscription == "urn:s:1")
+            .map(|(_, n)| {
+                n.entity.attrs["https://uri.etsi.org/ngsi-ld/default-context/n"][0]
+                    .value
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ns, [0, 1, 2]);
+        store.close().await.unwrap();
+        drop(store);
+
+        // Reopened: pending is counted from the outbox again, so the bound holds.
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        assert_eq!(store.stats("t", "urn:s:1").pending, 3);
+        let one: Vec<_> = store
+            .pending_notices(0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, n)| n.subscription == "urn:s:1")
+            .take(1)
+            .collect();
+        store.notices_done(one, None).await.unwrap();
+        assert_eq!(store.stats("t", "urn:s:1").pending, 2);
+        store.write("t", vec![spot(5), spot(6)]).await.unwrap();
+        let s = store.stats("t", "urn:s:1");
+        assert_eq!((s.pending, s.dropped), (3, 1));
+        assert_eq!(store.pending_notices(0, 100).unwrap().len(), 6);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ use borough_store::{Notice, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// (tenant, subscription id) → the subscription record.
 pub const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> =
@@ -111,29 +112,140 @@ impl TenantSubscriptions {
     }
 }
 
+/// Pending notices a subscription may have unless configured otherwise.
+pub const DEFAULT_MAX_PENDING: u64 = 100_000;
+/// Drops of one subscription are logged at most this often.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+type SubKey = (String, String);
+
 /// Every tenant's subscriptions, delivery statistics and the outbox's state.
 pub struct Registry {
     tenants: RwLock<HashMap<String, Arc<TenantSubscriptions>>>,
-    stats: Mutex<HashMap<(String, String), Stats>>,
+    stats: Mutex<HashMap<SubKey, Stats>>,
     /// Notices written and not yet done, per subscription. Signed: the notifier
     /// may finish a notice (its full rescan reads the committed outbox) a moment
     /// before the writer has counted it in.
-    pending: Mutex<HashMap<(String, String), i64>>,
+    pending: Mutex<HashMap<SubKey, i64>>,
+    /// Most pending notices per subscription: a dead receiver under a high
+    /// change rate must not grow the outbox without bound.
+    max_pending: i64,
+    /// When each subscription's drops were last logged, and how many since.
+    drop_log: Mutex<HashMap<SubKey, (Option<Instant>, u64)>>,
     pub watch: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
+        Self::new(DEFAULT_MAX_PENDING)
+    }
+}
+
+/// What a group's notices do to the subscriptions' counts, once committed.
+#[derive(Default)]
+pub struct Admitted {
+    kept: Vec<(SubKey, i64)>,
+    dropped: Vec<(SubKey, u64)>,
+}
+
+impl Registry {
+    /// A registry whose subscriptions may each have `max_pending` pending notices.
+    pub fn new(max_pending: u64) -> Self {
         Self {
             tenants: RwLock::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            max_pending: i64::try_from(max_pending).unwrap_or(i64::MAX),
+            drop_log: Mutex::new(HashMap::new()),
             watch: tokio::sync::watch::channel(0).0,
         }
     }
-}
 
-impl Registry {
+    /// Leaves out of a group's notices those of subscriptions that already
+    /// have their bound of pending ones (counting the group's own). Called by
+    /// the writer before the commit; [`Registry::admitted`] after it. The
+    /// counts are exact: pending notices change only on the writer thread.
+    pub fn admit(&self, notices: &mut Vec<Notice>) -> Admitted {
+        let mut out = Admitted::default();
+        if notices.is_empty() {
+            return out;
+        }
+        let keep: Vec<bool> = {
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // Keyed by borrowed names: one lookup of `pending` per subscription.
+            let mut counts: HashMap<(&str, &str), (i64, i64, u64)> = HashMap::new();
+            let keep = notices
+                .iter()
+                .map(|n| {
+                    let c = counts
+                        .entry((n.tenant.as_str(), n.subscription.as_str()))
+                        .or_insert_with(|| {
+                            let key = (n.tenant.clone(), n.subscription.clone());
+                            (pending.get(&key).copied().unwrap_or(0), 0, 0)
+                        });
+                    if c.0 + c.1 >= self.max_pending {
+                        c.2 += 1;
+                        false
+                    } else {
+                        c.1 += 1;
+                        true
+                    }
+                })
+                .collect();
+            for ((tenant, id), (_, kept, dropped)) in counts {
+                let key = (tenant.to_string(), id.to_string());
+                if dropped > 0 {
+                    out.dropped.push((key.clone(), dropped));
+                }
+                if kept > 0 {
+                    out.kept.push((key, kept));
+                }
+            }
+            keep
+        };
+        if !out.dropped.is_empty() {
+            let mut i = 0;
+            notices.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        out
+    }
+
+    /// Counts a committed group's notices as pending, and those left out as
+    /// dropped (logged at most once a minute per subscription).
+    pub fn admitted(&self, a: Admitted) {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, n) in a.kept {
+                *pending.entry(key).or_default() += n;
+            }
+        }
+        for ((tenant, id), n) in a.dropped {
+            let total = self.with_stats(&tenant, &id, |s| {
+                s.dropped += n;
+                s.dropped
+            });
+            let mut log = self.drop_log.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let (logged_at, since) = log.entry((tenant.clone(), id.clone())).or_insert((None, 0));
+            *since += n;
+            if logged_at.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
+                tracing::warn!(
+                    tenant,
+                    subscription = id,
+                    dropped = *since,
+                    dropped_total = total,
+                    max_pending = self.max_pending,
+                    "a subscription has its bound of pending notifications (is its receiver down?): new ones are dropped"
+                );
+                *logged_at = Some(now);
+                *since = 0;
+            }
+        }
+    }
+
     pub fn tenant(&self, tenant: &str) -> Option<Arc<TenantSubscriptions>> {
         self.tenants
             .read()

@@ -22,6 +22,8 @@ use tokio::sync::{Notify, mpsc};
 
 mod mqtt;
 use mqtt::MqttEndpoint;
+/// The TLS settings of `mqtts://` endpoints, shared with the devices' external broker client.
+pub use mqtt::tls_config as mqtt_tls_config;
 
 /// How deliveries are paced and bounded.
 #[derive(Clone, Debug)]

@@ -45,6 +45,10 @@ pub struct AccessArgs {
     /// The claim naming a token's Borough roles (e.g. realm_access.roles).
     #[arg(long, env = "BOROUGH_OIDC_ROLES_CLAIM", default_value = "roles")]
     pub oidc_roles_claim: String,
+    /// A token signed by a key Borough has not seen makes it fetch the
+    /// provider's keys again, at most this often (seconds).
+    #[arg(long, env = "BOROUGH_OIDC_JWKS_REFRESH_SECS", default_value_t = 30)]
+    pub oidc_jwks_refresh_secs: u64,
     /// Origins (scheme://host[:port], comma-separated) whose web pages may
     /// call the API from a browser. None by default.
     #[arg(long, env = "BOROUGH_CORS_ORIGINS", value_delimiter = ',')]
@@ -62,6 +66,7 @@ impl Default for AccessArgs {
             oidc_audience: None,
             oidc_tenant_claim: "tenant".into(),
             oidc_roles_claim: "roles".into(),
+            oidc_jwks_refresh_secs: 30,
             cors_origins: Vec::new(),
         }
     }
@@ -88,6 +93,7 @@ pub async fn prepare(
             config.audience = args.oidc_audience.clone();
             config.tenant_claim = args.oidc_tenant_claim.clone();
             config.roles_claim = args.oidc_roles_claim.clone();
+            config.jwks_min_refresh = Duration::from_secs(args.oidc_jwks_refresh_secs.max(1));
             // The provider is the operator's choice, so it may well be on an
             // internal address: this client is not held to --allow-outbound.
             let http = reqwest::Client::builder()

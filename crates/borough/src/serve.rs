@@ -29,14 +29,19 @@ pub struct ServeArgs {
     /// Seconds to wait for a remote @context before answering LdContextNotAvailable.
     #[arg(long, env = "BOROUGH_CONTEXT_TIMEOUT_SECS", default_value_t = 3)]
     pub context_timeout_secs: u64,
+    /// Notifications a subscription may have pending (undelivered); further
+    /// ones are dropped and counted, so a dead receiver cannot fill the disk.
+    #[arg(long, env = "BOROUGH_MAX_PENDING_NOTICES", default_value_t = 100_000,
+          value_parser = at_least_one_u64)]
+    pub max_pending_notices: u64,
     /// Delivery attempts per notification before it goes to the dead letters.
     #[arg(long, env = "BOROUGH_NOTIFY_ATTEMPTS", default_value_t = 6)]
     pub notify_attempts: u32,
     /// Milliseconds before a failed notification is retried (doubled at each retry).
     #[arg(long, env = "BOROUGH_NOTIFY_RETRY_MS", default_value_t = 500)]
     pub notify_retry_ms: u64,
-    /// PEM file of CA certificates trusted for mqtts:// notification endpoints,
-    /// besides the usual public roots.
+    /// PEM file of CA certificates trusted for mqtts:// notification endpoints
+    /// and an mqtts:// --mqtt-broker, besides the usual public roots.
     #[arg(long, env = "BOROUGH_MQTT_CA_FILE")]
     pub mqtt_ca_file: Option<PathBuf>,
     /// Raster tile URL template of the dashboard's map for online use, e.g.
@@ -49,10 +54,15 @@ pub struct ServeArgs {
     /// Address of the embedded MQTT broker for devices, or `off`.
     #[arg(long, env = "BOROUGH_MQTT", default_value = "0.0.0.0:1883")]
     pub mqtt: String,
-    /// Use this external MQTT broker (mqtt://host:port) for devices instead
-    /// of the embedded one.
-    #[arg(long, env = "BOROUGH_MQTT_BROKER")]
+    /// Use this external MQTT broker for devices instead of the embedded one:
+    /// mqtt[s]://[user:password@]host[:port] (Borough's own credentials there).
+    #[arg(long, env = "BOROUGH_MQTT_BROKER", hide_env_values = true)]
     pub mqtt_broker: Option<String>,
+    /// Topic levels put in front of every device topic on the external broker
+    /// (e.g. city1/), so that deployments can share one broker.
+    #[arg(long, env = "BOROUGH_MQTT_TOPIC_PREFIX", default_value = "",
+          value_parser = topic_prefix)]
+    pub mqtt_topic_prefix: String,
     /// Messages per second each device may send (a burst of twice as many is allowed).
     #[arg(long, env = "BOROUGH_DEVICE_RATE_LIMIT", default_value_t = 50.0)]
     pub device_rate_limit: f64,
@@ -65,6 +75,10 @@ pub struct ServeArgs {
     /// Deliveries of a command before it fails.
     #[arg(long, env = "BOROUGH_COMMAND_ATTEMPTS", default_value_t = 3)]
     pub command_attempts: u32,
+    /// Open (queued or sent) commands a device may have; more are refused with 429.
+    #[arg(long, env = "BOROUGH_MAX_DEVICE_COMMANDS", default_value_t = 100,
+          value_parser = at_least_one)]
+    pub max_device_commands: usize,
     /// Most instances (or aggregation buckets) of one attribute in a temporal
     /// answer; a longer answer is cut (206 with Content-Range).
     #[arg(long, env = "BOROUGH_TEMPORAL_PAGE_INSTANCES", default_value_t = borough_api::temporal::MAX_INSTANCES,
@@ -114,6 +128,20 @@ fn outbound_allowlist(s: &str) -> Result<borough_access::outbound::OutboundPolic
 /// A count that must be at least one.
 fn at_least_one(s: &str) -> Result<usize, String> {
     page_instances(s)
+}
+
+/// A count that must be at least one.
+fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive whole number")),
+    }
+}
+
+/// `--mqtt-topic-prefix`: topic levels without wildcards, stored with a final `/`.
+fn topic_prefix(s: &str) -> Result<String, String> {
+    borough_devices::external::parse_prefix(s)
 }
 
 /// A number of seconds, at least one.
@@ -195,8 +223,13 @@ pub async fn start(
     mqtt: Option<tokio::net::TcpListener>,
 ) -> Result<Running, String> {
     let store = Arc::new(
-        EmbeddedStore::open(&args.data)
-            .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
+        EmbeddedStore::open_with(
+            &args.data,
+            borough_embedded::StoreOptions {
+                max_pending_notices: args.max_pending_notices,
+            },
+        )
+        .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
     );
     let config = ApiConfig {
         max_body_bytes: args.max_body_bytes,
@@ -225,6 +258,7 @@ pub async fn start(
             max_payload_bytes: args.device_max_payload_bytes,
             ack_timeout: Duration::from_secs(args.command_ack_timeout_secs),
             max_attempts: args.command_attempts.max(1),
+            max_open_per_device: args.max_device_commands,
             ..borough_devices::DevicesConfig::default()
         },
     )?;
@@ -276,11 +310,25 @@ pub async fn start(
         );
         tokio::spawn(broker.serve(l, stopped(mqtt_stopped.clone())));
     }
+    let mqtt_ca_pem = match &args.mqtt_ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?),
+        None => None,
+    };
     if let Some(url) = &args.mqtt_broker {
-        borough_devices::external::parse_url(url)?;
-        let (devices, url, stop) = (devices.clone(), url.clone(), stopped(mqtt_stopped));
+        let url = borough_devices::external::parse_url(url)?;
+        let tls = if url.tls {
+            Some(borough_notify::mqtt_tls_config(mqtt_ca_pem.as_deref())?)
+        } else {
+            None
+        };
+        let config = borough_devices::external::ExternalConfig {
+            url,
+            topic_prefix: args.mqtt_topic_prefix.clone(),
+            tls,
+        };
+        let (devices, stop) = (devices.clone(), stopped(mqtt_stopped));
         tokio::spawn(async move {
-            if let Err(e) = borough_devices::external::run(devices, &url, stop).await {
+            if let Err(e) = borough_devices::external::run(devices, config, stop).await {
                 tracing::error!(error = %e, "the external MQTT broker connection stopped");
             }
         });
@@ -297,10 +345,6 @@ pub async fn start(
     }));
     // Notifications are delivered from the store's outbox, off the request path.
     let (stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mqtt_ca_pem = match &args.mqtt_ca_file {
-        Some(p) => Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?),
-        None => None,
-    };
     let notifier = borough_notify::start(
         store.clone(),
         borough_notify::NotifierConfig {

@@ -9,64 +9,7 @@ use borough_access::policy::{Need, POLICIES, TenantFrom};
 use borough_access::{Permission, Role};
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::start;
-
-struct Client {
-    http: reqwest::blocking::Client,
-    base: String,
-}
-
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Client {
-    fn new(base: &str) -> Self {
-        Self {
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-            base: base.to_string(),
-        }
-    }
-
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        tenant: Option<&str>,
-        body: Option<Value>,
-    ) -> Answer {
-        let mut req = self.http.request(
-            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
-            format!("{}{path}", self.base),
-        );
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        if let Some(t) = tenant {
-            req = req.header("NGSILD-Tenant", t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_string());
-        }
-        let r = req.send().expect("request");
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let text = r.text().unwrap_or_default();
-        Answer {
-            status,
-            headers,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
-    }
-}
+use support::{Client, start};
 
 fn secured(dir: &std::path::Path, extra: &[&str]) -> (support::Server, Client, String) {
     let mut args = vec!["--auth", "on"];
@@ -581,6 +524,15 @@ fn the_audit_log_is_chained_and_shown_per_tenant() {
             .status,
         401
     );
+    let r = c.call(
+        "POST",
+        "/api/v1/devices",
+        Some(&admin),
+        Some("city"),
+        Some(json!({"id": "ws-1", "entityType": "WeatherObserved",
+                    "attributes": [{"key": "t", "attribute": "temperature"}]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
     let r = c.call("GET", "/api/v1/audit", Some(&admin), Some("city"), None);
     assert_eq!(r.status, 200, "{}", r.body);
     let actions: Vec<&str> = r.body["entries"]
@@ -592,6 +544,7 @@ fn the_audit_log_is_chained_and_shown_per_tenant() {
     assert!(actions.contains(&"tenant.create"), "{actions:?}");
     assert!(actions.contains(&"key.create"), "{actions:?}");
     assert!(actions.contains(&"retention.set"), "{actions:?}");
+    assert!(actions.contains(&"device.create"), "{actions:?}");
     for e in r.body["entries"].as_array().unwrap() {
         assert_eq!(e["tenant"], "city", "a tenant sees its own entries only");
     }

@@ -7,7 +7,7 @@ mod support;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::start;
+use support::{Mosquitto, free_port, start};
 
 async fn call(
     method: reqwest::Method,
@@ -15,9 +15,32 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
+    request(method, url, token, None, body).await
+}
+
+/// [`call`] in `tenant` (`NGSILD-Tenant`), without a credential.
+async fn call_in(
+    tenant: &str,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    request(method, url, None, Some(tenant), body).await
+}
+
+async fn request(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    tenant: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new().request(method, url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
+    }
+    if let Some(t) = tenant {
+        req = req.header("NGSILD-Tenant", t);
     }
     if let Some(b) = body {
         req = req
@@ -517,22 +540,16 @@ async fn external_broker_mode_with_mosquitto() {
     let base = server.base.clone();
     // A tenant of its own, so that parallel runs on the same Mosquitto do not meet.
     let tenant = format!("ext{}", std::process::id());
-    let (s, b) = reqwest::Client::new()
-        .post(format!("{base}/api/v1/devices"))
-        .header("NGSILD-Tenant", &tenant)
-        .header("content-type", "application/json")
-        .body(
-            json!({"id": "lamp-1", "entityType": "Streetlight",
+    let (s, b) = call_in(
+        &tenant,
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/devices"),
+        Some(json!({"id": "lamp-1", "entityType": "Streetlight",
             "attributes": [{"key": "on", "attribute": "powerState", "type": "boolean"}],
-            "commands": ["dim"]})
-            .to_string(),
-        )
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .map(|s| (s, ()))
-        .expect("register");
-    assert_eq!(s, 201, "{b:?}");
+            "commands": ["dim"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
 
     let mut opts = rumqttc::MqttOptions::new(format!("lamp-{tenant}"), host.clone(), port);
     opts.set_keep_alive(Duration::from_secs(5));
@@ -571,17 +588,10 @@ async fn external_broker_mode_with_mosquitto() {
     .unwrap();
     next(&|p| matches!(p, rumqttc::Packet::SubAck(_))).await;
     let entity = format!("{base}/ngsi-ld/v1/entities/urn:ngsi-ld:Streetlight:lamp-1");
-    let client = reqwest::Client::new();
-    let state = async || -> Value {
-        client
-            .get(&entity)
-            .header("NGSILD-Tenant", &tenant)
-            .send()
+    let state = async || {
+        call_in(&tenant, reqwest::Method::GET, &entity, None)
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or(Value::Null)
+            .1
     };
     // Borough subscribes in the background: publish until the measurement arrives.
     let start_at = Instant::now();
@@ -606,17 +616,13 @@ async fn external_broker_mode_with_mosquitto() {
 
     // A command goes out through Mosquitto and comes back acknowledged.
     let cmds = format!("{base}/api/v1/devices/lamp-1/commands");
-    let r: Value = client
-        .post(&cmds)
-        .header("NGSILD-Tenant", &tenant)
-        .header("content-type", "application/json")
-        .body(json!({"name": "dim", "value": 30}).to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, r) = call_in(
+        &tenant,
+        reqwest::Method::POST,
+        &cmds,
+        Some(json!({"name": "dim", "value": 30})),
+    )
+    .await;
     let id = r["id"].as_str().expect("command id").to_string();
     let rumqttc::Packet::Publish(p) = next(&|p| matches!(p, rumqttc::Packet::Publish(_))).await
     else {
@@ -633,15 +639,8 @@ async fn external_broker_mode_with_mosquitto() {
     .await
     .unwrap();
     let status = async || -> String {
-        let v: Value = client
-            .get(format!("{cmds}/{id}"))
-            .header("NGSILD-Tenant", &tenant)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or(Value::Null);
+        let url = format!("{cmds}/{id}");
+        let v = call_in(&tenant, reqwest::Method::GET, &url, None).await.1;
         v["status"].as_str().unwrap_or_default().to_string()
     };
     let start_at = Instant::now();
@@ -734,4 +733,333 @@ async fn bulk_provisioning_from_csv_and_json() {
     .await;
     assert_eq!(e["status"]["value"], json!("free"));
     assert_eq!(e["occupancy"]["value"], json!(0));
+}
+
+/// A Mosquitto of the test's own, configured as the README's external
+/// broker section says: no anonymous clients, a password file, and the ACL
+/// that binds a device's username (`{tenant}/devices/{id}`) to its own topics.
+struct AclBroker {
+    _broker: Mosquitto,
+    port: u16,
+}
+
+const DEVICE_ACL: &str = "\
+# Each device's username is its topic base: {tenant}/devices/{id}
+pattern write %u/attrs
+pattern write %u/cmdack
+pattern read %u/cmd
+
+user borough
+topic read +/devices/+/attrs
+topic read +/devices/+/cmdack
+topic write +/devices/+/cmd
+";
+
+fn acl_broker(users: &[(&str, &str)]) -> AclBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let passwd = d.join("passwd");
+    for (i, (user, password)) in users.iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        cmd.arg("-b");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg(&passwd)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd (Debian's mosquitto package) must be installed");
+        assert!(out.status.success(), "mosquitto_passwd {user}");
+    }
+    std::fs::write(d.join("acl"), DEVICE_ACL).unwrap();
+    let port = free_port();
+    let conf = format!(
+        "allow_anonymous false\npersistence false\nlistener {port} 127.0.0.1\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        d.join("acl").display(),
+    );
+    AclBroker {
+        _broker: Mosquitto::start(dir, &conf, port),
+        port,
+    }
+}
+
+type V5Packet = rumqttc::v5::mqttbytes::v5::Packet;
+
+/// An MQTT 5 device client (MQTT 5, so that the broker's refusals show as
+/// reason codes); returns it once connected, with its incoming packets.
+async fn v5_device(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<
+    (
+        rumqttc::v5::AsyncClient,
+        tokio::sync::mpsc::UnboundedReceiver<V5Packet>,
+    ),
+    String,
+> {
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(format!("c-{}", user.replace('/', "-")), "127.0.0.1", port);
+    opts.set_credentials(user, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(V5Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no CONNACK".into()),
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// The next packet that `want` takes, within `within`.
+async fn next_v5<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<V5Packet>,
+    within: Duration,
+    want: impl Fn(&V5Packet) -> Option<T>,
+) -> Option<T> {
+    tokio::time::timeout(within, async {
+        loop {
+            let p = rx.recv().await?;
+            if let Some(t) = want(&p) {
+                return Some(t);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_broker_acls_keep_tenants_apart() {
+    let broker = acl_broker(&[
+        ("borough", "borough-secret"),
+        ("a/devices/d1", "secret-a"),
+        ("b/devices/d1", "secret-b"),
+    ]);
+    let port = broker.port;
+    let dir = tempfile::tempdir().unwrap();
+    // Borough's own client authenticates with the URL's credentials.
+    let url = format!("--mqtt-broker=mqtt://borough:borough-secret@127.0.0.1:{port}");
+    let server = start(dir.path(), &[&url]);
+    let base = server.base.clone();
+    // The same device id in two tenants.
+    for tenant in ["a", "b"] {
+        let (s, b) = call_in(
+            tenant,
+            reqwest::Method::POST,
+            &format!("{base}/api/v1/devices"),
+            Some(json!({"id": "d1", "entityType": "Meter",
+                "attributes": [{"key": "v", "attribute": "level", "type": "integer"}],
+                "commands": ["reset"]})),
+        )
+        .await;
+        assert_eq!(s, 201, "{tenant}: {b}");
+    }
+    let entity = format!("{base}/ngsi-ld/v1/entities/urn:ngsi-ld:Meter:d1");
+    let level = async |tenant: &str| -> Value {
+        let e = call_in(tenant, reqwest::Method::GET, &entity, None).await.1;
+        e["level"]["value"].clone()
+    };
+    let (a, mut a_rx) = v5_device(port, "a/devices/d1", "secret-a").await.unwrap();
+    let (b, mut b_rx) = v5_device(port, "b/devices/d1", "secret-b").await.unwrap();
+    let qos1 = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+
+    // Each device's own reading lands in its own tenant's entity. Borough
+    // subscribes in the background: publish until the reading arrives.
+    for (dev, tenant, v) in [(&a, "a", 1), (&b, "b", 2)] {
+        let start_at = Instant::now();
+        while level(tenant).await != json!(v) {
+            dev.publish(
+                format!("{tenant}/devices/d1/attrs"),
+                qos1,
+                false,
+                json!({ "v": v }).to_string(),
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                start_at.elapsed() < Duration::from_secs(15),
+                "no reading of tenant {tenant} arrived through Mosquitto"
+            );
+        }
+    }
+    assert_eq!(level("a").await, json!(1));
+
+    // Device b's credentials cannot write into tenant a's device of the same id:
+    // the broker refuses the publish (once the earlier PUBACKs are read)...
+    while next_v5(&mut b_rx, Duration::from_millis(300), |_| Some(()))
+        .await
+        .is_some()
+    {}
+    b.publish("a/devices/d1/attrs", qos1, false, r#"{"v": 666}"#)
+        .await
+        .unwrap();
+    let reason = next_v5(&mut b_rx, Duration::from_secs(10), |p| match p {
+        V5Packet::PubAck(ack) => Some(ack.reason),
+        _ => None,
+    })
+    .await
+    .expect("a PUBACK");
+    assert_eq!(
+        reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
+    );
+    // ...and b's next own reading, published after it, arrives while a's entity stays as it was.
+    b.publish("b/devices/d1/attrs", qos1, false, r#"{"v": 3}"#)
+        .await
+        .unwrap();
+    wait_for("b's reading", async || level("b").await == json!(3)).await;
+    assert_eq!(level("a").await, json!(1));
+
+    // Commands: a receives its own; b, subscribed to a's topic, receives nothing.
+    for (dev, rx) in [(&a, &mut a_rx), (&b, &mut b_rx)] {
+        dev.subscribe("a/devices/d1/cmd", qos1).await.unwrap();
+        next_v5(rx, Duration::from_secs(10), |p| {
+            matches!(p, V5Packet::SubAck(_)).then_some(())
+        })
+        .await
+        .expect("a SUBACK");
+    }
+    let (_, r) = call_in(
+        "a",
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/devices/d1/commands"),
+        Some(json!({"name": "reset", "value": 1})),
+    )
+    .await;
+    let id = r["id"].as_str().expect("a command id").to_string();
+    let got = next_v5(&mut a_rx, Duration::from_secs(10), |p| match p {
+        V5Packet::Publish(p) => serde_json::from_slice::<Value>(&p.payload).ok(),
+        _ => None,
+    })
+    .await
+    .expect("device a receives its command");
+    assert_eq!(got["id"].as_str(), Some(id.as_str()));
+    let leaked = next_v5(&mut b_rx, Duration::from_millis(500), |p| {
+        matches!(p, V5Packet::Publish(_)).then_some(())
+    })
+    .await;
+    assert!(leaked.is_none(), "device b received tenant a's command");
+
+    // The broker refuses a wrong password and anonymous clients.
+    assert!(v5_device(port, "a/devices/d1", "secret-b").await.is_err());
+    assert!(v5_device(port, "", "").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_has_a_bounded_number_of_open_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--max-device-commands", "2"]);
+    let base = server.base.clone();
+    let token = register(&base, "valve-1", &["open"]).await;
+    let cmds = format!("{base}/api/v1/devices/valve-1/commands");
+    let send = async |body: Value| call(reqwest::Method::POST, &cmds, None, Some(body)).await;
+
+    // No device is connected: commands stay queued, up to the bound.
+    let (s, first) = send(json!({"name": "open", "value": 1, "idempotencyKey": "k1"})).await;
+    assert_eq!(s, 201, "{first}");
+    let (s, _) = send(json!({"name": "open", "value": 2})).await;
+    assert_eq!(s, 201);
+    let (s, refused) = send(json!({"name": "open", "value": 3})).await;
+    assert_eq!(s, 429, "{refused}");
+    assert_eq!(refused["status"], json!(429));
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("valve-1") && detail.contains("2 commands waiting"),
+        "{detail}"
+    );
+    // A retry with a known idempotency key still answers the existing command.
+    let (s, again) = send(json!({"name": "open", "value": 1, "idempotencyKey": "k1"})).await;
+    assert_eq!((s, &again["id"]), (200, &first["id"]));
+
+    // An NGSI-LD PATCH of the command attribute is refused too, and changes nothing.
+    let attr = format!("{}/attrs/open", entity_url(&base, "valve-1"));
+    let patch = async |v: i64| {
+        call(
+            reqwest::Method::PATCH,
+            &attr,
+            None,
+            Some(json!({"type": "Property", "value": v})),
+        )
+        .await
+    };
+    let (s, b) = patch(4).await;
+    assert_eq!(s, 429, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("commands waiting"),
+        "{b}"
+    );
+    assert_eq!(
+        get(&entity_url(&base, "valve-1")).await["open"]["value"],
+        json!("")
+    );
+    // In a batch, only the operation that would queue a command is refused.
+    let (s, b) = call(
+        reqwest::Method::POST,
+        &format!("{base}/ngsi-ld/v1/entityOperations/update"),
+        None,
+        Some(json!([
+            {"id": "urn:ngsi-ld:WeatherObserved:valve-1", "type": "WeatherObserved",
+             "open": {"type": "Property", "value": 5}},
+            {"id": "urn:ngsi-ld:WeatherObserved:valve-1", "type": "WeatherObserved",
+             "temperature": {"type": "Property", "value": 20}}
+        ])),
+    )
+    .await;
+    assert_eq!(s, 207, "{b}");
+    assert_eq!(b["errors"][0]["error"]["status"], json!(429), "{b}");
+    assert_eq!(b["success"].as_array().map(Vec::len), Some(1), "{b}");
+    assert_eq!(
+        get(&entity_url(&base, "valve-1")).await["temperature"]["value"],
+        json!(20)
+    );
+    assert_eq!(get(&cmds).await.as_array().unwrap().len(), 2);
+
+    // Sent commands are still open; an answered one makes room.
+    let (s, picked) = call(
+        reqwest::Method::GET,
+        &format!("{cmds}/pending"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!((s, picked.as_array().unwrap().len()), (200, 2));
+    assert_eq!(send(json!({"name": "open"})).await.0, 429);
+    let id = first["id"].as_str().unwrap();
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &format!("{cmds}/{id}/ack"),
+        Some(&token),
+        Some(json!({"status": "ok"})),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, b) = patch(6).await;
+    assert_eq!(s, 204, "{b}");
+    let all = get(&cmds).await;
+    assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
+    assert_eq!(all[2]["value"], json!(6));
+    assert_eq!(all[2]["status"], json!("queued"));
+    assert_eq!(patch(7).await.0, 429);
 }

@@ -10,10 +10,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::start;
+use support::{Mosquitto, free_port, start};
 
 /// What a receiver got: every notification body, in arrival order.
 #[derive(Clone, Default)]
@@ -54,6 +54,16 @@ impl Inbox {
 
 /// A receiver on loopback: answers `status` after `delay`.
 fn receiver(rt: &tokio::runtime::Runtime, status: StatusCode, delay: Duration) -> (String, Inbox) {
+    receiver_at(rt, 0, status, delay)
+}
+
+/// A receiver on a given loopback port (0: any free one).
+fn receiver_at(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    status: StatusCode,
+    delay: Duration,
+) -> (String, Inbox) {
     let inbox = Inbox::default();
     let state = (inbox.clone(), status, delay);
     let app = Router::new()
@@ -72,7 +82,7 @@ fn receiver(rt: &tokio::runtime::Runtime, status: StatusCode, delay: Duration) -
         )
         .with_state(state);
     let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
         .unwrap();
     let url = format!("http://{}/notify", listener.local_addr().unwrap());
     rt.spawn(async move { axum::serve(listener, app).await });
@@ -665,26 +675,10 @@ fn deletions_notify_with_ngsi_ld_null_previous_values_and_the_notification_conte
 /// A Mosquitto of the test's own with a plain and a TLS listener, and a CA of
 /// the test's own that signed the TLS listener's certificate.
 struct TlsBroker {
-    child: Child,
     plain: u16,
     tls: u16,
     ca: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    _broker: Mosquitto,
 }
 
 fn tls_broker() -> TlsBroker {
@@ -754,34 +748,11 @@ fn tls_broker() -> TlsBroker {
         cert = d.join("server.pem").display(),
         key = d.join("server.key").display(),
     );
-    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
-    // Started as root, Mosquitto drops to its own user, which must read these.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for f in ["ca.pem", "server.pem", "server.key", "mosquitto.conf"] {
-        std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(d.join("mosquitto.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto (Debian's package) must be installed");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "mosquitto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     TlsBroker {
-        child,
         plain,
         tls,
         ca: d.join("ca.pem"),
-        _dir: dir,
+        _broker: Mosquitto::start(dir, &conf, tls),
     }
 }
 
@@ -947,4 +918,163 @@ fn without_an_allowlist_loopback_receivers_are_refused_and_never_reached() {
         inbox.bodies.lock().unwrap().is_empty(),
         "nothing may reach the receiver"
     );
+}
+
+#[test]
+fn pending_notices_stop_at_the_bound_and_the_rest_are_counted_as_dropped() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The receiver is down: nothing listens on its port yet.
+    let port = free_port();
+    let uri = format!("http://127.0.0.1:{port}/notify");
+    // Retried for long enough that nothing is dead-lettered during the test.
+    let args = [
+        "--max-pending-notices",
+        "5",
+        "--notify-attempts",
+        "1000",
+        "--notify-retry-ms",
+        "100",
+    ];
+    let server = start(dir.path(), &args);
+    let id = "urn:ngsi-ld:Subscription:down";
+    subscribe(&rt, &server.base, id, &uri, json!({}));
+    let write = |base: &str, n: u64| {
+        let (s, b) = call(
+            &rt,
+            reqwest::Method::POST,
+            &format!("{base}/ngsi-ld/v1/entityOperations/upsert"),
+            Some(json!([spot(1, "free", n)])),
+        );
+        assert!(s == 201 || s == 204, "{s} {b}");
+    };
+    let stats = |base: &str| {
+        let (_, sub) = call(
+            &rt,
+            reqwest::Method::GET,
+            &format!("{base}/ngsi-ld/v1/subscriptions/{id}"),
+            None,
+        );
+        (
+            sub["notification"]["pending"].as_u64().unwrap(),
+            sub["notification"]["dropped"].as_u64().unwrap(),
+        )
+    };
+    for n in 0..12 {
+        write(&server.base, n);
+    }
+    // Pending stops at the bound; the rest are counted, and the writes were
+    // acknowledged throughout.
+    assert_eq!(stats(&server.base), (5, 7));
+    let metrics = rt.block_on(async {
+        reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("borough_subscription_notifications_dropped_total{") && l.contains(id)
+        })
+        .unwrap_or_else(|| panic!("no dropped counter:\n{metrics}"));
+    assert!(line.ends_with(" 7"), "{line}");
+
+    // After a restart the pending notices are counted again from the outbox:
+    // the bound still holds.
+    drop(server);
+    let server = start(dir.path(), &args);
+    assert_eq!(stats(&server.base).0, 5);
+    for n in 12..15 {
+        write(&server.base, n);
+    }
+    assert_eq!(stats(&server.base), (5, 3));
+
+    // The receiver comes back: every pending notice is delivered, oldest first.
+    let (_, inbox) = receiver_at(&rt, port, StatusCode::OK, Duration::ZERO);
+    let got = inbox.wait_for("the 5 pending notices", Duration::from_secs(30), |g| {
+        g.len() >= 5
+    });
+    let ns: Vec<u64> = got.iter().map(|e| e["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns, [0, 1, 2, 3, 4]);
+    let start_at = Instant::now();
+    while stats(&server.base).0 != 0 {
+        assert!(
+            start_at.elapsed() < Duration::from_secs(10),
+            "pending did not drop to 0"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And new changes are queued again.
+    write(&server.base, 99);
+    inbox.wait_for("the next change", Duration::from_secs(10), |g| {
+        g.iter().any(|e| e["n"] == 99)
+    });
+}
+
+#[test]
+fn devices_reach_borough_through_an_external_broker_over_mqtts() {
+    let broker = tls_broker();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = broker.ca.to_str().unwrap().to_string();
+    // Borough's client connects over TLS (the private CA), under a topic prefix.
+    let url = format!("--mqtt-broker=mqtts://127.0.0.1:{}", broker.tls);
+    let server = start(
+        dir.path(),
+        &["--mqtt-ca-file", &ca, &url, "--mqtt-topic-prefix", "city1"],
+    );
+    let base = server.base.clone();
+    let (s, b) = call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/devices"),
+        Some(json!({"id": "m-1", "entityType": "Meter",
+            "attributes": [{"key": "v", "attribute": "level", "type": "integer"}],
+            "commands": ["reset"]})),
+    );
+    assert_eq!(s, 201, "{b}");
+    // The device side, on the broker's plain listener.
+    let mut commands = mqtt_subscriber(
+        &rt,
+        "127.0.0.1",
+        broker.plain,
+        "city1/default/devices/m-1/cmd",
+    );
+    let mut opts = rumqttc::MqttOptions::new("m-1", "127.0.0.1", broker.plain);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (device, mut events) = rumqttc::AsyncClient::new(opts, 64);
+    rt.spawn(async move { while events.poll().await.is_ok() {} });
+    let entity = format!("{base}/ngsi-ld/v1/entities/urn:ngsi-ld:Meter:m-1");
+    let start_at = Instant::now();
+    // Borough subscribes in the background: publish until the reading arrives.
+    while call(&rt, reqwest::Method::GET, &entity, None).1["level"]["value"] != json!(7) {
+        rt.block_on(device.publish(
+            "city1/default/devices/m-1/attrs",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"v": 7}"#,
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            start_at.elapsed() < Duration::from_secs(15),
+            "no reading arrived through the TLS connection"
+        );
+    }
+    // Commands go out under the prefix.
+    let (s, c) = call(
+        &rt,
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/devices/m-1/commands"),
+        Some(json!({"name": "reset"})),
+    );
+    assert_eq!(s, 201, "{c}");
+    let got = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), commands.recv()).await })
+        .expect("the command in time")
+        .expect("the subscriber runs");
+    assert_eq!(got["id"], c["id"]);
 }

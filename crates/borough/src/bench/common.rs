@@ -4,7 +4,7 @@
 //! on Borough and on a baseline, reading the ids of an answer, and a few
 //! helpers of the generated documents.
 
-use super::load::{self, Conn, Mix, percent_encode};
+use super::load::{self, BatchRun, Conn, Mix, percent_encode};
 use super::postgres::{self, TimedQuery};
 use super::report::{Phase, ShapeRun, Target, target_table};
 use super::server::Server;
@@ -31,6 +31,8 @@ pub struct Options {
     pub out: PathBuf,
     /// PostgreSQL connection string of the baselines (`notify` has none).
     pub pg: String,
+    /// `entities` and `query`: measure the phases with access control too.
+    pub auth: bool,
 }
 
 /// How a scenario was run: the start of its table's title, its last line,
@@ -75,7 +77,12 @@ impl RunInfo {
     /// The end of the table: the targets, the scenario's `note` on them, and
     /// a warning when the figures mean nothing.
     pub fn targets_section(&self, targets: &[Target], note: &str) -> String {
-        let mut out = target_table("targets (from the issue)", targets);
+        self.titled_targets_section("targets (from the issue)", targets, note)
+    }
+
+    /// [`RunInfo::targets_section`] under another title.
+    pub fn titled_targets_section(&self, title: &str, targets: &[Target], note: &str) -> String {
+        let mut out = target_table(title, targets);
         out.push_str(note);
         if self.quick || self.build == "debug" {
             out.push_str("(quick runs and debug builds measure nothing meaningful; targets are informative only)\n");
@@ -122,8 +129,8 @@ pub fn start_server() -> Result<Server, String> {
 }
 
 /// Loads the server: the upsert `batches` (`entities` in all, `batch` each)
-/// POSTed by [`UPSERT_WORKERS`] workers. The phase records the server's
-/// memory right after.
+/// POSTed by [`UPSERT_WORKERS`] workers, with the server's headers. The
+/// phase records the server's memory right after.
 pub async fn upsert(
     server: &mut Server,
     name: &'static str,
@@ -132,13 +139,23 @@ pub async fn upsert(
     batch: usize,
 ) -> Result<Phase, String> {
     eprintln!("upsert: {entities} entities in batches of {batch}, {UPSERT_WORKERS} workers");
+    let run = upsert_part(server, batches).await?;
+    let phase = Phase::entities_written(name, entities, "batch", run.elapsed, run.latencies_us);
+    Ok(phase.with_memory(server.memory()))
+}
+
+/// POSTs upsert `batches` (all of a load, or a part) as [`upsert`] does,
+/// without making a phase of it.
+pub async fn upsert_part(
+    server: &mut Server,
+    batches: Arc<Vec<Bytes>>,
+) -> Result<BatchRun, String> {
     let uri = Uri::from_static(UPSERT_PATH);
-    let run = load::post_all(server.addr(), uri, batches, UPSERT_WORKERS, UPSERT_OK)
+    let run = load::post_all(server.endpoint(), uri, batches, UPSERT_WORKERS, UPSERT_OK)
         .await
         .map_err(|e| format!("upsert: {e}"))?;
     server.check_alive()?;
-    let phase = Phase::entities_written(name, entities, "batch", run.elapsed, run.latencies_us);
-    Ok(phase.with_memory(server.memory()))
+    Ok(run)
 }
 
 /// A phase of GETs (`mix`) for `duration` at `concurrency`, with the
@@ -151,7 +168,14 @@ pub async fn timed_gets(
     duration: Duration,
     seed: u64,
 ) -> Result<Phase, String> {
-    let run = load::run_timed(server.addr(), Arc::new(mix), concurrency, duration, seed).await?;
+    let run = load::run_timed(
+        server.endpoint(),
+        Arc::new(mix),
+        concurrency,
+        duration,
+        seed,
+    )
+    .await?;
     server.check_alive()?;
     let phase = Phase::timed(name, "req/s", "request", run.elapsed, run.get_us);
     Ok(phase

@@ -1,22 +1,23 @@
 //! Scenario `entities`: batch upsert throughput, a mixed read/write workload,
 //! and their baselines (PostgreSQL `jsonb` upserts, and the HTTP ceiling of a
-//! static body of the same size as one entity).
+//! static body of the same size as one entity). With `--auth` (and
+//! `--quick`), upsert and mixed run again with access control on (`auth`).
 
+use super::auth::{self, Auth, AuthReport, Leg};
 use super::common::{
     self, ENTITIES_PATH, Options, READY_TIMEOUT, RunInfo, UPSERT_WORKERS, mean_len, relationship,
 };
-use super::load::{self, Conn, Mix, Summary, ms};
+use super::load::{self, Conn, Endpoint, Mix, Summary, TimedRun, ms};
 use super::postgres;
 use super::report::{
     Phase, Target, phase_table, publish, ratio, round_to, targets_json, thousands,
 };
-use super::server::Server;
+use super::server::{Memory, Server};
 use bytes::Bytes;
 use hyper::{Method, StatusCode, Uri};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,14 +178,40 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let runtime = common::load_runtime()?;
     // Fail fast, before the Borough phases, if the baseline cannot run.
     runtime.block_on(postgres::check(&opts.pg))?;
+    // Quick runs compare too, so that the harness of --auth never rots.
+    let secured = if opts.auth || opts.quick {
+        Some(auth::SecuredLegs::start()?)
+    } else {
+        None
+    };
 
-    let mut server = Server::spawn(Some(static_bytes), READY_TIMEOUT)?;
+    let server = Server::spawn(Some(static_bytes), READY_TIMEOUT)?;
     eprintln!(
         "server listening on http://{} (static body: {static_bytes} bytes)",
         server.addr()
     );
-    let [upsert, mixed, ceiling] = runtime.block_on(borough_phases(&mut server, &data, &sizes))?;
-    drop(server);
+    let mut legs = auth::legs(secured.as_ref(), server, &runtime)?;
+    let mut runs = runtime.block_on(borough_phases(&mut legs, &data, &sizes, opts.quick))?;
+    let ceiling = runtime.block_on(ceiling_phase(&mut legs[0].server, &sizes))?;
+    let auths: Vec<Auth> = legs.iter().map(|l| l.auth).collect();
+    // The servers and the OpenID Provider stop before the PostgreSQL baseline.
+    drop(legs);
+    let [upsert, mixed] = runs.remove(0);
+    let auth = match secured {
+        None => None,
+        Some(secured) => {
+            let baseline = [("upsert", &upsert), ("mixed", &mixed)];
+            let legs = auths[1..]
+                .iter()
+                .copied()
+                .zip(runs.into_iter().map(Vec::from));
+            Some(AuthReport::new(
+                &baseline,
+                legs.collect(),
+                secured.jwt_skipped(),
+            )?)
+        }
+    };
 
     eprintln!(
         "postgres-jsonb: upserting {} documents, {} per transaction, {UPSERT_WORKERS} connections",
@@ -218,65 +245,91 @@ pub fn run(opts: &Options) -> Result<(), String> {
         static_bytes,
         mean_doc_bytes: mean_len(&data.docs),
         phases: [upsert, postgres, mixed, ceiling],
+        auth,
     };
     publish(&report.table(), &report.to_json(), &opts.out)?;
     for phase in &report.phases {
         phase.check_failures(phase.name, "requests")?;
     }
+    if let Some(auth) = &report.auth {
+        auth.check_failures()?;
+    }
     Ok(())
 }
 
-/// Upsert, verification, mixed and http-ceiling, against one server.
+/// Upsert (and its verification), then mixed, on every leg, the legs taking
+/// turns (`auth::take_turns`). `[upsert, mixed]` of each leg, in order.
 async fn borough_phases(
-    server: &mut Server,
+    legs: &mut [Leg],
     data: &Dataset,
     sizes: &Sizes,
-) -> Result<[Phase; 3], String> {
+    quick: bool,
+) -> Result<Vec<[Phase; 2]>, String> {
+    let turns = auth::turns(legs, quick);
     let entities = data.ids.len();
-    let upsert = common::upsert(
-        server,
-        "upsert",
-        data.batches.clone(),
-        entities,
+    eprintln!(
+        "upsert: {entities} entities in batches of {}, {UPSERT_WORKERS} workers{}",
         sizes.batch,
+        auth::describe_turns(legs, turns)
     );
-    let upsert = upsert.await?;
-
-    verify(server.addr(), &data.ids).await?;
+    let upserts = auth::upsert_in_turns(legs, &data.batches, turns, "upsert", entities).await?;
+    for leg in legs.iter() {
+        verify(leg.server.endpoint(), &data.ids).await?;
+    }
 
     eprintln!(
-        "mixed: {} s at concurrency {}, {}% GET / {PATCH_PERCENT}% PATCH",
+        "mixed: {} s at concurrency {}, {}% GET / {PATCH_PERCENT}% PATCH{}",
         sizes.duration.as_secs(),
         sizes.concurrency,
-        100 - PATCH_PERCENT
+        100 - PATCH_PERCENT,
+        auth::describe_turns(legs, turns)
     );
-    let mix = entity_mix(&data.ids)?;
-    let run = load::run_timed(
-        server.addr(),
-        Arc::new(mix),
-        sizes.concurrency,
-        sizes.duration,
-        SEED ^ 0x4D49,
-    )
+    let mix = Arc::new(entity_mix(&data.ids)?);
+    let slice = sizes.duration / u32::try_from(turns).unwrap_or(1);
+    let runs = auth::take_turns(legs, turns, async |leg, n| {
+        let seed = (SEED ^ 0x4D49).wrapping_add(n as u64);
+        let endpoint = leg.server.endpoint();
+        let run = load::run_timed(endpoint, mix.clone(), sizes.concurrency, slice, seed).await?;
+        leg.server.check_alive()?;
+        Ok(run)
+    })
     .await?;
-    server.check_alive()?;
+    Ok(legs
+        .iter()
+        .zip(upserts)
+        .zip(runs)
+        .map(|((leg, upsert), runs)| {
+            [
+                upsert,
+                mixed_phase(TimedRun::merge(runs), leg.server.memory()),
+            ]
+        })
+        .collect())
+}
+
+/// The mixed phase of a run of GETs and PATCHes, with its breakdown by
+/// operation.
+fn mixed_phase(run: TimedRun, memory: Option<Memory>) -> Phase {
     let all: Vec<u64> = run.get_us.iter().chain(&run.patch_us).copied().collect();
     let (mut get_us, mut patch_us) = (run.get_us, run.patch_us);
-    let mixed = Phase::timed("mixed", "req/s", "request", run.elapsed, all)
+    Phase::timed("mixed", "req/s", "request", run.elapsed, all)
         .with_failures(run.failures)
-        .with_memory(server.memory())
+        .with_memory(memory)
         .with_ops(vec![
             ("GET", get_us.len(), Summary::of(&mut get_us)),
             ("PATCH", patch_us.len(), Summary::of(&mut patch_us)),
-        ]);
+        ])
+}
 
+/// The HTTP ceiling: a static body as large as one entity, from the same server.
+async fn ceiling_phase(server: &mut Server, sizes: &Sizes) -> Result<Phase, String> {
     eprintln!(
         "http-ceiling: {} s at concurrency {}, GET /bench/static",
         sizes.duration.as_secs(),
         sizes.concurrency
     );
     let mix = Mix::Static(Uri::from_static("/bench/static"));
-    let ceiling = common::timed_gets(
+    common::timed_gets(
         server,
         "http-ceiling",
         mix,
@@ -284,8 +337,7 @@ async fn borough_phases(
         sizes.duration,
         SEED ^ 0x4854,
     )
-    .await?;
-    Ok([upsert, mixed, ceiling])
+    .await
 }
 
 /// The mixed workload: random GETs and PATCHes over every entity, with every
@@ -314,10 +366,10 @@ fn entity_mix(ids: &[String]) -> Result<Mix, String> {
 
 /// Reads back a random sample of the upserted entities: each must answer 200
 /// with its own id.
-async fn verify(addr: SocketAddr, ids: &[String]) -> Result<(), String> {
+async fn verify(to: Endpoint, ids: &[String]) -> Result<(), String> {
     let sample = VERIFY_SAMPLE.min(ids.len());
     eprintln!("verify: reading back {sample} random entities");
-    let mut conn = Conn::open(addr).await?;
+    let mut conn = Conn::open(to).await?;
     let mut rng = SmallRng::seed_from_u64(SEED ^ 0x5645);
     for _ in 0..sample {
         let id = &ids[rng.random_range(0..ids.len())];
@@ -352,6 +404,8 @@ struct Report<'a> {
     mean_doc_bytes: f64,
     /// upsert, postgres-jsonb, mixed, http-ceiling.
     phases: [Phase; 4],
+    /// upsert and mixed with access control, when compared.
+    auth: Option<AuthReport>,
 }
 
 impl Report<'_> {
@@ -407,6 +461,9 @@ impl Report<'_> {
             self.mixed_vs_ceiling()
         ));
         out.push_str(&self.info.targets_section(&self.targets(), ""));
+        if let Some(auth) = &self.auth {
+            out.push_str(&auth.section(&self.info));
+        }
         out
     }
 
@@ -416,7 +473,7 @@ impl Report<'_> {
             .iter()
             .map(|p| (p.name.to_string(), p.to_json()))
             .collect();
-        self.info.json(json!({
+        let mut out = self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "entities": self.sizes.entities,
@@ -434,6 +491,10 @@ impl Report<'_> {
                 "mixed_vs_http_ceiling": round_to(self.mixed_vs_ceiling(), 1e3),
             },
             "targets": targets_json(&self.targets()),
-        }))
+        }));
+        if let Some(auth) = &self.auth {
+            out["auth"] = auth.to_json();
+        }
+        out
     }
 }

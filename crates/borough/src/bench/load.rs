@@ -6,7 +6,7 @@ use super::chain;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
@@ -25,16 +25,35 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most of a response body quoted in an error message.
 const QUOTE_BYTES: usize = 300;
 
+/// Where requests go, and the headers every request carries besides its
+/// own (the tenant, the credential of `bench --auth`).
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub headers: HeaderMap,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            headers: HeaderMap::new(),
+        }
+    }
+}
+
 /// One keep-alive HTTP/1.1 connection to the server.
 pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
     host: HeaderValue,
     /// Kept for [`Conn::reopen_before`].
-    addr: SocketAddr,
+    endpoint: Endpoint,
 }
 
 impl Conn {
-    pub async fn open(addr: SocketAddr) -> Result<Conn, String> {
+    pub async fn open(to: impl Into<Endpoint>) -> Result<Conn, String> {
+        let endpoint = to.into();
+        let addr = endpoint.addr;
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -51,7 +70,11 @@ impl Conn {
         });
         let host = HeaderValue::from_str(&addr.to_string())
             .map_err(|e| format!("invalid Host header '{addr}': {e}"))?;
-        Ok(Conn { sender, host, addr })
+        Ok(Conn {
+            sender,
+            host,
+            endpoint,
+        })
     }
 
     /// Sends one request and reads the whole response body. The body is kept
@@ -69,6 +92,9 @@ impl Conn {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         req.headers_mut().insert(HOST, self.host.clone());
+        for (name, value) in &self.endpoint.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
         if has_body {
             req.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -132,7 +158,7 @@ impl Conn {
     /// Replaces a connection that a failed request left unusable, unless
     /// `deadline` passes first (`Ok(false)`).
     pub async fn reopen_before(&mut self, deadline: Instant) -> Result<bool, String> {
-        match tokio::time::timeout_at(deadline, Conn::open(self.addr)).await {
+        match tokio::time::timeout_at(deadline, Conn::open(self.endpoint.clone())).await {
             Ok(Ok(conn)) => {
                 *self = conn;
                 Ok(true)
@@ -143,11 +169,12 @@ impl Conn {
     }
 }
 
-/// `n` connections to `addr`, opened before any clock starts.
-pub async fn open_conns(addr: SocketAddr, n: usize) -> Result<Vec<Conn>, String> {
+/// `n` connections to `to`, opened before any clock starts.
+pub async fn open_conns(to: impl Into<Endpoint>, n: usize) -> Result<Vec<Conn>, String> {
+    let to = to.into();
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        conns.push(Conn::open(addr).await?);
+        conns.push(Conn::open(to.clone()).await?);
     }
     Ok(conns)
 }
@@ -278,23 +305,36 @@ impl Failures {
 }
 
 /// What [`post_all`] measured.
+#[derive(Default)]
 pub struct BatchRun {
     pub elapsed: Duration,
     /// Latency of each batch, in microseconds.
     pub latencies_us: Vec<u64>,
 }
 
+impl BatchRun {
+    /// Runs of parts of one upload as one: their times added up.
+    pub fn merge(runs: Vec<BatchRun>) -> BatchRun {
+        runs.into_iter()
+            .fold(BatchRun::default(), |mut all, mut run| {
+                all.elapsed += run.elapsed;
+                all.latencies_us.append(&mut run.latencies_us);
+                all
+            })
+    }
+}
+
 /// POSTs every body to `uri`, `workers` requests at a time (each worker on its
 /// own connection, taking the next body in order). Any status outside
 /// `accepted` is a hard error.
 pub async fn post_all(
-    addr: SocketAddr,
+    to: impl Into<Endpoint>,
     uri: Uri,
     bodies: Arc<Vec<Bytes>>,
     workers: usize,
     accepted: &'static [StatusCode],
 ) -> Result<BatchRun, String> {
-    let conns = open_conns(addr, workers).await?;
+    let conns = open_conns(to, workers).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -444,11 +484,25 @@ pub struct TimedRun {
     pub failures: Failures,
 }
 
+impl TimedRun {
+    /// Runs of slices of one phase as one: their times added up.
+    pub fn merge(runs: Vec<TimedRun>) -> TimedRun {
+        runs.into_iter()
+            .fold(TimedRun::default(), |mut all, mut run| {
+                all.elapsed += run.elapsed;
+                all.get_us.append(&mut run.get_us);
+                all.patch_us.append(&mut run.patch_us);
+                all.failures.merge(run.failures);
+                all
+            })
+    }
+}
+
 /// Runs `mix` for `duration` with `concurrency` workers, each on its own
 /// keep-alive connection. Every request is bounded by the deadline, and each
 /// worker stops by itself when it passes.
 pub async fn run_timed(
-    addr: SocketAddr,
+    to: impl Into<Endpoint>,
     mix: Arc<Mix>,
     concurrency: usize,
     duration: Duration,
@@ -457,7 +511,7 @@ pub async fn run_timed(
     if matches!(mix.as_ref(), Mix::Gets(uris) if uris.is_empty()) {
         return Err("the request mix has no URI".to_string());
     }
-    let conns = open_conns(addr, concurrency).await?;
+    let conns = open_conns(to, concurrency).await?;
     let (runs, elapsed) = run_workers(conns, duration, seed, |conn, deadline, rng| {
         timed_worker(conn, mix.clone(), deadline, rng)
     })

@@ -5,6 +5,7 @@
 //! own tokio runtime, measures the baselines next to it, prints a table and
 //! writes every figure as JSON.
 
+mod auth;
 mod common;
 mod dashboard;
 mod entities;
@@ -43,15 +44,28 @@ pub struct BenchArgs {
     /// PostgreSQL connection string of the baselines (postgres-jsonb, PostGIS, temporal).
     #[arg(long, env = "BOROUGH_BENCH_PG", default_value = DEFAULT_PG)]
     pub pg: String,
+    /// entities and query: measure Borough's phases again with access control
+    /// on, by API key and by OpenID Connect token (Node.js runs the provider
+    /// of scripts/oidc-provider), next to the same phases without it.
+    /// `--quick` does this too, at its tiny sizes.
+    #[arg(long)]
+    pub auth: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    if args.auth && !matches!(args.scenario.as_str(), "entities" | "query") {
+        return Err(format!(
+            "--auth applies to the entities and query scenarios, not to '{}'",
+            args.scenario
+        ));
+    }
     let opts = common::Options {
         out: args
             .out
             .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.json", args.scenario))),
         quick: args.quick,
         pg: args.pg,
+        auth: args.auth,
     };
     match args.scenario.as_str() {
         "entities" => entities::run(&opts),

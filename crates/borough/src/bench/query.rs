@@ -5,14 +5,16 @@
 //! Every shape rotates through a few values (picked at random per request),
 //! asks for the first page (`limit=100`, ordered by id) and is checked before
 //! it is measured: Borough and PostgreSQL must answer the same, non-empty
-//! list of ids for every value.
+//! list of ids for every value. With `--auth` (and `--quick`), the load and
+//! every shape run again on Borough with access control on (`auth`).
 
+use super::auth::{self, Auth, AuthReport, Leg};
 use super::common::{
     self, BothSystems, Options, RunInfo, UPSERT_WORKERS, entities_query, mean_len, property,
     relationship,
 };
 use super::entities::{STREETS, timestamp};
-use super::load::{self, Conn, ms};
+use super::load::{self, Conn, Mix, TimedRun, ms};
 use super::postgres::{self, Column, TimedQuery};
 use super::query_pg::{self, TABLE};
 use super::report::{
@@ -396,6 +398,8 @@ struct Measured {
     memory_after_load: Option<Memory>,
     memory_after_queries: Option<Memory>,
     runs: Vec<ShapeRun>,
+    /// The secured legs (`--auth`): each one's load, then its run of each shape.
+    secured: Vec<(Auth, Vec<Phase>)>,
 }
 
 pub fn run(opts: &Options) -> Result<(), String> {
@@ -413,9 +417,32 @@ pub fn run(opts: &Options) -> Result<(), String> {
     // Fail fast, before loading Borough, if the baseline cannot run.
     runtime.block_on(postgres::check(&opts.pg))?;
 
-    let mut server = common::start_server()?;
-    let measured = runtime.block_on(measure(&mut server, &data, &shapes, &sizes, &opts.pg))?;
-    drop(server);
+    // Quick runs compare too, so that the harness of --auth never rots.
+    let secured = if opts.auth || opts.quick {
+        Some(auth::SecuredLegs::start()?)
+    } else {
+        None
+    };
+
+    let server = common::start_server()?;
+    let mut legs = auth::legs(secured.as_ref(), server, &runtime)?;
+    let turns = auth::turns(&legs, opts.quick);
+    let measure = measure(&mut legs, &data, &shapes, &sizes, &opts.pg, turns);
+    let mut measured = runtime.block_on(measure)?;
+    drop(legs);
+
+    let auth = match secured {
+        None => None,
+        Some(secured) => {
+            let shape_runs = shapes.iter().zip(&measured.runs);
+            let baseline: Vec<(&'static str, &Phase)> =
+                std::iter::once(("upsert", &measured.upsert))
+                    .chain(shape_runs.map(|(s, r)| (s.name, &r.borough)))
+                    .collect();
+            let legs = std::mem::take(&mut measured.secured);
+            Some(AuthReport::new(&baseline, legs, secured.jwt_skipped())?)
+        }
+    };
 
     let report = Report {
         info,
@@ -423,50 +450,84 @@ pub fn run(opts: &Options) -> Result<(), String> {
         mean_doc_bytes: data.mean_doc_bytes,
         shapes: &shapes,
         measured,
+        auth,
     };
     publish(&report.table(), &report.to_json(), &opts.out)?;
     for (shape, run) in shapes.iter().zip(&report.measured.runs) {
         run.check_failures(shape.name)?;
     }
+    if let Some(auth) = &report.auth {
+        auth.check_failures()?;
+    }
     Ok(())
 }
 
-/// Loads Borough, then PostgreSQL; checks every shape on both, then measures
-/// them. The PostgreSQL table is dropped at the end, also when a step fails.
+/// The seed of the `n`th shape's requests, on every system.
+fn shape_seed(n: usize) -> u64 {
+    SEED ^ ((n as u64) << 8)
+}
+
+/// Loads Borough (every leg), then PostgreSQL; checks every shape on both,
+/// then measures each shape on the legs (taking turns) and on PostgreSQL.
+/// The PostgreSQL table is dropped at the end, also when a step fails.
 async fn measure(
-    server: &mut Server,
+    legs: &mut [Leg],
     data: &Dataset,
     shapes: &[Shape],
     sizes: &Sizes,
     pg: &str,
+    turns: usize,
 ) -> Result<Measured, String> {
-    let batches = data.batches.clone();
-    let upsert = common::upsert(server, "borough upsert", batches, sizes.entities, BATCH).await?;
+    eprintln!(
+        "upsert: {} entities in batches of {BATCH}, {UPSERT_WORKERS} workers{}",
+        sizes.entities,
+        auth::describe_turns(legs, turns)
+    );
+    let mut loads =
+        auth::upsert_in_turns(legs, &data.batches, turns, "borough upsert", sizes.entities)
+            .await?
+            .into_iter();
+    let upsert = loads.next().ok_or("no server was loaded")?;
+    let loads: Vec<Phase> = loads.collect();
 
     let admin = postgres::connect(pg).await?;
-    let result = with_table(&admin, server, data, shapes, sizes, pg).await;
+    let result = with_table(&admin, legs, data, shapes, sizes, pg, turns).await;
     let dropped = postgres::drop_table(&admin, TABLE).await;
-    let (pg_load, pg_index_elapsed, runs) = result?;
+    let (pg_load, pg_index_elapsed, (runs, secured_runs)) = result?;
     dropped?;
+    let secured = legs[1..]
+        .iter()
+        .zip(loads.into_iter().zip(secured_runs))
+        .map(|(leg, (load, shape_runs))| {
+            let phases = std::iter::once(load).chain(shape_runs).collect();
+            (leg.auth, phases)
+        })
+        .collect();
     Ok(Measured {
         memory_after_load: upsert.memory,
         upsert,
         pg_load,
         pg_index_elapsed,
-        memory_after_queries: server.memory(),
+        memory_after_queries: legs[0].server.memory(),
         runs,
+        secured,
     })
 }
+
+/// The runs of every shape on the baseline and PostgreSQL, and, for each
+/// secured leg, its run of every shape.
+type ShapeRuns = (Vec<ShapeRun>, Vec<Vec<Phase>>);
 
 /// The steps that need the PostgreSQL table: load, check, measure.
 async fn with_table(
     admin: &Client,
-    server: &mut Server,
+    legs: &mut [Leg],
     data: &Dataset,
     shapes: &[Shape],
     sizes: &Sizes,
     pg: &str,
-) -> Result<(Phase, Duration, Vec<ShapeRun>), String> {
+    turns: usize,
+) -> Result<(Phase, Duration, ShapeRuns), String> {
     eprintln!(
         "postgres-jsonb: inserting {} documents, {BATCH} per statement, {UPSERT_WORKERS} connections, then indexing",
         sizes.entities
@@ -490,62 +551,136 @@ async fn with_table(
         loaded.latencies_us,
     );
 
-    check_shapes(server, admin, shapes).await?;
+    let expected = expected_ids(admin, shapes).await?;
+    for leg in legs.iter_mut() {
+        check_shapes(&mut leg.server, shapes, &expected)
+            .await
+            .map_err(|e| format!("{e}{}", leg.label()))?;
+    }
+    let runs = measure_shapes(legs, shapes, sizes, pg, turns).await?;
+    Ok((pg_load, loaded.index_elapsed, runs))
+}
 
+/// Each shape on the legs, taking turns, then on PostgreSQL for as long and
+/// with the same seed.
+async fn measure_shapes(
+    legs: &mut [Leg],
+    shapes: &[Shape],
+    sizes: &Sizes,
+    pg: &str,
+    turns: usize,
+) -> Result<ShapeRuns, String> {
     let mut runs = Vec::with_capacity(shapes.len());
+    let mut secured_runs: Vec<Vec<Phase>> = legs[1..].iter().map(|_| Vec::new()).collect();
+    let slice = sizes.duration / u32::try_from(turns).unwrap_or(1);
     for (n, shape) in shapes.iter().enumerate() {
         let secs = sizes.duration.as_secs_f64();
         let example = shape.variants.first().map_or("", |v| v.display.as_str());
         eprintln!(
-            "{}: {secs} s at concurrency {CONCURRENCY} each, {} values, e.g. {example}",
+            "{}: {secs} s at concurrency {CONCURRENCY} each, {} values, e.g. {example}{}",
             shape.name,
-            shape.variants.len()
+            shape.variants.len(),
+            auth::describe_turns(legs, turns)
         );
-        let seed = SEED ^ ((n as u64) << 8);
         let both = shape.both_systems();
-        runs.push(
-            common::measure_shape(server, pg, both, CONCURRENCY, sizes.duration, seed).await?,
-        );
+        let mix = Arc::new(Mix::Gets(both.uris.clone()));
+        let taken = auth::take_turns(legs, turns, async |leg, t| {
+            let seed = shape_seed(n).wrapping_add(t as u64);
+            let endpoint = leg.server.endpoint();
+            let run = load::run_timed(endpoint, mix.clone(), CONCURRENCY, slice, seed).await?;
+            leg.server.check_alive()?;
+            Ok(run)
+        })
+        .await
+        .map_err(|e| format!("{}: {e}", shape.name))?;
+        let mut phases = legs.iter().zip(taken).map(|(leg, runs)| {
+            let run = TimedRun::merge(runs);
+            Phase::timed("borough", "req/s", "request", run.elapsed, run.get_us)
+                .with_failures(run.failures)
+                .with_memory(leg.server.memory())
+        });
+        let borough = phases.next().ok_or("no server to measure")?;
+        for (out, phase) in secured_runs.iter_mut().zip(phases) {
+            out.push(phase);
+        }
+        let queries = Arc::new(both.queries);
+        let pg_run = postgres::run_timed(
+            pg,
+            &both.sqls,
+            queries,
+            CONCURRENCY,
+            sizes.duration,
+            shape_seed(n),
+        )
+        .await
+        .map_err(|e| format!("{} ({}): {e}", shape.name, both.baseline))?;
+        runs.push(ShapeRun {
+            borough,
+            baseline: pg_run.phase(both.baseline),
+        });
     }
-    Ok((pg_load, loaded.index_elapsed, runs))
+    Ok((runs, secured_runs))
+}
+
+/// PostgreSQL's answer to every value of every shape, in order.
+async fn expected_ids(admin: &Client, shapes: &[Shape]) -> Result<Vec<Vec<String>>, String> {
+    let mut all = Vec::new();
+    for shape in shapes {
+        for v in &shape.variants {
+            let ids = query_pg::ids(admin, &v.sql).await.map_err(|e| {
+                format!("check {} ({}): postgres-jsonb: {e}", shape.name, v.display)
+            })?;
+            all.push(ids);
+        }
+    }
+    Ok(all)
 }
 
 /// The warm-up: every value of every shape answers 200 with a non-empty
-/// array on Borough, and the same ids in the same order as PostgreSQL.
-async fn check_shapes(server: &mut Server, admin: &Client, shapes: &[Shape]) -> Result<(), String> {
+/// array on Borough, and the same ids in the same order as PostgreSQL
+/// (`expected`, from [`expected_ids`]).
+async fn check_shapes(
+    server: &mut Server,
+    shapes: &[Shape],
+    expected: &[Vec<String>],
+) -> Result<(), String> {
     let variants: usize = shapes.iter().map(|s| s.variants.len()).sum();
     eprintln!(
         "check: {variants} queries of {} shapes, Borough against PostgreSQL",
         shapes.len()
     );
-    let mut conn = Conn::open(server.addr()).await?;
-    for shape in shapes {
-        for v in &shape.variants {
-            let what = format!("check {} ({})", shape.name, v.display);
-            let borough = common::fetch_ids(&mut conn, &v.uri, &what).await?;
-            let expected = query_pg::ids(admin, &v.sql)
-                .await
-                .map_err(|e| format!("{what}: postgres-jsonb: {e}"))?;
-            if borough.is_empty() {
-                return Err(format!(
-                    "{what}: Borough answered an empty array (PostgreSQL: {} rows)",
-                    expected.len()
-                ));
-            }
-            if borough != expected {
-                let at = borough
-                    .iter()
-                    .zip(&expected)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(borough.len().min(expected.len()));
-                return Err(format!(
-                    "{what}: Borough answered {} entities, PostgreSQL {}; first difference at #{at}: {} vs {}",
-                    borough.len(),
-                    expected.len(),
-                    borough.get(at).map_or("(none)", String::as_str),
-                    expected.get(at).map_or("(none)", String::as_str),
-                ));
-            }
+    if expected.len() != variants {
+        return Err(format!(
+            "check: {} answers of PostgreSQL for {variants} queries",
+            expected.len()
+        ));
+    }
+    let mut conn = Conn::open(server.endpoint()).await?;
+    let all = shapes
+        .iter()
+        .flat_map(|s| s.variants.iter().map(move |v| (s, v)));
+    for ((shape, v), expected) in all.zip(expected) {
+        let what = format!("check {} ({})", shape.name, v.display);
+        let borough = common::fetch_ids(&mut conn, &v.uri, &what).await?;
+        if borough.is_empty() {
+            return Err(format!(
+                "{what}: Borough answered an empty array (PostgreSQL: {} rows)",
+                expected.len()
+            ));
+        }
+        if &borough != expected {
+            let at = borough
+                .iter()
+                .zip(expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(borough.len().min(expected.len()));
+            return Err(format!(
+                "{what}: Borough answered {} entities, PostgreSQL {}; first difference at #{at}: {} vs {}",
+                borough.len(),
+                expected.len(),
+                borough.get(at).map_or("(none)", String::as_str),
+                expected.get(at).map_or("(none)", String::as_str),
+            ));
         }
     }
     server.check_alive()
@@ -557,6 +692,8 @@ struct Report<'a> {
     mean_doc_bytes: f64,
     shapes: &'a [Shape],
     measured: Measured,
+    /// The load and the shapes with access control, when compared.
+    auth: Option<AuthReport>,
 }
 
 impl Report<'_> {
@@ -621,6 +758,9 @@ impl Report<'_> {
             thousands(TARGET_ENTITIES as f64)
         );
         out.push_str(&self.info.targets_section(&self.targets(), &note));
+        if let Some(auth) = &self.auth {
+            out.push_str(&auth.section(&self.info));
+        }
         out
     }
 
@@ -649,7 +789,7 @@ impl Report<'_> {
                 (shape.name.to_string(), value)
             })
             .collect();
-        self.info.json(json!({
+        let mut out = self.info.json(json!({
             "config": {
                 "seed": SEED,
                 "entities": self.sizes.entities,
@@ -675,6 +815,10 @@ impl Report<'_> {
             "shapes": shapes,
             "targets": targets_json(&self.targets()),
             "targets_apply_at_entities": TARGET_ENTITIES,
-        }))
+        }));
+        if let Some(auth) = &self.auth {
+            out["auth"] = auth.to_json();
+        }
+        out
     }
 }

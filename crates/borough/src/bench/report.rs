@@ -132,6 +132,7 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
 pub enum Bound {
     AtLeast(f64),
     Below(f64),
+    AtMost(f64),
 }
 
 /// One target of the issue, compared with its measurement.
@@ -191,6 +192,7 @@ impl Target {
         match self.bound {
             Bound::AtLeast(bound) => self.actual >= bound,
             Bound::Below(bound) => self.actual < bound,
+            Bound::AtMost(bound) => self.actual <= bound,
         }
     }
 
@@ -198,6 +200,7 @@ impl Target {
         let (comparison, bound) = match self.bound {
             Bound::AtLeast(bound) => (">=", bound),
             Bound::Below(bound) => ("<", bound),
+            Bound::AtMost(bound) => ("<=", bound),
         };
         json!({
             "name": self.name,

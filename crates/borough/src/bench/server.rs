@@ -2,7 +2,11 @@
 //! temporary data directory. Dropping a [`Server`] kills the child and removes
 //! the directory, so every error path cleans up. [`Server::restart`] stops
 //! the child and starts a new one on the same directory (startup timing).
+//! It runs without access control unless started with access flags
+//! ([`Server::spawn_with`], `bench --auth`).
 
+use super::load::Endpoint;
+use hyper::header::HeaderMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const READY_PREFIX: &str = "listening on http://";
+/// What the first start with access control prints before its address.
+const OPERATOR_KEY_PREFIX: &str = "operator key (shown once; keep it safe): ";
 /// How often [`Server::restart`] checks whether the stopped child has exited.
 const STOP_POLL: Duration = Duration::from_millis(10);
 
@@ -21,6 +27,13 @@ pub struct Server {
     last_stderr: Arc<Mutex<String>>,
     /// `--bench-static-bytes` of the child, kept for [`Server::restart`].
     static_bytes: Option<usize>,
+    /// Access-control flags of the child (empty: `--auth off`), kept for
+    /// [`Server::restart`].
+    access: Vec<String>,
+    /// The operator key the first start printed (access control on).
+    operator_key: Option<String>,
+    /// Headers the load generator sends with every request (see [`Server::endpoint`]).
+    headers: HeaderMap,
     // Declared last: removed after `Drop::drop` has killed the child.
     data: tempfile::TempDir,
 }
@@ -39,17 +52,30 @@ impl Server {
     /// `listening on` line. `static_bytes` sizes the body of `GET
     /// /bench/static` (the HTTP-ceiling baseline); `None` leaves it off.
     pub fn spawn(static_bytes: Option<usize>, ready_timeout: Duration) -> Result<Server, String> {
+        Server::spawn_with(static_bytes, &[], ready_timeout)
+    }
+
+    /// [`Server::spawn`] with access-control flags (`--auth on`, ...) in
+    /// place of `--auth off`.
+    pub fn spawn_with(
+        static_bytes: Option<usize>,
+        access: &[String],
+        ready_timeout: Duration,
+    ) -> Result<Server, String> {
         let data = tempfile::Builder::new()
             .prefix("borough-bench-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary data directory: {e}"))?;
-        let started = start_child(data.path(), static_bytes)?;
+        let started = start_child(data.path(), static_bytes, access)?;
         // From here on, `server` owns the child: early returns kill it.
         let mut server = Server {
             child: started.child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             last_stderr: started.last_stderr,
             static_bytes,
+            access: access.to_vec(),
+            operator_key: None,
+            headers: HeaderMap::new(),
             data,
         };
         server.wait_ready(&started.ready, ready_timeout)?;
@@ -65,7 +91,7 @@ impl Server {
         let stop = stop_started.elapsed();
 
         let spawned_at = Instant::now();
-        let started = start_child(self.data.path(), self.static_bytes)?;
+        let started = start_child(self.data.path(), self.static_bytes, &self.access)?;
         // Own the new child before waiting, so that every error path kills it.
         self.child = started.child;
         self.last_stderr = started.last_stderr;
@@ -121,12 +147,16 @@ impl Server {
     /// Waits for the address of the `listening on` line of the current child.
     fn wait_ready(
         &mut self,
-        ready: &mpsc::Receiver<SocketAddr>,
+        ready: &mpsc::Receiver<Ready>,
         ready_timeout: Duration,
     ) -> Result<(), String> {
         match ready.recv_timeout(ready_timeout) {
-            Ok(addr) => {
-                self.addr = addr;
+            Ok(ready) => {
+                self.addr = ready.addr;
+                // A restart prints no key: the first one still holds.
+                if ready.operator_key.is_some() {
+                    self.operator_key = ready.operator_key;
+                }
                 Ok(())
             }
             Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
@@ -151,6 +181,25 @@ impl Server {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The server's address with the headers set by [`Server::set_headers`]:
+    /// where the phases send their requests.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr,
+            headers: self.headers.clone(),
+        }
+    }
+
+    /// Headers for every request of the phases to come (tenant, credential).
+    pub fn set_headers(&mut self, headers: HeaderMap) {
+        self.headers = headers;
+    }
+
+    /// The operator key printed by the first start with access control on.
+    pub fn operator_key(&self) -> Option<&str> {
+        self.operator_key.as_deref()
     }
 
     /// The server's data directory (its `--data`).
@@ -216,15 +265,26 @@ pub struct Restart {
     pub ready: Duration,
 }
 
-/// A child just spawned, with the receiver of its `listening on` address.
+/// What a child printed by the time it listens.
+struct Ready {
+    addr: SocketAddr,
+    operator_key: Option<String>,
+}
+
+/// A child just spawned, with the receiver of its `listening on` line.
 struct Started {
     child: Child,
     last_stderr: Arc<Mutex<String>>,
-    ready: mpsc::Receiver<SocketAddr>,
+    ready: mpsc::Receiver<Ready>,
 }
 
 /// Spawns `borough serve` on `data` with threads that watch its output.
-fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, String> {
+/// `access` replaces `--auth off` when not empty.
+fn start_child(
+    data: &Path,
+    static_bytes: Option<usize>,
+    access: &[String],
+) -> Result<Started, String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the borough executable: {e}"))?;
     let mut command = Command::new(&exe);
@@ -237,16 +297,19 @@ fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, Stri
             "warn",
             "--mqtt",
             "off",
-            // The baseline runs without access control; `bench entities
-            // --auth` measures it.
-            "--auth",
-            "off",
             // The notification receiver runs on loopback.
             "--allow-outbound",
             "loopback",
         ])
         .arg("--data")
         .arg(data);
+    if access.is_empty() {
+        // The baselines run without access control; `bench entities
+        // --auth` and `bench query --auth` measure it.
+        command.args(["--auth", "off"]);
+    } else {
+        command.args(access);
+    }
     if let Some(bytes) = static_bytes {
         command.arg("--bench-static-bytes").arg(bytes.to_string());
     }
@@ -259,6 +322,12 @@ fn start_child(data: &Path, static_bytes: Option<usize>) -> Result<Started, Stri
         .env_remove("BOROUGH_MAX_BODY_BYTES")
         .env_remove("BOROUGH_MAX_BATCH_BODY_BYTES")
         .env_remove("BOROUGH_CONTEXT_TIMEOUT_SECS")
+        .env_remove("BOROUGH_AUTH")
+        .env_remove("BOROUGH_OPERATOR_KEY")
+        .env_remove("BOROUGH_OPERATOR_KEY_FILE")
+        .env_remove("BOROUGH_KEY_RATE_LIMIT")
+        .env_remove("BOROUGH_OIDC_ISSUER")
+        .env_remove("BOROUGH_OIDC_AUDIENCE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -289,22 +358,25 @@ impl Drop for Server {
     }
 }
 
-/// Sends the address of the `listening on` line, then drains stdout until the
-/// child closes it.
-fn watch_stdout(stdout: std::process::ChildStdout, tx: &mpsc::Sender<SocketAddr>) {
+/// Sends the address of the `listening on` line (with the operator key
+/// printed before it, if any), then drains stdout until the child closes it.
+fn watch_stdout(stdout: std::process::ChildStdout, tx: &mpsc::Sender<Ready>) {
     let mut announced = false;
+    let mut operator_key = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if announced {
             continue;
         }
-        if let Some(addr) = line
-            .trim()
-            .strip_prefix(READY_PREFIX)
-            .and_then(|a| a.parse().ok())
-        {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix(OPERATOR_KEY_PREFIX) {
+            operator_key = rest.split_whitespace().next().map(str::to_string);
+        } else if let Some(addr) = line.strip_prefix(READY_PREFIX).and_then(|a| a.parse().ok()) {
             announced = true;
-            let _ = tx.send(addr);
+            let _ = tx.send(Ready {
+                addr,
+                operator_key: operator_key.take(),
+            });
         }
     }
 }

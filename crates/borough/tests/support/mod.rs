@@ -1,10 +1,14 @@
-//! The real `borough serve`, started for the tests that drive it over the network.
+//! The real `borough serve`, started for the tests that drive it over the
+//! network, and what those tests share: a blocking API client, free ports
+//! and Mosquitto brokers of their own.
 
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A running server; killed when dropped.
 pub struct Server {
@@ -112,5 +116,146 @@ fn launch(data: &Path, extra: &[&str]) -> Server {
         base,
         mqtt_port,
         operator_key,
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A blocking client of a server's API.
+pub struct Client {
+    pub http: reqwest::blocking::Client,
+    pub base: String,
+}
+
+/// A response: the status, the headers, and the body as JSON (a string
+/// when it is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            base: base.to_string(),
+        }
+    }
+
+    /// `method path` with `key` (an API key or a token) as the bearer
+    /// credential, `tenant` as `NGSILD-Tenant`, and `body` as JSON.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        tenant: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = self.http.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            format!("{}{path}", self.base),
+        );
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(t) = tenant {
+            req = req.header("NGSILD-Tenant", t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let r = req.send().expect("request");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        // A live stream (the dashboard's events) never ends: its status is the answer.
+        let streaming = headers
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let text = if streaming {
+            String::new()
+        } else {
+            r.text().unwrap_or_default()
+        };
+        Answer {
+            status,
+            headers,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+
+    pub fn get(&self, path: &str, key: &str, tenant: Option<&str>) -> Answer {
+        self.call("GET", path, Some(key), tenant, None)
+    }
+
+    pub fn post(&self, path: &str, key: &str, tenant: Option<&str>, body: Value) -> Answer {
+        self.call("POST", path, Some(key), tenant, Some(body))
+    }
+}
+
+/// A Mosquitto of a test's own (Debian's mosquitto package); killed when
+/// dropped, its folder removed after.
+pub struct Mosquitto {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with `conf`, written to `mosquitto.conf` in `dir`
+    /// beside the files it names, once `port` (one of its listeners)
+    /// accepts connections.
+    pub fn start(dir: tempfile::TempDir, conf: &str, port: u16) -> Mosquitto {
+        let d = dir.path();
+        std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
+        // Started as root, Mosquitto drops to its own user, which must read these.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(d.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian's package) must be installed");
+        let broker = Mosquitto { child, dir };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        broker
+    }
+
+    /// The folder of its configuration.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
