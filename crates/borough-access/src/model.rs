@@ -81,8 +81,6 @@ pub struct Quotas {
     pub max_devices: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_subscriptions: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_history_points: Option<u64>,
     /// API requests per second (bursts of twice as many).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<f64>,

@@ -81,10 +81,16 @@ fn start_server() -> Result<Child_, String> {
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut next_addr = |prefix: &str| -> Result<SocketAddr, String> {
-        let line = lines
-            .next()
-            .ok_or("the server stopped before listening")?
-            .map_err(|e| e.to_string())?;
+        // Notices (access control is off) come before the addresses.
+        let line = loop {
+            let line = lines
+                .next()
+                .ok_or("the server stopped before listening")?
+                .map_err(|e| e.to_string())?;
+            if !line.starts_with("access control is OFF") {
+                break line;
+            }
+        };
         line.trim()
             .strip_prefix(prefix)
             .and_then(|a| a.parse().ok())
