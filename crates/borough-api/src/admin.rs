@@ -102,10 +102,22 @@ pub async fn whoami() -> Response {
 
 // ------------------------------------------------------------------ tenants
 
+/// A tenant as the API shows it: times as date-times.
+fn tenant_json(t: &borough_access::Tenant) -> Value {
+    let mut v = json!(t);
+    for k in ["createdAt", "modifiedAt"] {
+        if let Some(us) = v.get(k).and_then(Value::as_i64) {
+            v[k] = json!(borough_core::validate::format_datetime(us));
+        }
+    }
+    v
+}
+
 /// `GET /api/v1/tenants`
 pub async fn list_tenants(State(state): State<SharedState>) -> ApiResult<Response> {
     let a = access(&state)?;
-    Ok(json_response(StatusCode::OK, &json!(a.tenants())))
+    let list: Vec<Value> = a.tenants().iter().map(tenant_json).collect();
+    Ok(json_response(StatusCode::OK, &Value::Array(list)))
 }
 
 /// `POST /api/v1/tenants`
@@ -127,7 +139,10 @@ pub async fn create_tenant(
         addr,
     )
     .await;
-    Ok(created(&json!(t), &format!("/api/v1/tenants/{}", t.name)))
+    Ok(created(
+        &tenant_json(&t),
+        &format!("/api/v1/tenants/{}", t.name),
+    ))
 }
 
 /// `GET /api/v1/tenants/{name}`: the tenant with what it holds.
@@ -140,7 +155,7 @@ pub async fn get_tenant(
     let t = a
         .tenant(internal)
         .ok_or_else(|| NgsiError::not_found(format!("tenant '{name}' does not exist")))?;
-    let mut body = json!(t);
+    let mut body = tenant_json(&t);
     body["usage"] = json!({
         "entities": state.store.entity_count(internal),
         "subscriptions": state.store.subscriptions(internal).len(),
@@ -177,7 +192,7 @@ pub async fn update_tenant(
         addr,
     )
     .await;
-    Ok(json_response(StatusCode::OK, &json!(t)))
+    Ok(json_response(StatusCode::OK, &tenant_json(&t)))
 }
 
 /// `DELETE /api/v1/tenants/{name}`: the tenant, its keys and all its data.
@@ -454,9 +469,18 @@ pub async fn audit_log(
         .page(scope, after, limit)
         .await
         .map_err(NgsiError::internal)?;
+    // `at` (microseconds) is what the chain hashes; `time` is for people.
+    let shown: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut v = json!(e);
+            v["time"] = json!(borough_core::validate::format_datetime(e.at));
+            v
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"entries": entries, "next": next}),
+        &json!({"entries": shown, "next": next}),
     ))
 }
 
