@@ -1,37 +1,21 @@
-//! Device credentials: a random token shown once, stored as its SHA-256.
+//! Device credentials: a random token shown once, stored as its SHA-256 —
+//! the same kind of secret as an API key (`borough_access::secret`).
 
-use sha2::{Digest, Sha256};
+use borough_access::secret;
 
 /// A new token: 32 bytes from the operating system's CSPRNG, hex-encoded.
 pub fn generate() -> Result<String, String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a token: {e}"))?;
-    Ok(hex(&bytes))
+    secret::random_hex(32)
 }
 
 /// The stored form of a token.
 pub fn hash(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    secret::hash(token)
 }
 
 /// Whether `token` hashes to `stored`, comparing in constant time.
 pub fn verify(token: &str, stored: &str) -> bool {
-    let h = hash(token);
-    let (a, b) = (h.as_bytes(), stored.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    s
+    secret::verify(token, stored)
 }
 
 #[cfg(test)]
@@ -48,9 +32,5 @@ mod tests {
         assert!(verify(&a, &h));
         assert!(!verify(&b, &h));
         assert!(!verify("", &h));
-        assert_eq!(
-            hash("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }
