@@ -263,6 +263,15 @@ impl Principal {
     }
 }
 
+/// Whether `name` can name a tenant: 1 to 64 ASCII letters, digits, `_` or `-`.
+pub fn is_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// The internal name of a tenant given by a client: `default` (or no name)
 /// is the default tenant, stored under "".
 pub fn internal_tenant(name: &str) -> &str {

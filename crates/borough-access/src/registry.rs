@@ -72,12 +72,7 @@ fn storage(e: impl std::fmt::Display) -> NgsiError {
 
 /// A tenant name as clients write it: letters, digits, `_` and `-`.
 pub fn check_tenant_name(name: &str) -> AccessResult<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if valid {
+    if crate::model::is_tenant_name(name) {
         Ok(())
     } else {
         Err(NgsiError::bad_data(format!(
@@ -91,7 +86,8 @@ pub struct Access {
     config: AccessConfig,
     records: Arc<dyn RecordStore>,
     /// By internal name ("" is the default tenant).
-    tenants: RwLock<HashMap<String, Tenant>>,
+    /// Shared, so that the lookups every request makes cost no copy.
+    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     /// By key id.
     keys: RwLock<HashMap<String, ApiKey>>,
     /// Signs dashboard sessions; kept in the records, so sessions outlive a restart.
@@ -117,7 +113,7 @@ impl Access {
         for (_, key, bytes) in read(RecordKind::Tenant)? {
             let t: Tenant = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("tenant record '{key}' is unreadable: {e}"))?;
-            tenants.insert(key, t);
+            tenants.insert(key, Arc::new(t));
         }
         let session_secret = match records
             .records_page(RecordKind::Setting, "", None, 100, false)
@@ -223,7 +219,7 @@ impl Access {
             for name in std::iter::once(&String::new()).chain(existing) {
                 if !tenants.contains_key(name) {
                     let t = new_tenant(public_tenant(name), now);
-                    tenants.insert(name.clone(), t.clone());
+                    tenants.insert(name.clone(), Arc::new(t.clone()));
                     added.push((name.clone(), t));
                 }
             }
@@ -522,7 +518,7 @@ impl Access {
     // --------------------------------------------------------------- admission
 
     /// The tenant's record, by internal name.
-    pub fn tenant(&self, internal: &str) -> Option<Tenant> {
+    pub fn tenant(&self, internal: &str) -> Option<Arc<Tenant>> {
         self.tenants
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -537,7 +533,7 @@ impl Access {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|t| Tenant::clone(t))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
@@ -693,7 +689,7 @@ impl Access {
         self.tenants
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(internal, t.clone());
+            .insert(internal, Arc::new(t.clone()));
         Ok(t)
     }
 
@@ -709,7 +705,7 @@ impl Access {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(internal.to_string())
-            .or_insert(t);
+            .or_insert_with(|| Arc::new(t));
         Ok(())
     }
 
@@ -718,6 +714,7 @@ impl Access {
         let internal = internal_tenant(name);
         let mut t = self
             .tenant(internal)
+            .map(|t| Tenant::clone(&t))
             .ok_or_else(|| NgsiError::not_found(format!("tenant '{name}' does not exist")))?;
         apply_tenant_patch(&mut t, patch, false)?;
         t.modified_at = now_micros();
@@ -726,7 +723,7 @@ impl Access {
         self.tenants
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(internal.to_string(), t.clone());
+            .insert(internal.to_string(), Arc::new(t.clone()));
         Ok(t)
     }
 
@@ -735,6 +732,7 @@ impl Access {
         let internal = internal_tenant(name);
         let t = self
             .tenant(internal)
+            .map(|t| Tenant::clone(&t))
             .ok_or_else(|| NgsiError::not_found(format!("tenant '{name}' does not exist")))?;
         let keys: Vec<ApiKey> = self
             .keys

@@ -3,7 +3,7 @@
 //! the caller may reach the route; the handlers check what depends on the
 //! body (which roles a new key may get) and record what they changed.
 
-use crate::auth::{ClientAddr, caller};
+use crate::auth::{ClientAddr, audit_change as audit, caller};
 use crate::problem::{ApiError, ApiResult};
 use crate::request::{read_json, tenant};
 use crate::{SharedState, json_response};
@@ -11,7 +11,6 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use borough_access::audit::AuditEvent;
 use borough_access::model::{ApiKey, Principal, Role, TenantScope};
 use borough_access::{Access, internal_tenant, public_tenant};
 use borough_core::{EntityOp, NgsiError, ProblemKind};
@@ -43,27 +42,6 @@ fn me() -> Principal {
     caller()
         .map(|p| (*p).clone())
         .unwrap_or_else(Principal::open)
-}
-
-async fn audit(
-    access: &Access,
-    tenant: Option<&str>,
-    action: &str,
-    target: Option<String>,
-    detail: Value,
-    source: Option<String>,
-) {
-    access
-        .record(AuditEvent {
-            tenant: tenant.map(|t| public_tenant(t).to_string()),
-            actor: me().subject,
-            action: action.into(),
-            target,
-            outcome: "ok".into(),
-            detail,
-            source,
-        })
-        .await;
 }
 
 fn created(body: &Value, location: &str) -> Response {
@@ -321,6 +299,19 @@ fn manageable(a: &Access, id: &str, tenant: &str) -> ApiResult<ApiKey> {
     }
 }
 
+/// Which tenant (internal name) a listing is of: the request's, or for the
+/// operator without `NGSILD-Tenant`, `?tenant=` or every tenant (`None`).
+fn listing_scope(
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> ApiResult<Option<String>> {
+    if me().is_operator() && !headers.contains_key(crate::request::TENANT_HEADER) {
+        Ok(params.get("tenant").map(|t| internal_tenant(t).to_string()))
+    } else {
+        Ok(Some(tenant(headers)?))
+    }
+}
+
 /// `GET /api/v1/keys`: the tenant's keys (the operator: `?tenant=`, or all).
 pub async fn list_keys(
     State(state): State<SharedState>,
@@ -328,12 +319,7 @@ pub async fn list_keys(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let a = access(&state)?;
-    let p = me();
-    let scope = if p.is_operator() && !headers.contains_key(crate::request::TENANT_HEADER) {
-        params.get("tenant").map(|t| internal_tenant(t).to_string())
-    } else {
-        Some(tenant(&headers)?)
-    };
+    let scope = listing_scope(&params, &headers)?;
     let list: Vec<Value> = a.keys(scope.as_deref()).iter().map(key_json).collect();
     Ok(json_response(StatusCode::OK, &Value::Array(list)))
 }
@@ -444,12 +430,7 @@ pub async fn audit_log(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let a = access(&state)?;
-    let p = me();
-    let scope = if p.is_operator() && !headers.contains_key(crate::request::TENANT_HEADER) {
-        params.get("tenant").cloned()
-    } else {
-        Some(public_tenant(&tenant(&headers)?).to_string())
-    };
+    let scope = listing_scope(&params, &headers)?.map(|t| public_tenant(&t).to_string());
     let number = |k: &str| -> ApiResult<Option<u64>> {
         params
             .get(k)

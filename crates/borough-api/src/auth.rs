@@ -2,8 +2,8 @@
 //! OpenID Connect token, or the dashboard's session cookie), whether the
 //! route's policy lets them (`borough_access::policy`), whether their tenant
 //! is registered and active, and within which rates and sizes. What it learnt
-//! travels with the request: the principal as an extension, and the entity
-//! types it is limited to in a task-local that the handlers consult.
+//! travels with the request in a task-local (`caller()`), which the handlers
+//! consult for the principal and the entity types it is limited to.
 
 use crate::problem::ApiError;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
@@ -351,10 +351,33 @@ async fn admit(
     Ok(())
 }
 
-async fn run_as(principal: Principal, mut request: Request, next: Next) -> Response {
-    let principal = Arc::new(principal);
-    request.extensions_mut().insert(principal.clone());
-    CALLER.scope(principal, next.run(request)).await
+async fn run_as(principal: Principal, request: Request, next: Next) -> Response {
+    CALLER.scope(Arc::new(principal), next.run(request)).await
+}
+
+/// Records a change made by the request's caller in the audit log;
+/// `tenant` is the internal name of the tenant concerned, if any.
+pub async fn audit_change(
+    access: &Access,
+    tenant: Option<&str>,
+    action: &str,
+    target: Option<String>,
+    detail: serde_json::Value,
+    source: Option<String>,
+) {
+    access
+        .record(borough_access::audit::AuditEvent {
+            tenant: tenant.map(|t| public_tenant(t).to_string()),
+            actor: caller()
+                .map(|p| p.subject.clone())
+                .unwrap_or_else(|| Principal::open().subject),
+            action: action.into(),
+            target,
+            outcome: "ok".into(),
+            detail,
+            source,
+        })
+        .await;
 }
 
 /// 401 when a route that needs no principal is asked for one.

@@ -18,11 +18,7 @@ pub fn tenant(headers: &HeaderMap) -> NgsiResult<String> {
     let t = v
         .to_str()
         .map_err(|_| NgsiError::bad_data("the NGSILD-Tenant header must be ASCII"))?;
-    let valid = !t.is_empty()
-        && t.len() <= MAX_TENANT_LEN
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if valid {
+    if borough_access::model::is_tenant_name(t) {
         // `default` names the default tenant, as MQTT topics write it.
         Ok(if t == "default" {
             String::new()

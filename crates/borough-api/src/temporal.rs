@@ -1204,18 +1204,15 @@ pub async fn put_retention(
     }
     state.store.set_retention(&tenant, r).await?;
     if let Some(access) = &state.access {
-        access
-            .record(borough_access::audit::AuditEvent {
-                tenant: Some(borough_access::public_tenant(&tenant).to_string()),
-                actor: crate::auth::caller()
-                    .map(|p| p.subject.clone())
-                    .unwrap_or_else(|| "anonymous".into()),
-                action: "retention.set".into(),
-                outcome: "ok".into(),
-                detail: v.clone(),
-                ..Default::default()
-            })
-            .await;
+        crate::auth::audit_change(
+            access,
+            Some(&tenant),
+            "retention.set",
+            None,
+            v.clone(),
+            None,
+        )
+        .await;
     }
     state.store.maintain_history().await?;
     Ok(no_content(&tenant))

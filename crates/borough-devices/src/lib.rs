@@ -345,19 +345,15 @@ impl Devices {
         let Some(access) = self.access() else {
             return;
         };
-        access
-            .record(borough_access::audit::AuditEvent {
-                tenant: Some(borough_access::public_tenant(tenant).to_string()),
-                actor: borough_api::auth::caller()
-                    .map(|p| p.subject.clone())
-                    .unwrap_or_else(|| "anonymous".into()),
-                action: action.into(),
-                target: Some(target.into()),
-                outcome: "ok".into(),
-                detail,
-                source: None,
-            })
-            .await;
+        borough_api::auth::audit_change(
+            access,
+            Some(tenant),
+            action,
+            Some(target.into()),
+            detail,
+            None,
+        )
+        .await;
     }
 
     /// Removes every device and command of a tenant (the tenant is being

@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use borough_access::{Access, Principal, TenantScope};
+use borough_access::{Access, TenantScope};
 use borough_api::auth::{ClientAddr, session_cookie, with_session_cookie};
 use borough_api::problem::{ApiError, ApiResult};
 use borough_core::{Context, NgsiError, ProblemKind};
@@ -164,10 +164,8 @@ fn tenant(s: &WebState, p: &[(String, String)]) -> ApiResult<String> {
     let store = &*s.store;
     let t = param(p, "tenant").unwrap_or(DEFAULT_TENANT);
     let t = if t == "default" { DEFAULT_TENANT } else { t };
-    let valid = t.len() <= MAX_TENANT_LEN
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !valid {
+    // Empty is the default tenant.
+    if !(t.is_empty() || borough_access::model::is_tenant_name(t)) {
         return Err(ApiError(NgsiError::bad_data(format!(
             "tenant '{}' is not valid: use 1 to {MAX_TENANT_LEN} letters, digits, '_' or '-'",
             t.chars().take(80).collect::<String>()
@@ -282,10 +280,7 @@ async fn logout(State(s): State<Shared>, headers: axum::http::HeaderMap) -> Resp
 }
 
 /// The tenants the signed-in user may see (all of them for the operator).
-async fn tenants(
-    State(s): State<Shared>,
-    principal: Option<axum::Extension<Arc<Principal>>>,
-) -> Response {
+async fn tenants(State(s): State<Shared>) -> Response {
     let mut names = s.store.tenants();
     if let Some(access) = s.config.access.as_ref().filter(|a| a.enabled()) {
         for t in access.tenants() {
@@ -299,7 +294,7 @@ async fn tenants(
         names.insert(0, DEFAULT_TENANT.to_string());
     }
     names.sort();
-    if let Some(axum::Extension(p)) = principal
+    if let Some(p) = borough_api::auth::caller()
         && let TenantScope::Only(allowed) = &p.tenants
         && !p.is_operator()
     {
