@@ -15,6 +15,7 @@
 //! transaction, which sees hot rows, chunks and index entries of one commit.
 
 use crate::chunk::{self, ChunkMeta, Row};
+use crate::series::SeriesIndex;
 use borough_core::temporal::{
     Accumulator, AggrMethod, AttrHistory, BucketResult, Buckets, EntityHistory, HistoryBody,
     HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
@@ -100,7 +101,7 @@ struct Hot {
 /// The writer's view of history: series numbers and hot-row counts. Rebuilt
 /// from the file at open, and again if a commit fails.
 pub struct History {
-    series: HashMap<String, u64>,
+    series: SeriesIndex,
     hot: HashMap<u64, Hot>,
     /// Series that reached [`SEAL_AT`] hot rows since the last seal: a commit
     /// looks at these, never at every series.
@@ -110,15 +111,26 @@ pub struct History {
     next_chunk: u64,
 }
 
-fn series_key(tenant: &str, entity: &str, name: &str, dataset: &str) -> String {
-    let mut k = String::with_capacity(tenant.len() + entity.len() + name.len() + dataset.len() + 3);
-    for (i, part) in [tenant, entity, name, dataset].into_iter().enumerate() {
-        if i > 0 {
-            k.push('\0');
-        }
-        k.push_str(part);
+/// The tables a write of new instances touches, opened once per transaction
+/// (opening a redb table is not free, and a group records thousands of instances).
+struct RecordTables<'txn> {
+    series: redb::Table<'txn, (&'static str, &'static str, &'static str, &'static str), u64>,
+    entities: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    types: redb::Table<'txn, (&'static str, &'static str, &'static str), ()>,
+    hot: redb::Table<'txn, (u64, i64, u64), &'static [u8]>,
+    buf: Vec<u8>,
+}
+
+impl<'txn> RecordTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            series: txn.open_table(SERIES).map_err(io)?,
+            entities: txn.open_table(ENTITIES).map_err(io)?,
+            types: txn.open_table(TYPES).map_err(io)?,
+            hot: txn.open_table(HOT).map_err(io)?,
+            buf: Vec::with_capacity(256),
+        })
     }
-    k
 }
 
 fn time_key(a: &Attribute) -> i64 {
@@ -129,7 +141,7 @@ impl History {
     pub fn load(db: &Database) -> Result<Self, StoreError> {
         let read = db.begin_read().map_err(io)?;
         let mut h = History {
-            series: HashMap::new(),
+            series: SeriesIndex::new(),
             hot: HashMap::new(),
             full: Vec::new(),
             next_series: 1,
@@ -149,7 +161,7 @@ impl History {
         for row in read.open_table(SERIES).map_err(io)?.iter().map_err(io)? {
             let (k, v) = row.map_err(io)?;
             let (t, e, n, d) = k.value();
-            h.series.insert(series_key(t, e, n, d), v.value());
+            h.series.insert(t, e, n, d, v.value());
         }
         for row in read.open_table(HOT).map_err(io)?.iter().map_err(io)? {
             let (k, _) = row.map_err(io)?;
@@ -181,7 +193,7 @@ impl History {
     /// The series of (tenant, entity, name, dataset), created when new.
     fn series_for(
         &mut self,
-        txn: &WriteTransaction,
+        t: &mut RecordTables,
         tenant: &str,
         entity: &str,
         types: &[String],
@@ -189,36 +201,35 @@ impl History {
         dataset: Option<&str>,
     ) -> Result<u64, StoreError> {
         let dataset = dataset.unwrap_or("");
-        let key = series_key(tenant, entity, name, dataset);
-        if let Some(s) = self.series.get(&key) {
-            return Ok(*s);
+        if let Some(s) = self.series.get(tenant, entity, name, dataset) {
+            return Ok(s);
         }
         let s = self.next_series;
         self.next_series += 1;
-        txn.open_table(SERIES)
-            .map_err(io)?
+        t.series
             .insert((tenant, entity, name, dataset), s)
             .map_err(io)?;
-        let mut entities = txn.open_table(ENTITIES).map_err(io)?;
-        if entities.get((tenant, entity)).map_err(io)?.is_none() {
+        // An entity with a series has its row already.
+        let known = self.series.has_entity(tenant, entity)
+            || t.entities.get((tenant, entity)).map_err(io)?.is_some();
+        if !known {
             let json = serde_json::to_vec(types).map_err(io)?;
-            entities
+            t.entities
                 .insert((tenant, entity), json.as_slice())
                 .map_err(io)?;
-            let mut by_type = txn.open_table(TYPES).map_err(io)?;
-            for t in types {
-                by_type
-                    .insert((tenant, t.as_str(), entity), ())
+            for ty in types {
+                t.types
+                    .insert((tenant, ty.as_str(), entity), ())
                     .map_err(io)?;
             }
         }
-        self.series.insert(key, s);
+        self.series.insert(tenant, entity, name, dataset, s);
         Ok(s)
     }
 
     fn put_hot(
         &mut self,
-        txn: &WriteTransaction,
+        t: &mut RecordTables,
         series: u64,
         attr: &Attribute,
     ) -> Result<InstanceId, StoreError> {
@@ -226,17 +237,17 @@ impl History {
         let seq = self.next_seq;
         self.next_seq += 1;
         // The series holds the datasetId: rows do not repeat it.
-        let json = if attr.dataset_id.is_some() {
+        t.buf.clear();
+        if attr.dataset_id.is_some() {
             let mut bare = attr.clone();
             bare.dataset_id = None;
-            serde_json::to_vec(&bare)
+            serde_json::to_writer(&mut t.buf, &bare)
         } else {
-            serde_json::to_vec(attr)
+            serde_json::to_writer(&mut t.buf, attr)
         }
         .map_err(io)?;
-        txn.open_table(HOT)
-            .map_err(io)?
-            .insert((series, at, seq), json.as_slice())
+        t.hot
+            .insert((series, at, seq), t.buf.as_slice())
             .map_err(io)?;
         let hot = self.hot.entry(series).or_insert(Hot {
             count: 0,
@@ -255,21 +266,24 @@ impl History {
         if rows.is_empty() {
             return Ok(());
         }
-        for r in rows {
-            for &(a, i) in &r.instances {
-                let Some((name, list)) = r.entity.attrs.get_index(a) else {
-                    continue;
-                };
-                let Some(attr) = list.get(i) else { continue };
-                let s = self.series_for(
-                    txn,
-                    &r.tenant,
-                    &r.entity.id,
-                    &r.entity.types,
-                    name,
-                    attr.dataset_id.as_deref(),
-                )?;
-                self.put_hot(txn, s, attr)?;
+        {
+            let mut t = RecordTables::open(txn)?;
+            for r in rows {
+                for &(a, i) in &r.instances {
+                    let Some((name, list)) = r.entity.attrs.get_index(a) else {
+                        continue;
+                    };
+                    let Some(attr) = list.get(i) else { continue };
+                    let s = self.series_for(
+                        &mut t,
+                        &r.tenant,
+                        &r.entity.id,
+                        &r.entity.types,
+                        name,
+                        attr.dataset_id.as_deref(),
+                    )?;
+                    self.put_hot(&mut t, s, attr)?;
+                }
             }
         }
         self.seal_full(txn)?;
@@ -356,7 +370,10 @@ impl History {
         let series = batch.len() as u64;
         for mut one in batch {
             let types = [std::mem::take(&mut one.entity_type)];
-            let s = self.series_for(txn, tenant, &one.entity, &types, &one.name, None)?;
+            let s = {
+                let mut t = RecordTables::open(txn)?;
+                self.series_for(&mut t, tenant, &one.entity, &types, &one.name, None)?
+            };
             one.points.sort_by_key(|p| p.0);
             points += one.points.len() as u64;
             let first_seq = self.next_seq;
@@ -440,19 +457,23 @@ impl History {
                     .is_some();
                 let mut sealed = Sealed::default();
                 for (name, attr) in instances {
-                    let s = self.series_for(
-                        txn,
-                        tenant,
-                        &id,
-                        &types,
-                        &name,
-                        attr.dataset_id.as_deref(),
-                    )?;
+                    let s = {
+                        let mut t = RecordTables::open(txn)?;
+                        self.series_for(
+                            &mut t,
+                            tenant,
+                            &id,
+                            &types,
+                            &name,
+                            attr.dataset_id.as_deref(),
+                        )?
+                    };
                     // Sending a temporal representation again adds nothing new.
                     if attr.observed_at.is_some() && stored(txn, s, &attr, &mut sealed)? {
                         continue;
                     }
-                    self.put_hot(txn, s, &attr)?;
+                    let mut t = RecordTables::open(txn)?;
+                    self.put_hot(&mut t, s, &attr)?;
                 }
                 self.seal_full(txn)?;
                 if existed {
@@ -626,8 +647,7 @@ impl History {
             .map_err(io)?
             .remove((tenant, entity, name, dataset))
             .map_err(io)?;
-        self.series
-            .remove(&series_key(tenant, entity, name, dataset));
+        self.series.remove(tenant, entity, name, dataset);
         self.hot.remove(&s);
         drop_before(txn, s, i64::MAX)?;
         Ok(())

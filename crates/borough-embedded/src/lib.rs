@@ -29,6 +29,7 @@ mod devices;
 mod feed;
 mod history;
 mod notices;
+mod series;
 mod state;
 
 use borough_core::subscription::{CompiledSubscription, Stats, SubscriptionRecord};

@@ -2,7 +2,7 @@
 //! indexes the query planner uses (by type, by attribute, by attribute value).
 //! Everything here is derived from the redb file and rebuilt at open.
 
-use borough_core::entity::{AttrKind, Entity};
+use borough_core::entity::{AttrKind, Attribute, Entity};
 use borough_core::query::EntityQuery;
 use borough_core::query::expr::BoolExpr;
 use borough_core::query::geo::{Envelope, envelope, metres_at_least};
@@ -189,78 +189,154 @@ impl TenantState {
     }
 
     /// Puts (or with `None`, removes) an entity, keeping every index in step.
+    /// An update re-indexes only what changed: a reading of one attribute
+    /// leaves the other attributes' entries (the R-tree's above all) alone.
     pub fn put(&mut self, id: &str, entity: Option<Arc<Entity>>) {
-        if let Some((key, old)) = self.entities.remove_entry(id) {
-            self.unindex(&key, &old);
-        }
-        if let Some(e) = entity {
-            let key: Id = Arc::from(id);
-            self.index(&key, &e);
-            self.entities.insert(key, e);
+        let old = self
+            .entities
+            .get_key_value(id)
+            .map(|(k, v)| (k.clone(), v.clone()));
+        match (old, entity) {
+            (Some((key, old)), Some(new)) => {
+                self.reindex(&key, &old, &new);
+                self.entities.insert(key, new);
+            }
+            (Some((key, old)), None) => {
+                self.entities.remove(id);
+                self.unindex(&key, &old);
+            }
+            (None, Some(new)) => {
+                let key: Id = Arc::from(id);
+                self.index(&key, &new);
+                self.entities.insert(key, new);
+            }
+            (None, None) => {}
         }
     }
 
     fn index(&mut self, id: &Id, e: &Arc<Entity>) {
         for t in &e.types {
-            self.by_type
-                .entry(t.clone())
-                .or_default()
-                .insert(id.clone());
+            self.index_type(id, t);
         }
         for (name, instances) in &e.attrs {
-            let idx = self.by_attr.entry(name.clone()).or_default();
-            idx.ids.insert(id.clone());
-            for_each_key(instances, |k| {
-                idx.values.entry(k).or_default().insert(id.clone());
-            });
-            for envelope in geo_envelopes(instances) {
-                self.by_geo
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(GeoEntry {
-                        envelope,
-                        id: id.clone(),
-                        entity: e.clone(),
-                    });
-            }
+            self.index_attr(id, e, name, instances);
         }
     }
 
     fn unindex(&mut self, id: &Id, e: &Arc<Entity>) {
         for t in &e.types {
-            if let Some(set) = self.by_type.get_mut(t) {
-                set.remove(id);
-                if set.is_empty() {
-                    self.by_type.remove(t);
-                }
-            }
+            self.unindex_type(id, t);
         }
         for (name, instances) in &e.attrs {
-            let Some(idx) = self.by_attr.get_mut(name) else {
-                continue;
-            };
-            idx.ids.remove(id);
-            for_each_key(instances, |k| {
-                if let Some(set) = idx.values.get_mut(&k) {
-                    set.remove(id);
-                    if set.is_empty() {
-                        idx.values.remove(&k);
-                    }
-                }
-            });
-            if idx.ids.is_empty() {
-                self.by_attr.remove(name);
+            self.unindex_attr(id, e, name, instances);
+        }
+    }
+
+    fn reindex(&mut self, id: &Id, old: &Arc<Entity>, new: &Arc<Entity>) {
+        if old.types != new.types {
+            for t in old.types.iter().filter(|t| !new.types.contains(t)) {
+                self.unindex_type(id, t);
             }
-            if let Some(tree) = self.by_geo.get_mut(name) {
-                for envelope in geo_envelopes(instances) {
-                    tree.remove(&GeoEntry {
-                        envelope,
-                        id: id.clone(),
-                        entity: e.clone(),
-                    });
+            for t in new.types.iter().filter(|t| !old.types.contains(t)) {
+                self.index_type(id, t);
+            }
+        }
+        for (name, instances) in &old.attrs {
+            if new.attrs.get(name) == Some(instances) {
+                // Unchanged; only the spatial entries hold the entity itself.
+                self.retarget_geo(id, name, instances, new);
+            } else {
+                self.unindex_attr(id, old, name, instances);
+            }
+        }
+        for (name, instances) in &new.attrs {
+            if old.attrs.get(name) != Some(instances) {
+                self.index_attr(id, new, name, instances);
+            }
+        }
+    }
+
+    fn index_type(&mut self, id: &Id, t: &str) {
+        match self.by_type.get_mut(t) {
+            Some(set) => {
+                set.insert(id.clone());
+            }
+            None => {
+                self.by_type
+                    .insert(t.to_string(), IdSet::from([id.clone()]));
+            }
+        }
+    }
+
+    fn unindex_type(&mut self, id: &Id, t: &str) {
+        if let Some(set) = self.by_type.get_mut(t) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_type.remove(t);
+            }
+        }
+    }
+
+    fn index_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
+        let idx = match self.by_attr.get_mut(name) {
+            Some(idx) => idx,
+            None => self.by_attr.entry(name.to_string()).or_default(),
+        };
+        idx.ids.insert(id.clone());
+        for_each_key(instances, |k| {
+            idx.values.entry(k).or_default().insert(id.clone());
+        });
+        for envelope in geo_envelopes(instances) {
+            self.by_geo
+                .entry(name.to_string())
+                .or_default()
+                .insert(GeoEntry {
+                    envelope,
+                    id: id.clone(),
+                    entity: e.clone(),
+                });
+        }
+    }
+
+    fn unindex_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
+        let Some(idx) = self.by_attr.get_mut(name) else {
+            return;
+        };
+        idx.ids.remove(id);
+        for_each_key(instances, |k| {
+            if let Some(set) = idx.values.get_mut(&k) {
+                set.remove(id);
+                if set.is_empty() {
+                    idx.values.remove(&k);
                 }
-                if tree.size() == 0 {
-                    self.by_geo.remove(name);
+            }
+        });
+        if idx.ids.is_empty() {
+            self.by_attr.remove(name);
+        }
+        if let Some(tree) = self.by_geo.get_mut(name) {
+            for envelope in geo_envelopes(instances) {
+                tree.remove(&GeoEntry {
+                    envelope,
+                    id: id.clone(),
+                    entity: e.clone(),
+                });
+            }
+            if tree.size() == 0 {
+                self.by_geo.remove(name);
+            }
+        }
+    }
+
+    /// Points the spatial entries of an unchanged GeoProperty at the entity's new version.
+    fn retarget_geo(&mut self, id: &Id, name: &str, instances: &[Attribute], new: &Arc<Entity>) {
+        let Some(tree) = self.by_geo.get_mut(name) else {
+            return;
+        };
+        for envelope in geo_envelopes(instances) {
+            for entry in tree.locate_in_envelope_mut(&envelope) {
+                if entry.id == *id && entry.envelope == envelope {
+                    entry.entity = new.clone();
                 }
             }
         }
@@ -753,7 +829,86 @@ fn for_each_key(instances: &[borough_core::Attribute], mut f: impl FnMut(IndexKe
 
 #[cfg(test)]
 mod tests {
-    use super::literal_prefix;
+    use super::*;
+    use borough_core::Context;
+    use borough_core::entity::parse_entity;
+    use borough_core::query::q::parse_q;
+
+    fn entity(v: serde_json::Value) -> Arc<Entity> {
+        Arc::new(parse_entity(&v, &Context::core(), 0).unwrap())
+    }
+
+    fn ids(state: &TenantState, q: &str) -> Vec<String> {
+        let q = EntityQuery {
+            q: Some(parse_q(q, &Context::core()).unwrap()),
+            ..Default::default()
+        };
+        let page = state.query(&q, 0, 100, false);
+        page.entities.iter().map(|e| e.id.clone()).collect()
+    }
+
+    #[test]
+    fn an_update_moves_only_what_changed_and_the_map_shows_the_new_version() {
+        let mut state = TenantState::default();
+        let point = serde_json::json!({"type": "Point", "coordinates": [2.0, 48.0]});
+        state.put(
+            "urn:a",
+            Some(entity(serde_json::json!({"id": "urn:a", "type": "Spot",
+                "speed": 10, "location": {"type": "GeoProperty", "value": point}}))),
+        );
+        state.put(
+            "urn:a",
+            Some(entity(
+                serde_json::json!({"id": "urn:a", "type": ["Spot", "Lamp"],
+                "speed": 20, "flow": 3, "location": {"type": "GeoProperty", "value": point}}),
+            )),
+        );
+        assert_eq!(ids(&state, "speed==20"), ["urn:a"]);
+        assert!(ids(&state, "speed==10").is_empty());
+        let mut seen = Vec::new();
+        state.within_box(
+            "https://uri.etsi.org/ngsi-ld/location",
+            [1.9, 47.9, 2.1, 48.1],
+            &mut |e, _| {
+                seen.push(
+                    e.attrs["https://uri.etsi.org/ngsi-ld/default-context/speed"][0]
+                        .value
+                        .clone(),
+                );
+                true
+            },
+        );
+        assert_eq!(
+            seen,
+            [serde_json::json!(20)],
+            "the map holds the entity's latest version"
+        );
+        let types: BTreeMap<String, usize> =
+            state.type_counts().map(|(t, n)| (t.clone(), n)).collect();
+        assert_eq!(types.len(), 2);
+        // An attribute gone and a type gone leave no entries behind.
+        state.put(
+            "urn:a",
+            Some(entity(
+                serde_json::json!({"id": "urn:a", "type": "Lamp", "speed": 20}),
+            )),
+        );
+        assert_eq!(state.type_counts().count(), 1);
+        assert_eq!(state.attribute_counts().count(), 1);
+        let mut located = 0;
+        state.within_box(
+            "https://uri.etsi.org/ngsi-ld/location",
+            [-180.0, -90.0, 180.0, 90.0],
+            &mut |_, _| {
+                located += 1;
+                true
+            },
+        );
+        assert_eq!(located, 0);
+        state.put("urn:a", None);
+        assert_eq!(state.len(), 0);
+        assert_eq!(state.attribute_counts().count(), 0);
+    }
 
     #[test]
     fn literal_prefixes_of_anchored_patterns() {

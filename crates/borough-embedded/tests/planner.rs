@@ -96,6 +96,20 @@ fn store() -> &'static (EmbeddedStore, tokio::runtime::Runtime) {
             }))
             .collect();
         rt.block_on(store.write(TENANT, updates)).unwrap();
+        // Partial updates: one attribute changes, the location and the rest stay.
+        let readings: Vec<EntityOp> = (0..400)
+            .step_by(5)
+            .map(|i| EntityOp::Upsert {
+                entity: parse_entity(
+                    &json!({"id": format!("urn:ngsi-ld:E:{i:04}"), "type": "A", "f": (i % 9) as f64 - 4.0}),
+                    &ctx,
+                    0,
+                )
+                .unwrap(),
+                replace: false,
+            })
+            .collect();
+        rt.block_on(store.write(TENANT, readings)).unwrap();
         (store, rt)
     })
 }
