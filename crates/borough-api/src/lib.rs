@@ -271,12 +271,21 @@ fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Reques
     req
 }
 
+/// Liveness with the write path's state: 503 while writes cannot commit
+/// (storage failing or writer stopped), so that a balancer or an operator sees it.
 async fn health(axum::extract::State(state): axum::extract::State<SharedState>) -> Response {
+    let store = state.store.health();
+    let (status, word) = if store.is_ok() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
     let body = json!({
-        "status": "ok",
+        "status": word,
+        "writer": store,
         "tenants": state.store.tenants().len(),
     });
-    json_response(StatusCode::OK, &body)
+    json_response(status, &body)
 }
 
 async fn static_body_route(

@@ -312,6 +312,9 @@ impl EntityStore for CommandingStore {
     fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
         self.inner.maintain_history()
     }
+    fn health(&self) -> borough_store::StoreHealth {
+        self.inner.health()
+    }
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         self.inner.close()
     }

@@ -47,7 +47,7 @@ impl RecordStore for EmbeddedStore {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db.get()?.begin_write().map_err(io)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(io)?;
         {
@@ -74,7 +74,7 @@ impl RecordStore for EmbeddedStore {
     }
 
     fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError> {
-        let read = self.db.begin_read().map_err(io)?;
+        let read = self.db.get()?.begin_read().map_err(io)?;
         let t = read.open_table(table(kind)).map_err(io)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(io)? {
@@ -93,7 +93,7 @@ impl RecordStore for EmbeddedStore {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let read = self.db.begin_read().map_err(io)?;
+        let read = self.db.get()?.begin_read().map_err(io)?;
         let t = read.open_table(table(kind)).map_err(io)?;
         let mut out = Vec::new();
         let mut push = |row: Result<_, redb::StorageError>| -> Result<bool, StoreError> {

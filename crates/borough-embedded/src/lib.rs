@@ -15,17 +15,20 @@ use borough_core::ops::{Change, apply};
 use borough_core::query::EntityQuery;
 use borough_core::validate::now_micros;
 use borough_core::{Entity, EntityOp};
-use borough_store::{DEFAULT_TENANT, EntityStore, QueryPage, StoreError, WriteResults};
+use borough_store::{
+    DEFAULT_TENANT, EntityStore, QueryPage, StoreError, StoreHealth, WriteResults, WriterState,
+};
 use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use state::TenantState;
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio::sync::{mpsc, oneshot};
 
 mod chunk;
 mod devices;
+mod faults;
 mod feed;
 mod history;
 mod notices;
@@ -40,12 +43,24 @@ use borough_store::{ImportCounts, Notice};
 use history::{History, Recorded};
 use notices::{MetaOp, Registry};
 
+pub use faults::Faults;
+
 /// (tenant, entity id) → the entity, serialized.
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
 /// Tenants that have been written to.
 const TENANTS: TableDefinition<&str, ()> = TableDefinition::new("tenants");
 /// Hosted @context documents by local id.
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contexts");
+
+/// ("format") → the version of the on-disk layout.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The on-disk layout this build reads and writes. A file of an older format
+/// is upgraded in place when opened; a newer one is refused, untouched.
+///
+/// - 1: the first layout, before the version was recorded.
+/// - 2: the same tables, with the version recorded in `meta`.
+pub const FORMAT_VERSION: u64 = 2;
 
 /// redb's page cache.
 const REDB_CACHE_BYTES: usize = 64 << 20;
@@ -62,14 +77,119 @@ pub struct StoreOptions {
     /// Most notices pending per subscription; further ones are dropped and
     /// counted in its statistics, so a dead receiver cannot fill the disk.
     pub max_pending_notices: u64,
+    /// Faults to inject, for tests of failure handling.
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             max_pending_notices: notices::DEFAULT_MAX_PENDING,
+            faults: None,
         }
     }
+}
+
+/// The open database. After a storage error redb refuses every transaction
+/// ("Previous I/O error") until the database is closed and opened again, so
+/// the writer closes it on a failed commit and opens it before its next job;
+/// meanwhile readers get a clear error instead of a stale handle.
+struct DbHandle {
+    path: PathBuf,
+    faults: Option<Arc<Faults>>,
+    current: RwLock<Option<Arc<Database>>>,
+    /// The database closed after an error, until its last reader lets go.
+    closed: Mutex<Option<Weak<Database>>>,
+}
+
+/// How long the writer waits for readers of a closed database to finish.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl DbHandle {
+    fn open(path: PathBuf, faults: Option<Arc<Faults>>) -> Result<Self, StoreError> {
+        let db = open_database(&path, faults.as_ref())?;
+        Ok(Self {
+            path,
+            faults,
+            current: RwLock::new(Some(Arc::new(db))),
+            closed: Mutex::new(None),
+        })
+    }
+
+    /// The database, for one read or write.
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Io("the storage is being reopened after an error; try again".into())
+            })
+    }
+
+    /// Closes the database after a storage error.
+    fn close_after_error(&self) {
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&old));
+        }
+    }
+
+    /// Opens the database again once the readers of the closed one are done.
+    fn reopen(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(db);
+        }
+        let closed = self
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(closed) = closed {
+            let started = std::time::Instant::now();
+            while closed.strong_count() > 0 {
+                if started.elapsed() > REOPEN_WAIT {
+                    return Err(StoreError::Io(
+                        "the storage cannot be reopened: a reader still holds it".into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        let db = Arc::new(open_database(&self.path, self.faults.as_ref())?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        tracing::warn!(path = %self.path.display(), "storage reopened after an error");
+        Ok(db)
+    }
+}
+
+fn open_database(path: &Path, faults: Option<&Arc<Faults>>) -> Result<Database, StoreError> {
+    let builder = {
+        let mut b = Database::builder();
+        // The entities live in memory already; redb's page cache only
+        // needs the B-tree's upper levels and the pages being written.
+        b.set_cache_size(REDB_CACHE_BYTES);
+        b
+    };
+    let opened = match faults {
+        Some(f) => {
+            let file = faults::FaultyFile::open(path, f.clone())
+                .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+            builder.create_with_backend(file)
+        }
+        None => builder.create(path),
+    };
+    opened.map_err(|e| io(format!("cannot open {}: {e}", path.display())))
 }
 
 #[derive(Default)]
@@ -77,9 +197,28 @@ struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
     subscriptions: Registry,
     feed: feed::Feed,
+    health: Mutex<StoreHealth>,
 }
 
 impl Shared {
+    fn set_health(&self, writer: WriterState, error: Option<String>) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if writer == WriterState::Ok {
+            *h = StoreHealth::default();
+            return;
+        }
+        let since = if h.writer == writer {
+            h.since
+        } else {
+            Some(now_micros())
+        };
+        *h = StoreHealth {
+            writer,
+            error,
+            since,
+        };
+    }
+
     fn tenant(&self, tenant: &str) -> Option<Arc<TenantMap>> {
         self.tenants
             .read()
@@ -124,6 +263,18 @@ enum HistoryJob {
     Maintain(oneshot::Sender<Result<u64, StoreError>>),
 }
 
+impl HistoryJob {
+    /// Answers the job's caller with an error, the job not run.
+    fn refuse(self, e: StoreError) {
+        match self {
+            HistoryJob::Op(_, _, reply) => drop(reply.send(Err(e))),
+            HistoryJob::Import(_, _, reply) => drop(reply.send(Err(e))),
+            HistoryJob::SetRetention(_, _, reply) => drop(reply.send(Err(e))),
+            HistoryJob::Maintain(reply) => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 enum Job {
     Write(WriteJob),
     Meta(MetaOp, oneshot::Sender<Result<bool, StoreError>>),
@@ -133,7 +284,7 @@ enum Job {
 
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<DbHandle>,
     shared: Arc<Shared>,
     sender: mpsc::Sender<Job>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -153,15 +304,11 @@ impl EmbeddedStore {
     pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join("borough.redb");
-        let db = Arc::new(
-            Database::builder()
-                // The entities live in memory already; redb's page cache only
-                // needs the B-tree's upper levels and the pages being written.
-                .set_cache_size(REDB_CACHE_BYTES)
-                .create(&path)
-                .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?,
-        );
+        let handle = Arc::new(DbHandle::open(
+            dir.join("borough.redb"),
+            options.faults.clone(),
+        )?);
+        let db = handle.get()?;
         let shared = Arc::new(Shared {
             subscriptions: Registry::new(options.max_pending_notices),
             ..Shared::default()
@@ -169,30 +316,33 @@ impl EmbeddedStore {
         load(&db, &shared)?;
         let next_notice = notices::load(&db, &shared.subscriptions, now_micros())?;
         let history = History::load(&db)?;
+        drop(db);
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let writer_shared = shared.clone();
-        let writer_db = db.clone();
+        let w = Writer {
+            handle: handle.clone(),
+            shared: shared.clone(),
+            faults: options.faults,
+            next_notice,
+            history,
+        };
         let writer = std::thread::Builder::new()
             .name("borough-writer".into())
-            .spawn(move || {
-                run_writer(
-                    writer_db,
-                    writer_shared,
-                    receiver,
-                    Writer {
-                        next_notice,
-                        history,
-                    },
-                )
-            })
+            .spawn(move || run_writer(receiver, w))
             .map_err(io)?;
         spawn_maintenance(sender.clone())?;
         Ok(Self {
-            db,
+            db: handle,
             shared,
             sender,
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// The version of the on-disk format of the open file.
+    pub fn format_version(&self) -> Result<u64, StoreError> {
+        let read = self.db.get()?.begin_read().map_err(io)?;
+        let meta = read.open_table(META).map_err(io)?;
+        Ok(meta.get("format").map_err(io)?.map_or(1, |v| v.value()))
     }
 
     /// Sends a history job to the writer thread and waits for its answer.
@@ -208,7 +358,7 @@ impl EmbeddedStore {
                 .send(Job::History(job))
                 .await
                 .map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
+            answer.await.map_err(|_| dropped_answer(&sender))?
         })
     }
 
@@ -221,13 +371,42 @@ impl EmbeddedStore {
                 .send(Job::Meta(op, reply))
                 .await
                 .map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
+            answer.await.map_err(|_| dropped_answer(&sender))?
         })
     }
 }
 
+/// Checks the file's format and upgrades it to [`FORMAT_VERSION`].
+fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let fresh = txn.list_tables().map_err(io)?.next().is_none();
+    let mut meta = txn.open_table(META).map_err(io)?;
+    let found = match meta.get("format").map_err(io)? {
+        Some(v) => v.value(),
+        // Files of format 1 have tables but no version.
+        None if fresh => FORMAT_VERSION,
+        None => 1,
+    };
+    if found > FORMAT_VERSION {
+        return Err(io(format!(
+            "the data is in format {found}, written by a newer Borough; this one reads formats up to \
+             {FORMAT_VERSION}: run the newer version, or restore a backup"
+        )));
+    }
+    // Each step converts one format to the next; 1 -> 2 only records the version.
+    if found < FORMAT_VERSION {
+        tracing::info!(
+            from = found,
+            to = FORMAT_VERSION,
+            "upgrading the data's on-disk format"
+        );
+    }
+    meta.insert("format", FORMAT_VERSION).map_err(io)?;
+    Ok(())
+}
+
 fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(io)?;
+    upgrade(&txn)?;
     // Create the tables on first open so that reads never miss them.
     txn.open_table(ENTITIES).map_err(io)?;
     txn.open_table(TENANTS).map_err(io)?;
@@ -279,8 +458,78 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
 
 /// What only the writer thread keeps.
 struct Writer {
+    handle: Arc<DbHandle>,
+    shared: Arc<Shared>,
+    faults: Option<Arc<Faults>>,
     next_notice: u64,
     history: History,
+}
+
+impl Writer {
+    /// The open database; after a storage error, opened again first, with
+    /// the writer's history state read again from it (the file is the truth).
+    fn database(&mut self) -> Result<Arc<Database>, StoreError> {
+        if let Ok(db) = self.handle.get() {
+            return Ok(db);
+        }
+        let db = self.handle.reopen()?;
+        self.history = History::load(&db)?;
+        Ok(db)
+    }
+
+    /// Records how a transaction ended. A failed one closes the database,
+    /// so that the next job opens it again.
+    fn outcome<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => self.shared.set_health(WriterState::Ok, None),
+            Err(e) => {
+                self.shared
+                    .set_health(WriterState::Failing, Some(e.to_string()));
+                self.handle.close_after_error();
+            }
+        }
+    }
+
+    /// Runs one job of the writer; a panic in it is caught, its callers are
+    /// answered with an error (their reply channels close), and the in-memory
+    /// state is read again from the file, which holds only what committed.
+    ///
+    /// When the database cannot be opened, the job gets the error to answer with.
+    fn guarded(&mut self, job: impl FnOnce(&mut Writer, Result<&Database, StoreError>)) {
+        let db = match self.database() {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::error!(error = %e, "the storage cannot be opened; the job is refused");
+                self.shared
+                    .set_health(WriterState::Failing, Some(e.to_string()));
+                job(self, Err(e));
+                return;
+            }
+        };
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(self, Ok(&db))));
+        if let Err(panic) = run {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            tracing::error!(panic = %what, "the writer panicked; its jobs were refused, state is reloaded");
+            self.shared
+                .tenants
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            let reloaded = load(&db, &self.shared).and_then(|()| History::load(&db));
+            match reloaded {
+                Ok(h) => self.history = h,
+                Err(e) => tracing::error!(error = %e, "state cannot be reloaded after a panic"),
+            }
+            self.shared.set_health(
+                WriterState::Failing,
+                Some(format!("the writer panicked: {what}")),
+            );
+        }
+    }
 }
 
 /// How often maintenance (sealing old hot rows, retention) runs.
@@ -305,12 +554,7 @@ fn spawn_maintenance(sender: mpsc::Sender<Job>) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn run_writer(
-    db: Arc<Database>,
-    shared: Arc<Shared>,
-    mut receiver: mpsc::Receiver<Job>,
-    mut w: Writer,
-) {
+fn run_writer(mut receiver: mpsc::Receiver<Job>, mut w: Writer) {
     let mut close_reply = None;
     while close_reply.is_none() {
         let Some(first) = receiver.blocking_recv() else {
@@ -321,15 +565,13 @@ fn run_writer(
         let mut next = Some(first);
         while let Some(job) = next.take() {
             match job {
-                Job::Write(w) => {
-                    ops += w.ops.len();
-                    group.push(w);
+                Job::Write(job) => {
+                    ops += job.ops.len();
+                    group.push(job);
                 }
                 Job::Meta(op, reply) => {
                     // Keep the order: writes queued before it commit first.
-                    if !group.is_empty() {
-                        commit_group(&db, &shared, std::mem::take(&mut group), &mut w);
-                    }
+                    commit_pending(&mut w, &mut group);
                     if let MetaOp::NoticesDone(..) = op {
                         // Deliveries finish in bursts: forget all that are waiting in one transaction.
                         let mut done = vec![(op, reply)];
@@ -343,21 +585,24 @@ fn run_writer(
                                 Err(_) => break,
                             }
                         }
-                        notices::apply_done(&db, &shared.subscriptions, done);
+                        w.guarded(|w, db| match db {
+                            Ok(db) => {
+                                let result = notices::apply_done(db, &w.shared.subscriptions, done);
+                                w.outcome(&result);
+                            }
+                            Err(e) => {
+                                for (_, reply) in done {
+                                    let _ = reply.send(Err(copy(&e)));
+                                }
+                            }
+                        });
                     } else {
-                        let _ = reply.send(notices::apply_meta(
-                            &db,
-                            &shared.subscriptions,
-                            op,
-                            now_micros(),
-                        ));
+                        meta(&mut w, op, reply);
                     }
                 }
                 Job::History(job) => {
-                    if !group.is_empty() {
-                        commit_group(&db, &shared, std::mem::take(&mut group), &mut w);
-                    }
-                    apply_history(&db, &shared, &mut w.history, job);
+                    commit_pending(&mut w, &mut group);
+                    w.guarded(|w, db| apply_history(db, w, job));
                 }
                 Job::Close(r) => {
                     close_reply = Some(r);
@@ -368,42 +613,86 @@ fn run_writer(
                 next = receiver.try_recv().ok();
             }
         }
-        if !group.is_empty() {
-            commit_group(&db, &shared, group, &mut w);
-        }
+        commit_pending(&mut w, &mut group);
     }
     // Refuse new writes, then finish the ones already queued.
     receiver.close();
     let mut rest = Vec::new();
     while let Ok(job) = receiver.try_recv() {
         match job {
-            Job::Write(w) => rest.push(w),
+            Job::Write(job) => rest.push(job),
             Job::Meta(op, reply) => {
-                let _ = reply.send(notices::apply_meta(
-                    &db,
-                    &shared.subscriptions,
-                    op,
-                    now_micros(),
-                ));
+                commit_pending(&mut w, &mut rest);
+                meta(&mut w, op, reply);
             }
             Job::History(job) => {
-                if !rest.is_empty() {
-                    commit_group(&db, &shared, std::mem::take(&mut rest), &mut w);
-                }
-                apply_history(&db, &shared, &mut w.history, job);
+                commit_pending(&mut w, &mut rest);
+                w.guarded(|w, db| apply_history(db, w, job));
             }
             Job::Close(r) => {
                 let _ = r.send(Ok(()));
             }
         }
     }
-    if !rest.is_empty() {
-        commit_group(&db, &shared, rest, &mut w);
-    }
-    drop(db);
+    commit_pending(&mut w, &mut rest);
+    w.shared
+        .set_health(WriterState::Stopped, Some("the store is closed".into()));
+    drop(w);
     if let Some(r) = close_reply {
         let _ = r.send(Ok(()));
     }
+}
+
+/// Commits the writes gathered so far, if any.
+fn commit_pending(w: &mut Writer, group: &mut Vec<WriteJob>) {
+    if group.is_empty() {
+        return;
+    }
+    let (work, replies): (Vec<_>, Vec<_>) = std::mem::take(group)
+        .into_iter()
+        .map(|job| ((job.tenant, job.ops), job.reply))
+        .unzip();
+    let mut outcome = None;
+    w.guarded(|w, db| outcome = Some(db.and_then(|db| commit_group(db, work, w))));
+    // Answered here, after `guarded` has recorded the writer's health.
+    match outcome {
+        Some(Ok(results)) => {
+            for (reply, results) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(results));
+            }
+        }
+        Some(Err(e)) => {
+            for reply in replies {
+                let _ = reply.send(Err(copy(&e)));
+            }
+        }
+        None => {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Io(
+                    "the write failed inside the store and was not committed".into(),
+                )));
+            }
+        }
+    }
+}
+
+/// The same storage error, for another caller.
+fn copy(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Closed => StoreError::Closed,
+        StoreError::Io(m) => StoreError::Io(m.clone()),
+    }
+}
+
+fn meta(w: &mut Writer, op: MetaOp, reply: oneshot::Sender<Result<bool, StoreError>>) {
+    w.guarded(|w, db| {
+        let result = db.and_then(|db| {
+            let result = notices::apply_meta(db, &w.shared.subscriptions, op, now_micros());
+            w.outcome(&result);
+            result
+        });
+        let _ = reply.send(result);
+    });
 }
 
 type Key = (String, String);
@@ -411,20 +700,29 @@ type Key = (String, String);
 type Staged = Option<Arc<Entity>>;
 
 /// Applies a group of writes to the latest state, commits them in one
-/// transaction, then publishes the new state and answers every caller.
-fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Writer) {
+/// transaction, then publishes the new state; answers each write's results.
+fn commit_group(
+    db: &Database,
+    group: Vec<(String, Vec<EntityOp>)>,
+    w: &mut Writer,
+) -> Result<Vec<WriteResults>, StoreError> {
+    if w.faults.as_ref().is_some_and(|f| f.take_panic()) {
+        panic!("injected fault in the writer");
+    }
+    let shared = w.shared.clone();
+    let shared = shared.as_ref();
     let now = now_micros();
     let mut staged: HashMap<Key, Staged> = HashMap::new();
     let mut notices: Vec<Notice> = Vec::new();
     let mut recorded: Vec<Recorded> = Vec::new();
     let mut new_tenants: Vec<String> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
-    for job in group {
-        let committed = shared.tenant(&job.tenant);
-        let subscriptions = shared.subscriptions.tenant(&job.tenant);
-        let mut results = Vec::with_capacity(job.ops.len());
-        for op in job.ops {
-            let key = (job.tenant.clone(), op.entity_id().to_string());
+    for (tenant, ops) in group {
+        let committed = shared.tenant(&tenant);
+        let subscriptions = shared.subscriptions.tenant(&tenant);
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let key = (tenant.clone(), op.entity_id().to_string());
             let current = match staged.get(&key) {
                 Some(s) => s.clone(),
                 None => committed.as_ref().and_then(|m| {
@@ -450,12 +748,12 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
                         Change::Unchanged => None,
                     };
                     if let Some(Some(after)) = &after {
-                        record_history(&job.tenant, current.as_deref(), after, &mut recorded);
+                        record_history(&tenant, current.as_deref(), after, &mut recorded);
                     }
                     if let (Some(after), Some(subs)) = (after, &subscriptions) {
                         notices::match_change(
                             subs,
-                            &job.tenant,
+                            &tenant,
                             current.as_ref(),
                             after.as_ref(),
                             now,
@@ -468,12 +766,12 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
             }
         }
         if committed.is_none()
-            && !new_tenants.contains(&job.tenant)
+            && !new_tenants.contains(&tenant)
             && results.iter().any(Result::is_ok)
         {
-            new_tenants.push(job.tenant.clone());
+            new_tenants.push(tenant.clone());
         }
-        answers.push((job.reply, results));
+        answers.push(results);
     }
 
     // A subscription with its bound of pending notices gets no more.
@@ -488,13 +786,10 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
         &mut w.history,
         &recorded,
     );
+    w.outcome(&persisted);
     if let Err(e) = persisted {
         tracing::error!(error = %e, "commit failed; the group's writes are rejected");
-        reload_history(db, &mut w.history);
-        for (reply, _) in answers {
-            let _ = reply.send(Err(StoreError::Io(e.to_string())));
-        }
-        return;
+        return Err(e);
     }
 
     // Publish: readers see the group only now that it is durable.
@@ -518,9 +813,7 @@ fn commit_group(db: &Database, shared: &Shared, group: Vec<WriteJob>, w: &mut Wr
         w.next_notice = first_notice + notices.len() as u64;
         shared.subscriptions.watch.send_replace(w.next_notice - 1);
     }
-    for (reply, results) in answers {
-        let _ = reply.send(Ok(results));
-    }
+    Ok(answers)
 }
 
 fn persist(
@@ -592,34 +885,31 @@ fn record_history(
     }
 }
 
-/// After a failed commit the writer's history state may be ahead of the file.
-fn reload_history(db: &Database, history: &mut History) {
-    match History::load(db) {
-        Ok(h) => *history = h,
-        Err(e) => tracing::error!(error = %e, "history state cannot be reloaded"),
-    }
-}
-
 /// Runs one history job in its own durable transaction.
-fn apply_history(db: &Database, shared: &Shared, history: &mut History, job: HistoryJob) {
+fn apply_history(db: Result<&Database, StoreError>, w: &mut Writer, job: HistoryJob) {
+    let db = match db {
+        Ok(db) => db,
+        Err(e) => return job.refuse(e),
+    };
+    /// A failed transaction closes the database; the writer's history state,
+    /// which may be ahead of the file, is read again when it reopens.
     fn run<T>(
         db: &Database,
-        history: &mut History,
+        w: &mut Writer,
         f: impl FnOnce(&redb::WriteTransaction, &mut History) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let result = (|| {
             let mut txn = db.begin_write().map_err(io)?;
             txn.set_durability(redb::Durability::Immediate)
                 .map_err(io)?;
-            let out = f(&txn, history)?;
+            let out = f(&txn, &mut w.history)?;
             txn.commit().map_err(io)?;
             Ok(out)
         })();
-        if result.is_err() {
-            reload_history(db, history);
-        }
+        w.outcome(&result);
         result
     }
+    let shared = w.shared.clone();
     // History can be a tenant's first data: the tenant then exists.
     let add_tenant = |txn: &redb::WriteTransaction, tenant: &str| -> Result<(), StoreError> {
         if shared.tenant(tenant).is_none() {
@@ -633,7 +923,7 @@ fn apply_history(db: &Database, shared: &Shared, history: &mut History, job: His
     let now = now_micros();
     match job {
         HistoryJob::Op(tenant, op, reply) => {
-            let result = run(db, history, |txn, h| {
+            let result = run(db, w, |txn, h| {
                 let out = h.apply(txn, &tenant, op, now)?;
                 if out == HistoryOutcome::Created {
                     add_tenant(txn, &tenant)?;
@@ -646,7 +936,7 @@ fn apply_history(db: &Database, shared: &Shared, history: &mut History, job: His
             let _ = reply.send(result);
         }
         HistoryJob::Import(tenant, series, reply) => {
-            let result = run(db, history, |txn, h| {
+            let result = run(db, w, |txn, h| {
                 add_tenant(txn, &tenant)?;
                 let (points, series) = h.import(txn, &tenant, series, now)?;
                 Ok(ImportCounts { points, series })
@@ -657,16 +947,26 @@ fn apply_history(db: &Database, shared: &Shared, history: &mut History, job: His
             let _ = reply.send(result);
         }
         HistoryJob::SetRetention(tenant, r, reply) => {
-            let _ = reply.send(run(db, history, |txn, _| {
+            let _ = reply.send(run(db, w, |txn, _| {
                 history::set_retention(txn, &tenant, &r)
             }));
         }
         HistoryJob::Maintain(reply) => {
-            let _ = reply.send(run(db, history, |txn, h| {
+            let _ = reply.send(run(db, w, |txn, h| {
                 h.seal_old(txn, now - history::SEAL_AGE_MICROS)?;
                 h.apply_retention(txn, now)
             }));
         }
+    }
+}
+
+/// The error of a job whose answer never came: a fault in the writer (caught:
+/// nothing of the job was committed), or the store closed.
+fn dropped_answer(sender: &mpsc::Sender<Job>) -> StoreError {
+    if sender.is_closed() {
+        StoreError::Closed
+    } else {
+        StoreError::Io("the write failed inside the store and was not committed".into())
     }
 }
 
@@ -776,12 +1076,12 @@ impl EntityStore for EmbeddedStore {
                 .send(Job::Write(WriteJob { tenant, ops, reply }))
                 .await
                 .map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
+            answer.await.map_err(|_| dropped_answer(&sender))?
         })
     }
 
     fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db.get()?.begin_write().map_err(io)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(io)?;
         txn.open_table(CONTEXTS)
@@ -792,7 +1092,7 @@ impl EntityStore for EmbeddedStore {
     }
 
     fn delete_context(&self, id: &str) -> Result<bool, StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db.get()?.begin_write().map_err(io)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(io)?;
         let existed = txn
@@ -806,7 +1106,7 @@ impl EntityStore for EmbeddedStore {
     }
 
     fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let read = self.db.begin_read().map_err(io)?;
+        let read = self.db.get()?.begin_read().map_err(io)?;
         let table = read.open_table(CONTEXTS).map_err(io)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(io)? {
@@ -861,7 +1161,7 @@ impl EntityStore for EmbeddedStore {
     }
 
     fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
-        notices::pending(&self.db, after, limit)
+        notices::pending(&*self.db.get()?, after, limit)
     }
 
     fn notices_done(
@@ -874,7 +1174,7 @@ impl EntityStore for EmbeddedStore {
     }
 
     fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<(Notice, String)>, StoreError> {
-        notices::dead_letters(&self.db, tenant, id)
+        notices::dead_letters(&*self.db.get()?, tenant, id)
     }
 
     fn notice_watch(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -904,7 +1204,7 @@ impl EntityStore for EmbeddedStore {
         id: &str,
         request: &HistoryRequest,
     ) -> Result<Option<EntityHistory>, StoreError> {
-        history::read(&self.db, tenant, id, request)
+        history::read(&*self.db.get()?, tenant, id, request)
     }
 
     fn history_entities(
@@ -912,7 +1212,7 @@ impl EntityStore for EmbeddedStore {
         tenant: &str,
         types: Option<&[String]>,
     ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
-        history::entities(&self.db, tenant, types)
+        history::entities(&*self.db.get()?, tenant, types)
     }
 
     fn write_history(
@@ -943,11 +1243,26 @@ impl EntityStore for EmbeddedStore {
     }
 
     fn retention(&self, tenant: &str) -> Result<Retention, StoreError> {
-        history::retention(&self.db, tenant)
+        history::retention(&*self.db.get()?, tenant)
     }
 
     fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
         self.history_job(HistoryJob::Maintain)
+    }
+
+    fn health(&self) -> StoreHealth {
+        if self.sender.is_closed() {
+            return StoreHealth {
+                writer: WriterState::Stopped,
+                error: Some("the store's writer is not running".into()),
+                since: None,
+            };
+        }
+        self.shared
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
@@ -1029,6 +1344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions {
             max_pending_notices: 3,
+            ..StoreOptions::default()
         };
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         for id in ["urn:s:1", "urn:s:2"] {
@@ -1079,6 +1395,125 @@ mod tests {
         assert_eq!(store.pending_notices(0, 100).unwrap().len(), 6);
     }
 
+    fn located(id: &str, n: i64) -> EntityOp {
+        let e = borough_core::entity::parse_entity(
+            &serde_json::json!({"id": id, "type": "Spot", "n": n,
+                "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.0, 48.0]}}}),
+            &borough_core::Context::core(),
+            0,
+        )
+        .unwrap();
+        EntityOp::Upsert {
+            entity: e,
+            replace: false,
+        }
+    }
+
+    async fn write_ok(store: &EmbeddedStore, op: EntityOp) {
+        let results = store.write("t", vec![op]).await.unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+
+    /// Instances of the entity's history, over all its attributes.
+    fn history_len(store: &EmbeddedStore, id: &str) -> usize {
+        let request = HistoryRequest {
+            attrs: None,
+            time_property: borough_core::temporal::TimeProperty::ModifiedAt,
+            range: borough_core::temporal::TimeRange::ALL,
+            last_n: None,
+            max_instances: 1000,
+            aggregation: None,
+        };
+        let Some(h) = store.history("t", id, &request).unwrap() else {
+            return 0;
+        };
+        h.attrs
+            .iter()
+            .map(|a| match &a.body {
+                borough_core::temporal::HistoryBody::Instances(i) => i.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_fails_writes_clearly_and_the_store_recovers_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let options = StoreOptions {
+            faults: Some(faults.clone()),
+            ..StoreOptions::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        write_ok(&store, located("urn:spot:1", 1)).await;
+        assert!(store.health().is_ok());
+
+        faults.set_disk_full(true);
+        for n in [2, 3] {
+            let failed = store.write("t", vec![located("urn:spot:2", n)]).await;
+            match failed {
+                Err(StoreError::Io(m)) => assert!(m.contains("No space left"), "{m}"),
+                other => panic!("expected a storage error, got {other:?}"),
+            }
+        }
+        let health = store.health();
+        assert_eq!(health.writer, WriterState::Failing);
+        assert!(health.since.is_some());
+        assert!(
+            store.get("t", "urn:spot:2").is_none(),
+            "nothing of a failed write is visible"
+        );
+
+        // Space is back: the next write commits, without a restart.
+        faults.set_disk_full(false);
+        write_ok(&store, located("urn:spot:3", 3)).await;
+        assert!(store.health().is_ok(), "{:?}", store.health());
+        assert_eq!(
+            history_len(&store, "urn:spot:3"),
+            2,
+            "history is recorded again"
+        );
+        write_ok(&store, spot(10)).await;
+        assert_eq!(history_len(&store, "urn:spot:1"), 3, "one more instance: n");
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(store.get("t", "urn:spot:1").is_some());
+        assert!(store.get("t", "urn:spot:3").is_some());
+        assert!(store.get("t", "urn:spot:2").is_none());
+        assert_eq!(history_len(&store, "urn:spot:1"), 3);
+        assert_eq!(history_len(&store, "urn:spot:2"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_the_writer_fails_its_group_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let options = StoreOptions {
+            faults: Some(faults.clone()),
+            ..StoreOptions::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        write_ok(&store, located("urn:spot:1", 1)).await;
+        faults.panic_in_next_group();
+        match store.write("t", vec![located("urn:spot:9", 9)]).await {
+            Err(StoreError::Io(m)) => assert!(m.contains("not committed"), "{m}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let health = store.health();
+        assert_eq!(health.writer, WriterState::Failing);
+        assert!(health.error.unwrap_or_default().contains("panicked"));
+        assert!(store.get("t", "urn:spot:9").is_none());
+        assert_eq!(store.entity_count("t"), 1);
+
+        write_ok(&store, located("urn:spot:2", 2)).await;
+        assert!(store.health().is_ok());
+        assert_eq!(store.entity_count("t"), 2);
+        let q = EntityQuery::default();
+        assert_eq!(store.query("t", &q, 0, 10, true).total, Some(2));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_after_close_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1088,5 +1523,6 @@ mod tests {
             .write("t", vec![EntityOp::Delete { id: "urn:x".into() }])
             .await;
         assert!(matches!(r, Err(StoreError::Closed)));
+        assert_eq!(store.health().writer, WriterState::Stopped);
     }
 }

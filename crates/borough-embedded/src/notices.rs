@@ -487,7 +487,7 @@ pub fn apply_done(
         MetaOp,
         tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
     )>,
-) {
+) -> Result<(), StoreError> {
     let result = (|| -> Result<(), StoreError> {
         let mut txn = db.begin_write().map_err(io)?;
         let durable = done
@@ -533,6 +533,7 @@ pub fn apply_done(
                 .map_err(|e| StoreError::Io(e.to_string())),
         );
     }
+    result
 }
 
 /// Applies one meta operation in its own transaction.

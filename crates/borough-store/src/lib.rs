@@ -26,6 +26,38 @@ pub enum StoreError {
     Closed,
 }
 
+/// The state of a store's write path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriterState {
+    /// Writes commit.
+    #[default]
+    Ok,
+    /// The last write failed (a storage error, or a fault in the writer); the
+    /// store tries again with the next one.
+    Failing,
+    /// The store is closed, or its writer is gone: no write can commit.
+    Stopped,
+}
+
+/// What `/health` tells of the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    pub writer: WriterState,
+    /// The last failure, while the writer is not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when (microseconds) the writer is not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+}
+
+impl StoreHealth {
+    pub fn is_ok(&self) -> bool {
+        self.writer == WriterState::Ok
+    }
+}
+
 /// The outcome of each operation of one write, in order.
 pub type WriteResults = Vec<Result<OpOutcome, NgsiError>>;
 
@@ -304,6 +336,9 @@ pub trait EntityStore: Send + Sync + 'static {
     /// Runs history maintenance now (sealing, retention); answers the number
     /// of instances retention removed. It also runs periodically by itself.
     fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>>;
+
+    /// The state of the write path: whether writes commit, and the last failure if not.
+    fn health(&self) -> StoreHealth;
 
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;

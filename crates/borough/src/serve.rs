@@ -227,6 +227,7 @@ pub async fn start(
             &args.data,
             borough_embedded::StoreOptions {
                 max_pending_notices: args.max_pending_notices,
+                ..Default::default()
             },
         )
         .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,

@@ -70,8 +70,13 @@ impl TestApp {
     }
 
     pub fn with_config(config: ApiConfig) -> Self {
+        Self::with_store_options(config, borough_embedded::StoreOptions::default())
+    }
+
+    /// With store options: injected faults, for one.
+    pub fn with_store_options(config: ApiConfig, options: borough_embedded::StoreOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(EmbeddedStore::open(dir.path()).expect("store"));
+        let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).expect("store"));
         Self {
             router: with_normalized_paths(router(store.clone(), config.clone()).expect("router")),
             store,

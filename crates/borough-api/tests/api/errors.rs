@@ -141,3 +141,46 @@ async fn a_failed_update_leaves_the_entity_as_it_was() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(app.get(E1).await.body, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_500_and_unhealthy_until_space_returns() {
+    let faults = std::sync::Arc::new(borough_embedded::Faults::default());
+    let app = TestApp::with_store_options(
+        crate::common::test_config(),
+        borough_embedded::StoreOptions {
+            faults: Some(faults.clone()),
+            ..Default::default()
+        },
+    );
+    let entity = |n: i64| json!({"id": "urn:ngsi-ld:T:1", "type": "T", "n": n});
+    assert_eq!(app.get("/health").await.status, StatusCode::OK);
+
+    faults.set_disk_full(true);
+    let r = app.json(Method::POST, ENTITIES, &entity(1)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(r.problem(), "InternalError");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("No space left"),
+        "{}",
+        r.body
+    );
+    let health = app.get("/health").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.body["status"], "unavailable");
+    assert_eq!(health.body["writer"]["writer"], "failing");
+    assert!(
+        health.body["writer"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left")
+    );
+    assert_nothing_stored(&app).await;
+
+    faults.set_disk_full(false);
+    let r = app.json(Method::POST, ENTITIES, &entity(2)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let health = app.get("/health").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.body["writer"]["writer"], "ok");
+    assert_eq!(app.get(E1).await.body["n"]["value"], 2);
+}
