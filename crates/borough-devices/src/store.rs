@@ -20,7 +20,7 @@ use borough_core::temporal::{
 };
 use borough_core::{Entity, EntityOp};
 use borough_store::{
-    EntityChange, EntityStore, GeoBox, ImportCounts, Notice, QueryPage, StoreError, WriteResults,
+    ChangeBatch, EntityStore, GeoBox, ImportCounts, Notice, QueryPage, StoreError, WriteResults,
 };
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -267,7 +267,7 @@ impl EntityStore for CommandingStore {
     ) {
         self.inner.within_box(tenant, geoproperty, bbox, visit)
     }
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<EntityChange> {
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<ChangeBatch> {
         self.inner.changes()
     }
     fn history(

@@ -1025,7 +1025,7 @@ impl EntityStore for EmbeddedStore {
         }
     }
 
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<borough_store::EntityChange> {
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<borough_store::ChangeBatch> {
         self.shared.feed.subscribe()
     }
 

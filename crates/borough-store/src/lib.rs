@@ -167,6 +167,11 @@ pub struct EntityChange {
     pub entity: Option<Arc<Entity>>,
 }
 
+/// The changes of one committed write group, in commit order. The feed
+/// carries groups, not single changes, so that its buffer is counted in
+/// commits: one large batch can never overflow it by itself.
+pub type ChangeBatch = Arc<Vec<EntityChange>>;
+
 /// A box in longitude/latitude degrees: `[min_lon, min_lat, max_lon, max_lat]`.
 pub type GeoBox = [f64; 4];
 
@@ -203,10 +208,11 @@ pub trait EntityStore: Send + Sync + 'static {
         visit: &mut dyn FnMut(&Arc<Entity>, [f64; 2]) -> bool,
     );
 
-    /// The change feed: every entity change, in commit order, published once it
-    /// is committed and visible to readers. A receiver that falls behind loses
-    /// the oldest changes (`RecvError::Lagged`); it never slows the writer.
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<EntityChange>;
+    /// The change feed: every entity change, in commit order, one batch per
+    /// committed group, published once it is committed and visible to
+    /// readers. A receiver that falls behind loses the oldest batches
+    /// (`RecvError::Lagged`); it never slows the writer.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<ChangeBatch>;
 
     /// The entities matching `query`, ordered by id, skipping `offset` and
     /// returning at most `limit`; with `count`, also the total number of matches.

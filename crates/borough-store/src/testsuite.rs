@@ -56,11 +56,12 @@ pub async fn change_feed_carries_commits(store: &dyn EntityStore) {
         .await
         .expect("write");
     let created = feed.recv().await.expect("a change");
-    assert_eq!((&*created.tenant, &*created.id), (t, "urn:f"));
-    assert_eq!(created.entity.as_deref().map(speed), Some(json!(1)));
+    assert_eq!(created.len(), 1);
+    assert_eq!((&*created[0].tenant, &*created[0].id), (t, "urn:f"));
+    assert_eq!(created[0].entity.as_deref().map(speed), Some(json!(1)));
     let deleted = feed.recv().await.expect("a change");
-    assert_eq!(&*deleted.id, "urn:f");
-    assert!(deleted.entity.is_none());
+    assert_eq!(&*deleted[0].id, "urn:f");
+    assert!(deleted[0].entity.is_none());
     // A write that fails changes nothing and publishes nothing.
     let r = store
         .write(t, vec![EntityOp::Delete { id: "urn:f".into() }])
@@ -68,6 +69,22 @@ pub async fn change_feed_carries_commits(store: &dyn EntityStore) {
         .expect("write");
     assert!(r[0].is_err());
     assert!(feed.try_recv().is_err());
+
+    // One large write reaches a listener whole: the feed never drops a
+    // write's changes because the write is large.
+    let many = 17_000;
+    let ops = (0..many)
+        .map(|i| EntityOp::Create(entity(&format!("urn:big:{i}"), i as i64)))
+        .collect();
+    let r = store.write(t, ops).await.expect("write");
+    assert!(r.iter().all(Result::is_ok));
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < many {
+        match feed.try_recv() {
+            Ok(batch) => seen.extend(batch.iter().map(|c| c.id.clone())),
+            Err(e) => panic!("{} of {many} changes, then {e:?}", seen.len()),
+        }
+    }
 }
 
 pub async fn within_box_visits_located_entities(store: &dyn EntityStore) {

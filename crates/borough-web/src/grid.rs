@@ -248,7 +248,7 @@ impl GridIndex {
 
 async fn follow(
     index: std::sync::Weak<GridIndex>,
-    mut rx: broadcast::Receiver<borough_store::EntityChange>,
+    mut rx: broadcast::Receiver<borough_store::ChangeBatch>,
     mut stop: Option<watch::Receiver<bool>>,
 ) {
     loop {
@@ -266,19 +266,25 @@ async fn follow(
         };
         let Some(index) = index.upgrade() else { return };
         match change {
-            Ok(c) => {
-                let grid = index
-                    .tenants
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&*c.tenant)
-                    .cloned();
-                if let Some(g) = grid {
-                    g.write().unwrap_or_else(|e| e.into_inner()).put(
-                        &c.id,
-                        c.entity.as_deref(),
-                        &index.location,
-                    );
+            Ok(batch) => {
+                let mut current: Option<(&str, Option<Arc<RwLock<TenantGrid>>>)> = None;
+                for c in batch.iter() {
+                    if current.as_ref().is_none_or(|(t, _)| *t != &*c.tenant) {
+                        let grid = index
+                            .tenants
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&*c.tenant)
+                            .cloned();
+                        current = Some((&c.tenant, grid));
+                    }
+                    if let Some((_, Some(g))) = &current {
+                        g.write().unwrap_or_else(|e| e.into_inner()).put(
+                            &c.id,
+                            c.entity.as_deref(),
+                            &index.location,
+                        );
+                    }
                 }
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {

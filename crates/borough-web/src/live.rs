@@ -8,7 +8,7 @@
 use crate::alerts::{Alert, alert_of, state_of};
 use axum::response::sse::Event;
 use borough_core::{Context, Entity};
-use borough_store::{EntityChange, EntityStore};
+use borough_store::{ChangeBatch, EntityStore};
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::Value;
@@ -86,7 +86,7 @@ pub fn summary(id: &str, e: Option<&Entity>, location: &str) -> Summary {
 }
 
 struct Live {
-    rx: broadcast::Receiver<EntityChange>,
+    rx: broadcast::Receiver<ChangeBatch>,
     tenant: String,
     location: String,
     stop: Option<watch::Receiver<bool>>,
@@ -94,7 +94,7 @@ struct Live {
 }
 
 enum Next {
-    Change(EntityChange),
+    Changes(ChangeBatch),
     Lagged,
     Stop,
 }
@@ -112,11 +112,28 @@ impl Live {
         };
         tokio::select! {
             r = self.rx.recv() => match r {
-                Ok(c) => Next::Change(c),
+                Ok(batch) => Next::Changes(batch),
                 Err(broadcast::error::RecvError::Lagged(_)) => Next::Lagged,
                 Err(broadcast::error::RecvError::Closed) => Next::Stop,
             },
             _ = stop => Next::Stop,
+        }
+    }
+
+    /// Adds this tenant's changes of a batch to `pending`; past
+    /// [`MAX_PER_EVENT`] entities the page is told to resync instead.
+    fn gather(
+        &self,
+        batch: &ChangeBatch,
+        pending: &mut HashMap<Arc<str>, Option<Arc<Entity>>>,
+        resync: &mut bool,
+    ) {
+        for c in batch.iter().filter(|c| *c.tenant == *self.tenant) {
+            if pending.len() < MAX_PER_EVENT || pending.contains_key(&c.id) {
+                pending.insert(c.id.clone(), c.entity.clone());
+            } else {
+                *resync = true;
+            }
         }
     }
 
@@ -130,11 +147,12 @@ impl Live {
         // Wait for the first change of this tenant, then gather for a window.
         loop {
             match self.next().await {
-                Next::Change(c) if *c.tenant == *self.tenant => {
-                    pending.insert(c.id, c.entity);
-                    break;
+                Next::Changes(batch) => {
+                    self.gather(&batch, &mut pending, &mut resync);
+                    if !pending.is_empty() || resync {
+                        break;
+                    }
                 }
-                Next::Change(_) => {}
                 Next::Lagged => {
                     resync = true;
                     break;
@@ -149,14 +167,7 @@ impl Live {
                 _ = tokio::time::sleep_until(deadline) => break,
             };
             match next {
-                Next::Change(c) if *c.tenant == *self.tenant => {
-                    if pending.len() < MAX_PER_EVENT || pending.contains_key(&c.id) {
-                        pending.insert(c.id, c.entity);
-                    } else {
-                        resync = true;
-                    }
-                }
-                Next::Change(_) => {}
+                Next::Changes(batch) => self.gather(&batch, &mut pending, &mut resync),
                 Next::Lagged => resync = true,
                 Next::Stop => return None,
             }
