@@ -288,6 +288,20 @@ async fn health(axum::extract::State(state): axum::extract::State<SharedState>) 
     json_response(status, &body)
 }
 
+/// Runs a store call that reads or writes its file on the blocking pool, so
+/// that a slow disk never stalls the async workers serving other requests.
+pub(crate) async fn off_executor<T: Send + 'static>(
+    state: &SharedState,
+    call: impl FnOnce(&dyn EntityStore) -> Result<T, borough_store::StoreError> + Send + 'static,
+) -> problem::ApiResult<T> {
+    let store = state.store.clone();
+    let joined = tokio::task::spawn_blocking(move || call(store.as_ref())).await;
+    match joined {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(NgsiError::internal(format!("a store call failed: {e}")).into()),
+    }
+}
+
 async fn static_body_route(
     axum::extract::State(state): axum::extract::State<SharedState>,
 ) -> Response {

@@ -276,7 +276,10 @@ pub async fn dead_letters(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     find(&state, &tenant, &id)?;
-    let letters = state.store.dead_letters(&tenant, &id)?;
+    let letters = {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        crate::off_executor(&state, move |s| s.dead_letters(&tenant, &id)).await?
+    };
     let body: Vec<Value> = letters
         .iter()
         .map(|(n, error)| {

@@ -943,9 +943,11 @@ pub async fn append(
     let obj = v
         .as_object()
         .ok_or_else(|| NgsiError::bad_data("the body must be a JSON object of attributes"))?;
-    let existing = state
-        .store
-        .history_entities(&tenant, None)?
+    let with_history = {
+        let tenant = tenant.clone();
+        crate::off_executor(&state, move |s| s.history_entities(&tenant, None)).await?
+    };
+    let existing = with_history
         .into_iter()
         .find(|(e, _)| *e == id)
         .ok_or_else(|| {
@@ -1126,7 +1128,10 @@ pub async fn get_retention(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
-    let r = state.store.retention(&tenant)?;
+    let r = {
+        let tenant = tenant.clone();
+        crate::off_executor(&state, move |s| s.retention(&tenant)).await?
+    };
     let ctx = crate::contexts::ActiveContext::core().ctx;
     let types: Map<String, Value> = r
         .types

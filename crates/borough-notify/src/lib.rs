@@ -167,8 +167,15 @@ async fn dispatch(
             in_flight.remove(&seq);
         }
     }
-    let pending = match shared.store.pending_notices(after, SCAN) {
-        Ok(p) => p,
+    // The outbox is read from the store's file: off the async workers.
+    let store = shared.store.clone();
+    let read = tokio::task::spawn_blocking(move || store.pending_notices(after, SCAN)).await;
+    let pending = match read {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot read the notification outbox");
+            return (after, true);
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot read the notification outbox");
             return (after, true);
