@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use borough_core::subscription::{CompiledSubscription, SubscriptionRecord};
 use borough_core::validate::{check_uri, format_datetime, now_micros};
 use borough_core::{NgsiError, ProblemKind};
+use borough_store::Expect;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,7 +112,18 @@ pub async fn create(
     // Validate before storing: every error is a 400 and nothing is kept.
     let compiled = CompiledSubscription::compile(record.clone(), now, true)?;
     check_endpoint(&state, &compiled.endpoint.uri).await?;
-    state.store.put_subscription(&tenant, record).await?;
+    // Two creations of one id at once: the store lets the first in only.
+    if !state
+        .store
+        .put_subscription(&tenant, record, Expect::Absent)
+        .await?
+    {
+        return Err(NgsiError::new(
+            ProblemKind::AlreadyExists,
+            format!("subscription '{id}' already exists"),
+        )
+        .into());
+    }
     let mut resp = StatusCode::CREATED.into_response();
     if let Ok(l) = HeaderValue::from_str(&format!(
         "/ngsi-ld/v1/subscriptions/{}",
@@ -218,16 +230,46 @@ pub async fn update(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
-    let sub = find(&state, &tenant, &id)?;
+    find(&state, &tenant, &id)?;
     let (v, actx) =
         body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
-    let Value::Object(patch) = v else {
+    let Value::Object(mut patch) = v else {
         return Err(NgsiError::bad_data("a subscription update must be a JSON object").into());
     };
-    let mut record = sub.record.clone();
-    let mut patch = patch;
     borough_core::subscription::normalize_body(&mut patch);
-    for (k, v) in patch {
+    // Read, merge, write if unchanged meanwhile; else merge again into what
+    // the other change left (a deletion meanwhile ends in 404).
+    for _ in 0..UPDATE_ATTEMPTS {
+        let sub = find(&state, &tenant, &id)?;
+        let read = sub.record.modified_at;
+        let record = merged(&state, &headers, &actx, &id, sub.record.clone(), &patch).await?;
+        if state
+            .store
+            .put_subscription(&tenant, record, Expect::ModifiedAt(read))
+            .await?
+        {
+            return Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant));
+        }
+    }
+    Err(NgsiError::internal(format!(
+        "subscription '{id}' kept changing while it was updated; try again"
+    ))
+    .into())
+}
+
+/// Tries of a subscription update that finds the subscription changed under it.
+const UPDATE_ATTEMPTS: usize = 8;
+
+/// The subscription `record` with `patch` applied, validated.
+async fn merged(
+    state: &SharedState,
+    headers: &HeaderMap,
+    actx: &crate::contexts::ActiveContext,
+    id: &str,
+    mut record: SubscriptionRecord,
+    patch: &Map<String, Value>,
+) -> ApiResult<SubscriptionRecord> {
+    for (k, v) in patch.clone() {
         match k.as_str() {
             "id" if v != json!(id) => {
                 return Err(NgsiError::bad_data("a subscription's id cannot change").into());
@@ -242,18 +284,18 @@ pub async fn update(
         }
     }
     // A new context given with the update replaces the old one.
-    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
-        let (context, objects) = context_record(&state, &actx).await?;
+    if link_context(headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
+        let (context, objects) = context_record(state, actx).await?;
         record.context = context;
         record.context_objects = objects;
     }
-    notification_context(&state, &mut record).await?;
-    let now = now_micros();
+    notification_context(state, &mut record).await?;
+    // Always a new version, even within the same microsecond.
+    let now = now_micros().max(record.modified_at + 1);
     record.modified_at = now;
     let compiled = CompiledSubscription::compile(record.clone(), now, true)?;
-    check_endpoint(&state, &compiled.endpoint.uri).await?;
-    state.store.put_subscription(&tenant, record).await?;
-    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+    check_endpoint(state, &compiled.endpoint.uri).await?;
+    Ok(record)
 }
 
 /// `DELETE /subscriptions/{id}`

@@ -210,8 +210,9 @@ impl EntityStore for CommandingStore {
         &self,
         tenant: &str,
         record: SubscriptionRecord,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        self.inner.put_subscription(tenant, record)
+        expect: borough_store::Expect,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.inner.put_subscription(tenant, record, expect)
     }
     fn delete_subscription(
         &self,

@@ -1120,12 +1120,13 @@ impl EntityStore for EmbeddedStore {
         &self,
         tenant: &str,
         record: SubscriptionRecord,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let meta = self.meta(MetaOp::PutSubscription(
+        expect: borough_store::Expect,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.meta(MetaOp::PutSubscription(
             tenant.to_string(),
             Box::new(record),
-        ));
-        Box::pin(async move { meta.await.map(|_| ()) })
+            expect,
+        ))
     }
 
     fn delete_subscription(
@@ -1349,7 +1350,7 @@ mod tests {
         let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
         for id in ["urn:s:1", "urn:s:2"] {
             store
-                .put_subscription("t", spot_subscription(id))
+                .put_subscription("t", spot_subscription(id), borough_store::Expect::Absent)
                 .await
                 .unwrap();
         }

@@ -474,7 +474,7 @@ pub fn dead_letters(
 
 /// A change to subscriptions or to the outbox, applied by the writer thread.
 pub enum MetaOp {
-    PutSubscription(String, Box<SubscriptionRecord>),
+    PutSubscription(String, Box<SubscriptionRecord>, borough_store::Expect),
     DeleteSubscription(String, String),
     NoticesDone(Vec<(u64, Notice)>, Option<String>),
 }
@@ -554,7 +554,19 @@ pub fn apply_meta(
     })
     .map_err(io)?;
     let result = match &op {
-        MetaOp::PutSubscription(tenant, record) => {
+        MetaOp::PutSubscription(tenant, record, expect) => {
+            // Checked here, on the writer: no other change of subscriptions
+            // can come between this check and the write.
+            let current = registry
+                .tenant(tenant)
+                .and_then(|t| t.by_id.get(&record.id).map(|s| s.record.modified_at));
+            let expected = match expect {
+                borough_store::Expect::Absent => current.is_none(),
+                borough_store::Expect::ModifiedAt(at) => current == Some(*at),
+            };
+            if !expected {
+                return Ok(false);
+            }
             let bytes = serde_json::to_vec(record).map_err(io)?;
             txn.open_table(SUBSCRIPTIONS)
                 .map_err(io)?
@@ -586,7 +598,7 @@ pub fn apply_meta(
     };
     txn.commit().map_err(io)?;
     match op {
-        MetaOp::PutSubscription(tenant, record) => {
+        MetaOp::PutSubscription(tenant, record, _) => {
             let id = record.id.clone();
             let compiled = CompiledSubscription::compile(*record, now, false)
                 .map_err(|e| io(e.to_string()))?;

@@ -123,6 +123,17 @@ pub struct RecordChange {
     pub value: Option<Vec<u8>>,
 }
 
+/// What a subscription write expects to replace, so that concurrent changes
+/// are never lost: the store checks it under its writer, in order with every
+/// other change of subscriptions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing: the write creates the subscription.
+    Absent,
+    /// The version that was read before the change (its `modified_at`).
+    ModifiedAt(i64),
+}
+
 /// A stored management record: (tenant, key, serialized value).
 pub type StoredRecord = (String, String, Vec<u8>);
 
@@ -250,15 +261,18 @@ pub trait EntityStore: Send + Sync + 'static {
     /// Every hosted `@context` document, by local id.
     fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
-    /// Creates or replaces a subscription durably. Changes committed after this
-    /// resolves are matched against it.
+    /// Creates or replaces a subscription durably, if what is stored is what
+    /// `expect` says; answers false (and writes nothing) when it is not.
+    /// Changes committed after this resolves are matched against it.
     fn put_subscription(
         &self,
         tenant: &str,
         record: SubscriptionRecord,
-    ) -> BoxFuture<'static, Result<(), StoreError>>;
+        expect: Expect,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
 
-    /// Deletes a subscription and the notices still owed to it; true if it existed.
+    /// Deletes a subscription; true if it existed. Notices already in the
+    /// outbox for it are not delivered: the notifier drops them.
     fn delete_subscription(
         &self,
         tenant: &str,

@@ -2,8 +2,9 @@
 //! call [`run_all`] (and [`survives_reopen`] with a way to reopen it); a
 //! backend is done when they pass.
 
-use crate::{DEFAULT_TENANT, EntityStore, RecordChange, RecordKind, RecordStore};
+use crate::{DEFAULT_TENANT, EntityStore, Expect, Notice, RecordChange, RecordKind, RecordStore};
 use borough_core::entity::parse_entity;
+use borough_core::subscription::SubscriptionRecord;
 use borough_core::{Context, Entity, EntityOp, OpOutcome, ProblemKind};
 use serde_json::json;
 
@@ -32,6 +33,162 @@ pub async fn run_all(store: &dyn EntityStore) {
     history_follows_writes(store).await;
     change_feed_carries_commits(store).await;
     within_box_visits_located_entities(store).await;
+    subscription_writes_check_what_they_replace(store).await;
+    matching_changes_wait_in_the_outbox_until_done(store).await;
+}
+
+fn vehicle_subscription(id: &str, modified_at: i64) -> SubscriptionRecord {
+    let body = json!({"type": "Subscription", "entities": [{"type": "Vehicle"}],
+        "notification": {"endpoint": {"uri": "http://127.0.0.1:9/notify"}}});
+    SubscriptionRecord {
+        id: id.into(),
+        body: body.as_object().cloned().expect("an object"),
+        context: serde_json::Value::Null,
+        context_objects: Vec::new(),
+        notification_context_objects: None,
+        created_at: 0,
+        modified_at,
+        stats: Default::default(),
+    }
+}
+
+pub async fn subscription_writes_check_what_they_replace(store: &dyn EntityStore) {
+    let t = "suite-subscriptions";
+    let put = |record, expect| store.put_subscription(t, record, expect);
+    assert!(
+        put(vehicle_subscription("urn:s:1", 10), Expect::Absent)
+            .await
+            .expect("put")
+    );
+    assert!(
+        !put(vehicle_subscription("urn:s:1", 11), Expect::Absent)
+            .await
+            .expect("put"),
+        "a second creation of the same id is refused"
+    );
+    assert!(
+        !put(vehicle_subscription("urn:s:1", 12), Expect::ModifiedAt(9))
+            .await
+            .expect("put"),
+        "an update of a version that is not the stored one is refused"
+    );
+    assert_eq!(
+        store
+            .subscription(t, "urn:s:1")
+            .map(|s| s.record.modified_at),
+        Some(10)
+    );
+    assert!(
+        put(vehicle_subscription("urn:s:1", 13), Expect::ModifiedAt(10))
+            .await
+            .expect("put")
+    );
+    assert_eq!(
+        store
+            .subscription(t, "urn:s:1")
+            .map(|s| s.record.modified_at),
+        Some(13)
+    );
+    assert!(
+        store
+            .delete_subscription(t, "urn:s:1")
+            .await
+            .expect("delete")
+    );
+    assert!(
+        !put(vehicle_subscription("urn:s:1", 14), Expect::ModifiedAt(13))
+            .await
+            .expect("put"),
+        "an update racing a deletion does not bring the subscription back"
+    );
+    assert!(store.subscription(t, "urn:s:1").is_none());
+    assert!(
+        !store
+            .delete_subscription(t, "urn:s:1")
+            .await
+            .expect("delete")
+    );
+}
+
+fn owed(store: &dyn EntityStore, tenant: &str) -> Vec<(u64, Notice)> {
+    store
+        .pending_notices(0, 100_000)
+        .expect("outbox")
+        .into_iter()
+        .filter(|(_, n)| n.tenant == tenant)
+        .collect()
+}
+
+pub async fn matching_changes_wait_in_the_outbox_until_done(store: &dyn EntityStore) {
+    let t = "suite-outbox";
+    let watch = store.notice_watch();
+    let before = *watch.borrow();
+    assert!(
+        store
+            .put_subscription(t, vehicle_subscription("urn:s:o", 1), Expect::Absent)
+            .await
+            .expect("put")
+    );
+    let write = |id: &str, n: i64| {
+        store.write(
+            t,
+            vec![EntityOp::Upsert {
+                entity: entity(id, n),
+                replace: false,
+            }],
+        )
+    };
+    write("urn:v:1", 1).await.expect("write");
+    let notices = owed(store, t);
+    assert_eq!(notices.len(), 1, "a matching change leaves one notice");
+    let (_, n) = &notices[0];
+    assert_eq!(
+        (n.subscription.as_str(), n.entity.id.as_str()),
+        ("urn:s:o", "urn:v:1")
+    );
+    assert_eq!(speed(&n.entity), json!(1));
+    assert!(*watch.borrow() > before, "the watch tells the notifier");
+    assert_eq!(store.stats(t, "urn:s:o").pending, 1);
+    // A write that does not match leaves none.
+    store
+        .write(
+            t,
+            vec![EntityOp::Upsert {
+                entity: located("urn:l:1", 1.0, 1.0),
+                replace: false,
+            }],
+        )
+        .await
+        .expect("write");
+    assert_eq!(owed(store, t).len(), 1);
+
+    // Delivered: gone from the outbox.
+    store.notices_done(notices, None).await.expect("done");
+    assert!(owed(store, t).is_empty());
+    assert_eq!(store.stats(t, "urn:s:o").pending, 0);
+
+    // Given up on: kept as a dead letter with the last error.
+    write("urn:v:1", 2).await.expect("write");
+    let notices = owed(store, t);
+    store
+        .notices_done(notices, Some("receiver answered 500".into()))
+        .await
+        .expect("done");
+    assert!(owed(store, t).is_empty());
+    let dead = store.dead_letters(t, "urn:s:o").expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(speed(&dead[0].0.entity), json!(2));
+    assert_eq!(dead[0].1, "receiver answered 500");
+
+    // After a deletion, changes owe it nothing more.
+    assert!(
+        store
+            .delete_subscription(t, "urn:s:o")
+            .await
+            .expect("delete")
+    );
+    write("urn:v:1", 3).await.expect("write");
+    assert!(owed(store, t).is_empty());
 }
 
 fn located(id: &str, lon: f64, lat: f64) -> Entity {

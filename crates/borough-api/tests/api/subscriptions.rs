@@ -151,3 +151,72 @@ async fn invalid_subscriptions_are_400_and_change_nothing() {
     }
     assert_eq!(app.get(SUBS).await.body, json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_of_a_subscription_are_all_kept() {
+    let app = TestApp::new();
+    let url = format!("{SUBS}/urn:ngsi-ld:Subscription:parking");
+    for round in 0..10 {
+        let r = app.json(Method::POST, SUBS, &sub()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        // Four clients change four different members at the same time.
+        let patches = [
+            json!({"description": format!("round {round}")}),
+            json!({"q": "status==\"occupied\""}),
+            json!({"watchedAttributes": ["category"]}),
+            json!({"throttling": 7}),
+        ];
+        let (a, b, c, d) = tokio::join!(
+            app.json(Method::PATCH, &url, &patches[0]),
+            app.json(Method::PATCH, &url, &patches[1]),
+            app.json(Method::PATCH, &url, &patches[2]),
+            app.json(Method::PATCH, &url, &patches[3]),
+        );
+        for r in [a, b, c, d] {
+            assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+        }
+        let r = app.get(&url).await;
+        assert_eq!(r.body["description"], format!("round {round}"));
+        assert_eq!(r.body["q"], "status==\"occupied\"");
+        assert_eq!(r.body["watchedAttributes"], json!(["category"]));
+        assert_eq!(r.body["throttling"], 7);
+        assert_eq!(app.delete(&url).await.status, StatusCode::NO_CONTENT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_racing_a_deletion_never_brings_the_subscription_back() {
+    let app = TestApp::new();
+    let url = format!("{SUBS}/urn:ngsi-ld:Subscription:parking");
+    for _ in 0..20 {
+        let r = app.json(Method::POST, SUBS, &sub()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let patch = json!({"throttling": 9});
+        let (patched, deleted) =
+            tokio::join!(app.json(Method::PATCH, &url, &patch), app.delete(&url));
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+        assert!(
+            [StatusCode::NO_CONTENT, StatusCode::NOT_FOUND].contains(&patched.status),
+            "{}",
+            patched.body
+        );
+        assert_eq!(app.get(&url).await.status, StatusCode::NOT_FOUND);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creations_of_one_id_at_once_create_one() {
+    let app = TestApp::new();
+    for round in 0..10 {
+        let id = format!("urn:ngsi-ld:Subscription:twice:{round}");
+        let mut body = sub();
+        body["id"] = json!(id);
+        let (a, b) = tokio::join!(
+            app.json(Method::POST, SUBS, &body),
+            app.json(Method::POST, SUBS, &body),
+        );
+        let mut statuses = [a.status, b.status];
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::CREATED, StatusCode::CONFLICT]);
+    }
+}
