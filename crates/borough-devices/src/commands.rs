@@ -153,12 +153,6 @@ impl Drop for Slots {
     }
 }
 
-impl Slots {
-    pub(crate) fn is_for(&self, tenant: &str, device: &str) -> bool {
-        self.key.0 == tenant && self.key.1 == device
-    }
-}
-
 fn open_count(list: &[Command]) -> usize {
     list.iter().filter(|c| !c.status.finished()).count()
 }
@@ -328,14 +322,17 @@ fn random_id() -> String {
 }
 
 impl Devices {
-    /// Persists command changes, mirrors them on the entities and counts them.
-    async fn commit_commands(&self, changes: Vec<Changed>) -> Result<(), NgsiError> {
+    /// Persists command changes (with `stored`, the commands' own records
+    /// are committed already), mirrors them on the entities and counts them.
+    async fn commit_commands(&self, changes: Vec<Changed>, stored: bool) -> Result<(), NgsiError> {
         if changes.is_empty() {
             return Ok(());
         }
         let mut records = Vec::new();
         for c in &changes {
-            records.push(c.command.record(&c.tenant));
+            if !stored {
+                records.push(c.command.record(&c.tenant));
+            }
             records.extend(c.forget.iter().cloned());
         }
         self.persist(records)
@@ -448,13 +445,13 @@ impl Devices {
 
     /// [`Devices::send_command`], within slots reserved beforehand (then the
     /// bound was checked when they were taken).
-    pub(crate) async fn queue_command(
+    /// Checks a command and builds it, queued, without queueing it yet.
+    fn prepare_command(
         &self,
         tenant: &str,
         device: &str,
-        input: CommandInput,
-        slots: Option<&Slots>,
-    ) -> Result<(Command, bool), NgsiError> {
+        input: &CommandInput,
+    ) -> Result<Command, NgsiError> {
         let entry = self
             .get(tenant, device)
             .ok_or_else(|| NgsiError::not_found(format!("device '{device}' does not exist")))?;
@@ -478,6 +475,60 @@ impl Devices {
             .map(std::time::Duration::from_secs)
             .unwrap_or(self.config.command_ttl);
         let ttl_micros = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+        Ok(Command {
+            id: random_id(),
+            device_id: device.to_string(),
+            name: input.name.clone(),
+            value: input.value.clone(),
+            status: Status::Queued,
+            idempotency_key: input.idempotency_key.clone(),
+            created_at: now,
+            expires_at: now.saturating_add(ttl_micros),
+            attempts: 0,
+            sent_at: None,
+            updated_at: now,
+            info: None,
+        })
+    }
+
+    /// A command set through an NGSI-LD write of its attribute, with the
+    /// record to commit in that write's transaction (see `CommandingStore`).
+    pub(crate) fn command_for_write(
+        &self,
+        tenant: &str,
+        device: &str,
+        input: &CommandInput,
+    ) -> Result<(Command, RecordChange), NgsiError> {
+        let command = self.prepare_command(tenant, device, input)?;
+        let record = command.record(tenant);
+        Ok((command, record))
+    }
+
+    /// Takes in a command whose record was committed with the write that set
+    /// it: queues it in memory, mirrors its state and delivers it.
+    pub(crate) async fn adopt_command(&self, tenant: &str, device: &str, command: Command) {
+        let changed = self
+            .commands
+            .change(tenant, device, self.config.keep_finished, |list| {
+                list.push(command);
+                Some(list.len() - 1)
+            });
+        if let Some(changed) = changed
+            && let Err(e) = self.commit_commands(vec![changed], true).await
+        {
+            tracing::error!(error = %e.detail, device, "a command's state could not be written");
+        }
+        self.deliver_pending(tenant, device).await;
+    }
+
+    pub(crate) async fn queue_command(
+        &self,
+        tenant: &str,
+        device: &str,
+        input: CommandInput,
+        slots: Option<&Slots>,
+    ) -> Result<(Command, bool), NgsiError> {
+        let prepared = self.prepare_command(tenant, device, &input)?;
         let mut existing = None;
         let mut full = None;
         let key = (tenant.to_string(), device.to_string());
@@ -497,20 +548,7 @@ impl Devices {
                         return None;
                     }
                 }
-                list.push(Command {
-                    id: random_id(),
-                    device_id: device.to_string(),
-                    name: input.name.clone(),
-                    value: input.value.clone(),
-                    status: Status::Queued,
-                    idempotency_key: input.idempotency_key.clone(),
-                    created_at: now,
-                    expires_at: now.saturating_add(ttl_micros),
-                    attempts: 0,
-                    sent_at: None,
-                    updated_at: now,
-                    info: None,
-                });
+                list.push(prepared);
                 Some(list.len() - 1)
             });
         if let Some(c) = existing {
@@ -523,7 +561,7 @@ impl Devices {
             return Err(NgsiError::internal("the command was not queued"));
         };
         let command = changed.command.clone();
-        self.commit_commands(vec![changed]).await?;
+        self.commit_commands(vec![changed], false).await?;
         self.deliver_pending(tenant, device).await;
         let now_state = self.commands.get(tenant, device, &command.id);
         Ok((now_state.unwrap_or(command), true))
@@ -552,7 +590,7 @@ impl Devices {
                 changes.push(ch);
             }
         }
-        if let Err(e) = self.commit_commands(changes).await {
+        if let Err(e) = self.commit_commands(changes, false).await {
             tracing::error!(error = %e.detail, "command state could not be stored");
         }
     }
@@ -586,7 +624,7 @@ impl Devices {
             }
         }
         let sent: Vec<Command> = changes.iter().map(|c| c.command.clone()).collect();
-        self.commit_commands(changes).await?;
+        self.commit_commands(changes, false).await?;
         Ok(sent)
     }
 
@@ -620,7 +658,7 @@ impl Devices {
             });
         match changed {
             Some(ch) => {
-                self.commit_commands(vec![ch]).await?;
+                self.commit_commands(vec![ch], false).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -728,7 +766,7 @@ impl Devices {
                 }
             }
         }
-        if let Err(e) = self.commit_commands(changes).await {
+        if let Err(e) = self.commit_commands(changes, false).await {
             tracing::error!(error = %e.detail, "command state could not be stored");
         }
         for (tenant, device) in resend {

@@ -153,14 +153,39 @@ impl EntityStore for CommandingStore {
             }
             start += n;
         }
-        let total = ops.len();
-        let admitted: Vec<EntityOp> = ops
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| !refused.contains_key(i))
-            .map(|(_, op)| op)
-            .collect();
-        let write = (!admitted.is_empty()).then(|| self.inner.write(tenant, admitted));
+        // Each command is built now and its record committed with the
+        // operation that sets it: both are durable, or neither.
+        let mut commands = Vec::new();
+        let mut linked = Vec::new();
+        let mut positions = Vec::new();
+        let mut admitted = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            if refused.contains_key(&i) {
+                continue;
+            }
+            let at = admitted.len();
+            for (_, device, name, value) in triggers.iter().filter(|t| t.0 == i) {
+                let input = CommandInput {
+                    name: name.clone(),
+                    value: value.clone(),
+                    ..CommandInput::default()
+                };
+                match self.devices.command_for_write(tenant, device, &input) {
+                    Ok((command, record)) => {
+                        commands.push((i, device.clone(), command));
+                        linked.push((at, record));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e.detail, device, "a command set through NGSI-LD cannot be built")
+                    }
+                }
+            }
+            positions.push(i);
+            admitted.push(op);
+        }
+        let total = positions.len() + refused.len();
+        let write =
+            (!admitted.is_empty()).then(|| self.inner.write_linked(tenant, admitted, linked));
         let devices = self.devices.clone();
         let tenant = tenant.to_string();
         Box::pin(async move {
@@ -178,23 +203,23 @@ impl EntityStore for CommandingStore {
                     })),
                 }
             }
-            for (i, device, name, value) in triggers {
-                if !results.get(i).is_some_and(Result::is_ok) {
-                    continue;
-                }
-                let input = CommandInput {
-                    name,
-                    value,
-                    ..CommandInput::default()
-                };
-                let held = slots.iter().find(|s| s.is_for(&tenant, &device));
-                if let Err(e) = devices.queue_command(&tenant, &device, input, held).await {
-                    tracing::error!(error = %e.detail, device, "a command set through NGSI-LD was not queued");
+            for (i, device, command) in commands {
+                if results.get(i).is_some_and(Result::is_ok) {
+                    devices.adopt_command(&tenant, &device, command).await;
                 }
             }
             drop(slots);
             Ok(results)
         })
+    }
+
+    fn write_linked(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+        linked: Vec<(usize, borough_store::RecordChange)>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
+        self.inner.write_linked(tenant, ops, linked)
     }
 
     fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError> {

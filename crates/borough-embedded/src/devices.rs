@@ -42,6 +42,35 @@ pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Writes record changes in `txn` (on its own, or with the entity write they belong to).
+pub(crate) fn write_changes(
+    txn: &WriteTransaction,
+    changes: &[RecordChange],
+) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut tables = Vec::with_capacity(RecordKind::ALL.len());
+    for kind in RecordKind::ALL {
+        tables.push((kind, txn.open_table(table(kind)).map_err(io)?));
+    }
+    for c in changes {
+        let Some((_, t)) = tables.iter_mut().find(|(k, _)| *k == c.kind) else {
+            continue;
+        };
+        let key = (c.tenant.as_str(), c.key.as_str());
+        match &c.value {
+            Some(v) => {
+                t.insert(key, v.as_slice()).map_err(io)?;
+            }
+            None => {
+                t.remove(key).map_err(io)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl RecordStore for EmbeddedStore {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         if changes.is_empty() {
@@ -50,26 +79,7 @@ impl RecordStore for EmbeddedStore {
         let mut txn = self.db.get()?.begin_write().map_err(io)?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(io)?;
-        {
-            let mut tables = Vec::with_capacity(RecordKind::ALL.len());
-            for kind in RecordKind::ALL {
-                tables.push((kind, txn.open_table(table(kind)).map_err(io)?));
-            }
-            for c in changes {
-                let Some((_, t)) = tables.iter_mut().find(|(k, _)| *k == c.kind) else {
-                    continue;
-                };
-                let key = (c.tenant.as_str(), c.key.as_str());
-                match &c.value {
-                    Some(v) => {
-                        t.insert(key, v.as_slice()).map_err(io)?;
-                    }
-                    None => {
-                        t.remove(key).map_err(io)?;
-                    }
-                }
-            }
-        }
+        write_changes(&txn, changes)?;
         txn.commit().map_err(io)
     }
 
@@ -160,6 +170,17 @@ mod tests {
         let path = dir.path().to_path_buf();
         let store = EmbeddedStore::open(&path).unwrap();
         borough_store::testsuite::device_records_survive_reopen(store, || {
+            EmbeddedStore::open(&path).unwrap()
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn linked_records_commit_with_their_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let store = EmbeddedStore::open(&path).unwrap();
+        borough_store::testsuite::linked_records_commit_with_their_operation(store, || {
             EmbeddedStore::open(&path).unwrap()
         })
         .await;

@@ -243,8 +243,17 @@ impl Shared {
 struct WriteJob {
     tenant: String,
     ops: Vec<EntityOp>,
+    /// Record changes committed with the operation of their index, if it succeeds.
+    linked: Vec<(usize, borough_store::RecordChange)>,
     reply: oneshot::Sender<Result<WriteResults, StoreError>>,
 }
+
+/// One write of a group, as the writer applies it.
+type GroupWrite = (
+    String,
+    Vec<EntityOp>,
+    Vec<(usize, borough_store::RecordChange)>,
+);
 
 /// A change to history alone, ordered with the writes.
 enum HistoryJob {
@@ -650,7 +659,7 @@ fn commit_pending(w: &mut Writer, group: &mut Vec<WriteJob>) {
     }
     let (work, replies): (Vec<_>, Vec<_>) = std::mem::take(group)
         .into_iter()
-        .map(|job| ((job.tenant, job.ops), job.reply))
+        .map(|job| ((job.tenant, job.ops, job.linked), job.reply))
         .unzip();
     let mut outcome = None;
     w.guarded(|w, db| outcome = Some(db.and_then(|db| commit_group(db, work, w))));
@@ -703,7 +712,7 @@ type Staged = Option<Arc<Entity>>;
 /// transaction, then publishes the new state; answers each write's results.
 fn commit_group(
     db: &Database,
-    group: Vec<(String, Vec<EntityOp>)>,
+    group: Vec<GroupWrite>,
     w: &mut Writer,
 ) -> Result<Vec<WriteResults>, StoreError> {
     if w.faults.as_ref().is_some_and(|f| f.take_panic()) {
@@ -717,7 +726,8 @@ fn commit_group(
     let mut recorded: Vec<Recorded> = Vec::new();
     let mut new_tenants: Vec<String> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
-    for (tenant, ops) in group {
+    let mut records = Vec::new();
+    for (tenant, ops, linked) in group {
         let committed = shared.tenant(&tenant);
         let subscriptions = shared.subscriptions.tenant(&tenant);
         let mut results = Vec::with_capacity(ops.len());
@@ -765,6 +775,11 @@ fn commit_group(
                 Err(e) => results.push(Err(e)),
             }
         }
+        for (i, record) in linked {
+            if results.get(i).is_some_and(Result::is_ok) {
+                records.push(record);
+            }
+        }
         if committed.is_none()
             && !new_tenants.contains(&tenant)
             && results.iter().any(Result::is_ok)
@@ -779,12 +794,15 @@ fn commit_group(
     let first_notice = w.next_notice;
     let persisted = persist(
         db,
-        &staged,
-        &new_tenants,
-        &notices,
-        first_notice,
+        &GroupChanges {
+            staged: &staged,
+            new_tenants: &new_tenants,
+            notices: &notices,
+            first_notice,
+            recorded: &recorded,
+            records: &records,
+        },
         &mut w.history,
-        &recorded,
     );
     w.outcome(&persisted);
     if let Err(e) = persisted {
@@ -816,16 +834,21 @@ fn commit_group(
     Ok(answers)
 }
 
-fn persist(
-    db: &Database,
-    staged: &HashMap<Key, Staged>,
-    new_tenants: &[String],
-    notices: &[Notice],
+/// Everything one group writes.
+struct GroupChanges<'a> {
+    staged: &'a HashMap<Key, Staged>,
+    new_tenants: &'a [String],
+    notices: &'a [Notice],
     first_notice: u64,
-    history: &mut History,
-    recorded: &[Recorded],
-) -> Result<(), StoreError> {
-    if staged.is_empty() && new_tenants.is_empty() {
+    /// History instances.
+    recorded: &'a [Recorded],
+    /// Management records linked to the group's operations.
+    records: &'a [borough_store::RecordChange],
+}
+
+/// Commits a group's changes in one durable transaction.
+fn persist(db: &Database, c: &GroupChanges, history: &mut History) -> Result<(), StoreError> {
+    if c.staged.is_empty() && c.new_tenants.is_empty() && c.records.is_empty() {
         return Ok(());
     }
     let mut txn = db.begin_write().map_err(io)?;
@@ -834,7 +857,7 @@ fn persist(
     {
         let mut table = txn.open_table(ENTITIES).map_err(io)?;
         let mut buf = Vec::with_capacity(1024);
-        for ((tenant, id), v) in staged {
+        for ((tenant, id), v) in c.staged {
             match v {
                 Some(e) => {
                     buf.clear();
@@ -849,12 +872,13 @@ fn persist(
             }
         }
         let mut tenants = txn.open_table(TENANTS).map_err(io)?;
-        for t in new_tenants {
+        for t in c.new_tenants {
             tenants.insert(t.as_str(), ()).map_err(io)?;
         }
     }
-    notices::write_notices(&txn, notices, first_notice)?;
-    history.record(&txn, recorded)?;
+    notices::write_notices(&txn, c.notices, c.first_notice)?;
+    history.record(&txn, c.recorded)?;
+    devices::write_changes(&txn, c.records)?;
     txn.commit().map_err(io)
 }
 
@@ -1068,12 +1092,26 @@ impl EntityStore for EmbeddedStore {
         tenant: &str,
         ops: Vec<EntityOp>,
     ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
+        self.write_linked(tenant, ops, Vec::new())
+    }
+
+    fn write_linked(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+        linked: Vec<(usize, borough_store::RecordChange)>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>> {
         let sender = self.sender.clone();
         let tenant = tenant.to_string();
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             sender
-                .send(Job::Write(WriteJob { tenant, ops, reply }))
+                .send(Job::Write(WriteJob {
+                    tenant,
+                    ops,
+                    linked,
+                    reply,
+                }))
                 .await
                 .map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| dropped_answer(&sender))?

@@ -251,6 +251,17 @@ pub trait EntityStore: Send + Sync + 'static {
         ops: Vec<EntityOp>,
     ) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
 
+    /// [`EntityStore::write`], and with each operation that succeeds, the
+    /// record changes `linked` to it (by operation index) in the same
+    /// transaction: a command set through NGSI-LD and the write that set it
+    /// are committed together or not at all.
+    fn write_linked(
+        &self,
+        tenant: &str,
+        ops: Vec<EntityOp>,
+        linked: Vec<(usize, RecordChange)>,
+    ) -> BoxFuture<'static, Result<WriteResults, StoreError>>;
+
     /// Stores a hosted `@context` document (clause 5.13) durably under its local id.
     /// Blocking: call it off the async executor.
     fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError>;

@@ -636,3 +636,73 @@ pub async fn device_records_survive_reopen<S: RecordStore + EntityStore>(
     let commands = store.records(RecordKind::Command).expect("list");
     assert_eq!(commands, [("t".into(), "d/c".into(), b"queued".to_vec())]);
 }
+
+/// Records linked to operations of a write commit with them: those of an
+/// operation that succeeds (changed or not), never those of one that fails,
+/// and they survive a restart like the write.
+pub async fn linked_records_commit_with_their_operation<S: RecordStore + EntityStore>(
+    store: S,
+    reopen: impl FnOnce() -> S,
+) {
+    let t = "suite-linked";
+    let ops = vec![
+        EntityOp::Create(entity("urn:l:1", 1)),
+        // Fails: nothing to delete.
+        EntityOp::Delete {
+            id: "urn:l:none".into(),
+        },
+        EntityOp::Upsert {
+            entity: entity("urn:l:2", 2),
+            replace: false,
+        },
+    ];
+    let linked = vec![
+        (
+            0,
+            change(RecordKind::Command, t, "d/1", Some("with the create")),
+        ),
+        (
+            1,
+            change(
+                RecordKind::Command,
+                t,
+                "d/2",
+                Some("with the failed delete"),
+            ),
+        ),
+        (
+            2,
+            change(RecordKind::Command, t, "d/3", Some("with the upsert")),
+        ),
+    ];
+    let results = store.write_linked(t, ops, linked).await.expect("write");
+    assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+    // An operation that changes nothing still succeeds: its records commit.
+    let same = vec![EntityOp::Upsert {
+        entity: entity("urn:l:2", 2),
+        replace: false,
+    }];
+    let linked = vec![(0, change(RecordKind::Command, t, "d/4", Some("unchanged")))];
+    let results = store.write_linked(t, same, linked).await.expect("write");
+    assert!(results[0].is_ok());
+    // A write that fails altogether commits none.
+    let failing = vec![EntityOp::Create(entity("urn:l:1", 9))];
+    let linked = vec![(0, change(RecordKind::Command, t, "d/5", Some("never")))];
+    let results = store.write_linked(t, failing, linked).await.expect("write");
+    assert!(results[0].is_err());
+
+    let keys = |s: &S| -> Vec<String> {
+        s.records(RecordKind::Command)
+            .expect("list")
+            .into_iter()
+            .filter(|(tenant, _, _)| tenant == t)
+            .map(|(_, key, _)| key)
+            .collect()
+    };
+    assert_eq!(keys(&store), ["d/1", "d/3", "d/4"]);
+    store.close().await.expect("close");
+    drop(store);
+    let store = reopen();
+    assert_eq!(keys(&store), ["d/1", "d/3", "d/4"]);
+    assert!(store.get(t, "urn:l:1").is_some());
+}
