@@ -79,6 +79,8 @@ pub struct StoreOptions {
     pub max_pending_notices: u64,
     /// Faults to inject, for tests of failure handling.
     pub faults: Option<Arc<Faults>>,
+    /// The time of writes (write times, expiry, retention).
+    pub clock: Arc<dyn borough_store::Clock>,
 }
 
 impl Default for StoreOptions {
@@ -86,6 +88,7 @@ impl Default for StoreOptions {
         Self {
             max_pending_notices: notices::DEFAULT_MAX_PENDING,
             faults: None,
+            clock: Arc::new(borough_store::SystemClock),
         }
     }
 }
@@ -323,7 +326,7 @@ impl EmbeddedStore {
             ..Shared::default()
         });
         load(&db, &shared)?;
-        let next_notice = notices::load(&db, &shared.subscriptions, now_micros())?;
+        let next_notice = notices::load(&db, &shared.subscriptions, options.clock.now_micros())?;
         let history = History::load(&db)?;
         drop(db);
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -331,6 +334,7 @@ impl EmbeddedStore {
             handle: handle.clone(),
             shared: shared.clone(),
             faults: options.faults,
+            clock: options.clock,
             next_notice,
             history,
         };
@@ -470,6 +474,7 @@ struct Writer {
     handle: Arc<DbHandle>,
     shared: Arc<Shared>,
     faults: Option<Arc<Faults>>,
+    clock: Arc<dyn borough_store::Clock>,
     next_notice: u64,
     history: History,
 }
@@ -696,7 +701,8 @@ fn copy(e: &StoreError) -> StoreError {
 fn meta(w: &mut Writer, op: MetaOp, reply: oneshot::Sender<Result<bool, StoreError>>) {
     w.guarded(|w, db| {
         let result = db.and_then(|db| {
-            let result = notices::apply_meta(db, &w.shared.subscriptions, op, now_micros());
+            let now = w.clock.now_micros();
+            let result = notices::apply_meta(db, &w.shared.subscriptions, op, now);
             w.outcome(&result);
             result
         });
@@ -720,7 +726,7 @@ fn commit_group(
     }
     let shared = w.shared.clone();
     let shared = shared.as_ref();
-    let now = now_micros();
+    let now = w.clock.now_micros();
     let mut staged: HashMap<Key, Staged> = HashMap::new();
     let mut notices: Vec<Notice> = Vec::new();
     let mut recorded: Vec<Recorded> = Vec::new();
@@ -944,7 +950,7 @@ fn apply_history(db: Result<&Database, StoreError>, w: &mut Writer, job: History
         }
         Ok(())
     };
-    let now = now_micros();
+    let now = w.clock.now_micros();
     match job {
         HistoryJob::Op(tenant, op, reply) => {
             let result = run(db, w, |txn, h| {
@@ -1551,6 +1557,49 @@ mod tests {
         assert_eq!(store.entity_count("t"), 2);
         let q = EntityQuery::default();
         assert_eq!(store.query("t", &q, 0, 10, true).total, Some(2));
+    }
+
+    /// A clock a test moves by hand.
+    #[derive(Debug)]
+    struct ManualClock(std::sync::atomic::AtomicI64);
+
+    impl borough_store::Clock for ManualClock {
+        fn now_micros(&self) -> i64 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_times_and_retention_follow_the_store_clock() {
+        const DAY: i64 = 86_400_000_000;
+        let start = 1_700_000_000_000_000;
+        let clock = Arc::new(ManualClock(start.into()));
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            clock: clock.clone(),
+            ..StoreOptions::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        write_ok(&store, spot(1)).await;
+        let created = store.get("t", "urn:spot:1").unwrap();
+        assert_eq!((created.created_at, created.modified_at), (start, start));
+
+        clock
+            .0
+            .store(start + 40 * DAY, std::sync::atomic::Ordering::SeqCst);
+        write_ok(&store, spot(2)).await;
+        let updated = store.get("t", "urn:spot:1").unwrap();
+        assert_eq!(updated.modified_at, start + 40 * DAY);
+        assert_eq!(history_len(&store, "urn:spot:1"), 2);
+
+        // Kept for 30 days: the first reading is 40 days old by the store's clock.
+        let keep = Retention {
+            default: Some(30 * DAY),
+            types: Vec::new(),
+        };
+        store.set_retention("t", keep).await.unwrap();
+        assert_eq!(store.maintain_history().await.unwrap(), 1);
+        assert_eq!(history_len(&store, "urn:spot:1"), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,22 @@ use std::sync::Arc;
 
 pub mod testsuite;
 
+/// Where a store takes the time of its writes from (microseconds since the
+/// epoch): the system clock, or one a test sets.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    fn now_micros(&self) -> i64;
+}
+
+/// The system's clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_micros(&self) -> i64 {
+        borough_core::validate::now_micros()
+    }
+}
+
 /// The name of the tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "";
 
