@@ -125,6 +125,113 @@ const SYSTEM_KEYS: [&str; 8] = [
     "lang",
 ];
 
+/// Sub-attributes by expanded name, in insertion order. Most attributes have
+/// none: the map is allocated only when one is added, so an attribute without
+/// them holds one pointer instead of an empty map (72 bytes, for every one of
+/// a city's millions of attribute instances).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SubAttrs(Option<Box<IndexMap<String, Attribute>>>);
+
+/// The sub-attributes of an attribute, in order.
+pub struct SubIter<'a>(Option<indexmap::map::Iter<'a, String, Attribute>>);
+
+impl<'a> Iterator for SubIter<'a> {
+    type Item = (&'a String, &'a Attribute);
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.as_mut()?.next()
+    }
+}
+
+impl SubAttrs {
+    pub fn get(&self, name: &str) -> Option<&Attribute> {
+        self.0.as_ref()?.get(name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Attribute> {
+        self.0.as_mut()?.get_mut(name)
+    }
+
+    pub fn insert(&mut self, name: String, attr: Attribute) -> Option<Attribute> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(name, attr)
+    }
+
+    /// Removes a sub-attribute, keeping the order of the others.
+    pub fn shift_remove(&mut self, name: &str) -> Option<Attribute> {
+        let map = self.0.as_mut()?;
+        let removed = map.shift_remove(name);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> SubIter<'_> {
+        SubIter(self.0.as_ref().map(|m| m.iter()))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Attribute> {
+        self.0.iter_mut().flat_map(|m| m.values_mut())
+    }
+
+    fn shrink_to_fit(&mut self) {
+        if let Some(m) = &mut self.0 {
+            m.shrink_to_fit();
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a SubAttrs {
+    type Item = (&'a String, &'a Attribute);
+    type IntoIter = SubIter<'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl std::ops::Index<&str> for SubAttrs {
+    type Output = Attribute;
+    fn index(&self, name: &str) -> &Attribute {
+        match self.get(name) {
+            Some(a) => a,
+            None => panic!("no sub-attribute '{name}'"),
+        }
+    }
+}
+
+impl FromIterator<(String, Attribute)> for SubAttrs {
+    fn from_iter<I: IntoIterator<Item = (String, Attribute)>>(iter: I) -> Self {
+        let map: IndexMap<String, Attribute> = iter.into_iter().collect();
+        Self((!map.is_empty()).then(|| Box::new(map)))
+    }
+}
+
+impl Serialize for SubAttrs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for SubAttrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = IndexMap::<String, Attribute>::deserialize(d)?;
+        Ok(Self((!map.is_empty()).then(|| Box::new(map))))
+    }
+}
+
 /// One attribute instance, stored expanded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Attribute {
@@ -140,11 +247,12 @@ pub struct Attribute {
     pub observed_at: Option<i64>,
     #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
     pub unit_code: Option<String>,
+    /// Boxed: few attributes have one, and an inline `Value` is 72 bytes.
     #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
-    pub object_type: Option<Value>,
+    pub object_type: Option<Box<Value>>,
     /// Sub-attributes by expanded name.
-    #[serde(rename = "s", default, skip_serializing_if = "IndexMap::is_empty")]
-    pub sub: IndexMap<String, Attribute>,
+    #[serde(rename = "s", default, skip_serializing_if = "SubAttrs::is_empty")]
+    pub sub: SubAttrs,
     #[serde(rename = "c")]
     pub created_at: i64,
     #[serde(rename = "m")]
@@ -275,7 +383,7 @@ impl AttrPatch {
                 )));
             }
         };
-        let mut sub = IndexMap::with_capacity(self.sub.len());
+        let mut sub = SubAttrs::default();
         for (sub_name, patch) in self.sub {
             if let Some(p) = patch {
                 let attr = p.into_attribute(&sub_name, now)?;
@@ -288,7 +396,7 @@ impl AttrPatch {
             dataset_id: self.dataset_id,
             observed_at: self.observed_at.flatten(),
             unit_code: self.unit_code.flatten(),
-            object_type: self.object_type.flatten(),
+            object_type: self.object_type.flatten().map(Box::new),
             sub,
             created_at: now,
             modified_at: now,
@@ -324,7 +432,7 @@ impl AttrPatch {
             attr.unit_code = u;
         }
         if let Some(t) = self.object_type {
-            attr.object_type = t;
+            attr.object_type = t.map(Box::new);
         }
         for (sub_name, patch) in self.sub {
             match patch {
@@ -845,6 +953,25 @@ mod tests {
 
     fn ctx() -> std::sync::Arc<Context> {
         Context::core()
+    }
+
+    #[test]
+    fn stored_form_keeps_sub_attributes_and_omits_what_is_absent() {
+        let e = parse_entity(&sample(), &ctx(), 7).unwrap();
+        let stored = serde_json::to_value(&e).unwrap();
+        let speed = &stored["attrs"]["https://uri.etsi.org/ngsi-ld/default-context/speed"][0];
+        let accuracy = &speed["s"]["https://uri.etsi.org/ngsi-ld/default-context/accuracy"];
+        assert_eq!(accuracy["v"], json!(0.9));
+        let owner = &stored["attrs"]["https://uri.etsi.org/ngsi-ld/default-context/owner"][0];
+        assert!(
+            owner.get("s").is_none() && owner.get("t").is_none(),
+            "{owner}"
+        );
+        let back: Entity = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, e);
+        let owner = &back.attrs["https://uri.etsi.org/ngsi-ld/default-context/owner"][0];
+        assert!(owner.sub.is_empty());
+        assert_eq!(owner.sub.iter().count(), 0);
     }
 
     fn sample() -> Value {
