@@ -325,9 +325,15 @@ impl EmbeddedStore {
             subscriptions: Registry::new(options.max_pending_notices),
             ..Shared::default()
         });
-        load(&db, &shared)?;
+        prepare(&db)?;
+        // History's writer state is read while the entities load.
+        let (entities, history) = std::thread::scope(|scope| {
+            let history = scope.spawn(|| History::load(&db));
+            (load(&db, &shared), history.join())
+        });
+        entities?;
+        let history = history.map_err(|_| io("loading history failed: a thread panicked"))??;
         let next_notice = notices::load(&db, &shared.subscriptions, options.clock.now_micros())?;
-        let history = History::load(&db)?;
         drop(db);
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let w = Writer {
@@ -417,10 +423,11 @@ fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
+/// Checks the file's format and creates the tables on first open, so that
+/// reads never miss them.
+fn prepare(db: &Database) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(io)?;
     upgrade(&txn)?;
-    // Create the tables on first open so that reads never miss them.
     txn.open_table(ENTITIES).map_err(io)?;
     txn.open_table(TENANTS).map_err(io)?;
     txn.open_table(CONTEXTS).map_err(io)?;
@@ -431,39 +438,114 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     devices::create_tables(&txn)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
-    txn.commit().map_err(io)?;
+    txn.commit().map_err(io)
+}
 
+/// Rows handed from the reader to the parsers at a time.
+const LOAD_BATCH: usize = 2048;
+
+/// Loads every entity into memory: one thread reads the rows, parsers turn
+/// them into entities on every core, one thread indexes them per tenant.
+/// Start-up time is mostly JSON parsing, which this spreads out.
+fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
     let read = db.begin_read().map_err(io)?;
-    let tenants = read.open_table(TENANTS).map_err(io)?;
-    let mut maps = shared.tenants.write().unwrap_or_else(|e| e.into_inner());
-    for row in tenants.iter().map_err(io)? {
-        let (name, _) = row.map_err(io)?;
-        maps.entry(name.value().to_string()).or_default();
+    let mut names = Vec::new();
+    for row in read.open_table(TENANTS).map_err(io)?.iter().map_err(io)? {
+        names.push(row.map_err(io)?.0.value().to_string());
     }
     let entities = read.open_table(ENTITIES).map_err(io)?;
-    let mut current: Option<(String, TenantState)> = None;
-    for row in entities.iter().map_err(io)? {
-        let (key, value) = row.map_err(io)?;
-        let (tenant, id) = key.value();
-        let mut entity: Entity = serde_json::from_slice(value.value()).map_err(|e| {
-            io(format!(
-                "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
-            ))
-        })?;
-        // Rows are ordered by tenant: fill one tenant's map at a time.
-        if current.as_ref().is_none_or(|(t, _)| t != tenant) {
-            if let Some((t, m)) = current.take() {
-                maps.insert(t, Arc::new(RwLock::new(m)));
+    let parsers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+    type Raw = Vec<(String, String, Vec<u8>)>;
+    type Parsed = Result<Vec<(String, String, Entity)>, StoreError>;
+    let (raw_tx, raw_rx) = std::sync::mpsc::sync_channel::<Raw>(parsers * 2);
+    let raw_rx = Mutex::new(raw_rx);
+    let (parsed_tx, parsed_rx) = std::sync::mpsc::sync_channel::<Parsed>(parsers * 2);
+    let loaded = std::thread::scope(|scope| {
+        for _ in 0..parsers {
+            let parsed_tx = parsed_tx.clone();
+            let raw_rx = &raw_rx;
+            scope.spawn(move || {
+                loop {
+                    let batch = match raw_rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(batch) => batch,
+                        Err(_) => return,
+                    };
+                    let parsed: Parsed = batch
+                        .into_iter()
+                        .map(|(tenant, id, bytes)| {
+                            let mut entity: Entity =
+                                serde_json::from_slice(&bytes).map_err(|e| {
+                                    io(format!(
+                                        "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+                                    ))
+                                })?;
+                            entity.shrink_to_fit();
+                            Ok((tenant, id, entity))
+                        })
+                        .collect();
+                    if parsed_tx.send(parsed).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(parsed_tx);
+        let indexer = scope.spawn(
+            move || -> Result<HashMap<String, TenantState>, StoreError> {
+                let mut maps: HashMap<String, TenantState> = HashMap::new();
+                let mut failed = None;
+                for batch in parsed_rx {
+                    match batch {
+                        Ok(batch) => {
+                            for (tenant, id, entity) in batch {
+                                let map = match maps.get_mut(&tenant) {
+                                    Some(m) => m,
+                                    None => maps.entry(tenant).or_default(),
+                                };
+                                map.put(&id, Some(Arc::new(entity)));
+                            }
+                        }
+                        // Keep draining, so that the parsers never block on a full channel.
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
+                }
+                failed.map_or(Ok(maps), Err)
+            },
+        );
+        let read_rows = (|| -> Result<(), StoreError> {
+            let mut batch = Vec::with_capacity(LOAD_BATCH);
+            for row in entities.iter().map_err(io)? {
+                let (key, value) = row.map_err(io)?;
+                let (tenant, id) = key.value();
+                batch.push((tenant.to_string(), id.to_string(), value.value().to_vec()));
+                if batch.len() == LOAD_BATCH
+                    && raw_tx
+                        .send(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(LOAD_BATCH),
+                        ))
+                        .is_err()
+                {
+                    break;
+                }
             }
-            current = Some((tenant.to_string(), TenantState::default()));
-        }
-        entity.shrink_to_fit();
-        if let Some((_, m)) = current.as_mut() {
-            m.put(id, Some(Arc::new(entity)));
-        }
+            if !batch.is_empty() {
+                let _ = raw_tx.send(batch);
+            }
+            Ok(())
+        })();
+        drop(raw_tx);
+        let indexed = indexer
+            .join()
+            .map_err(|_| io("loading the entities failed: an indexer panicked"))?;
+        read_rows.and(indexed)
+    })?;
+    let mut maps = shared.tenants.write().unwrap_or_else(|e| e.into_inner());
+    for name in names {
+        maps.entry(name).or_default();
     }
-    if let Some((t, m)) = current.take() {
-        maps.insert(t, Arc::new(RwLock::new(m)));
+    for (tenant, state) in loaded {
+        maps.insert(tenant, Arc::new(RwLock::new(state)));
     }
     maps.entry(DEFAULT_TENANT.to_string()).or_default();
     Ok(())

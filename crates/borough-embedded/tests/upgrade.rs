@@ -142,3 +142,24 @@ fn a_file_of_a_newer_format_is_refused_and_left_untouched() {
         .unwrap();
     assert_eq!(entities.len().unwrap(), 2);
 }
+
+#[test]
+fn an_unreadable_entity_fails_the_open_and_names_the_entity() {
+    let dir = copy_of_fixture();
+    let path = dir.path().join("borough.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<(&str, &str), &[u8]>::new("entities"))
+            .unwrap()
+            .insert(("city", "urn:ngsi-ld:Broken:1"), b"{not json".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let error = match EmbeddedStore::open(dir.path()) {
+        Ok(_) => panic!("an unreadable entity must fail the open"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("urn:ngsi-ld:Broken:1"), "{error}");
+    assert!(error.contains("city"), "{error}");
+}
