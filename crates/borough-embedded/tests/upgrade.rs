@@ -150,10 +150,12 @@ fn an_unreadable_entity_fails_the_open_and_names_the_entity() {
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(redb::TableDefinition::<(&str, &str), &[u8]>::new("entities"))
-            .unwrap()
-            .insert(("city", "urn:ngsi-ld:Broken:1"), b"{not json".as_slice())
-            .unwrap();
+        txn.open_table(redb::TableDefinition::<(&str, &str), &[u8]>::new(
+            "entities",
+        ))
+        .unwrap()
+        .insert(("city", "urn:ngsi-ld:Broken:1"), b"{not json".as_slice())
+        .unwrap();
         txn.commit().unwrap();
     }
     let error = match EmbeddedStore::open(dir.path()) {
