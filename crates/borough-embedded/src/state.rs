@@ -119,12 +119,67 @@ fn geo_envelopes(
         .map(|r| aabb(&r))
 }
 
+/// The entities that hold one value of an attribute. A sensor's readings
+/// are mostly values no other entity holds at that moment: such a value
+/// costs one id, not a B-tree of its own (about 200 bytes each).
+enum Posting {
+    One(Id),
+    Many(IdSet),
+}
+
+impl Posting {
+    fn len(&self) -> usize {
+        match self {
+            Posting::One(_) => 1,
+            Posting::Many(set) => set.len(),
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &Id> {
+        let (one, many) = match self {
+            Posting::One(id) => (Some(id), None),
+            Posting::Many(set) => (None, Some(set.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    fn insert(&mut self, id: &Id) {
+        match self {
+            Posting::One(held) if held == id => {}
+            Posting::One(held) => *self = Posting::Many(IdSet::from([held.clone(), id.clone()])),
+            Posting::Many(set) => {
+                set.insert(id.clone());
+            }
+        }
+    }
+
+    /// Removes `id`; true when no entity holds the value any more.
+    fn remove(&mut self, id: &Id) -> bool {
+        match self {
+            Posting::One(held) => held == id,
+            Posting::Many(set) => {
+                set.remove(id);
+                match set.len() {
+                    0 => true,
+                    1 => {
+                        if let Some(last) = set.pop_first() {
+                            *self = Posting::One(last);
+                        }
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct AttrIndex {
     /// Entities that have the attribute.
     ids: IdSet,
     /// Scalar values of the attribute's instances (array elements each).
-    values: BTreeMap<IndexKey, IdSet>,
+    values: BTreeMap<IndexKey, Posting>,
 }
 
 /// The state of one tenant.
@@ -283,8 +338,11 @@ impl TenantState {
             None => self.by_attr.entry(name.to_string()).or_default(),
         };
         idx.ids.insert(id.clone());
-        for_each_key(instances, |k| {
-            idx.values.entry(k).or_default().insert(id.clone());
+        for_each_key(instances, |k| match idx.values.get_mut(&k) {
+            Some(posting) => posting.insert(id),
+            None => {
+                idx.values.insert(k, Posting::One(id.clone()));
+            }
         });
         for envelope in geo_envelopes(instances) {
             self.by_geo
@@ -304,11 +362,10 @@ impl TenantState {
         };
         idx.ids.remove(id);
         for_each_key(instances, |k| {
-            if let Some(set) = idx.values.get_mut(&k) {
-                set.remove(id);
-                if set.is_empty() {
-                    idx.values.remove(&k);
-                }
+            if let Some(posting) = idx.values.get_mut(&k)
+                && posting.remove(id)
+            {
+                idx.values.remove(&k);
             }
         });
         if idx.ids.is_empty() {
@@ -565,7 +622,7 @@ impl TenantState {
                     q.attrs
                         .iter()
                         .filter_map(|a| self.by_attr.get(a))
-                        .map(|i| &i.ids),
+                        .flat_map(|i| i.ids.iter()),
                 );
                 consider(ids.len(), Candidates::Owned(ids), &mut best);
             }
@@ -679,7 +736,7 @@ impl TenantState {
             None => return None,
             Some((op, v)) => (*op, v),
         };
-        let sets: Vec<&IdSet> = match (op, value) {
+        let sets: Vec<&Posting> = match (op, value) {
             (Op::Eq, QValue::One(l)) => lookup(idx, l),
             (Op::Eq, QValue::List(ls)) => ls.iter().flat_map(|l| lookup(idx, l)).collect(),
             (Op::Eq, QValue::Range(lo, hi)) => {
@@ -691,14 +748,18 @@ impl TenantState {
             (Op::Le, QValue::One(l)) => range(idx, Bound::Unbounded, Bound::Included(l))?,
             _ => return None,
         };
-        if let [one] = sets.as_slice() {
-            return Some(Candidates::Borrowed(one));
+        match sets.as_slice() {
+            [Posting::Many(set)] => return Some(Candidates::Borrowed(set)),
+            [Posting::One(id)] => return Some(Candidates::Owned(vec![id.clone()])),
+            _ => {}
         }
         let size: usize = sets.iter().map(|s| s.len()).sum();
         if size > cap {
             return None;
         }
-        Some(Candidates::Owned(union(sets.into_iter())))
+        Some(Candidates::Owned(union(
+            sets.into_iter().flat_map(Posting::ids),
+        )))
     }
 }
 
@@ -741,7 +802,7 @@ fn literal_prefix(pattern: &str) -> Option<String> {
 
 /// Sets for an equality literal; an unindexable literal (a date-time) yields
 /// nothing, which the caller must not read as "no match": see `range`.
-fn lookup<'a>(idx: &'a AttrIndex, l: &Lit) -> Vec<&'a IdSet> {
+fn lookup<'a>(idx: &'a AttrIndex, l: &Lit) -> Vec<&'a Posting> {
     keys_of_lit(l)
         .iter()
         .filter_map(|k| idx.values.get(k))
@@ -750,7 +811,7 @@ fn lookup<'a>(idx: &'a AttrIndex, l: &Lit) -> Vec<&'a IdSet> {
 
 /// Sets for a range over numbers or strings; `None` when the bounds are not
 /// both of one indexable kind (the planner then scans).
-fn range<'a>(idx: &'a AttrIndex, lo: Bound<&Lit>, hi: Bound<&Lit>) -> Option<Vec<&'a IdSet>> {
+fn range<'a>(idx: &'a AttrIndex, lo: Bound<&Lit>, hi: Bound<&Lit>) -> Option<Vec<&'a Posting>> {
     fn single(l: &Lit) -> Option<IndexKey> {
         match l {
             Lit::Num(n) => Some(IndexKey::Num(OrderedF64(*n))),
@@ -794,8 +855,9 @@ fn range<'a>(idx: &'a AttrIndex, lo: Bound<&Lit>, hi: Bound<&Lit>) -> Option<Vec
     )
 }
 
-fn union<'a>(sets: impl Iterator<Item = &'a IdSet>) -> Vec<Id> {
-    let mut out: Vec<Id> = sets.flat_map(|s| s.iter().cloned()).collect();
+/// The ids, sorted and without duplicates.
+fn union<'a>(ids: impl Iterator<Item = &'a Id>) -> Vec<Id> {
+    let mut out: Vec<Id> = ids.cloned().collect();
     out.sort();
     out.dedup();
     out

@@ -32,6 +32,8 @@ fn entity(i: u64) -> Value {
     }
     e["f"] = json!(f64::from((r(6) % 40) as u32) / 4.0 - 2.0);
     e["b"] = json!(r(7) % 2 == 0);
+    // A reading no other entity shares, as sensors' readings mostly are.
+    e["u"] = json!(i as f64 * 0.5);
     e["tags"] = json!([format!("t{}", r(8) % 4), format!("t{}", r(10) % 4)]);
     e["rel"] = json!({"type": "Relationship", "object": format!("urn:ngsi-ld:R:{}", r(11) % 5)});
     e["category"] = json!({"type": "VocabProperty", "vocab": format!("v{}", r(12) % 3)});
@@ -101,7 +103,8 @@ fn store() -> &'static (EmbeddedStore, tokio::runtime::Runtime) {
             .step_by(5)
             .map(|i| EntityOp::Upsert {
                 entity: parse_entity(
-                    &json!({"id": format!("urn:ngsi-ld:E:{i:04}"), "type": "A", "f": (i % 9) as f64 - 4.0}),
+                    &json!({"id": format!("urn:ngsi-ld:E:{i:04}"), "type": "A",
+                        "f": (i % 9) as f64 - 4.0, "u": (i % 3) as f64}),
                     &ctx,
                     0,
                 )
@@ -116,6 +119,12 @@ fn store() -> &'static (EmbeddedStore, tokio::runtime::Runtime) {
 
 fn value_for(attr: &str) -> BoxedStrategy<String> {
     match attr {
+        "u" => prop_oneof![
+            (0i32..210).prop_map(|v| format!("{}", f64::from(v) / 2.0)),
+            (0i32..210, 0i32..210).prop_map(|(a, b)| format!("{a}..{b}")),
+            Just("1".to_string()),
+        ]
+        .boxed(),
         "n" | "f" => prop_oneof![
             (-3i32..22).prop_map(|v| v.to_string()),
             (-3i32..22, -3i32..22).prop_map(|(a, b)| format!("{a}..{b}")),
@@ -156,6 +165,7 @@ fn term() -> impl Strategy<Value = String> {
         "n",
         "s",
         "f",
+        "u",
         "b",
         "tags",
         "rel",
