@@ -35,6 +35,7 @@ pub async fn run_all(store: &dyn EntityStore) {
     within_box_visits_located_entities(store).await;
     subscription_writes_check_what_they_replace(store).await;
     matching_changes_wait_in_the_outbox_until_done(store).await;
+    temporal_writes_and_retention(store).await;
 }
 
 fn vehicle_subscription(id: &str, modified_at: i64) -> SubscriptionRecord {
@@ -705,4 +706,145 @@ pub async fn linked_records_commit_with_their_operation<S: RecordStore + EntityS
     let store = reopen();
     assert_eq!(keys(&store), ["d/1", "d/3", "d/4"]);
     assert!(store.get(t, "urn:l:1").is_some());
+}
+
+/// The temporal API's writes (append, modify and delete instances, delete
+/// attributes) and retention, on a backend's own history.
+pub async fn temporal_writes_and_retention(store: &dyn EntityStore) {
+    use borough_core::temporal::{
+        HistoryBody, HistoryOp, HistoryOutcome, HistoryRequest, Instance, Retention, TimeProperty,
+        TimeRange,
+    };
+    use borough_core::{AttrKind, Attribute};
+    let t = "suite-temporal";
+    const SPEED: &str = "https://uri.etsi.org/ngsi-ld/default-context/speed";
+    const VEHICLE: &str = "https://uri.etsi.org/ngsi-ld/default-context/Vehicle";
+    let reading = |at: i64, v: i64, dataset: Option<&str>| Attribute {
+        kind: AttrKind::Property,
+        value: json!(v),
+        dataset_id: dataset.map(str::to_string),
+        observed_at: Some(at),
+        unit_code: None,
+        object_type: None,
+        sub: Default::default(),
+        created_at: 0,
+        modified_at: 0,
+    };
+    let append = |instances: Vec<Attribute>| {
+        store.write_history(
+            t,
+            HistoryOp::Append {
+                id: "urn:t".into(),
+                types: vec![VEHICLE.into()],
+                instances: instances
+                    .into_iter()
+                    .map(|a| (SPEED.to_string(), a))
+                    .collect(),
+            },
+        )
+    };
+    let read = || -> Vec<(Option<String>, Vec<Instance>)> {
+        let all = HistoryRequest {
+            attrs: None,
+            time_property: TimeProperty::ObservedAt,
+            range: TimeRange::ALL,
+            last_n: None,
+            max_instances: 100,
+            aggregation: None,
+        };
+        let Some(h) = store.history(t, "urn:t", &all).expect("read") else {
+            return Vec::new();
+        };
+        h.attrs
+            .into_iter()
+            .map(|a| match a.body {
+                HistoryBody::Instances(list) => (a.dataset_id, list),
+                _ => panic!("instances expected"),
+            })
+            .collect()
+    };
+    let values = |list: &[Instance]| -> Vec<serde_json::Value> {
+        list.iter().map(|i| i.attr.value.clone()).collect()
+    };
+
+    let first = append(vec![reading(100, 1, None), reading(200, 2, None)]);
+    assert_eq!(first.await.expect("append"), HistoryOutcome::Created);
+    // Sent again: nothing is added twice.
+    let again = append(vec![reading(100, 1, None), reading(200, 2, None)]);
+    assert_eq!(again.await.expect("append"), HistoryOutcome::Changed);
+    let other = append(vec![reading(300, 3, Some("urn:d:x"))]);
+    assert_eq!(other.await.expect("append"), HistoryOutcome::Changed);
+    let attrs = read();
+    assert_eq!(attrs.len(), 2, "one series per datasetId");
+    let default = &attrs.iter().find(|(d, _)| d.is_none()).expect("default").1;
+    assert_eq!(values(default), [json!(1), json!(2)]);
+
+    // One instance changed, then another removed.
+    let modify = HistoryOp::ModifyInstance {
+        id: "urn:t".into(),
+        name: SPEED.into(),
+        instance: default[0].id,
+        attr: Box::new(reading(100, 10, None)),
+    };
+    assert_eq!(
+        store.write_history(t, modify).await.expect("modify"),
+        HistoryOutcome::Changed
+    );
+    let remove = HistoryOp::DeleteInstance {
+        id: "urn:t".into(),
+        name: SPEED.into(),
+        instance: default[1].id,
+    };
+    assert_eq!(
+        store.write_history(t, remove).await.expect("delete"),
+        HistoryOutcome::Changed
+    );
+    let attrs = read();
+    let default = &attrs.iter().find(|(d, _)| d.is_none()).expect("default").1;
+    assert_eq!(values(default), [json!(10)]);
+    assert_eq!(
+        default[0].attr.observed_at,
+        Some(100),
+        "an instance keeps its time"
+    );
+
+    // An attribute's one datasetId, then one that is not there.
+    let drop_dataset = HistoryOp::DeleteAttr {
+        id: "urn:t".into(),
+        name: SPEED.into(),
+        dataset_id: Some("urn:d:x".into()),
+        all: false,
+    };
+    assert_eq!(
+        store.write_history(t, drop_dataset).await.expect("delete"),
+        HistoryOutcome::Changed
+    );
+    assert_eq!(read().len(), 1);
+    let missing = HistoryOp::DeleteAttr {
+        id: "urn:t".into(),
+        name: "https://uri.etsi.org/ngsi-ld/default-context/none".into(),
+        dataset_id: None,
+        all: true,
+    };
+    assert_eq!(
+        store.write_history(t, missing).await.expect("delete"),
+        HistoryOutcome::NotFound
+    );
+
+    let by_type = |types: &[String]| store.history_entities(t, Some(types)).expect("list");
+    assert_eq!(by_type(&[VEHICLE.to_string()]).len(), 1);
+    assert!(by_type(&["https://uri.etsi.org/ngsi-ld/default-context/Lamp".to_string()]).is_empty());
+
+    // Kept for a day: readings observed in 1970 go at the next maintenance.
+    let keep = Retention {
+        default: Some(86_400_000_000),
+        types: Vec::new(),
+    };
+    store
+        .set_retention(t, keep.clone())
+        .await
+        .expect("retention");
+    assert_eq!(store.retention(t).expect("retention"), keep);
+    assert!(store.maintain_history().await.expect("maintain") >= 1);
+    assert!(read().iter().all(|(_, list)| list.is_empty()));
 }
