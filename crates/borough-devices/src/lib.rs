@@ -799,12 +799,33 @@ impl Devices {
     }
 }
 
+/// Store writes of readings in flight at once.
+const INGEST_IN_FLIGHT: usize = 4;
+
 /// Takes queued readings in batches and writes each tenant's batch with one
-/// store write. Writes are made one after the other, so that a device's
-/// readings reach its entity in the order they were sent; the store's group
-/// commit is what makes each write large.
+/// store write. Several writes are in flight, so that the next batch is
+/// gathered and queued while the store commits the last one; each is handed
+/// to the store (its future polled once) before the next is made, and the
+/// store applies writes in that order, so a device's readings still reach
+/// its entity in the order they were sent.
 async fn run_batcher(devices: Arc<Devices>, mut rx: mpsc::Receiver<IngestJob>) {
-    while let Some(first) = rx.recv().await {
+    use futures_util::StreamExt;
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    loop {
+        let first = if in_flight.is_empty() {
+            match rx.recv().await {
+                Some(job) => job,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                _ = in_flight.next() => continue,
+                job = rx.recv(), if in_flight.len() < INGEST_IN_FLIGHT => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+            }
+        };
         let mut n = first.ops.len();
         let mut jobs = vec![first];
         while n < INGEST_BATCH {
@@ -824,12 +845,23 @@ async fn run_batcher(devices: Arc<Devices>, mut rx: mpsc::Receiver<IngestJob>) {
             }
         }
         for (tenant, jobs) in by_tenant {
-            write_batch(&devices, &tenant, jobs).await;
+            let mut write = Box::pin(write_batch(devices.clone(), tenant, jobs));
+            // Polled once here, the write is in the store's queue before the next one.
+            let done = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(write.as_mut().poll(cx).is_ready())
+            })
+            .await;
+            if !done {
+                in_flight.push_back(write);
+            }
         }
     }
+    // The queue is closed: finish what is in flight.
+    while in_flight.next().await.is_some() {}
 }
 
-async fn write_batch(devices: &Devices, tenant: &str, jobs: Vec<IngestJob>) {
+async fn write_batch(devices: Arc<Devices>, tenant: String, jobs: Vec<IngestJob>) {
+    let tenant = tenant.as_str();
     let mut ops = Vec::new();
     let mut parts = Vec::with_capacity(jobs.len());
     for j in jobs {

@@ -260,7 +260,10 @@ pub trait EntityStore: Send + Sync + 'static {
     fn attribute_counts(&self, tenant: &str) -> Vec<(String, usize)>;
 
     /// Applies `ops` to `tenant` (creating the tenant when a change is made)
-    /// and makes the result durable before resolving.
+    /// and makes the result durable before resolving. Writes are applied in
+    /// the order their futures are first polled: a caller may keep several
+    /// in flight (polling each once before making the next) and still have
+    /// them applied in order.
     fn write(
         &self,
         tenant: &str,

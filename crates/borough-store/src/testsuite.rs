@@ -36,6 +36,7 @@ pub async fn run_all(store: &dyn EntityStore) {
     subscription_writes_check_what_they_replace(store).await;
     matching_changes_wait_in_the_outbox_until_done(store).await;
     temporal_writes_and_retention(store).await;
+    writes_apply_in_the_order_they_were_first_polled(store).await;
 }
 
 fn vehicle_subscription(id: &str, modified_at: i64) -> SubscriptionRecord {
@@ -847,4 +848,31 @@ pub async fn temporal_writes_and_retention(store: &dyn EntityStore) {
     assert_eq!(store.retention(t).expect("retention"), keep);
     assert!(store.maintain_history().await.expect("maintain") >= 1);
     assert!(read().iter().all(|(_, list)| list.is_empty()));
+}
+
+/// Several writes in flight from one caller are applied in the order their
+/// futures were first polled, whatever order they are awaited in (the
+/// devices layer keeps readings in order this way).
+pub async fn writes_apply_in_the_order_they_were_first_polled(store: &dyn EntityStore) {
+    let t = "suite-order";
+    let mut writes = Vec::new();
+    for v in 0..64 {
+        let op = EntityOp::Upsert {
+            entity: entity("urn:o", v),
+            replace: false,
+        };
+        let mut write = store.write(t, vec![op]);
+        std::future::poll_fn(|cx| {
+            let _ = write.as_mut().poll(cx);
+            std::task::Poll::Ready(())
+        })
+        .await;
+        writes.push(write);
+    }
+    // Awaited last first.
+    while let Some(write) = writes.pop() {
+        assert!(write.await.expect("write")[0].is_ok());
+    }
+    let last = store.get(t, "urn:o").expect("entity");
+    assert_eq!(speed(&last), json!(63));
 }
