@@ -492,7 +492,7 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
         drop(parsed_tx);
         let indexer = scope.spawn(
             move || -> Result<HashMap<String, TenantState>, StoreError> {
-                let mut maps: HashMap<String, TenantState> = HashMap::new();
+                let mut maps: HashMap<String, state::TenantLoader> = HashMap::new();
                 let mut failed = None;
                 for batch in parsed_rx {
                     match batch {
@@ -502,14 +502,17 @@ fn load(db: &Database, shared: &Shared) -> Result<(), StoreError> {
                                     Some(m) => m,
                                     None => maps.entry(tenant).or_default(),
                                 };
-                                map.put(&id, Some(Arc::new(entity)));
+                                map.add(&id, Arc::new(entity));
                             }
                         }
                         // Keep draining, so that the parsers never block on a full channel.
                         Err(e) => failed = failed.or(Some(e)),
                     }
                 }
-                failed.map_or(Ok(maps), Err)
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(maps.into_iter().map(|(t, m)| (t, m.finish())).collect()),
+                }
             },
         );
         let read_rows = (|| -> Result<(), StoreError> {

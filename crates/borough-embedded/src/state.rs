@@ -192,6 +192,47 @@ pub struct TenantState {
     by_geo: HashMap<String, RTree<GeoEntry>>,
 }
 
+/// Builds a tenant's state from stored entities at start-up. The spatial
+/// entries are gathered and each R-tree is bulk-loaded at the end: much
+/// faster than a million single inserts, and a better-packed tree.
+#[derive(Default)]
+pub struct TenantLoader {
+    state: TenantState,
+    geo: HashMap<String, Vec<GeoEntry>>,
+}
+
+impl TenantLoader {
+    /// Adds a stored entity (each id once).
+    pub fn add(&mut self, id: &str, entity: Arc<Entity>) {
+        let key: Id = Arc::from(id);
+        for t in &entity.types {
+            self.state.index_type(&key, t);
+        }
+        for (name, instances) in &entity.attrs {
+            self.state.index_values(&key, name, instances);
+            for envelope in geo_envelopes(instances) {
+                let entries = match self.geo.get_mut(name.as_str()) {
+                    Some(entries) => entries,
+                    None => self.geo.entry(name.clone()).or_default(),
+                };
+                entries.push(GeoEntry {
+                    envelope,
+                    id: key.clone(),
+                    entity: entity.clone(),
+                });
+            }
+        }
+        self.state.entities.insert(key, entity);
+    }
+
+    pub fn finish(mut self) -> TenantState {
+        for (name, entries) in self.geo {
+            self.state.by_geo.insert(name, RTree::bulk_load(entries));
+        }
+        self.state
+    }
+}
+
 /// Where a plan takes its candidate ids from, in id order.
 enum Candidates<'a> {
     All,
@@ -333,6 +374,21 @@ impl TenantState {
     }
 
     fn index_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
+        self.index_values(id, name, instances);
+        for envelope in geo_envelopes(instances) {
+            self.by_geo
+                .entry(name.to_string())
+                .or_default()
+                .insert(GeoEntry {
+                    envelope,
+                    id: id.clone(),
+                    entity: e.clone(),
+                });
+        }
+    }
+
+    /// The attribute and value indexes of an attribute (not the spatial one).
+    fn index_values(&mut self, id: &Id, name: &str, instances: &[Attribute]) {
         let idx = match self.by_attr.get_mut(name) {
             Some(idx) => idx,
             None => self.by_attr.entry(name.to_string()).or_default(),
@@ -344,16 +400,6 @@ impl TenantState {
                 idx.values.insert(k, Posting::One(id.clone()));
             }
         });
-        for envelope in geo_envelopes(instances) {
-            self.by_geo
-                .entry(name.to_string())
-                .or_default()
-                .insert(GeoEntry {
-                    envelope,
-                    id: id.clone(),
-                    entity: e.clone(),
-                });
-        }
     }
 
     fn unindex_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {

@@ -1,7 +1,7 @@
 //! Property test: whatever plan the indexes choose, a query returns exactly
 //! what a plain scan filtered with `EntityQuery::matches` returns, in the same
 //! order and with the same count — also after updates and deletes have moved
-//! entities between index entries.
+//! entities between index entries, and after a restart (indexes built at load).
 
 use borough_core::entity::parse_entity;
 use borough_core::query::geo::parse_geo_query;
@@ -61,60 +61,82 @@ fn entity(i: u64) -> Value {
     e
 }
 
-/// One store, filled once, with updates and deletes applied after creation.
-fn store() -> &'static (EmbeddedStore, tokio::runtime::Runtime) {
-    static STORE: OnceLock<(EmbeddedStore, tokio::runtime::Runtime)> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let store = EmbeddedStore::open(&dir).unwrap();
+/// Two stores holding the same data, filled once with creations, then
+/// updates and deletes: one as the writes left it (indexes kept up to date
+/// change by change), one closed and opened again (indexes built at load).
+struct Stores {
+    written: EmbeddedStore,
+    reopened: EmbeddedStore,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn stores() -> &'static Stores {
+    static STORES: OnceLock<Stores> = OnceLock::new();
+    STORES.get_or_init(|| {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let ctx = Context::core();
-        let ops: Vec<EntityOp> = (0..400)
-            .map(|i| EntityOp::Create(parse_entity(&entity(i), &ctx, 0).unwrap()))
-            .collect();
-        rt.block_on(store.write(TENANT, ops)).unwrap();
-        // Move index entries: rewrite some entities with other values, delete others.
-        let updates: Vec<EntityOp> = (0..400)
-            .step_by(7)
-            .map(|i| EntityOp::Upsert {
-                entity: parse_entity(
-                    &entity(i + 1000).as_object().unwrap().iter().fold(
-                        json!({"id": format!("urn:ngsi-ld:E:{i:04}")}),
-                        |mut acc, (k, v)| {
-                            if k != "id" {
-                                acc[k] = v.clone();
-                            }
-                            acc
-                        },
-                    ),
-                    &ctx,
-                    0,
-                )
-                .unwrap(),
-                replace: true,
-            })
-            .chain((0..400).step_by(11).map(|i| EntityOp::Delete {
-                id: format!("urn:ngsi-ld:E:{i:04}"),
-            }))
-            .collect();
-        rt.block_on(store.write(TENANT, updates)).unwrap();
-        // Partial updates: one attribute changes, the location and the rest stay.
-        let readings: Vec<EntityOp> = (0..400)
-            .step_by(5)
-            .map(|i| EntityOp::Upsert {
-                entity: parse_entity(
-                    &json!({"id": format!("urn:ngsi-ld:E:{i:04}"), "type": "A",
-                        "f": (i % 9) as f64 - 4.0, "u": (i % 3) as f64}),
-                    &ctx,
-                    0,
-                )
-                .unwrap(),
-                replace: false,
-            })
-            .collect();
-        rt.block_on(store.write(TENANT, readings)).unwrap();
-        (store, rt)
+        let written_dir = tempfile::tempdir().unwrap().keep();
+        let written = EmbeddedStore::open(&written_dir).unwrap();
+        fill(&written, &rt);
+        let reopened_dir = tempfile::tempdir().unwrap().keep();
+        let first = EmbeddedStore::open(&reopened_dir).unwrap();
+        fill(&first, &rt);
+        rt.block_on(first.close()).unwrap();
+        drop(first);
+        let reopened = EmbeddedStore::open(&reopened_dir).unwrap();
+        Stores {
+            written,
+            reopened,
+            _rt: rt,
+        }
     })
+}
+
+fn fill(store: &EmbeddedStore, rt: &tokio::runtime::Runtime) {
+    let ctx = Context::core();
+    let ops: Vec<EntityOp> = (0..400)
+        .map(|i| EntityOp::Create(parse_entity(&entity(i), &ctx, 0).unwrap()))
+        .collect();
+    rt.block_on(store.write(TENANT, ops)).unwrap();
+    // Move index entries: rewrite some entities with other values, delete others.
+    let updates: Vec<EntityOp> = (0..400)
+        .step_by(7)
+        .map(|i| EntityOp::Upsert {
+            entity: parse_entity(
+                &entity(i + 1000).as_object().unwrap().iter().fold(
+                    json!({"id": format!("urn:ngsi-ld:E:{i:04}")}),
+                    |mut acc, (k, v)| {
+                        if k != "id" {
+                            acc[k] = v.clone();
+                        }
+                        acc
+                    },
+                ),
+                &ctx,
+                0,
+            )
+            .unwrap(),
+            replace: true,
+        })
+        .chain((0..400).step_by(11).map(|i| EntityOp::Delete {
+            id: format!("urn:ngsi-ld:E:{i:04}"),
+        }))
+        .collect();
+    rt.block_on(store.write(TENANT, updates)).unwrap();
+    // Partial updates: one attribute changes, the location and the rest stay.
+    let readings: Vec<EntityOp> = (0..400)
+        .step_by(5)
+        .map(|i| EntityOp::Upsert {
+            entity: parse_entity(
+                &json!({"id": format!("urn:ngsi-ld:E:{i:04}"), "type": "A",
+                    "f": (i % 9) as f64 - 4.0, "u": (i % 3) as f64}),
+                &ctx,
+                0,
+            )
+            .unwrap(),
+            replace: false,
+        })
+        .collect();
+    rt.block_on(store.write(TENANT, readings)).unwrap();
 }
 
 fn value_for(attr: &str) -> BoxedStrategy<String> {
@@ -320,7 +342,7 @@ proptest! {
     #[test]
     fn indexed_plans_agree_with_a_plain_scan(s in spec()) {
         let ctx = Context::core();
-        let (store, _rt) = store();
+        let stores = stores();
         let q = EntityQuery {
             ids: s.ids.iter().map(|i| format!("urn:ngsi-ld:E:{i:04}")).collect(),
             id_pattern: s.id_pattern.map(|p| compile_id_pattern(p).unwrap()),
@@ -335,7 +357,8 @@ proptest! {
             geo: s.geo.as_ref().map(|(rel, g, c)| parse_geo_query(Some(rel), Some(g), Some(c), None, &ctx).unwrap()),
             ..Default::default()
         };
-        assert_query_matches_scan(store, TENANT, &q, s.offset, s.limit);
+        assert_query_matches_scan(&stores.written, TENANT, &q, s.offset, s.limit);
+        assert_query_matches_scan(&stores.reopened, TENANT, &q, s.offset, s.limit);
     }
 }
 
@@ -343,7 +366,7 @@ proptest! {
 fn the_data_set_exercises_the_planner() {
     // Guard against a vacuous property: typical queries must match some entities and not all.
     let ctx = Context::core();
-    let (store, _rt) = store();
+    let store = &stores().written;
     let q = EntityQuery {
         q: Some(parse_q("n>=10", &ctx).unwrap()),
         ..Default::default()
