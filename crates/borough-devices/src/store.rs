@@ -155,9 +155,9 @@ impl EntityStore for CommandingStore {
         }
         // Each command is built now and its record committed with the
         // operation that sets it: both are durable, or neither.
+        let total = ops.len();
         let mut commands = Vec::new();
         let mut linked = Vec::new();
-        let mut positions = Vec::new();
         let mut admitted = Vec::new();
         for (i, op) in ops.into_iter().enumerate() {
             if refused.contains_key(&i) {
@@ -180,10 +180,8 @@ impl EntityStore for CommandingStore {
                     }
                 }
             }
-            positions.push(i);
             admitted.push(op);
         }
-        let total = positions.len() + refused.len();
         let write =
             (!admitted.is_empty()).then(|| self.inner.write_linked(tenant, admitted, linked));
         let devices = self.devices.clone();

@@ -449,32 +449,25 @@ impl History {
                 types,
                 instances,
             } => {
-                let existed = txn
-                    .open_table(ENTITIES)
-                    .map_err(io)?
-                    .get((tenant, id.as_str()))
-                    .map_err(io)?
-                    .is_some();
+                let mut t = RecordTables::open(txn)?;
+                let existed = t.entities.get((tenant, id.as_str())).map_err(io)?.is_some();
                 let mut sealed = Sealed::default();
                 for (name, attr) in instances {
-                    let s = {
-                        let mut t = RecordTables::open(txn)?;
-                        self.series_for(
-                            &mut t,
-                            tenant,
-                            &id,
-                            &types,
-                            &name,
-                            attr.dataset_id.as_deref(),
-                        )?
-                    };
+                    let s = self.series_for(
+                        &mut t,
+                        tenant,
+                        &id,
+                        &types,
+                        &name,
+                        attr.dataset_id.as_deref(),
+                    )?;
                     // Sending a temporal representation again adds nothing new.
-                    if attr.observed_at.is_some() && stored(txn, s, &attr, &mut sealed)? {
+                    if attr.observed_at.is_some() && stored(txn, &t.hot, s, &attr, &mut sealed)? {
                         continue;
                     }
-                    let mut t = RecordTables::open(txn)?;
                     self.put_hot(&mut t, s, &attr)?;
                 }
+                drop(t);
                 self.seal_full(txn)?;
                 if existed {
                     HistoryOutcome::Changed
@@ -770,12 +763,12 @@ struct Sealed {
 /// content of `attr` (its write times aside).
 fn stored(
     txn: &WriteTransaction,
+    hot: &redb::Table<(u64, i64, u64), &[u8]>,
     s: u64,
     attr: &Attribute,
     sealed: &mut Sealed,
 ) -> Result<bool, StoreError> {
     let at = time_key(attr);
-    let hot = txn.open_table(HOT).map_err(io)?;
     for row in hot.range((s, at, 0)..=(s, at, u64::MAX)).map_err(io)? {
         let (_, v) = row.map_err(io)?;
         let old: Attribute =
@@ -784,7 +777,6 @@ fn stored(
             return Ok(true);
         }
     }
-    drop(hot);
     let index = match sealed.index.entry(s) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => {

@@ -1566,15 +1566,20 @@ mod tests {
             .sum()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_disk_fails_writes_clearly_and_the_store_recovers_when_space_returns() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store in `dir` whose faults the test switches.
+    fn with_faults(dir: &Path) -> (EmbeddedStore, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
         let options = StoreOptions {
             faults: Some(faults.clone()),
             ..StoreOptions::default()
         };
-        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        (EmbeddedStore::open_with(dir, options).unwrap(), faults)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_fails_writes_clearly_and_the_store_recovers_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults) = with_faults(dir.path());
         write_ok(&store, located("urn:spot:1", 1)).await;
         assert!(store.health().is_ok());
 
@@ -1619,12 +1624,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_in_the_writer_fails_its_group_only() {
         let dir = tempfile::tempdir().unwrap();
-        let faults = Arc::new(Faults::default());
-        let options = StoreOptions {
-            faults: Some(faults.clone()),
-            ..StoreOptions::default()
-        };
-        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        let (store, faults) = with_faults(dir.path());
         write_ok(&store, located("urn:spot:1", 1)).await;
         faults.panic_in_next_group();
         match store.write("t", vec![located("urn:spot:9", 9)]).await {

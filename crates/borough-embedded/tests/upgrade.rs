@@ -21,6 +21,14 @@ fn copy_of_fixture() -> tempfile::TempDir {
     dir
 }
 
+/// The error of opening a store that must not open.
+fn open_error(dir: &std::path::Path) -> String {
+    match EmbeddedStore::open(dir) {
+        Ok(_) => panic!("the store must refuse to open"),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn status_history(store: &EmbeddedStore) -> Vec<serde_json::Value> {
     let request = HistoryRequest {
         attrs: Some(vec![STATUS.into()]),
@@ -120,10 +128,7 @@ fn a_file_of_a_newer_format_is_refused_and_left_untouched() {
             .unwrap();
         txn.commit().unwrap();
     }
-    let error = match EmbeddedStore::open(dir.path()) {
-        Ok(_) => panic!("a newer format must be refused"),
-        Err(e) => e.to_string(),
-    };
+    let error = open_error(dir.path());
     assert!(error.contains("newer Borough"), "{error}");
     // Nothing was changed: the version and the data are as they were.
     let db = redb::Database::create(&path).unwrap();
@@ -158,10 +163,7 @@ fn an_unreadable_entity_fails_the_open_and_names_the_entity() {
         .unwrap();
         txn.commit().unwrap();
     }
-    let error = match EmbeddedStore::open(dir.path()) {
-        Ok(_) => panic!("an unreadable entity must fail the open"),
-        Err(e) => e.to_string(),
-    };
+    let error = open_error(dir.path());
     assert!(error.contains("urn:ngsi-ld:Broken:1"), "{error}");
     assert!(error.contains("city"), "{error}");
 }
