@@ -1,9 +1,12 @@
 //! History (the temporal evolution of entities) in the embedded engine.
 //!
 //! Every attribute instance belongs to a *series*: (tenant, entity, attribute,
-//! datasetId), numbered. New instances are written as *hot* rows keyed by
-//! (series, time key, sequence number) in the same redb transaction as the
-//! entity change that made them, so an acknowledged write has its history.
+//! datasetId), numbered. New instances are appended to the history log
+//! (crate::hotlog) in the same redb transaction as the entity change that
+//! made them, so an acknowledged write has its history. Instances not yet
+//! sealed are *hot*: in the log, or in the hot table keyed by (series, time
+//! key, sequence number), where a series' rows go when they are the oldest of
+//! the log's window (`StoreOptions::history_log_window`) and too few for a chunk.
 //! When a series has [`SEAL_AT`] hot rows, or at least [`SEAL_OLD_MIN`] of
 //! which the oldest is older than [`SEAL_AGE_MICROS`], the rows are sealed
 //! into a compressed chunk (crate::chunk) with an index entry; bulk imports
@@ -12,9 +15,11 @@
 //! The time key is `observedAt`, or the write time for instances without one.
 //!
 //! Only the writer thread changes history; readers use a redb read
-//! transaction, which sees hot rows, chunks and index entries of one commit.
+//! transaction, which sees hot rows, log rows, chunks and index entries of
+//! one commit, and the log index to find a series' log rows.
 
 use crate::chunk::{self, ChunkMeta, Row};
+use crate::hotlog::{self, LiveRow, LogIndex, Stale, LOG, LOG_MOVED};
 use crate::series::SeriesIndex;
 use borough_core::temporal::{
     Accumulator, AggrMethod, AttrHistory, BucketResult, Buckets, EntityHistory, HistoryBody,
@@ -63,6 +68,11 @@ const CHUNK_MAX: usize = 4096;
 const CHUNK_TARGET_BYTES: usize = 3_900;
 /// Most series sealed by one maintenance pass (bounds its transaction).
 const SEAL_PER_PASS: usize = 5_000;
+/// Most series that leave the log in one commit (bounds a group's extra work).
+const MOVES_PER_COMMIT: usize = 64;
+/// The log is truncated once this many rows below its oldest live row have
+/// left (or its window, if smaller).
+const TRUNCATE_STEP: u64 = 4_096;
 
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
@@ -81,6 +91,8 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(CHUNKS).map_err(io)?;
     txn.open_table(COUNTERS).map_err(io)?;
     txn.open_table(RETENTION).map_err(io)?;
+    txn.open_table(LOG).map_err(io)?;
+    txn.open_table(LOG_MOVED).map_err(io)?;
     Ok(())
 }
 
@@ -92,17 +104,22 @@ pub struct Recorded {
     pub instances: Vec<(usize, usize)>,
 }
 
+/// A series' instances not yet sealed, in the log and the hot table.
 #[derive(Clone, Copy)]
 struct Hot {
     count: u32,
     oldest: i64,
 }
 
-/// The writer's view of history: series numbers and hot-row counts. Rebuilt
-/// from the file at open, and again if a commit fails.
+/// The writer's view of history: series numbers, hot-row counts and the
+/// log's index. Rebuilt from the file at open, and again if a commit fails.
 pub struct History {
     series: SeriesIndex,
     hot: HashMap<u64, Hot>,
+    /// Shared with readers.
+    log: Arc<LogIndex>,
+    /// The log holds no row below this sequence number.
+    log_start: u64,
     /// Series that reached [`SEAL_AT`] hot rows since the last seal: a commit
     /// looks at these, never at every series.
     full: Vec<u64>,
@@ -118,6 +135,7 @@ struct RecordTables<'txn> {
     entities: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
     types: redb::Table<'txn, (&'static str, &'static str, &'static str), ()>,
     hot: redb::Table<'txn, (u64, i64, u64), &'static [u8]>,
+    log: redb::Table<'txn, u64, &'static [u8]>,
     buf: Vec<u8>,
 }
 
@@ -128,9 +146,32 @@ impl<'txn> RecordTables<'txn> {
             entities: txn.open_table(ENTITIES).map_err(io)?,
             types: txn.open_table(TYPES).map_err(io)?,
             hot: txn.open_table(HOT).map_err(io)?,
+            log: txn.open_table(LOG).map_err(io)?,
             buf: Vec::with_capacity(256),
         })
     }
+}
+
+/// Serializes an instance as stored: the series holds the datasetId, rows do not repeat it.
+fn write_instance(buf: &mut Vec<u8>, attr: &Attribute) -> Result<(), StoreError> {
+    if attr.dataset_id.is_some() {
+        let mut bare = attr.clone();
+        bare.dataset_id = None;
+        serde_json::to_writer(buf, &bare)
+    } else {
+        serde_json::to_writer(buf, attr)
+    }
+    .map_err(io)
+}
+
+fn parse_instance(json: &[u8]) -> Result<Attribute, StoreError> {
+    serde_json::from_slice(json).map_err(|_| corrupt("an instance"))
+}
+
+/// A log row's time key and attribute.
+fn parse_log_row(bytes: &[u8]) -> Result<(i64, Attribute), StoreError> {
+    let (_, at, json) = hotlog::split_row(bytes).ok_or_else(|| corrupt("a log row"))?;
+    Ok((at, parse_instance(json)?))
 }
 
 fn time_key(a: &Attribute) -> i64 {
@@ -138,11 +179,14 @@ fn time_key(a: &Attribute) -> i64 {
 }
 
 impl History {
-    pub fn load(db: &Database) -> Result<Self, StoreError> {
+    /// Reads the writer's state from the file, and fills `log` with the log's live rows.
+    pub fn load(db: &Database, log: Arc<LogIndex>) -> Result<Self, StoreError> {
         let read = db.begin_read().map_err(io)?;
         let mut h = History {
             series: SeriesIndex::new(),
             hot: HashMap::new(),
+            log,
+            log_start: 0,
             full: Vec::new(),
             next_series: 1,
             next_seq: 1,
@@ -173,6 +217,32 @@ impl History {
             hot.count += 1;
             hot.oldest = hot.oldest.min(at);
         }
+        let mut moved = HashMap::new();
+        for row in read.open_table(LOG_MOVED).map_err(io)?.iter().map_err(io)? {
+            let (s, seq) = row.map_err(io)?;
+            moved.insert(s.value(), seq.value());
+        }
+        let mut live: foldhash::HashMap<u64, Vec<LiveRow>> = Default::default();
+        h.log_start = h.next_seq;
+        for (i, row) in read.open_table(LOG).map_err(io)?.iter().map_err(io)?.enumerate() {
+            let (k, v) = row.map_err(io)?;
+            let seq = k.value();
+            if i == 0 {
+                h.log_start = seq;
+            }
+            let (s, at, _) = hotlog::split_row(v.value()).ok_or_else(|| corrupt("a log row"))?;
+            if moved.get(&s).is_some_and(|last| seq <= *last) {
+                continue;
+            }
+            live.entry(s).or_default().push((at, seq));
+            let hot = h.hot.entry(s).or_insert(Hot {
+                count: 0,
+                oldest: at,
+            });
+            hot.count += 1;
+            hot.oldest = hot.oldest.min(at);
+        }
+        h.log.reset(live);
         h.full = h
             .hot
             .iter()
@@ -180,6 +250,11 @@ impl History {
             .map(|(s, _)| *s)
             .collect();
         Ok(h)
+    }
+
+    /// The log index, shared with readers.
+    pub fn log_index(&self) -> Arc<LogIndex> {
+        self.log.clone()
     }
 
     fn save_counters(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -227,6 +302,7 @@ impl History {
         Ok(s)
     }
 
+    /// Appends a new instance to the log.
     fn put_hot(
         &mut self,
         t: &mut RecordTables,
@@ -236,19 +312,10 @@ impl History {
         let at = time_key(attr);
         let seq = self.next_seq;
         self.next_seq += 1;
-        // The series holds the datasetId: rows do not repeat it.
-        t.buf.clear();
-        if attr.dataset_id.is_some() {
-            let mut bare = attr.clone();
-            bare.dataset_id = None;
-            serde_json::to_writer(&mut t.buf, &bare)
-        } else {
-            serde_json::to_writer(&mut t.buf, attr)
-        }
-        .map_err(io)?;
-        t.hot
-            .insert((series, at, seq), t.buf.as_slice())
-            .map_err(io)?;
+        hotlog::begin_row(&mut t.buf, series, at);
+        write_instance(&mut t.buf, attr)?;
+        t.log.insert(seq, t.buf.as_slice()).map_err(io)?;
+        self.log.push(series, at, seq);
         let hot = self.hot.entry(series).or_insert(Hot {
             count: 0,
             oldest: at,
@@ -287,7 +354,65 @@ impl History {
             }
         }
         self.seal_full(txn)?;
+        self.move_overdue(txn)?;
         self.save_counters(txn)
+    }
+
+    /// Takes the series holding the oldest rows of the log out of it once
+    /// the log has more than its window of rows: sealed if they have
+    /// enough rows for a chunk, else moved to the hot table. Then truncates
+    /// the log below its oldest live row.
+    fn move_overdue(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let window_start = self.next_seq.saturating_sub(self.log.window());
+        for s in self.log.older_than(window_start, MOVES_PER_COMMIT) {
+            if self.hot.get(&s).is_some_and(|h| h.count >= SEAL_OLD_MIN) {
+                self.seal(txn, s)?;
+            } else {
+                self.move_to_hot(txn, s)?;
+            }
+        }
+        let first_live = self.log.first_live().unwrap_or(self.next_seq);
+        if first_live >= self.log_start + TRUNCATE_STEP.min(self.log.window()) {
+            let mut log = txn.open_table(LOG).map_err(io)?;
+            log.retain_in(self.log_start..first_live, |_, _| false)
+                .map_err(io)?;
+            self.log_start = first_live;
+        }
+        Ok(())
+    }
+
+    /// Takes a series' rows out of the log: they stay in the file, below
+    /// the series' watermark, until the log is truncated.
+    fn take_from_log(&mut self, txn: &WriteTransaction, series: u64) -> Result<Vec<Row>, StoreError> {
+        let live = self.log.take(series);
+        let Some(last) = live.last() else {
+            return Ok(Vec::new());
+        };
+        txn.open_table(LOG_MOVED)
+            .map_err(io)?
+            .insert(series, last.1)
+            .map_err(io)?;
+        let log = txn.open_table(LOG).map_err(io)?;
+        let mut rows = Vec::with_capacity(live.len());
+        for (at, seq) in live {
+            let bytes = log.get(seq).map_err(io)?.ok_or_else(|| corrupt("a log row"))?;
+            let (_, attr) = parse_log_row(bytes.value())?;
+            rows.push((at, seq, attr));
+        }
+        Ok(rows)
+    }
+
+    /// Moves a series' log rows to the hot table.
+    fn move_to_hot(&mut self, txn: &WriteTransaction, series: u64) -> Result<(), StoreError> {
+        let rows = self.take_from_log(txn, series)?;
+        let mut hot = txn.open_table(HOT).map_err(io)?;
+        let mut buf = Vec::with_capacity(256);
+        for (at, seq, attr) in rows {
+            buf.clear();
+            write_instance(&mut buf, &attr)?;
+            hot.insert((series, at, seq), buf.as_slice()).map_err(io)?;
+        }
+        Ok(())
     }
 
     fn seal_full(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -315,10 +440,10 @@ impl History {
         Ok(old.len())
     }
 
-    /// Moves every hot row of a series into chunks.
+    /// Moves every hot row of a series, in the log and the hot table, into chunks.
     fn seal(&mut self, txn: &WriteTransaction, series: u64) -> Result<(), StoreError> {
+        let mut rows = self.take_from_log(txn, series)?;
         let mut hot = txn.open_table(HOT).map_err(io)?;
-        let mut rows: Vec<Row> = Vec::new();
         for row in hot
             .range((series, i64::MIN, 0)..=(series, i64::MAX, u64::MAX))
             .map_err(io)?
@@ -329,11 +454,11 @@ impl History {
                 serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
             rows.push((at, seq, attr));
         }
-        for (at, seq, _) in &rows {
-            hot.remove((series, *at, *seq)).map_err(io)?;
-        }
+        hot.retain_in::<RowKey, _>(key_range(series, i64::MIN, i64::MAX), |_, _| false)
+            .map_err(io)?;
         drop(hot);
         self.hot.remove(&series);
+        rows.sort_by_key(|r| (r.0, r.1));
         self.write_chunks(txn, series, &rows)
     }
 
@@ -462,13 +587,16 @@ impl History {
                         attr.dataset_id.as_deref(),
                     )?;
                     // Sending a temporal representation again adds nothing new.
-                    if attr.observed_at.is_some() && stored(txn, &t.hot, s, &attr, &mut sealed)? {
+                    if attr.observed_at.is_some()
+                        && stored(txn, &t, &self.log, s, &attr, &mut sealed)?
+                    {
                         continue;
                     }
                     self.put_hot(&mut t, s, &attr)?;
                 }
                 drop(t);
                 self.seal_full(txn)?;
+                self.move_overdue(txn)?;
                 if existed {
                     HistoryOutcome::Changed
                 } else {
@@ -558,6 +686,29 @@ impl History {
         id: InstanceId,
         edit: impl FnOnce(&Attribute) -> Option<Attribute>,
     ) -> Result<HistoryOutcome, StoreError> {
+        if self.log.contains(id.series, id.seq) {
+            let mut log = txn.open_table(LOG).map_err(io)?;
+            let old = match log.get(id.seq).map_err(io)? {
+                Some(v) => parse_log_row(v.value())?.1,
+                None => return Err(corrupt("a log row")),
+            };
+            match edit(&old) {
+                Some(new) => {
+                    let mut buf = Vec::with_capacity(256);
+                    hotlog::begin_row(&mut buf, id.series, id.at);
+                    write_instance(&mut buf, &new)?;
+                    log.insert(id.seq, buf.as_slice()).map_err(io)?;
+                }
+                None => {
+                    log.remove(id.seq).map_err(io)?;
+                    self.log.remove_where(id.series, |r| r.1 == id.seq);
+                    if let Some(h) = self.hot.get_mut(&id.series) {
+                        h.count = h.count.saturating_sub(1);
+                    }
+                }
+            }
+            return Ok(HistoryOutcome::Changed);
+        }
         let key = (id.series, id.at, id.seq);
         let mut hot = txn.open_table(HOT).map_err(io)?;
         let old = hot
@@ -642,7 +793,8 @@ impl History {
             .map_err(io)?;
         self.series.remove(tenant, entity, name, dataset);
         self.hot.remove(&s);
-        drop_before(txn, s, i64::MAX)?;
+        self.drop_before(txn, s, i64::MAX)?;
+        txn.open_table(LOG_MOVED).map_err(io)?.remove(s).map_err(io)?;
         Ok(())
     }
 
@@ -679,7 +831,7 @@ impl History {
             }
             for (entity, cutoff) in targets {
                 for (_, _, s) in series_of_write(txn, &tenant, &entity)? {
-                    removed += drop_before(txn, s, cutoff)?;
+                    removed += self.drop_before(txn, s, cutoff)?;
                     if let Some(h) = self.hot.get_mut(&s) {
                         // Recount lazily: the oldest row is gone, the count is an upper bound.
                         h.oldest = h.oldest.max(cutoff);
@@ -689,12 +841,24 @@ impl History {
         }
         Ok(removed)
     }
+
+    /// Removes a series' instances with time key before `to` (everything, with
+    /// `to == i64::MAX`): log rows, hot rows, whole chunks, and the old part of
+    /// a chunk that straddles `to`. Returns the number of instances removed.
+    fn drop_before(&mut self, txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
+        let gone = self.log.remove_where(s, |r| r.0 < to);
+        if !gone.is_empty() {
+            let mut log = txn.open_table(LOG).map_err(io)?;
+            for (_, seq) in &gone {
+                log.remove(*seq).map_err(io)?;
+            }
+        }
+        Ok(gone.len() as u64 + drop_old_rows(txn, s, to)?)
+    }
 }
 
-/// Removes a series' instances with time key before `to` (everything, with
-/// `to == i64::MAX`): hot rows, whole chunks, and the old part of a chunk
-/// that straddles `to`. Returns the number of instances removed.
-fn drop_before(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
+/// The hot-table and chunk part of [`History::drop_before`].
+fn drop_old_rows(txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
     let mut removed = 0;
     {
         let mut hot = txn.open_table(HOT).map_err(io)?;
@@ -763,18 +927,24 @@ struct Sealed {
 /// content of `attr` (its write times aside).
 fn stored(
     txn: &WriteTransaction,
-    hot: &redb::Table<(u64, i64, u64), &[u8]>,
+    t: &RecordTables,
+    log: &LogIndex,
     s: u64,
     attr: &Attribute,
     sealed: &mut Sealed,
 ) -> Result<bool, StoreError> {
     let at = time_key(attr);
-    for row in hot.range((s, at, 0)..=(s, at, u64::MAX)).map_err(io)? {
+    for row in t.hot.range((s, at, 0)..=(s, at, u64::MAX)).map_err(io)? {
         let (_, v) = row.map_err(io)?;
-        let old: Attribute =
-            serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
-        if same_instance(&old, attr) {
+        if same_instance(&parse_instance(v.value())?, attr) {
             return Ok(true);
+        }
+    }
+    for (_, seq) in log.rows(s).into_iter().filter(|r| r.0 == at) {
+        if let Some(v) = t.log.get(seq).map_err(io)? {
+            if same_instance(&parse_log_row(v.value())?.1, attr) {
+                return Ok(true);
+            }
         }
     }
     let index = match sealed.index.entry(s) {
@@ -972,11 +1142,27 @@ pub fn entities(
     Ok(out)
 }
 
-/// Reads the tables of one snapshot.
-struct Reader {
+/// Why a read of history did not finish.
+enum ReadError {
+    Store(StoreError),
+    /// A series lost log rows after the snapshot was taken: read again.
+    Stale(Stale),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> Self {
+        ReadError::Store(e)
+    }
+}
+
+/// Reads the tables of one snapshot, and the log index as of its generation.
+struct Reader<'a> {
     hot: ReadOnlyTable<(u64, i64, u64), &'static [u8]>,
+    log: ReadOnlyTable<u64, &'static [u8]>,
     index: ReadOnlyTable<(u64, i64, u64), &'static [u8]>,
     chunks: ReadOnlyTable<u64, &'static [u8]>,
+    live: &'a LogIndex,
+    generation: u64,
 }
 
 struct Candidate {
@@ -984,12 +1170,15 @@ struct Candidate {
     meta: ChunkMeta,
 }
 
-impl Reader {
-    fn open(read: &ReadTransaction) -> Result<Self, StoreError> {
+impl<'a> Reader<'a> {
+    fn open(read: &ReadTransaction, live: &'a LogIndex, generation: u64) -> Result<Self, StoreError> {
         Ok(Self {
             hot: read.open_table(HOT).map_err(io)?,
+            log: read.open_table(LOG).map_err(io)?,
             index: read.open_table(CHUNK_INDEX).map_err(io)?,
             chunks: read.open_table(CHUNKS).map_err(io)?,
+            live,
+            generation,
         })
     }
 
@@ -1038,13 +1227,13 @@ impl Reader {
         chunk::decode(&self.chunk_bytes(no)?).ok_or_else(|| corrupt("a chunk"))
     }
 
-    /// The series' hot rows in `range` (under `prop`).
+    /// The series' hot rows, in the log and the hot table, in `range` (under `prop`).
     fn hot_rows(
         &self,
         s: u64,
         prop: TimeProperty,
         range: TimeRange,
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<Vec<Row>, ReadError> {
         let (from, to) = if prop == TimeProperty::ObservedAt {
             (range.from, range.to)
         } else {
@@ -1058,8 +1247,24 @@ impl Reader {
         {
             let (k, v) = row.map_err(io)?;
             let (_, at, seq) = k.value();
-            let attr: Attribute =
-                serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
+            let attr = parse_instance(v.value())?;
+            if range.contains(key_of(prop, at, &attr)) {
+                out.push((at, seq, attr));
+            }
+        }
+        let live = self
+            .live
+            .rows_since(s, self.generation)
+            .map_err(ReadError::Stale)?;
+        for (at, seq) in live {
+            if at < from || (to != i64::MAX && at >= to) {
+                continue;
+            }
+            // Rows appended after the snapshot are not in it.
+            let Some(v) = self.log.get(seq).map_err(io)? else {
+                continue;
+            };
+            let (_, attr) = parse_log_row(v.value())?;
             if range.contains(key_of(prop, at, &attr)) {
                 out.push((at, seq, attr));
             }
@@ -1082,13 +1287,48 @@ fn key_of(prop: TimeProperty, at: i64, attr: &Attribute) -> i64 {
     }
 }
 
+/// Fresh snapshots a read of history tries before it reads while nothing commits.
+const READ_ATTEMPTS: usize = 4;
+
 /// The history of one entity, or `None` if it has none.
 pub fn read(
     db: &Database,
+    log: &LogIndex,
     tenant: &str,
     id: &str,
     req: &HistoryRequest,
 ) -> Result<Option<EntityHistory>, StoreError> {
+    let recovering = || {
+        StoreError::Io(
+            "history cannot be read until the store has recovered from a storage error".into(),
+        )
+    };
+    for _ in 0..READ_ATTEMPTS {
+        match read_once(db, log, log.generation(), tenant, id, req) {
+            Ok(history) => return Ok(history),
+            Err(ReadError::Store(e)) => return Err(e),
+            Err(ReadError::Stale(Stale::Poisoned)) => return Err(recovering()),
+            Err(ReadError::Stale(Stale::Changed)) => continue,
+        }
+    }
+    // Its series keep leaving the log while it reads: read while no
+    // transaction of the writer runs.
+    let _alone = log.barrier();
+    match read_once(db, log, log.generation(), tenant, id, req) {
+        Ok(history) => Ok(history),
+        Err(ReadError::Store(e)) => Err(e),
+        Err(ReadError::Stale(_)) => Err(recovering()),
+    }
+}
+
+fn read_once(
+    db: &Database,
+    log: &LogIndex,
+    generation: u64,
+    tenant: &str,
+    id: &str,
+    req: &HistoryRequest,
+) -> Result<Option<EntityHistory>, ReadError> {
     let read = db.begin_read().map_err(io)?;
     let types: Vec<String> = match read
         .open_table(ENTITIES)
@@ -1100,7 +1340,7 @@ pub fn read(
         None => return Ok(None),
     };
     let series = collect_series(&read.open_table(SERIES).map_err(io)?, tenant, id)?;
-    let reader = Reader::open(&read)?;
+    let reader = Reader::open(&read, log, generation)?;
     let mut out = EntityHistory {
         id: id.to_string(),
         types,
@@ -1150,12 +1390,12 @@ fn instances(
     s: u64,
     req: &HistoryRequest,
     dataset: Option<&str>,
-) -> Result<(HistoryBody, Cut), StoreError> {
+) -> Result<(HistoryBody, Cut), ReadError> {
     let prop = req.time_property;
     let mut rows = reader.hot_rows(s, prop, req.range)?;
     let mut chunks = reader.chunks_in(s, prop, req.range)?;
     let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
-    let load = |c: &Candidate, rows: &mut Vec<Row>| -> Result<(), StoreError> {
+    let load = |c: &Candidate, rows: &mut Vec<Row>| -> Result<(), ReadError> {
         let inside = |r: &Row| req.range.contains(key_of(prop, r.0, &r.2));
         rows.extend(reader.chunk_rows(c.no)?.into_iter().filter(inside));
         Ok(())
@@ -1216,7 +1456,7 @@ fn aggregate(
     req: &HistoryRequest,
     methods: &[AggrMethod],
     period: Option<borough_core::temporal::Period>,
-) -> Result<(HistoryBody, Cut), StoreError> {
+) -> Result<(HistoryBody, Cut), ReadError> {
     let prop = req.time_property;
     let hot = reader.hot_rows(s, prop, req.range)?;
     let mut chunks = reader.chunks_in(s, prop, req.range)?;

@@ -31,6 +31,7 @@ mod devices;
 mod faults;
 mod feed;
 mod history;
+mod hotlog;
 mod notices;
 mod series;
 mod state;
@@ -60,7 +61,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 ///
 /// - 1: the first layout, before the version was recorded.
 /// - 2: the same tables, with the version recorded in `meta`.
-pub const FORMAT_VERSION: u64 = 2;
+/// - 3: new history instances are appended to a log (`history_log`,
+///   `history_log_moved`); the hot rows of format 2 stay valid as they are.
+pub const FORMAT_VERSION: u64 = 3;
 
 /// redb's page cache.
 const REDB_CACHE_BYTES: usize = 64 << 20;
@@ -81,6 +84,9 @@ pub struct StoreOptions {
     pub faults: Option<Arc<Faults>>,
     /// The time of writes (write times, expiry, retention).
     pub clock: Arc<dyn borough_store::Clock>,
+    /// Instances the history log keeps before the series holding its oldest
+    /// rows leave it (sealed, or moved to rows keyed by series).
+    pub history_log_window: u64,
 }
 
 impl Default for StoreOptions {
@@ -89,6 +95,7 @@ impl Default for StoreOptions {
             max_pending_notices: notices::DEFAULT_MAX_PENDING,
             faults: None,
             clock: Arc::new(borough_store::SystemClock),
+            history_log_window: hotlog::DEFAULT_WINDOW,
         }
     }
 }
@@ -201,6 +208,8 @@ struct Shared {
     subscriptions: Registry,
     feed: feed::Feed,
     health: Mutex<StoreHealth>,
+    /// The history log's live rows, for the writer and readers.
+    history_log: Arc<hotlog::LogIndex>,
 }
 
 impl Shared {
@@ -323,12 +332,13 @@ impl EmbeddedStore {
         let db = handle.get()?;
         let shared = Arc::new(Shared {
             subscriptions: Registry::new(options.max_pending_notices),
+            history_log: Arc::new(hotlog::LogIndex::new(options.history_log_window)),
             ..Shared::default()
         });
         prepare(&db)?;
         // History's writer state is read while the entities load.
         let (entities, history) = std::thread::scope(|scope| {
-            let history = scope.spawn(|| History::load(&db));
+            let history = scope.spawn(|| History::load(&db, shared.history_log.clone()));
             (load(&db, &shared), history.join())
         });
         entities?;
@@ -411,7 +421,8 @@ fn upgrade(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
              {FORMAT_VERSION}: run the newer version, or restore a backup"
         )));
     }
-    // Each step converts one format to the next; 1 -> 2 only records the version.
+    // Each step converts one format to the next; 1 -> 2 only records the
+    // version, 2 -> 3 adds tables, which `prepare` creates.
     if found < FORMAT_VERSION {
         tracing::info!(
             from = found,
@@ -572,7 +583,7 @@ impl Writer {
             return Ok(db);
         }
         let db = self.handle.reopen()?;
-        self.history = History::load(&db)?;
+        self.history = History::load(&db, self.shared.history_log.clone())?;
         Ok(db)
     }
 
@@ -584,6 +595,9 @@ impl Writer {
             Err(e) => {
                 self.shared
                     .set_health(WriterState::Failing, Some(e.to_string()));
+                // The log index may hold what did not commit: readers wait
+                // for it to be read again with the file.
+                self.shared.history_log.poison();
                 self.handle.close_after_error();
             }
         }
@@ -618,7 +632,8 @@ impl Writer {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            let reloaded = load(&db, &self.shared).and_then(|()| History::load(&db));
+            let reloaded = load(&db, &self.shared)
+                .and_then(|()| History::load(&db, self.shared.history_log.clone()));
             match reloaded {
                 Ok(h) => self.history = h,
                 Err(e) => tracing::error!(error = %e, "state cannot be reloaded after a panic"),
@@ -942,6 +957,8 @@ fn persist(db: &Database, c: &GroupChanges, history: &mut History) -> Result<(),
     if c.staged.is_empty() && c.new_tenants.is_empty() && c.records.is_empty() {
         return Ok(());
     }
+    let log = history.log_index();
+    let _no_history_readers_alone = log.barrier();
     let mut txn = db.begin_write().map_err(io)?;
     txn.set_durability(redb::Durability::Immediate)
         .map_err(io)?;
@@ -970,7 +987,9 @@ fn persist(db: &Database, c: &GroupChanges, history: &mut History) -> Result<(),
     notices::write_notices(&txn, c.notices, c.first_notice)?;
     history.record(&txn, c.recorded)?;
     devices::write_changes(&txn, c.records)?;
-    txn.commit().map_err(io)
+    txn.commit().map_err(io)?;
+    log.committed();
+    Ok(())
 }
 
 /// Adds to `out` every attribute instance that `after` holds and `before` did
@@ -1013,12 +1032,15 @@ fn apply_history(db: Result<&Database, StoreError>, w: &mut Writer, job: History
         w: &mut Writer,
         f: impl FnOnce(&redb::WriteTransaction, &mut History) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let log = w.history.log_index();
         let result = (|| {
+            let _no_history_readers_alone = log.barrier();
             let mut txn = db.begin_write().map_err(io)?;
             txn.set_durability(redb::Durability::Immediate)
                 .map_err(io)?;
             let out = f(&txn, &mut w.history)?;
             txn.commit().map_err(io)?;
+            log.committed();
             Ok(out)
         })();
         w.outcome(&result);
@@ -1334,7 +1356,13 @@ impl EntityStore for EmbeddedStore {
         id: &str,
         request: &HistoryRequest,
     ) -> Result<Option<EntityHistory>, StoreError> {
-        history::read(&*self.db.get()?, tenant, id, request)
+        history::read(
+            &*self.db.get()?,
+            &self.shared.history_log,
+            tenant,
+            id,
+            request,
+        )
     }
 
     fn history_entities(
@@ -1564,6 +1592,155 @@ mod tests {
                 _ => 0,
             })
             .sum()
+    }
+
+    fn meter(id: &str, n: i64) -> EntityOp {
+        let e = borough_core::entity::parse_entity(
+            &serde_json::json!({"id": id, "type": "Meter", "n": n}),
+            &borough_core::Context::core(),
+            0,
+        )
+        .unwrap();
+        EntityOp::Upsert {
+            entity: e,
+            replace: false,
+        }
+    }
+
+    /// The instances of `n` in an entity's history: (value, instance id).
+    fn n_history(
+        store: &EmbeddedStore,
+        id: &str,
+    ) -> Vec<(i64, borough_core::temporal::InstanceId)> {
+        let request = HistoryRequest {
+            attrs: None,
+            time_property: borough_core::temporal::TimeProperty::ModifiedAt,
+            range: borough_core::temporal::TimeRange::ALL,
+            last_n: None,
+            max_instances: 10_000,
+            aggregation: None,
+        };
+        let Some(h) = store.history("t", id, &request).unwrap() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for a in &h.attrs {
+            if let borough_core::temporal::HistoryBody::Instances(list) = &a.body {
+                out.extend(
+                    list.iter()
+                        .map(|i| (i.attr.value.as_i64().unwrap(), i.id)),
+                );
+            }
+        }
+        out
+    }
+
+    fn log_rows(store: &EmbeddedStore) -> u64 {
+        let db = store.db.get().unwrap();
+        let read = db.begin_read().unwrap();
+        redb::ReadableTableMetadata::len(&read.open_table(hotlog::LOG).unwrap()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_leaves_the_log_whole_and_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            history_log_window: 40,
+            ..StoreOptions::default()
+        };
+        let meters: Vec<String> = (0..20).map(|i| format!("urn:meter:{i}")).collect();
+        let store = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        for round in 0..30 {
+            let ops = meters.iter().map(|m| meter(m, round)).collect();
+            store.write("t", ops).await.unwrap();
+        }
+        // One series of 600 instances in one group: 512 of them are sealed at once.
+        let busy: Vec<EntityOp> = (0..600).map(|n| meter("urn:meter:busy", n)).collect();
+        store.write("t", busy).await.unwrap();
+        let expected: Vec<i64> = (0..30).collect();
+        for m in &meters {
+            let values: Vec<i64> = n_history(&store, m).iter().map(|v| v.0).collect();
+            assert_eq!(values, expected, "{m}");
+        }
+        let busy: Vec<i64> = n_history(&store, "urn:meter:busy").iter().map(|v| v.0).collect();
+        assert_eq!(busy, (0..600).collect::<Vec<_>>());
+        // 1,200 instances were written; the log kept only its window and what
+        // truncation has not reached yet.
+        assert!(log_rows(&store) < 1_200, "{} rows in the log", log_rows(&store));
+
+        // Instances that left the log are still edited and deleted by their id.
+        let first = n_history(&store, &meters[0])[0].1;
+        let gone = store
+            .write_history(
+                "t",
+                HistoryOp::DeleteInstance {
+                    id: meters[0].clone(),
+                    name: "https://uri.etsi.org/ngsi-ld/default-context/n".into(),
+                    instance: first,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(gone, HistoryOutcome::Changed);
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        let values: Vec<i64> = n_history(&store, &meters[0]).iter().map(|v| v.0).collect();
+        assert_eq!(values, (1..30).collect::<Vec<_>>());
+        for m in &meters[1..] {
+            let values: Vec<i64> = n_history(&store, m).iter().map(|v| v.0).collect();
+            assert_eq!(values, expected, "{m} after reopening");
+        }
+        // New instances after the restart join the old ones.
+        for round in 30..40 {
+            let ops = meters.iter().map(|m| meter(m, round)).collect();
+            store.write("t", ops).await.unwrap();
+        }
+        let values: Vec<i64> = n_history(&store, &meters[5]).iter().map(|v| v.0).collect();
+        assert_eq!(values, (0..40).collect::<Vec<_>>());
+        let busy: Vec<i64> = n_history(&store, "urn:meter:busy").iter().map(|v| v.0).collect();
+        assert_eq!(busy.len(), 600);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_see_whole_histories_while_series_leave_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            history_log_window: 8,
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                let mut longest = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let values: Vec<i64> =
+                        n_history(&store, "urn:meter:watched").iter().map(|v| v.0).collect();
+                    // Every read is a whole prefix of the writes: no instance
+                    // missing while its series moves between tables.
+                    assert_eq!(values, (0..values.len() as i64).collect::<Vec<_>>());
+                    assert!(values.len() >= longest, "a read lost instances");
+                    longest = values.len();
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for round in 0..200 {
+            let mut ops: Vec<EntityOp> = (0..10)
+                .map(|i| meter(&format!("urn:meter:{i}"), round))
+                .collect();
+            ops.push(meter("urn:meter:watched", round));
+            store.write("t", ops).await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = reader.join().unwrap();
+        assert!(reads > 0);
+        assert_eq!(n_history(&store, "urn:meter:watched").len(), 200);
     }
 
     /// A store in `dir` whose faults the test switches.
