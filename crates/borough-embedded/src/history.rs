@@ -19,7 +19,7 @@
 //! one commit, and the log index to find a series' log rows.
 
 use crate::chunk::{self, ChunkMeta, Row};
-use crate::hotlog::{self, LiveRow, LogIndex, Stale, LOG, LOG_MOVED};
+use crate::hotlog::{self, LOG, LOG_MOVED, LogIndex, LogRow, Stale};
 use crate::series::SeriesIndex;
 use borough_core::temporal::{
     Accumulator, AggrMethod, AttrHistory, BucketResult, Buckets, EntityHistory, HistoryBody,
@@ -222,19 +222,29 @@ impl History {
             let (s, seq) = row.map_err(io)?;
             moved.insert(s.value(), seq.value());
         }
-        let mut live: foldhash::HashMap<u64, Vec<LiveRow>> = Default::default();
+        let mut live: foldhash::HashMap<u64, Vec<LogRow>> = Default::default();
         h.log_start = h.next_seq;
-        for (i, row) in read.open_table(LOG).map_err(io)?.iter().map_err(io)?.enumerate() {
+        for (i, row) in read
+            .open_table(LOG)
+            .map_err(io)?
+            .iter()
+            .map_err(io)?
+            .enumerate()
+        {
             let (k, v) = row.map_err(io)?;
             let seq = k.value();
             if i == 0 {
                 h.log_start = seq;
             }
-            let (s, at, _) = hotlog::split_row(v.value()).ok_or_else(|| corrupt("a log row"))?;
+            let (s, at, json) = hotlog::split_row(v.value()).ok_or_else(|| corrupt("a log row"))?;
             if moved.get(&s).is_some_and(|last| seq <= *last) {
                 continue;
             }
-            live.entry(s).or_default().push((at, seq));
+            live.entry(s).or_default().push(LogRow {
+                at,
+                seq,
+                json: json.into(),
+            });
             let hot = h.hot.entry(s).or_insert(Hot {
                 count: 0,
                 oldest: at,
@@ -315,7 +325,7 @@ impl History {
         hotlog::begin_row(&mut t.buf, series, at);
         write_instance(&mut t.buf, attr)?;
         t.log.insert(seq, t.buf.as_slice()).map_err(io)?;
-        self.log.push(series, at, seq);
+        self.log.push(series, at, seq, &t.buf[hotlog::HEADER..]);
         let hot = self.hot.entry(series).or_insert(Hot {
             count: 0,
             oldest: at,
@@ -358,18 +368,14 @@ impl History {
         self.save_counters(txn)
     }
 
-    /// Takes the series holding the oldest rows of the log out of it once
-    /// the log has more than its window of rows: sealed if they have
-    /// enough rows for a chunk, else moved to the hot table. Then truncates
+    /// Moves the series holding the oldest rows of the log to the hot table
+    /// once the log has more than its window of rows (they are sealed when
+    /// they reach [`SEAL_AT`], in chunks that compress well). Then truncates
     /// the log below its oldest live row.
     fn move_overdue(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
         let window_start = self.next_seq.saturating_sub(self.log.window());
         for s in self.log.older_than(window_start, MOVES_PER_COMMIT) {
-            if self.hot.get(&s).is_some_and(|h| h.count >= SEAL_OLD_MIN) {
-                self.seal(txn, s)?;
-            } else {
-                self.move_to_hot(txn, s)?;
-            }
+            self.move_to_hot(txn, s)?;
         }
         let first_live = self.log.first_live().unwrap_or(self.next_seq);
         if first_live >= self.log_start + TRUNCATE_STEP.min(self.log.window()) {
@@ -383,21 +389,17 @@ impl History {
 
     /// Takes a series' rows out of the log: they stay in the file, below
     /// the series' watermark, until the log is truncated.
-    fn take_from_log(&mut self, txn: &WriteTransaction, series: u64) -> Result<Vec<Row>, StoreError> {
-        let live = self.log.take(series);
-        let Some(last) = live.last() else {
-            return Ok(Vec::new());
-        };
-        txn.open_table(LOG_MOVED)
-            .map_err(io)?
-            .insert(series, last.1)
-            .map_err(io)?;
-        let log = txn.open_table(LOG).map_err(io)?;
-        let mut rows = Vec::with_capacity(live.len());
-        for (at, seq) in live {
-            let bytes = log.get(seq).map_err(io)?.ok_or_else(|| corrupt("a log row"))?;
-            let (_, attr) = parse_log_row(bytes.value())?;
-            rows.push((at, seq, attr));
+    fn take_from_log(
+        &mut self,
+        txn: &WriteTransaction,
+        series: u64,
+    ) -> Result<Vec<LogRow>, StoreError> {
+        let rows = self.log.take(series);
+        if let Some(last) = rows.last() {
+            txn.open_table(LOG_MOVED)
+                .map_err(io)?
+                .insert(series, last.seq)
+                .map_err(io)?;
         }
         Ok(rows)
     }
@@ -406,11 +408,8 @@ impl History {
     fn move_to_hot(&mut self, txn: &WriteTransaction, series: u64) -> Result<(), StoreError> {
         let rows = self.take_from_log(txn, series)?;
         let mut hot = txn.open_table(HOT).map_err(io)?;
-        let mut buf = Vec::with_capacity(256);
-        for (at, seq, attr) in rows {
-            buf.clear();
-            write_instance(&mut buf, &attr)?;
-            hot.insert((series, at, seq), buf.as_slice()).map_err(io)?;
+        for r in rows {
+            hot.insert((series, r.at, r.seq), &*r.json).map_err(io)?;
         }
         Ok(())
     }
@@ -442,7 +441,10 @@ impl History {
 
     /// Moves every hot row of a series, in the log and the hot table, into chunks.
     fn seal(&mut self, txn: &WriteTransaction, series: u64) -> Result<(), StoreError> {
-        let mut rows = self.take_from_log(txn, series)?;
+        let mut rows = Vec::new();
+        for r in self.take_from_log(txn, series)? {
+            rows.push((r.at, r.seq, parse_instance(&r.json)?));
+        }
         let mut hot = txn.open_table(HOT).map_err(io)?;
         for row in hot
             .range((series, i64::MIN, 0)..=(series, i64::MAX, u64::MAX))
@@ -686,22 +688,19 @@ impl History {
         id: InstanceId,
         edit: impl FnOnce(&Attribute) -> Option<Attribute>,
     ) -> Result<HistoryOutcome, StoreError> {
-        if self.log.contains(id.series, id.seq) {
+        if let Some(json) = self.log.get(id.series, id.seq) {
             let mut log = txn.open_table(LOG).map_err(io)?;
-            let old = match log.get(id.seq).map_err(io)? {
-                Some(v) => parse_log_row(v.value())?.1,
-                None => return Err(corrupt("a log row")),
-            };
-            match edit(&old) {
+            match edit(&parse_instance(&json)?) {
                 Some(new) => {
                     let mut buf = Vec::with_capacity(256);
                     hotlog::begin_row(&mut buf, id.series, id.at);
                     write_instance(&mut buf, &new)?;
                     log.insert(id.seq, buf.as_slice()).map_err(io)?;
+                    self.log.replace(id.series, id.seq, &buf[hotlog::HEADER..]);
                 }
                 None => {
                     log.remove(id.seq).map_err(io)?;
-                    self.log.remove_where(id.series, |r| r.1 == id.seq);
+                    self.log.remove_where(id.series, |_, seq| seq == id.seq);
                     if let Some(h) = self.hot.get_mut(&id.series) {
                         h.count = h.count.saturating_sub(1);
                     }
@@ -794,7 +793,10 @@ impl History {
         self.series.remove(tenant, entity, name, dataset);
         self.hot.remove(&s);
         self.drop_before(txn, s, i64::MAX)?;
-        txn.open_table(LOG_MOVED).map_err(io)?.remove(s).map_err(io)?;
+        txn.open_table(LOG_MOVED)
+            .map_err(io)?
+            .remove(s)
+            .map_err(io)?;
         Ok(())
     }
 
@@ -846,11 +848,11 @@ impl History {
     /// `to == i64::MAX`): log rows, hot rows, whole chunks, and the old part of
     /// a chunk that straddles `to`. Returns the number of instances removed.
     fn drop_before(&mut self, txn: &WriteTransaction, s: u64, to: i64) -> Result<u64, StoreError> {
-        let gone = self.log.remove_where(s, |r| r.0 < to);
+        let gone = self.log.remove_where(s, |at, _| at < to);
         if !gone.is_empty() {
             let mut log = txn.open_table(LOG).map_err(io)?;
-            for (_, seq) in &gone {
-                log.remove(*seq).map_err(io)?;
+            for r in &gone {
+                log.remove(r.seq).map_err(io)?;
             }
         }
         Ok(gone.len() as u64 + drop_old_rows(txn, s, to)?)
@@ -940,11 +942,9 @@ fn stored(
             return Ok(true);
         }
     }
-    for (_, seq) in log.rows(s).into_iter().filter(|r| r.0 == at) {
-        if let Some(v) = t.log.get(seq).map_err(io)? {
-            if same_instance(&parse_log_row(v.value())?.1, attr) {
-                return Ok(true);
-            }
+    for json in log.at(s, at) {
+        if same_instance(&parse_instance(&json)?, attr) {
+            return Ok(true);
         }
     }
     let index = match sealed.index.entry(s) {
@@ -1171,7 +1171,11 @@ struct Candidate {
 }
 
 impl<'a> Reader<'a> {
-    fn open(read: &ReadTransaction, live: &'a LogIndex, generation: u64) -> Result<Self, StoreError> {
+    fn open(
+        read: &ReadTransaction,
+        live: &'a LogIndex,
+        generation: u64,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             hot: read.open_table(HOT).map_err(io)?,
             log: read.open_table(LOG).map_err(io)?,

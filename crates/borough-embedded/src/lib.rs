@@ -1626,10 +1626,7 @@ mod tests {
         let mut out = Vec::new();
         for a in &h.attrs {
             if let borough_core::temporal::HistoryBody::Instances(list) = &a.body {
-                out.extend(
-                    list.iter()
-                        .map(|i| (i.attr.value.as_i64().unwrap(), i.id)),
-                );
+                out.extend(list.iter().map(|i| (i.attr.value.as_i64().unwrap(), i.id)));
             }
         }
         out
@@ -1662,11 +1659,18 @@ mod tests {
             let values: Vec<i64> = n_history(&store, m).iter().map(|v| v.0).collect();
             assert_eq!(values, expected, "{m}");
         }
-        let busy: Vec<i64> = n_history(&store, "urn:meter:busy").iter().map(|v| v.0).collect();
+        let busy: Vec<i64> = n_history(&store, "urn:meter:busy")
+            .iter()
+            .map(|v| v.0)
+            .collect();
         assert_eq!(busy, (0..600).collect::<Vec<_>>());
         // 1,200 instances were written; the log kept only its window and what
         // truncation has not reached yet.
-        assert!(log_rows(&store) < 1_200, "{} rows in the log", log_rows(&store));
+        assert!(
+            log_rows(&store) < 1_200,
+            "{} rows in the log",
+            log_rows(&store)
+        );
 
         // Instances that left the log are still edited and deleted by their id.
         let first = n_history(&store, &meters[0])[0].1;
@@ -1699,7 +1703,10 @@ mod tests {
         }
         let values: Vec<i64> = n_history(&store, &meters[5]).iter().map(|v| v.0).collect();
         assert_eq!(values, (0..40).collect::<Vec<_>>());
-        let busy: Vec<i64> = n_history(&store, "urn:meter:busy").iter().map(|v| v.0).collect();
+        let busy: Vec<i64> = n_history(&store, "urn:meter:busy")
+            .iter()
+            .map(|v| v.0)
+            .collect();
         assert_eq!(busy.len(), 600);
     }
 
@@ -1718,8 +1725,10 @@ mod tests {
                 let mut reads = 0;
                 let mut longest = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let values: Vec<i64> =
-                        n_history(&store, "urn:meter:watched").iter().map(|v| v.0).collect();
+                    let values: Vec<i64> = n_history(&store, "urn:meter:watched")
+                        .iter()
+                        .map(|v| v.0)
+                        .collect();
                     // Every read is a whole prefix of the writes: no instance
                     // missing while its series moves between tables.
                     assert_eq!(values, (0..values.len() as i64).collect::<Vec<_>>());
