@@ -792,11 +792,9 @@ impl History {
             .map_err(io)?;
         self.series.remove(tenant, entity, name, dataset);
         self.hot.remove(&s);
+        // Its live log rows are deleted; its watermark stays, for the rows
+        // that left the log and wait there for truncation.
         self.drop_before(txn, s, i64::MAX)?;
-        txn.open_table(LOG_MOVED)
-            .map_err(io)?
-            .remove(s)
-            .map_err(io)?;
         Ok(())
     }
 
