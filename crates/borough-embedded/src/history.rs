@@ -120,6 +120,8 @@ pub struct History {
     log: Arc<LogIndex>,
     /// The log holds no row below this sequence number.
     log_start: u64,
+    /// `log_start` when watermarks below it were last dropped.
+    pruned_at: u64,
     /// Series that reached [`SEAL_AT`] hot rows since the last seal: a commit
     /// looks at these, never at every series.
     full: Vec<u64>,
@@ -187,6 +189,7 @@ impl History {
             hot: HashMap::new(),
             log,
             log_start: 0,
+            pruned_at: 0,
             full: Vec::new(),
             next_series: 1,
             next_seq: 1,
@@ -435,8 +438,24 @@ impl History {
         for s in &old {
             self.seal(txn, *s)?;
         }
+        self.prune_watermarks(txn)?;
         self.save_counters(txn)?;
         Ok(old.len())
+    }
+
+    /// Drops the watermarks of series whose rows that left the log are all
+    /// truncated, once the log has moved on by a window since the last time.
+    fn prune_watermarks(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        if self.log_start < self.pruned_at + self.log.window() {
+            return Ok(());
+        }
+        let log_start = self.log_start;
+        txn.open_table(LOG_MOVED)
+            .map_err(io)?
+            .retain(|_, last| last >= log_start)
+            .map_err(io)?;
+        self.pruned_at = log_start;
+        Ok(())
     }
 
     /// Moves every hot row of a series, in the log and the hot table, into chunks.

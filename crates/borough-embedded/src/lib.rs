@@ -1632,6 +1632,12 @@ mod tests {
         out
     }
 
+    fn watermarks(store: &EmbeddedStore) -> u64 {
+        let db = store.db.get().unwrap();
+        let read = db.begin_read().unwrap();
+        redb::ReadableTableMetadata::len(&read.open_table(hotlog::LOG_MOVED).unwrap()).unwrap()
+    }
+
     fn log_rows(store: &EmbeddedStore) -> u64 {
         let db = store.db.get().unwrap();
         let read = db.begin_read().unwrap();
@@ -1671,6 +1677,12 @@ mod tests {
             "{} rows in the log",
             log_rows(&store)
         );
+        // Maintenance forgets the watermarks of series whose moved rows are
+        // all truncated.
+        let marked = watermarks(&store);
+        assert!(marked > 0);
+        store.maintain_history().await.unwrap();
+        assert!(watermarks(&store) < marked, "{marked} watermarks kept");
 
         // Instances that left the log are still edited and deleted by their id.
         let first = n_history(&store, &meters[0])[0].1;
