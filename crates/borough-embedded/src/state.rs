@@ -182,6 +182,25 @@ struct AttrIndex {
     values: BTreeMap<IndexKey, Posting>,
 }
 
+impl AttrIndex {
+    fn add_value(&mut self, k: IndexKey, id: &Id) {
+        match self.values.get_mut(&k) {
+            Some(posting) => posting.insert(id),
+            None => {
+                self.values.insert(k, Posting::One(id.clone()));
+            }
+        }
+    }
+
+    fn remove_value(&mut self, k: &IndexKey, id: &Id) {
+        if let Some(posting) = self.values.get_mut(k)
+            && posting.remove(id)
+        {
+            self.values.remove(k);
+        }
+    }
+}
+
 /// The state of one tenant.
 #[derive(Default)]
 pub struct TenantState {
@@ -338,17 +357,52 @@ impl TenantState {
             }
         }
         for (name, instances) in &old.attrs {
-            if new.attrs.get(name) == Some(instances) {
+            match new.attrs.get(name) {
                 // Unchanged; only the spatial entries hold the entity itself.
-                self.retarget_geo(id, name, instances, new);
-            } else {
-                self.unindex_attr(id, old, name, instances);
+                Some(now) if now == instances => self.retarget_geo(id, name, instances, new),
+                Some(now) => self.update_attr(id, old, new, name, instances, now),
+                None => self.unindex_attr(id, old, name, instances),
             }
         }
         for (name, instances) in &new.attrs {
-            if old.attrs.get(name) != Some(instances) {
+            if !old.attrs.contains_key(name) {
                 self.index_attr(id, new, name, instances);
             }
+        }
+    }
+
+    /// Re-indexes an attribute the entity keeps but whose instances changed:
+    /// only the values that come or go (a reading that changes its
+    /// observedAt alone touches nothing) and, if the geometry moved, the
+    /// spatial entries. The set of entities with the attribute is unchanged.
+    fn update_attr(
+        &mut self,
+        id: &Id,
+        old: &Arc<Entity>,
+        new: &Arc<Entity>,
+        name: &str,
+        before: &[Attribute],
+        after: &[Attribute],
+    ) {
+        let Some(idx) = self.by_attr.get_mut(name) else {
+            self.index_attr(id, new, name, after);
+            return;
+        };
+        let mut gone = Vec::new();
+        for_each_key(before, |k| gone.push(k));
+        let mut came = Vec::new();
+        for_each_key(after, |k| came.push(k));
+        for k in gone.iter().filter(|k| !came.contains(k)) {
+            idx.remove_value(k, id);
+        }
+        for k in came.into_iter().filter(|k| !gone.contains(k)) {
+            idx.add_value(k, id);
+        }
+        if geo_envelopes(before).eq(geo_envelopes(after)) {
+            self.retarget_geo(id, name, after, new);
+        } else {
+            self.unindex_geo(id, old, name, before);
+            self.index_geo(id, new, name, after);
         }
     }
 
@@ -375,6 +429,10 @@ impl TenantState {
 
     fn index_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
         self.index_values(id, name, instances);
+        self.index_geo(id, e, name, instances);
+    }
+
+    fn index_geo(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
         for envelope in geo_envelopes(instances) {
             self.by_geo
                 .entry(name.to_string())
@@ -387,36 +445,7 @@ impl TenantState {
         }
     }
 
-    /// The attribute and value indexes of an attribute (not the spatial one).
-    fn index_values(&mut self, id: &Id, name: &str, instances: &[Attribute]) {
-        let idx = match self.by_attr.get_mut(name) {
-            Some(idx) => idx,
-            None => self.by_attr.entry(name.to_string()).or_default(),
-        };
-        idx.ids.insert(id.clone());
-        for_each_key(instances, |k| match idx.values.get_mut(&k) {
-            Some(posting) => posting.insert(id),
-            None => {
-                idx.values.insert(k, Posting::One(id.clone()));
-            }
-        });
-    }
-
-    fn unindex_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
-        let Some(idx) = self.by_attr.get_mut(name) else {
-            return;
-        };
-        idx.ids.remove(id);
-        for_each_key(instances, |k| {
-            if let Some(posting) = idx.values.get_mut(&k)
-                && posting.remove(id)
-            {
-                idx.values.remove(&k);
-            }
-        });
-        if idx.ids.is_empty() {
-            self.by_attr.remove(name);
-        }
+    fn unindex_geo(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
         if let Some(tree) = self.by_geo.get_mut(name) {
             for envelope in geo_envelopes(instances) {
                 tree.remove(&GeoEntry {
@@ -429,6 +458,28 @@ impl TenantState {
                 self.by_geo.remove(name);
             }
         }
+    }
+
+    /// The attribute and value indexes of an attribute (not the spatial one).
+    fn index_values(&mut self, id: &Id, name: &str, instances: &[Attribute]) {
+        let idx = match self.by_attr.get_mut(name) {
+            Some(idx) => idx,
+            None => self.by_attr.entry(name.to_string()).or_default(),
+        };
+        idx.ids.insert(id.clone());
+        for_each_key(instances, |k| idx.add_value(k, id));
+    }
+
+    fn unindex_attr(&mut self, id: &Id, e: &Arc<Entity>, name: &str, instances: &[Attribute]) {
+        let Some(idx) = self.by_attr.get_mut(name) else {
+            return;
+        };
+        idx.ids.remove(id);
+        for_each_key(instances, |k| idx.remove_value(&k, id));
+        if idx.ids.is_empty() {
+            self.by_attr.remove(name);
+        }
+        self.unindex_geo(id, e, name, instances);
     }
 
     /// Points the spatial entries of an unchanged GeoProperty at the entity's new version.
@@ -1016,6 +1067,52 @@ mod tests {
         state.put("urn:a", None);
         assert_eq!(state.len(), 0);
         assert_eq!(state.attribute_counts().count(), 0);
+    }
+
+    fn located_in(state: &TenantState, b: [f64; 4]) -> Vec<String> {
+        let mut seen = Vec::new();
+        state.within_box("https://uri.etsi.org/ngsi-ld/location", b, &mut |e, _| {
+            seen.push(e.id.clone());
+            true
+        });
+        seen
+    }
+
+    #[test]
+    fn a_changed_attribute_updates_only_the_values_and_places_that_changed() {
+        let mut state = TenantState::default();
+        let at = |id: &str, tags: serde_json::Value, lon: f64| {
+            entity(serde_json::json!({"id": id, "type": "Bin", "tags": tags,
+                "location": {"type": "GeoProperty",
+                    "value": {"type": "Point", "coordinates": [lon, 48.0]}}}))
+        };
+        state.put(
+            "urn:a",
+            Some(at("urn:a", serde_json::json!(["glass", "paper"]), 2.0)),
+        );
+        state.put(
+            "urn:b",
+            Some(at("urn:b", serde_json::json!(["paper"]), 2.0)),
+        );
+        assert_eq!(ids(&state, "tags==\"paper\""), ["urn:a", "urn:b"]);
+        // One element goes, one stays, one comes; the bin moves.
+        state.put(
+            "urn:a",
+            Some(at("urn:a", serde_json::json!(["paper", "metal"]), 3.0)),
+        );
+        assert!(ids(&state, "tags==\"glass\"").is_empty());
+        assert_eq!(ids(&state, "tags==\"paper\""), ["urn:a", "urn:b"]);
+        assert_eq!(ids(&state, "tags==\"metal\""), ["urn:a"]);
+        assert_eq!(located_in(&state, [1.9, 47.9, 2.1, 48.1]), ["urn:b"]);
+        assert_eq!(located_in(&state, [2.9, 47.9, 3.1, 48.1]), ["urn:a"]);
+        // A value shared by two entities stays indexed for the one that keeps it.
+        state.put(
+            "urn:b",
+            Some(at("urn:b", serde_json::json!(["metal"]), 2.0)),
+        );
+        assert_eq!(ids(&state, "tags==\"paper\""), ["urn:a"]);
+        assert_eq!(ids(&state, "tags==\"metal\""), ["urn:a", "urn:b"]);
+        assert_eq!(state.attribute_counts().count(), 2);
     }
 
     #[test]
