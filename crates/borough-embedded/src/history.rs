@@ -176,6 +176,17 @@ fn parse_log_row(bytes: &[u8]) -> Result<(i64, Attribute), StoreError> {
     Ok((at, parse_instance(json)?))
 }
 
+/// Counts one more hot instance of a series; returns the series' count.
+fn count_hot(hot: &mut HashMap<u64, Hot>, series: u64, at: i64) -> u32 {
+    let h = hot.entry(series).or_insert(Hot {
+        count: 0,
+        oldest: at,
+    });
+    h.count += 1;
+    h.oldest = h.oldest.min(at);
+    h.count
+}
+
 fn time_key(a: &Attribute) -> i64 {
     a.observed_at.unwrap_or(a.modified_at)
 }
@@ -213,12 +224,7 @@ impl History {
         for row in read.open_table(HOT).map_err(io)?.iter().map_err(io)? {
             let (k, _) = row.map_err(io)?;
             let (s, at, _) = k.value();
-            let hot = h.hot.entry(s).or_insert(Hot {
-                count: 0,
-                oldest: at,
-            });
-            hot.count += 1;
-            hot.oldest = hot.oldest.min(at);
+            count_hot(&mut h.hot, s, at);
         }
         let mut moved = HashMap::new();
         for row in read.open_table(LOG_MOVED).map_err(io)?.iter().map_err(io)? {
@@ -248,12 +254,7 @@ impl History {
                 seq,
                 json: json.into(),
             });
-            let hot = h.hot.entry(s).or_insert(Hot {
-                count: 0,
-                oldest: at,
-            });
-            hot.count += 1;
-            hot.oldest = hot.oldest.min(at);
+            count_hot(&mut h.hot, s, at);
         }
         h.log.reset(live);
         h.full = h
@@ -329,13 +330,7 @@ impl History {
         write_instance(&mut t.buf, attr)?;
         t.log.insert(seq, t.buf.as_slice()).map_err(io)?;
         self.log.push(series, at, seq, &t.buf[hotlog::HEADER..]);
-        let hot = self.hot.entry(series).or_insert(Hot {
-            count: 0,
-            oldest: at,
-        });
-        hot.count += 1;
-        hot.oldest = hot.oldest.min(at);
-        if hot.count == SEAL_AT {
+        if count_hot(&mut self.hot, series, at) == SEAL_AT {
             self.full.push(series);
         }
         Ok(InstanceId { series, at, seq })
@@ -471,9 +466,7 @@ impl History {
         {
             let (k, v) = row.map_err(io)?;
             let (_, at, seq) = k.value();
-            let attr: Attribute =
-                serde_json::from_slice(v.value()).map_err(|_| corrupt("an instance"))?;
-            rows.push((at, seq, attr));
+            rows.push((at, seq, parse_instance(v.value())?));
         }
         hot.retain_in::<RowKey, _>(key_range(series, i64::MIN, i64::MAX), |_, _| false)
             .map_err(io)?;

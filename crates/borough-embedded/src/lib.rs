@@ -1484,17 +1484,18 @@ mod tests {
         }
     }
 
-    fn spot(n: i64) -> EntityOp {
-        let e = borough_core::entity::parse_entity(
-            &serde_json::json!({"id": "urn:spot:1", "type": "Spot", "n": n}),
-            &borough_core::Context::core(),
-            0,
-        )
-        .unwrap();
+    /// An upsert of the entity `doc` (core context).
+    fn upsert(doc: serde_json::Value) -> EntityOp {
+        let e =
+            borough_core::entity::parse_entity(&doc, &borough_core::Context::core(), 0).unwrap();
         EntityOp::Upsert {
             entity: e,
             replace: false,
         }
+    }
+
+    fn spot(n: i64) -> EntityOp {
+        upsert(serde_json::json!({"id": "urn:spot:1", "type": "Spot", "n": n}))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1554,17 +1555,8 @@ mod tests {
     }
 
     fn located(id: &str, n: i64) -> EntityOp {
-        let e = borough_core::entity::parse_entity(
-            &serde_json::json!({"id": id, "type": "Spot", "n": n,
-                "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.0, 48.0]}}}),
-            &borough_core::Context::core(),
-            0,
-        )
-        .unwrap();
-        EntityOp::Upsert {
-            entity: e,
-            replace: false,
-        }
+        upsert(serde_json::json!({"id": id, "type": "Spot", "n": n,
+            "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.0, 48.0]}}}))
     }
 
     async fn write_ok(store: &EmbeddedStore, op: EntityOp) {
@@ -1595,16 +1587,7 @@ mod tests {
     }
 
     fn meter(id: &str, n: i64) -> EntityOp {
-        let e = borough_core::entity::parse_entity(
-            &serde_json::json!({"id": id, "type": "Meter", "n": n}),
-            &borough_core::Context::core(),
-            0,
-        )
-        .unwrap();
-        EntityOp::Upsert {
-            entity: e,
-            replace: false,
-        }
+        upsert(serde_json::json!({"id": id, "type": "Meter", "n": n}))
     }
 
     /// The instances of `n` in an entity's history: (value, instance id).
@@ -1632,16 +1615,26 @@ mod tests {
         out
     }
 
-    fn watermarks(store: &EmbeddedStore) -> u64 {
+    /// The values of `n` in an entity's history, in time order.
+    fn n_values(store: &EmbeddedStore, id: &str) -> Vec<i64> {
+        n_history(store, id).iter().map(|v| v.0).collect()
+    }
+
+    fn rows_in<V: redb::Value + 'static>(
+        store: &EmbeddedStore,
+        table: TableDefinition<u64, V>,
+    ) -> u64 {
         let db = store.db.get().unwrap();
         let read = db.begin_read().unwrap();
-        redb::ReadableTableMetadata::len(&read.open_table(hotlog::LOG_MOVED).unwrap()).unwrap()
+        redb::ReadableTableMetadata::len(&read.open_table(table).unwrap()).unwrap()
+    }
+
+    fn watermarks(store: &EmbeddedStore) -> u64 {
+        rows_in(store, hotlog::LOG_MOVED)
     }
 
     fn log_rows(store: &EmbeddedStore) -> u64 {
-        let db = store.db.get().unwrap();
-        let read = db.begin_read().unwrap();
-        redb::ReadableTableMetadata::len(&read.open_table(hotlog::LOG).unwrap()).unwrap()
+        rows_in(store, hotlog::LOG)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1662,13 +1655,10 @@ mod tests {
         store.write("t", busy).await.unwrap();
         let expected: Vec<i64> = (0..30).collect();
         for m in &meters {
-            let values: Vec<i64> = n_history(&store, m).iter().map(|v| v.0).collect();
+            let values = n_values(&store, m);
             assert_eq!(values, expected, "{m}");
         }
-        let busy: Vec<i64> = n_history(&store, "urn:meter:busy")
-            .iter()
-            .map(|v| v.0)
-            .collect();
+        let busy = n_values(&store, "urn:meter:busy");
         assert_eq!(busy, (0..600).collect::<Vec<_>>());
         // 1,200 instances were written; the log kept only its window and what
         // truncation has not reached yet.
@@ -1702,10 +1692,10 @@ mod tests {
         drop(store);
 
         let store = EmbeddedStore::open_with(dir.path(), options).unwrap();
-        let values: Vec<i64> = n_history(&store, &meters[0]).iter().map(|v| v.0).collect();
+        let values = n_values(&store, &meters[0]);
         assert_eq!(values, (1..30).collect::<Vec<_>>());
         for m in &meters[1..] {
-            let values: Vec<i64> = n_history(&store, m).iter().map(|v| v.0).collect();
+            let values = n_values(&store, m);
             assert_eq!(values, expected, "{m} after reopening");
         }
         // New instances after the restart join the old ones.
@@ -1713,12 +1703,9 @@ mod tests {
             let ops = meters.iter().map(|m| meter(m, round)).collect();
             store.write("t", ops).await.unwrap();
         }
-        let values: Vec<i64> = n_history(&store, &meters[5]).iter().map(|v| v.0).collect();
+        let values = n_values(&store, &meters[5]);
         assert_eq!(values, (0..40).collect::<Vec<_>>());
-        let busy: Vec<i64> = n_history(&store, "urn:meter:busy")
-            .iter()
-            .map(|v| v.0)
-            .collect();
+        let busy = n_values(&store, "urn:meter:busy");
         assert_eq!(busy.len(), 600);
     }
 
@@ -1737,10 +1724,7 @@ mod tests {
                 let mut reads = 0;
                 let mut longest = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let values: Vec<i64> = n_history(&store, "urn:meter:watched")
-                        .iter()
-                        .map(|v| v.0)
-                        .collect();
+                    let values = n_values(&store, "urn:meter:watched");
                     // Every read is a whole prefix of the writes: no instance
                     // missing while its series moves between tables.
                     assert_eq!(values, (0..values.len() as i64).collect::<Vec<_>>());
