@@ -172,6 +172,38 @@ pub const POLICIES: &[RoutePolicy] = &[
         READ,
         Header,
     ),
+    // Context sources: a registration makes the broker call out, but only to
+    // the hosts the operator allows (--allow-outbound).
+    p("GET", "/ngsi-ld/v1/csourceRegistrations", READ, Header),
+    p("POST", "/ngsi-ld/v1/csourceRegistrations", WRITE, Header),
+    p("GET", "/ngsi-ld/v1/csourceRegistrations/{id}", READ, Header),
+    p(
+        "PATCH",
+        "/ngsi-ld/v1/csourceRegistrations/{id}",
+        WRITE,
+        Header,
+    ),
+    p(
+        "DELETE",
+        "/ngsi-ld/v1/csourceRegistrations/{id}",
+        WRITE,
+        Header,
+    ),
+    p("GET", "/ngsi-ld/v1/csourceSubscriptions", READ, Header),
+    p("POST", "/ngsi-ld/v1/csourceSubscriptions", WRITE, Header),
+    p("GET", "/ngsi-ld/v1/csourceSubscriptions/{id}", READ, Header),
+    p(
+        "PATCH",
+        "/ngsi-ld/v1/csourceSubscriptions/{id}",
+        WRITE,
+        Header,
+    ),
+    p(
+        "DELETE",
+        "/ngsi-ld/v1/csourceSubscriptions/{id}",
+        WRITE,
+        Header,
+    ),
     p("GET", "/ngsi-ld/v1/temporal/entities", READ, Header),
     p("POST", "/ngsi-ld/v1/temporal/entities", WRITE, Header),
     p("GET", "/ngsi-ld/v1/temporal/entities/{id}", READ, Header),

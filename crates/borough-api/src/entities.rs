@@ -1,7 +1,9 @@
 //! Entity provisioning and retrieval (ETSI GS CIM 009, clause 5.6 and 5.7.1).
 
 use crate::contexts::ActiveContext;
-use crate::problem::ApiResult;
+use crate::distributed::{self, Split};
+use crate::federation::{self, Forward, Route};
+use crate::problem::{ApiError, ApiResult};
 use crate::request::{
     BodyType, ResponseType, TENANT_HEADER, body_type, encode_path_segment, link_context,
     list_param, negotiate, read_json, tenant,
@@ -379,10 +381,33 @@ pub async fn retrieve(
         .for_link(link_context(&headers)?.as_deref())
         .await?;
     let (opts, attrs) = crate::query::projection(&params, None, &actx)?;
-    let entity = state
-        .store
-        .get(&tenant, &id)
-        .ok_or_else(|| NgsiError::not_found(format!("entity '{id}' does not exist")))?;
+    let local = state.store.get(&tenant, &id);
+    let mut failures = Vec::new();
+    let entity = match federation::route(&state, &tenant, &headers, &params) {
+        Route::Forward => {
+            let fwd = Forward {
+                state: &state,
+                tenant: &tenant,
+                headers: &headers,
+                actx: &actx,
+            };
+            let (found, failed) =
+                federation::retrieve(&fwd, &id, local.as_deref(), opts.attrs.as_deref()).await;
+            failures = failed;
+            if found.is_empty() {
+                local
+            } else {
+                federation::merge(local.as_deref(), found).map(std::sync::Arc::new)
+            }
+        }
+        Route::Local | Route::Loop => local,
+    };
+    let Some(entity) = entity else {
+        let missing = ApiError(NgsiError::not_found(format!(
+            "entity '{id}' does not exist"
+        )));
+        return Ok(federation::warn(missing.into_response(), &failures));
+    };
     crate::auth::check_entity_types(&id, &entity.types)?;
     // An entity without any of the attributes asked for is not found (clause
     // 5.7.1.4), and so is one of which a pick leaves nothing.
@@ -411,7 +436,10 @@ pub async fn retrieve(
             .map(|g| actx.ctx.expand(g).into_owned())
             .unwrap_or_else(|| "https://uri.etsi.org/ngsi-ld/location".to_string());
         let body = render_feature(&entity, &actx.ctx, &opts, &geo);
-        return Ok(represent(rt, body, &actx, &tenant));
+        return Ok(federation::warn(
+            represent(rt, body, &actx, &tenant),
+            &failures,
+        ));
     }
     if let Some(join) = crate::join::join_param(&params)? {
         let body = crate::query::joined(&state, &tenant, &[entity], &opts, &actx, rt, join);
@@ -421,7 +449,10 @@ pub async fn retrieve(
             }
             (_, other) => other,
         };
-        return Ok(represent_json(rt, body, &actx, &tenant));
+        return Ok(federation::warn(
+            represent_json(rt, body, &actx, &tenant),
+            &failures,
+        ));
     }
     let context = (rt == ResponseType::LdJson).then(|| actx.source.as_value());
     let view = EntityView {
@@ -430,7 +461,10 @@ pub async fn retrieve(
         opts: &opts,
         context: context.as_ref(),
     };
-    Ok(represent_view(rt, &view, &actx, &tenant))
+    Ok(federation::warn(
+        represent_view(rt, &view, &actx, &tenant),
+        &failures,
+    ))
 }
 
 /// `DELETE /entities/{id}`
@@ -441,6 +475,32 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
+    if federation::route(&state, &tenant, &headers, &HashMap::new()) == Route::Forward {
+        let actx = state
+            .contexts
+            .for_link(link_context(&headers)?.as_deref())
+            .await?;
+        let fwd = Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        if let Some((removed, failed)) = distributed::delete_entity(&fwd, &id).await {
+            let local = write_one(&state, &tenant, EntityOp::Delete { id: id.clone() }).await;
+            let done = match local {
+                Ok(_) => true,
+                Err(e) if e.0.kind == ProblemKind::ResourceNotFound && removed > 0 => true,
+                Err(e) if failed.is_empty() => return Err(e),
+                Err(_) if removed > 0 => true,
+                Err(_) => return Err(distributed::source_problem(&failed[0]).into()),
+            };
+            if failed.is_empty() {
+                return Ok(no_content(&tenant));
+            }
+            return Ok(distributed::batch_result(&fwd, &id, done, &failed));
+        }
+    }
     write_one(&state, &tenant, EntityOp::Delete { id }).await?;
     Ok(no_content(&tenant))
 }
@@ -475,8 +535,215 @@ pub async fn merge(
         body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let patch = parse_fragment(&v, &actx.ctx, ParseMode::Patch)?;
     check_body_id(&patch.id, &id)?;
+    let names: Vec<String> = patch.attrs.keys().cloned().collect();
+    if let Some(resp) = distribute_fragment(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        FragmentChange {
+            operation: "mergeEntity",
+            method: axum::http::Method::PATCH,
+            path: "",
+            query: "",
+            mode: ParseMode::Patch,
+        },
+        &id,
+        &v,
+        &names,
+    )
+    .await?
+    {
+        return Ok(resp);
+    }
     write_one(&state, &tenant, EntityOp::Merge { id, patch }).await?;
     Ok(no_content(&tenant))
+}
+
+/// How a change of a fragment of attributes goes to the sources.
+struct FragmentChange {
+    operation: &'static str,
+    method: axum::http::Method,
+    /// Below `/entities/{id}`.
+    path: &'static str,
+    query: &'static str,
+    mode: ParseMode,
+}
+
+/// Splits a change of several attributes between the sources registered
+/// for them and the local store; `None` when no source is concerned, and
+/// the local write goes on as usual.
+#[allow(clippy::too_many_arguments)]
+async fn distribute_fragment(
+    state: &SharedState,
+    tenant: &str,
+    headers: &HeaderMap,
+    actx: &ActiveContext,
+    change: FragmentChange,
+    id: &str,
+    body: &Value,
+    names: &[String],
+) -> ApiResult<Option<Response>> {
+    let route = federation::route(state, tenant, headers, &HashMap::new());
+    if route == Route::Local {
+        return Ok(None);
+    }
+    let fwd = Forward {
+        state,
+        tenant,
+        headers,
+        actx,
+    };
+    let types = state.store.get(tenant, id).map(|e| e.types.clone());
+    let split = distributed::split(&fwd, change.operation, id, types.as_deref(), names);
+    if !split.involves_sources() {
+        return Ok(None);
+    }
+    if route == Route::Loop {
+        if !split.proxied.is_empty() {
+            return Err(distributed::loop_problem().into());
+        }
+        return Ok(None);
+    }
+    let fragment = body.as_object().cloned().unwrap_or_default();
+    let targets: Vec<_> = split
+        .proxied
+        .iter()
+        .chain(&split.inclusive)
+        .cloned()
+        .collect();
+    let outcome = distributed::send_all(&fwd, targets, |reg, names| {
+        let path = distributed::entity_path(id, &format!("{}{}", change.path, change.query));
+        (
+            change.method.clone(),
+            path,
+            Some(distributed::fragment_for(&fwd, reg, &fragment, names)),
+        )
+    })
+    .await;
+    let local = if split.local.is_empty() {
+        None
+    } else {
+        // What no exclusive or redirect source took is written here.
+        let mut kept = fragment.clone();
+        kept.retain(|k, _| {
+            matches!(k.as_str(), "id" | "type" | "scope")
+                || split.local.iter().any(|n| *n == *actx.ctx.expand(k))
+        });
+        let frag = parse_fragment(&Value::Object(kept), &actx.ctx, change.mode)?;
+        let op = match change.operation {
+            "mergeEntity" => EntityOp::Merge {
+                id: id.to_string(),
+                patch: frag,
+            },
+            "appendAttrs" => EntityOp::Append {
+                id: id.to_string(),
+                frag,
+                no_overwrite: change.query.contains("noOverwrite"),
+            },
+            _ => EntityOp::Update {
+                id: id.to_string(),
+                frag,
+            },
+        };
+        Some(write_one(state, tenant, op).await)
+    };
+    finish(&fwd, &split, outcome, local).map(Some)
+}
+
+/// The answer to a change split between sources and the local store.
+fn finish(
+    fwd: &Forward<'_>,
+    split: &Split,
+    outcome: distributed::Outcome,
+    local: Option<ApiResult<OpOutcome>>,
+) -> ApiResult<Response> {
+    let remote_ok = !outcome.updated.is_empty();
+    let local = match local {
+        None => None,
+        Some(Ok(OpOutcome::Partial {
+            updated,
+            not_updated,
+        })) => Some((
+            updated,
+            not_updated
+                .into_iter()
+                .map(|n| (n.attribute_name, n.reason))
+                .collect(),
+        )),
+        Some(Ok(_)) => Some((split.local.clone(), Vec::new())),
+        // The entity is not held here: what the sources did stands.
+        Some(Err(e)) if remote_ok && e.0.kind == ProblemKind::ResourceNotFound => None,
+        Some(Err(e)) if outcome.failed.is_empty() && split.conflicts.is_empty() => {
+            return Err(e);
+        }
+        Some(Err(e)) => Some((
+            Vec::new(),
+            split
+                .local
+                .iter()
+                .map(|n| (n.clone(), e.0.detail.clone()))
+                .collect(),
+        )),
+    };
+    let local_ok = local.as_ref().is_some_and(|(u, _)| !u.is_empty());
+    if !remote_ok && !local_ok {
+        if let Some((_, f)) = outcome.failed.first() {
+            return Err(distributed::source_problem(f).into());
+        }
+        if !split.conflicts.is_empty() {
+            return Err(distributed::conflict_problem(fwd, &split.conflicts).into());
+        }
+    }
+    let (updated, not_updated) = distributed::tally(split, outcome, local);
+    Ok(distributed::update_result(fwd, updated, not_updated))
+}
+
+/// A change of one attribute (`PATCH`, `PUT` or `DELETE` of
+/// `/attrs/{attr}`) that concerns sources; `None` when none is concerned.
+#[allow(clippy::too_many_arguments)]
+async fn distribute_attribute(
+    state: &SharedState,
+    tenant: &str,
+    headers: &HeaderMap,
+    actx: &ActiveContext,
+    operation: &str,
+    method: axum::http::Method,
+    query: &str,
+    id: &str,
+    attr: &str,
+    body: Option<Value>,
+    local_op: impl FnOnce() -> EntityOp,
+) -> ApiResult<Option<Response>> {
+    let route = federation::route(state, tenant, headers, &HashMap::new());
+    if route == Route::Local {
+        return Ok(None);
+    }
+    let fwd = Forward {
+        state,
+        tenant,
+        headers,
+        actx,
+    };
+    if route == Route::Loop {
+        let types = state.store.get(tenant, id).map(|e| e.types.clone());
+        let split = distributed::split(&fwd, operation, id, types.as_deref(), &[attr.to_string()]);
+        if !split.proxied.is_empty() {
+            return Err(distributed::loop_problem().into());
+        }
+        return Ok(None);
+    }
+    let Some((split, outcome)) =
+        distributed::attribute_change(&fwd, operation, id, attr, method, query, body).await?
+    else {
+        return Ok(None);
+    };
+    let local = if split.local.is_empty() {
+        None
+    } else {
+        Some(write_one(state, tenant, local_op()).await)
+    };
+    finish(&fwd, &split, outcome, local).map(Some)
 }
 
 fn check_body_id(body_id: &Option<String>, path_id: &str) -> ApiResult<()> {
@@ -508,6 +775,31 @@ pub async fn append(
         body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
     check_body_id(&frag.id, &id)?;
+    let names: Vec<String> = frag.attrs.keys().cloned().collect();
+    if let Some(resp) = distribute_fragment(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        FragmentChange {
+            operation: "appendAttrs",
+            method: axum::http::Method::POST,
+            path: "/attrs",
+            query: if no_overwrite {
+                "?options=noOverwrite"
+            } else {
+                ""
+            },
+            mode: ParseMode::Full,
+        },
+        &id,
+        &v,
+        &names,
+    )
+    .await?
+    {
+        return Ok(resp);
+    }
     let outcome = write_one(
         &state,
         &tenant,
@@ -539,6 +831,27 @@ pub async fn update(
     if frag.attrs.is_empty() && frag.types.is_empty() && frag.scopes.is_none() {
         return Err(NgsiError::bad_data("the body names no attribute to update").into());
     }
+    let names: Vec<String> = frag.attrs.keys().cloned().collect();
+    if let Some(resp) = distribute_fragment(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        FragmentChange {
+            operation: "updateEntity",
+            method: axum::http::Method::PATCH,
+            path: "/attrs",
+            query: "",
+            mode: ParseMode::Full,
+        },
+        &id,
+        &v,
+        &names,
+    )
+    .await?
+    {
+        return Ok(resp);
+    }
     let outcome = write_one(&state, &tenant, EntityOp::Update { id, frag }).await?;
     Ok(update_response(outcome, &actx, &tenant))
 }
@@ -549,7 +862,7 @@ async fn attribute_body(
     body: Body,
     attr: &str,
     mode: ParseMode,
-) -> ApiResult<(String, borough_core::AttrPatch)> {
+) -> ApiResult<(String, borough_core::AttrPatch, Value, ActiveContext)> {
     borough_core::validate::check_name("attribute name", attr)?;
     let (v, actx) = body_with_context(
         state,
@@ -560,7 +873,7 @@ async fn attribute_body(
     )
     .await?;
     let patch = parse_attribute(attr, &v, &actx.ctx, mode, 0)?;
-    Ok((actx.ctx.expand(attr).into_owned(), patch))
+    Ok((actx.ctx.expand(attr).into_owned(), patch, v, actx))
 }
 
 /// `PATCH /entities/{id}/attrs/{attr}`: partial attribute update.
@@ -572,8 +885,31 @@ pub async fn patch_attr(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let (attr, patch) = attribute_body(&state, &headers, body, &attr, ParseMode::Patch).await?;
-    write_one(&state, &tenant, EntityOp::PatchAttr { id, attr, patch }).await?;
+    let (attr, patch, raw, actx) =
+        attribute_body(&state, &headers, body, &attr, ParseMode::Patch).await?;
+    let op = || EntityOp::PatchAttr {
+        id: id.clone(),
+        attr: attr.clone(),
+        patch: patch.clone(),
+    };
+    if let Some(resp) = distribute_attribute(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        "updateAttrs",
+        axum::http::Method::PATCH,
+        "",
+        &id,
+        &attr,
+        Some(raw),
+        op,
+    )
+    .await?
+    {
+        return Ok(resp);
+    }
+    write_one(&state, &tenant, op()).await?;
     Ok(no_content(&tenant))
 }
 
@@ -586,8 +922,31 @@ pub async fn replace_attr(
 ) -> ApiResult<Response> {
     let tenant = existing_tenant(&state, &headers)?;
     path_id(&id)?;
-    let (attr, patch) = attribute_body(&state, &headers, body, &attr, ParseMode::Full).await?;
-    write_one(&state, &tenant, EntityOp::ReplaceAttr { id, attr, patch }).await?;
+    let (attr, patch, raw, actx) =
+        attribute_body(&state, &headers, body, &attr, ParseMode::Full).await?;
+    let op = || EntityOp::ReplaceAttr {
+        id: id.clone(),
+        attr: attr.clone(),
+        patch: patch.clone(),
+    };
+    if let Some(resp) = distribute_attribute(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        "replaceAttrs",
+        axum::http::Method::PUT,
+        "",
+        &id,
+        &attr,
+        Some(raw),
+        op,
+    )
+    .await?
+    {
+        return Ok(resp);
+    }
+    write_one(&state, &tenant, op()).await?;
     Ok(no_content(&tenant))
 }
 
@@ -623,16 +982,37 @@ pub async fn delete_attr(
         .for_link(link_context(&headers)?.as_deref())
         .await?;
     let attr = actx.ctx.expand(&attr).into_owned();
-    write_one(
+    let op = || EntityOp::DeleteAttr {
+        id: id.clone(),
+        attr: attr.clone(),
+        dataset_id: dataset_id.clone(),
+        delete_all,
+    };
+    let query = match (&dataset_id, delete_all) {
+        (Some(d), _) => format!(
+            "?datasetId={}",
+            percent_encoding::utf8_percent_encode(d, percent_encoding::NON_ALPHANUMERIC)
+        ),
+        (None, true) => "?deleteAll=true".to_string(),
+        (None, false) => String::new(),
+    };
+    if let Some(resp) = distribute_attribute(
         &state,
         &tenant,
-        EntityOp::DeleteAttr {
-            id,
-            attr,
-            dataset_id,
-            delete_all,
-        },
+        &headers,
+        &actx,
+        "deleteAttrs",
+        axum::http::Method::DELETE,
+        &query,
+        &id,
+        &attr,
+        None,
+        op,
     )
-    .await?;
+    .await?
+    {
+        return Ok(resp);
+    }
+    write_one(&state, &tenant, op()).await?;
     Ok(no_content(&tenant))
 }

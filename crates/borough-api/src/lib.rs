@@ -6,8 +6,11 @@ pub mod auth;
 pub mod batch;
 pub mod context_registry;
 pub mod contexts;
+pub mod csource;
 pub mod discovery;
+pub mod distributed;
 pub mod entities;
+pub mod federation;
 pub mod import;
 pub mod join;
 pub mod metrics;
@@ -51,7 +54,14 @@ pub struct ApiConfig {
     pub temporal_page_instances: usize,
     /// Where remote `@context` documents and notification endpoints may be;
     /// the default refuses internal addresses (loopback, private ranges).
+    /// Context sources are forwarded to only where it allows.
     pub outbound: borough_access::outbound::OutboundPolicy,
+    /// How long a context source may take when its registration sets no
+    /// `management.timeout`.
+    pub source_timeout: Duration,
+    /// How long a failed context source is skipped when its registration
+    /// sets no `management.cooldown`.
+    pub source_cooldown: Duration,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +74,8 @@ impl Default for ApiConfig {
             bench_static_bytes: None,
             temporal_page_instances: temporal::MAX_INSTANCES,
             outbound: Default::default(),
+            source_timeout: Duration::from_secs(3),
+            source_cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -78,6 +90,10 @@ pub struct AppState {
     pub access: Option<Arc<borough_access::Access>>,
     /// Other layers' data of a tenant, purged with it.
     pub tenant_data: Vec<Arc<dyn admin::TenantData>>,
+    /// Context source registrations and subscriptions to them.
+    pub sources: Arc<csource::Registry>,
+    /// How distributed operations reach the sources.
+    pub federation: federation::Federation,
     static_body: Option<Bytes>,
 }
 
@@ -88,6 +104,9 @@ pub type SharedState = Arc<AppState>;
 pub struct Wiring {
     pub access: Option<Arc<borough_access::Access>>,
     pub tenant_data: Vec<Arc<dyn admin::TenantData>>,
+    /// Where registrations are kept; without it (tests of the API alone)
+    /// they live in memory only.
+    pub records: Option<Arc<dyn borough_store::RecordStore>>,
 }
 
 /// Builds the full router: `/health` and the NGSI-LD API under `/ngsi-ld/v1`.
@@ -110,9 +129,16 @@ pub fn router_with(
         s.push_str("\"}");
         Bytes::from(s)
     });
+    let federation = federation::Federation::new(
+        &config.outbound,
+        config.source_timeout,
+        config.source_cooldown,
+    )?;
     let state = Arc::new(AppState {
         store,
         contexts: ContextResolver::new(config.context_fetch_timeout, config.outbound.clone())?,
+        sources: Arc::new(csource::Registry::load(wiring.records)?),
+        federation,
         config,
         access: wiring.access,
         tenant_data: wiring.tenant_data,
@@ -187,6 +213,26 @@ pub fn router_with(
         .route(
             "/temporal/entityOperations/query",
             post(temporal::query_post),
+        )
+        .route(
+            "/csourceRegistrations",
+            get(csource::list).post(csource::create),
+        )
+        .route(
+            "/csourceRegistrations/{id}",
+            get(csource::retrieve)
+                .patch(csource::update)
+                .delete(csource::delete),
+        )
+        .route(
+            "/csourceSubscriptions",
+            get(csource::subscriptions).post(csource::subscribe),
+        )
+        .route(
+            "/csourceSubscriptions/{id}",
+            get(csource::subscription)
+                .patch(csource::update_subscription)
+                .delete(csource::delete_subscription),
         )
         .route(
             "/jsonldContexts",

@@ -75,6 +75,27 @@ pub fn allowed(method: &Method, route: &str) -> Option<Vec<&'static [&'static st
             vec![&["datasetId", "deleteAll"]]
         }
         (_, "/temporal/entities/{id}/attrs/{attr}/{instance}") => vec![],
+        ("GET", "/csourceRegistrations") => vec![
+            &[
+                "id",
+                "type",
+                "idPattern",
+                "attrs",
+                "q",
+                "csf",
+                "options",
+                "lang",
+                "scopeQ",
+            ],
+            GEO,
+            PAGE,
+            &["timerel", "timeAt", "endTimeAt", "timeproperty"],
+        ],
+        ("GET", "/csourceRegistrations/{id}") => vec![&["options"]],
+        ("GET", "/csourceSubscriptions") => vec![PAGE, &["options"]],
+        ("GET", "/csourceSubscriptions/{id}") => vec![&["options"]],
+        (_, "/csourceRegistrations" | "/csourceRegistrations/{id}") => vec![],
+        (_, "/csourceSubscriptions" | "/csourceSubscriptions/{id}") => vec![],
         ("GET", "/jsonldContexts") => vec![&["details", "kind"]],
         ("POST", "/jsonldContexts") => vec![],
         ("GET", "/jsonldContexts/{id}") => vec![&["details"]],

@@ -327,9 +327,31 @@ pub async fn query_entities(
         .into());
     }
     scope_to_caller(&mut query);
-    respond(
-        &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri,
-    )
+    let remote = if crate::federation::route(&state, &tenant, &headers, &params)
+        == crate::federation::Route::Forward
+    {
+        let fwd = crate::federation::Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        let qs = crate::federation::forwarded_query_string(uri.query());
+        crate::federation::query(
+            &fwd,
+            &query,
+            opts.attrs.as_deref(),
+            crate::federation::QueryRequest::Get(qs),
+            page.offset + page.limit + 1,
+        )
+        .await
+    } else {
+        Default::default()
+    };
+    let resp = respond(
+        &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri, remote.0,
+    )?;
+    Ok(crate::federation::warn(resp, &remote.1))
 }
 
 /// `POST /entityOperations/query`
@@ -362,9 +384,95 @@ pub async fn query_post(
         .into());
     }
     scope_to_caller(&mut query);
-    respond(
-        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri,
-    )
+    let remote = if crate::federation::route(&state, &tenant, &headers, &params)
+        == crate::federation::Route::Forward
+    {
+        let fwd = crate::federation::Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        crate::federation::query(
+            &fwd,
+            &query,
+            opts.attrs.as_deref(),
+            crate::federation::QueryRequest::Post(obj),
+            page.offset + page.limit + 1,
+        )
+        .await
+    } else {
+        Default::default()
+    };
+    let resp = respond(
+        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri, remote.0,
+    )?;
+    Ok(crate::federation::warn(resp, &remote.1))
+}
+
+/// One page of a query: the local store's, or, when sources answered too,
+/// the merged set's (4.3.6.7: paging applies to the merged result).
+fn page_of(
+    state: &AppState,
+    tenant: &str,
+    query: &EntityQuery,
+    page: Paging,
+    remote: Vec<crate::federation::Contribution>,
+) -> borough_store::QueryPage {
+    // One more than the page tells whether a next page exists.
+    if remote.is_empty() {
+        return state
+            .store
+            .query(tenant, query, page.offset, page.limit + 1, page.count);
+    }
+    let want = page.offset + page.limit + 1;
+    let local = state.store.query(tenant, query, 0, want, page.count);
+    let mut by_id: std::collections::BTreeMap<String, Vec<crate::federation::Contribution>> =
+        Default::default();
+    for c in remote {
+        by_id.entry(c.entity.id.clone()).or_default().push(c);
+    }
+    let mut merged: Vec<std::sync::Arc<borough_core::Entity>> = Vec::new();
+    for e in local.entities {
+        match by_id.remove(&e.id) {
+            None => merged.push(e),
+            Some(found) => {
+                if let Some(m) = crate::federation::merge(Some(&e), found) {
+                    merged.push(std::sync::Arc::new(m));
+                }
+            }
+        }
+    }
+    let allowed = crate::auth::caller_entity_types();
+    let mut remote_only = 0;
+    for (_, found) in by_id {
+        if let Some(m) = crate::federation::merge(None, found)
+            && allowed
+                .as_ref()
+                .is_none_or(|a| m.types.iter().any(|t| a.contains(t)))
+        {
+            remote_only += 1;
+            merged.push(std::sync::Arc::new(m));
+        }
+    }
+    if query.orders_by_distance() {
+        merged.sort_by(|a, b| {
+            let da = query.distance(a).unwrap_or(f64::INFINITY);
+            let db = query.distance(b).unwrap_or(f64::INFINITY);
+            da.total_cmp(&db).then_with(|| a.id.cmp(&b.id))
+        });
+    } else {
+        merged.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    let entities = merged
+        .into_iter()
+        .skip(page.offset)
+        .take(page.limit + 1)
+        .collect();
+    borough_store::QueryPage {
+        entities,
+        total: local.total.map(|t| t + remote_only),
+    }
 }
 
 /// Entities deleted per write while purging.
@@ -525,12 +633,10 @@ fn respond(
     rt: ResponseType,
     actx: &ActiveContext,
     uri: &Uri,
+    remote: Vec<crate::federation::Contribution>,
 ) -> ApiResult<Response> {
     let join = crate::join::join_param(params)?;
-    // One more than the page tells whether a next page exists.
-    let result = state
-        .store
-        .query(tenant, query, page.offset, page.limit + 1, page.count);
+    let result = page_of(state, tenant, query, page, remote);
     let has_next = result.entities.len() > page.limit;
     let entities = &result.entities[..result.entities.len().min(page.limit)];
     let body = match rt {

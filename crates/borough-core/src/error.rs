@@ -9,7 +9,16 @@ pub enum ProblemKind {
     InvalidRequest,
     BadRequestData,
     AlreadyExists,
+    /// 409: the request contradicts what exists (an exclusive registration
+    /// overlapping another).
+    Conflict,
     OperationNotSupported,
+    /// 502: a context source the operation was forwarded to answered with an error.
+    BadGateway,
+    /// 504: a context source the operation was forwarded to did not answer in time.
+    GatewayTimeout,
+    /// 508: the operation would be forwarded back to this broker.
+    LoopDetected,
     ResourceNotFound,
     InternalError,
     TooComplexQuery,
@@ -38,8 +47,11 @@ impl ProblemKind {
     pub fn status(self) -> u16 {
         match self {
             Self::InvalidRequest | Self::BadRequestData => 400,
-            Self::AlreadyExists => 409,
+            Self::AlreadyExists | Self::Conflict => 409,
             Self::OperationNotSupported => 422,
+            Self::BadGateway => 502,
+            Self::GatewayTimeout => 504,
+            Self::LoopDetected => 508,
             Self::ResourceNotFound | Self::NonexistentTenant => 404,
             Self::InternalError => 500,
             Self::TooComplexQuery | Self::TooManyResults => 403,
@@ -66,10 +78,14 @@ impl ProblemKind {
             | Self::MethodNotAllowed => "https://uri.etsi.org/ngsi-ld/errors/InvalidRequest",
             Self::BadRequestData => "https://uri.etsi.org/ngsi-ld/errors/BadRequestData",
             Self::AlreadyExists => "https://uri.etsi.org/ngsi-ld/errors/AlreadyExists",
+            Self::Conflict => "https://uri.etsi.org/ngsi-ld/errors/Conflict",
             Self::OperationNotSupported => {
                 "https://uri.etsi.org/ngsi-ld/errors/OperationNotSupported"
             }
             Self::ResourceNotFound => "https://uri.etsi.org/ngsi-ld/errors/ResourceNotFound",
+            Self::BadGateway => "https://uri.etsi.org/ngsi-ld/errors/BadGateway",
+            Self::GatewayTimeout => "https://uri.etsi.org/ngsi-ld/errors/GatewayTimeout",
+            Self::LoopDetected => "https://uri.etsi.org/ngsi-ld/errors/LoopDetected",
             Self::InternalError => "https://uri.etsi.org/ngsi-ld/errors/InternalError",
             Self::TooComplexQuery => "https://uri.etsi.org/ngsi-ld/errors/TooComplexQuery",
             Self::TooManyResults => "https://uri.etsi.org/ngsi-ld/errors/TooManyResults",
@@ -90,8 +106,12 @@ impl ProblemKind {
             Self::InvalidRequest => "Invalid request",
             Self::BadRequestData => "Bad request data",
             Self::AlreadyExists => "Already exists",
+            Self::Conflict => "Conflict",
             Self::OperationNotSupported => "Operation not supported",
             Self::ResourceNotFound => "Resource not found",
+            Self::BadGateway => "Bad gateway",
+            Self::GatewayTimeout => "Gateway timeout",
+            Self::LoopDetected => "Loop detected",
             Self::InternalError => "Internal error",
             Self::TooComplexQuery => "Too complex query",
             Self::TooManyResults => "Too many results",

@@ -8,6 +8,7 @@ pub mod error;
 pub mod geojson;
 pub mod ops;
 pub mod query;
+pub mod registration;
 pub mod render;
 pub mod subscription;
 pub mod temporal;

@@ -214,7 +214,7 @@ fn strings(v: &Value, what: &str) -> NgsiResult<Vec<String>> {
         .collect()
 }
 
-fn key_values(v: Option<&Value>, what: &str) -> NgsiResult<Vec<(String, String)>> {
+pub(crate) fn key_values(v: Option<&Value>, what: &str) -> NgsiResult<Vec<(String, String)>> {
     let Some(v) = v else {
         return Ok(Vec::new());
     };

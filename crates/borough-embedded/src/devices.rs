@@ -20,6 +20,12 @@ const API_KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("api
 const AUDIT: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("audit_log");
 /// ("", name) → a server setting.
 const SETTINGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("settings");
+/// (tenant, registration id) → a context source registration.
+const REGISTRATIONS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("csource_registrations");
+/// (tenant, subscription id) → a subscription to registrations.
+const REGISTRATION_SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("csource_subscriptions");
 
 fn table(
     kind: RecordKind,
@@ -31,6 +37,8 @@ fn table(
         RecordKind::ApiKey => API_KEYS,
         RecordKind::Audit => AUDIT,
         RecordKind::Setting => SETTINGS,
+        RecordKind::Registration => REGISTRATIONS,
+        RecordKind::RegistrationSubscription => REGISTRATION_SUBSCRIPTIONS,
     }
 }
 

@@ -117,16 +117,22 @@ pub enum RecordKind {
     Audit,
     /// A server setting, keyed by ("", its name): the key that signs sessions.
     Setting,
+    /// A context source registration, keyed by (tenant, registration id).
+    Registration,
+    /// A subscription to context source registrations, keyed by (tenant, id).
+    RegistrationSubscription,
 }
 
 impl RecordKind {
-    pub const ALL: [RecordKind; 6] = [
+    pub const ALL: [RecordKind; 8] = [
         Self::Device,
         Self::Command,
         Self::Tenant,
         Self::ApiKey,
         Self::Audit,
         Self::Setting,
+        Self::Registration,
+        Self::RegistrationSubscription,
     ];
 }
 

@@ -271,6 +271,7 @@ pub async fn start(
     let wiring = borough_api::Wiring {
         access: Some(access.clone()),
         tenant_data: vec![Arc::new(crate::access::DeviceData(devices.clone()))],
+        records: Some(store.clone()),
     };
     let app = borough_api::with_normalized_paths(
         borough_api::router_with(api_store, config, wiring)?

@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use borough_api::{ApiConfig, router, with_normalized_paths};
+use borough_api::{ApiConfig, Wiring, router_with, with_normalized_paths};
 use borough_embedded::EmbeddedStore;
 use borough_store::EntityStore;
 use http_body_util::BodyExt;
@@ -64,6 +64,15 @@ pub fn test_config() -> ApiConfig {
     }
 }
 
+/// The API over `store`, registrations kept in it as `borough serve` keeps them.
+fn build(store: &Arc<EmbeddedStore>, config: &ApiConfig) -> Router {
+    let wiring = Wiring {
+        records: Some(store.clone()),
+        ..Wiring::default()
+    };
+    router_with(store.clone(), config.clone(), wiring).expect("router")
+}
+
 impl TestApp {
     pub fn new() -> Self {
         Self::with_config(test_config())
@@ -78,7 +87,7 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).expect("store"));
         Self {
-            router: with_normalized_paths(router(store.clone(), config.clone()).expect("router")),
+            router: with_normalized_paths(build(&store, &config)),
             store,
             config,
             dir,
@@ -92,9 +101,7 @@ impl TestApp {
         drop(self.store);
         let store = Arc::new(EmbeddedStore::open(self.dir.path()).expect("store"));
         Self {
-            router: with_normalized_paths(
-                router(store.clone(), self.config.clone()).expect("router"),
-            ),
+            router: with_normalized_paths(build(&store, &self.config)),
             store,
             config: self.config,
             dir: self.dir,

@@ -1,0 +1,1212 @@
+//! Context source registrations (clause 5.9) and subscriptions to them
+//! (clause 5.11): the routes, and the registry every distributed operation
+//! asks which sources concern it. Registrations are records of the store,
+//! written before a change is answered and kept in memory for lookups.
+
+use crate::contexts::ActiveContext;
+use crate::entities::{body_with_context, existing_tenant, options, with_tenant};
+use crate::problem::ApiResult;
+use crate::query::paging;
+use crate::request::{
+    ResponseType, encode_path_segment, link_context, list_param, negotiate, tenant,
+};
+use crate::{AppState, SharedState, typed_json_response};
+use axum::body::Body;
+use axum::extract::{OriginalUri, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use borough_core::query::{EntityQuery, compile_id_pattern, parse_q, parse_type_expr};
+use borough_core::registration::{CompiledRegistration, Mode, RegistrationRecord};
+use borough_core::subscription::{CompiledSubscription, SubscriptionRecord};
+use borough_core::validate::{check_uri, format_datetime, now_micros};
+use borough_core::{NgsiError, NgsiResult, ProblemKind};
+use borough_store::{RecordChange, RecordKind, RecordStore, StoreError};
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+type Params = Query<HashMap<String, String>>;
+type Key = (String, String);
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Most registrations (and subscriptions to them) of one tenant: a
+/// stranger must not grow the registry without bound.
+pub const MAX_PER_TENANT: usize = 10_000;
+
+/// How a source has answered distributed operations so far (clause 5.2.9:
+/// status, timesSent, timesFailed, lastSuccess, lastFailure).
+#[derive(Clone, Debug, Default)]
+pub struct SourceStatus {
+    pub times_sent: u64,
+    pub times_failed: u64,
+    pub last_success: Option<i64>,
+    pub last_failure: Option<i64>,
+    pub last_error: Option<String>,
+    /// No request goes to the source before this, after a failure.
+    pub cooling_until: Option<Instant>,
+}
+
+/// A subscription to registrations, compiled, with its delivery statistics.
+#[derive(Debug)]
+pub struct RegistrationSubscription {
+    pub compiled: CompiledSubscription,
+    pub stats: Mutex<borough_core::subscription::Stats>,
+}
+
+/// Every tenant's registrations and subscriptions to them.
+pub struct Registry {
+    records: Option<Arc<dyn RecordStore>>,
+    registrations: RwLock<BTreeMap<Key, Arc<CompiledRegistration>>>,
+    subscriptions: RwLock<BTreeMap<Key, Arc<RegistrationSubscription>>>,
+    status: Mutex<HashMap<Key, SourceStatus>>,
+    /// Registration writes one at a time: the conflict check of exclusive
+    /// registrations and read-modify-write updates must not interleave.
+    writes: tokio::sync::Mutex<()>,
+}
+
+fn poisoned<T>(e: std::sync::PoisonError<T>) -> T {
+    e.into_inner()
+}
+
+impl Registry {
+    /// Loads the stored registrations and subscriptions (blocking).
+    pub fn load(records: Option<Arc<dyn RecordStore>>) -> Result<Self, String> {
+        let mut registrations = BTreeMap::new();
+        let mut subscriptions = BTreeMap::new();
+        if let Some(store) = &records {
+            let now = now_micros();
+            for (tenant, id, bytes) in store
+                .records(RecordKind::Registration)
+                .map_err(|e| format!("cannot read registrations: {e}"))?
+            {
+                let record: RegistrationRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("registration '{id}' is unreadable: {e}"))?;
+                let compiled = CompiledRegistration::compile(record, now, false)
+                    .map_err(|e| format!("registration '{id}': {}", e.detail))?;
+                registrations.insert((tenant, id), Arc::new(compiled));
+            }
+            for (tenant, id, bytes) in store
+                .records(RecordKind::RegistrationSubscription)
+                .map_err(|e| format!("cannot read registration subscriptions: {e}"))?
+            {
+                let record: SubscriptionRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("subscription '{id}' is unreadable: {e}"))?;
+                let compiled = CompiledSubscription::compile(record, now, false)
+                    .map_err(|e| format!("subscription '{id}': {}", e.detail))?;
+                subscriptions.insert(
+                    (tenant, id),
+                    Arc::new(RegistrationSubscription {
+                        compiled,
+                        stats: Mutex::default(),
+                    }),
+                );
+            }
+        }
+        Ok(Self {
+            records,
+            registrations: RwLock::new(registrations),
+            subscriptions: RwLock::new(subscriptions),
+            status: Mutex::default(),
+            writes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Whether a tenant has any registration: most requests find none and
+    /// pay nothing more for federation.
+    pub fn has_any(&self, tenant: &str) -> bool {
+        let regs = self.registrations.read().unwrap_or_else(poisoned);
+        regs.range((tenant.to_string(), String::new())..)
+            .next()
+            .is_some_and(|((t, _), _)| t == tenant)
+    }
+
+    /// A tenant's live (unexpired) registrations, ordered by id.
+    pub fn of_tenant(&self, tenant: &str) -> Vec<Arc<CompiledRegistration>> {
+        let now = now_micros();
+        let regs = self.registrations.read().unwrap_or_else(poisoned);
+        regs.range((tenant.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == tenant)
+            .map(|(_, r)| r.clone())
+            .filter(|r| !r.is_expired(now))
+            .collect()
+    }
+
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Arc<CompiledRegistration>> {
+        let regs = self.registrations.read().unwrap_or_else(poisoned);
+        regs.get(&(tenant.to_string(), id.to_string()))
+            .filter(|r| !r.is_expired(now_micros()))
+            .cloned()
+    }
+
+    pub fn status(&self, tenant: &str, id: &str) -> SourceStatus {
+        let status = self.status.lock().unwrap_or_else(poisoned);
+        status
+            .get(&(tenant.to_string(), id.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether a source is cooling down after a failure.
+    pub fn cooling(&self, tenant: &str, id: &str) -> bool {
+        let status = self.status.lock().unwrap_or_else(poisoned);
+        status
+            .get(&(tenant.to_string(), id.to_string()))
+            .and_then(|s| s.cooling_until)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records a request's outcome; a failure starts the cooldown.
+    pub fn record_outcome(
+        &self,
+        tenant: &str,
+        id: &str,
+        error: Option<String>,
+        cooldown: Duration,
+    ) {
+        let mut status = self.status.lock().unwrap_or_else(poisoned);
+        let s = status
+            .entry((tenant.to_string(), id.to_string()))
+            .or_default();
+        let now = now_micros();
+        s.times_sent += 1;
+        match error {
+            None => {
+                s.last_success = Some(now);
+                s.cooling_until = None;
+            }
+            Some(e) => {
+                s.times_failed += 1;
+                s.last_failure = Some(now);
+                s.last_error = Some(e);
+                s.cooling_until = Some(Instant::now() + cooldown);
+            }
+        }
+    }
+
+    /// Turns the last request's success into a failure: the source answered,
+    /// but not with what it should have.
+    pub fn mark_failed(&self, tenant: &str, id: &str, error: String, cooldown: Duration) {
+        let mut status = self.status.lock().unwrap_or_else(poisoned);
+        let s = status
+            .entry((tenant.to_string(), id.to_string()))
+            .or_default();
+        let now = now_micros();
+        s.times_failed += 1;
+        s.last_failure = Some(now);
+        s.last_error = Some(error);
+        s.cooling_until = Some(Instant::now() + cooldown);
+    }
+
+    async fn persist(
+        &self,
+        kind: RecordKind,
+        tenant: &str,
+        id: &str,
+        value: Option<Vec<u8>>,
+    ) -> ApiResult<()> {
+        let Some(store) = self.records.clone() else {
+            return Ok(());
+        };
+        let change = RecordChange {
+            kind,
+            tenant: tenant.to_string(),
+            key: id.to_string(),
+            value,
+        };
+        tokio::task::spawn_blocking(move || store.write_records(&[change]))
+            .await
+            .map_err(|e| StoreError::Io(format!("a registry write failed: {e}")))??;
+        Ok(())
+    }
+
+    fn subscriptions_of(&self, tenant: &str) -> Vec<(String, Arc<RegistrationSubscription>)> {
+        let subs = self.subscriptions.read().unwrap_or_else(poisoned);
+        subs.range((tenant.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == tenant)
+            .map(|((_, id), s)| (id.clone(), s.clone()))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Registrations
+
+fn bad(detail: impl Into<String>) -> NgsiError {
+    NgsiError::bad_data(detail.into())
+}
+
+async fn context_record(
+    state: &AppState,
+    actx: &ActiveContext,
+) -> ApiResult<(Value, Vec<Map<String, Value>>)> {
+    let value = actx.source.as_value();
+    let objects = state.contexts.objects(&value).await?;
+    Ok((value, objects))
+}
+
+/// Refuses an endpoint the operator has not allowed: Borough forwards only
+/// to the hosts of its outbound allowlist.
+async fn check_source_endpoint(state: &AppState, uri: &str) -> ApiResult<()> {
+    match state.config.outbound.check_url(uri).await {
+        Err(e) if e.is_refusal() => {
+            Err(bad(format!("endpoint: {e}; the operator's --allow-outbound list decides which sources Borough may forward to")).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The exclusive registration `reg` would overlap, as a 409 problem.
+fn check_conflicts(state: &AppState, tenant: &str, reg: &CompiledRegistration) -> ApiResult<()> {
+    for other in state.sources.of_tenant(tenant) {
+        if other.id() == reg.id() {
+            continue;
+        }
+        if let Some((entity, attr)) = reg.conflicts_with(&other) {
+            return Err(NgsiError::new(
+                ProblemKind::Conflict,
+                format!(
+                    "attribute '{}' of entity '{entity}' is already registered exclusively by '{}'",
+                    reg.ctx.compact(&attr),
+                    other.id()
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// `POST /csourceRegistrations`
+pub async fn create(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let Value::Object(mut body) = v else {
+        return Err(bad("a registration must be a JSON object").into());
+    };
+    let now = now_micros();
+    let id = match body.remove("id") {
+        Some(Value::String(id)) => {
+            check_uri("registration id", &id)?;
+            id
+        }
+        Some(_) => return Err(bad("registration id must be a string").into()),
+        None => format!(
+            "urn:ngsi-ld:ContextSourceRegistration:{:x}{:04x}",
+            now,
+            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
+        ),
+    };
+    let (context, context_objects) = context_record(&state, &actx).await?;
+    let record = RegistrationRecord {
+        id: id.clone(),
+        body,
+        context,
+        context_objects,
+        created_at: now,
+        modified_at: now,
+    };
+    let compiled = CompiledRegistration::compile(record.clone(), now, true)?;
+    check_source_endpoint(&state, &compiled.endpoint).await?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    if state.sources.get(&tenant, &id).is_some() {
+        return Err(NgsiError::new(
+            ProblemKind::AlreadyExists,
+            format!("registration '{id}' already exists"),
+        )
+        .into());
+    }
+    if state.sources.of_tenant(&tenant).len() >= MAX_PER_TENANT {
+        return Err(NgsiError::new(
+            ProblemKind::QuotaExceeded,
+            format!("a tenant may hold at most {MAX_PER_TENANT} registrations"),
+        )
+        .into());
+    }
+    check_conflicts(&state, &tenant, &compiled)?;
+    let bytes = serde_json::to_vec(&record)
+        .map_err(|e| NgsiError::internal(format!("cannot store the registration: {e}")))?;
+    state
+        .sources
+        .persist(RecordKind::Registration, &tenant, &id, Some(bytes))
+        .await?;
+    let compiled = Arc::new(compiled);
+    state
+        .sources
+        .registrations
+        .write()
+        .unwrap_or_else(poisoned)
+        .insert((tenant.clone(), id.clone()), compiled.clone());
+    notify_change(&state, &tenant, None, Some(&compiled));
+    let mut resp = StatusCode::CREATED.into_response();
+    if let Ok(l) = HeaderValue::from_str(&format!(
+        "/ngsi-ld/v1/csourceRegistrations/{}",
+        encode_path_segment(&id)
+    )) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(with_tenant(resp, &tenant))
+}
+
+/// A registration as clients read it: what they wrote, with the broker's
+/// members (clause 5.2.9), and `@context` in JSON-LD.
+pub fn render(
+    reg: &CompiledRegistration,
+    status: &SourceStatus,
+    ld: bool,
+    sys_attrs: bool,
+) -> Value {
+    let mut out = Map::new();
+    out.insert("id".into(), json!(reg.record.id));
+    out.insert("type".into(), json!("ContextSourceRegistration"));
+    for (k, v) in &reg.record.body {
+        if k != "type" {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    if status.times_sent > 0 {
+        let failing = status.last_failure > status.last_success;
+        out.insert(
+            "status".into(),
+            json!(if failing { "failed" } else { "ok" }),
+        );
+        out.insert("timesSent".into(), json!(status.times_sent));
+        out.insert("timesFailed".into(), json!(status.times_failed));
+        if let Some(t) = status.last_success {
+            out.insert("lastSuccess".into(), json!(format_datetime(t)));
+        }
+        if let Some(t) = status.last_failure {
+            out.insert("lastFailure".into(), json!(format_datetime(t)));
+        }
+    }
+    if sys_attrs {
+        out.insert(
+            "createdAt".into(),
+            json!(format_datetime(reg.record.created_at)),
+        );
+        out.insert(
+            "modifiedAt".into(),
+            json!(format_datetime(reg.record.modified_at)),
+        );
+    }
+    if ld {
+        out.insert("@context".into(), reg.record.context.clone());
+    }
+    Value::Object(out)
+}
+
+/// An answer about registrations, with the context in a `Link` header for JSON.
+fn respond(rt: ResponseType, body: &Value, tenant: &str, context: &Value) -> Response {
+    if rt == ResponseType::LdJson {
+        return with_tenant(
+            typed_json_response(StatusCode::OK, body, "application/ld+json"),
+            tenant,
+        );
+    }
+    let mut resp = typed_json_response(StatusCode::OK, body, "application/json");
+    let url = match context {
+        Value::String(u) => u.as_str(),
+        _ => borough_core::context::CORE_CONTEXT_URL,
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "<{url}>; rel=\"{}\"; type=\"application/ld+json\"",
+        crate::request::JSONLD_CONTEXT_REL
+    )) {
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    with_tenant(resp, tenant)
+}
+
+/// The selection of `GET /csourceRegistrations` (clause 5.10.2).
+struct RegistrationFilter {
+    ids: Vec<String>,
+    types: Option<borough_core::query::TypeExpr>,
+    id_pattern: Option<regex::Regex>,
+    attrs: Vec<String>,
+    /// `q` and `csf` on the registration's own members, and the geo-query
+    /// on its location.
+    members: EntityQuery,
+    time: Option<(String, borough_core::temporal::TimeRange)>,
+}
+
+impl RegistrationFilter {
+    fn parse(params: &HashMap<String, String>, actx: &ActiveContext) -> NgsiResult<Self> {
+        let ids: Vec<String> = list_param(params.get("id").map(String::as_str))
+            .into_iter()
+            .map(|id| check_uri("id", id).map(|()| id.to_string()))
+            .collect::<NgsiResult<_>>()?;
+        let types = params
+            .get("type")
+            .map(|t| parse_type_expr(t, &actx.ctx))
+            .transpose()?;
+        let id_pattern = params
+            .get("idPattern")
+            .map(|p| compile_id_pattern(p))
+            .transpose()?;
+        let attrs = list_param(params.get("attrs").map(String::as_str))
+            .into_iter()
+            .map(|a| {
+                borough_core::validate::check_name("attribute name", a)?;
+                Ok(actx.ctx.expand(a).into_owned())
+            })
+            .collect::<NgsiResult<_>>()?;
+        let mut members = EntityQuery::default();
+        let q = match (params.get("q"), params.get("csf")) {
+            (Some(q), Some(csf)) => Some(format!("({q});({csf})")),
+            (Some(q), None) => Some(q.clone()),
+            (None, Some(csf)) => Some(csf.clone()),
+            (None, None) => None,
+        };
+        if let Some(q) = q {
+            members.q = Some(parse_q(&q, &actx.ctx)?);
+        }
+        if crate::query::GEO_PARAMS
+            .iter()
+            .any(|p| params.contains_key(*p))
+        {
+            let get = |k: &str| params.get(k).map(String::as_str);
+            members.geo = Some(borough_core::query::geo::parse_geo_query(
+                get("georel"),
+                get("geometry"),
+                get("coordinates"),
+                Some(get("geoproperty").unwrap_or("location")),
+                &actx.ctx,
+            )?);
+        }
+        let time = match params.get("timerel") {
+            None => None,
+            Some(_) => {
+                let window = borough_core::temporal::TimeRange::parse(
+                    params.get("timerel").map(String::as_str),
+                    params.get("timeAt").map(String::as_str),
+                    params.get("endTimeAt").map(String::as_str),
+                )?;
+                // observedAt reads the observation interval; the system
+                // times read the management interval (clause 5.12).
+                let property = match params.get("timeproperty").map(String::as_str) {
+                    None | Some("observedAt") => "observationInterval",
+                    Some("createdAt" | "modifiedAt" | "deletedAt") => "managementInterval",
+                    Some(other) => {
+                        return Err(bad(format!(
+                            "timeproperty '{other}' is not one of observedAt, createdAt, modifiedAt, deletedAt"
+                        )));
+                    }
+                };
+                Some((property.to_string(), window))
+            }
+        };
+        Ok(Self {
+            ids,
+            types,
+            id_pattern,
+            attrs,
+            members,
+            time,
+        })
+    }
+
+    fn matches(&self, reg: &CompiledRegistration) -> bool {
+        if !reg.concerns(
+            &self.ids,
+            self.types.as_ref(),
+            self.id_pattern.as_ref(),
+            &self.attrs,
+        ) {
+            return false;
+        }
+        if (self.members.q.is_some() || self.members.geo.is_some())
+            && !self.members.matches(&reg.as_entity())
+        {
+            return false;
+        }
+        if let Some((property, window)) = &self.time {
+            let Some(interval) = reg.record.body.get(property) else {
+                return false;
+            };
+            let at = |k: &str| {
+                interval
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .and_then(borough_core::validate::parse_datetime)
+            };
+            let start = at("startAt").unwrap_or(i64::MIN);
+            let end = at("endAt").unwrap_or(i64::MAX);
+            if !window.overlaps(start, end) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// `GET /csourceRegistrations`
+pub async fn list(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = existing_or_registered(&state, &headers)?;
+    let actx = state
+        .contexts
+        .for_link(link_context(&headers)?.as_deref())
+        .await?;
+    let page = paging(&params)?;
+    let sys_attrs = options(&params, &["sysAttrs"])?
+        .iter()
+        .any(|o| o == "sysAttrs");
+    // Clause 5.10.2.4: a query of registrations names what it looks for.
+    if !["id", "type", "idPattern", "attrs", "q", "csf", "georel"]
+        .iter()
+        .any(|p| params.contains_key(*p))
+    {
+        return Err(bad(
+            "the query is too broad: give at least one of type, attrs, q, csf, georel, id or idPattern",
+        )
+        .into());
+    }
+    let filter = RegistrationFilter::parse(&params, &actx)?;
+    let matching: Vec<_> = state
+        .sources
+        .of_tenant(&tenant)
+        .into_iter()
+        .filter(|r| filter.matches(r))
+        .collect();
+    let body: Vec<Value> = matching
+        .iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .map(|r| {
+            render(
+                r,
+                &state.sources.status(&tenant, r.id()),
+                rt == ResponseType::LdJson,
+                sys_attrs,
+            )
+        })
+        .collect();
+    let resp = respond(rt, &Value::Array(body), &tenant, &actx.source.as_value());
+    let result = borough_store::QueryPage {
+        entities: Vec::new(),
+        total: page.count.then_some(matching.len()),
+    };
+    let has_next = matching.len() > page.offset.saturating_add(page.limit);
+    Ok(crate::query::paged(resp, &result, has_next, page, &uri))
+}
+
+/// Reads of registrations address a tenant that exists, or one that holds
+/// registrations only (an agent may register before any entity is written).
+fn existing_or_registered(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let t = tenant(headers)?;
+    if state.sources.has_any(&t) {
+        return Ok(t);
+    }
+    existing_tenant(state, headers)
+}
+
+fn find(state: &AppState, tenant: &str, id: &str) -> ApiResult<Arc<CompiledRegistration>> {
+    check_uri("registration id", id)?;
+    state
+        .sources
+        .get(tenant, id)
+        .ok_or_else(|| NgsiError::not_found(format!("registration '{id}' does not exist")).into())
+}
+
+/// `GET /csourceRegistrations/{id}`
+pub async fn retrieve(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = existing_or_registered(&state, &headers)?;
+    let sys_attrs = options(&params, &["sysAttrs"])?
+        .iter()
+        .any(|o| o == "sysAttrs");
+    let reg = find(&state, &tenant, &id)?;
+    let body = render(
+        &reg,
+        &state.sources.status(&tenant, &id),
+        rt == ResponseType::LdJson,
+        sys_attrs,
+    );
+    Ok(respond(rt, &body, &tenant, &reg.record.context))
+}
+
+/// `PATCH /csourceRegistrations/{id}`: the given members replace theirs
+/// (clause 5.9.3); `null` removes one.
+pub async fn update(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = existing_or_registered(&state, &headers)?;
+    find(&state, &tenant, &id)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
+    let Value::Object(patch) = v else {
+        return Err(bad("a registration update must be a JSON object").into());
+    };
+    if patch.is_empty() {
+        return Err(bad("the update names no member").into());
+    }
+    let _one_at_a_time = state.sources.writes.lock().await;
+    let old = find(&state, &tenant, &id)?;
+    let mut record = old.record.clone();
+    for (k, v) in patch {
+        match k.as_str() {
+            "id" if v != json!(id) => {
+                return Err(bad("a registration's id cannot change").into());
+            }
+            "type" if v != json!("ContextSourceRegistration") => {
+                return Err(bad("a registration's type cannot change").into());
+            }
+            "id" | "type" => {}
+            _ if v.is_null() => {
+                record.body.remove(&k);
+            }
+            _ => {
+                record.body.insert(k, v);
+            }
+        }
+    }
+    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
+        let (context, objects) = context_record(&state, &actx).await?;
+        record.context = context;
+        record.context_objects = objects;
+    }
+    let now = now_micros().max(record.modified_at + 1);
+    record.modified_at = now;
+    let compiled = CompiledRegistration::compile(record.clone(), now, true)?;
+    check_source_endpoint(&state, &compiled.endpoint).await?;
+    check_conflicts(&state, &tenant, &compiled)?;
+    let bytes = serde_json::to_vec(&record)
+        .map_err(|e| NgsiError::internal(format!("cannot store the registration: {e}")))?;
+    state
+        .sources
+        .persist(RecordKind::Registration, &tenant, &id, Some(bytes))
+        .await?;
+    let compiled = Arc::new(compiled);
+    state
+        .sources
+        .registrations
+        .write()
+        .unwrap_or_else(poisoned)
+        .insert((tenant.clone(), id.clone()), compiled.clone());
+    notify_change(&state, &tenant, Some(&old), Some(&compiled));
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// `DELETE /csourceRegistrations/{id}`
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = existing_or_registered(&state, &headers)?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    let old = find(&state, &tenant, &id)?;
+    state
+        .sources
+        .persist(RecordKind::Registration, &tenant, &id, None)
+        .await?;
+    let key = (tenant.clone(), id.clone());
+    state
+        .sources
+        .registrations
+        .write()
+        .unwrap_or_else(poisoned)
+        .remove(&key);
+    state
+        .sources
+        .status
+        .lock()
+        .unwrap_or_else(poisoned)
+        .remove(&key);
+    notify_change(&state, &tenant, Some(&old), None);
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+// ---------------------------------------------------------------------------
+// Subscriptions to registrations (clause 5.11)
+
+/// Whether a subscription to registrations selects `reg` (clause 5.11.6).
+fn selects(sub: &CompiledSubscription, reg: &CompiledRegistration) -> bool {
+    let query = &sub.query;
+    let entities_ok = query.selectors.is_empty()
+        || query.selectors.iter().any(|s| {
+            reg.information.iter().any(|info| {
+                info.entities.is_empty()
+                    || info.entities.iter().any(|e| {
+                        s.types.as_ref().is_none_or(|t| {
+                            e.types
+                                .iter()
+                                .any(|et| t.eval(&mut |name: &String| name == et))
+                        }) && match (&s.id, &e.id) {
+                            (Some(a), Some(b)) => a == b,
+                            (Some(a), None) => e.id_pattern.as_ref().is_none_or(|r| r.is_match(a)),
+                            (None, Some(b)) => s.id_pattern.as_ref().is_none_or(|r| r.is_match(b)),
+                            (None, None) => true,
+                        }
+                    })
+            })
+        });
+    let watched_ok = sub.watched.is_empty()
+        || reg
+            .information
+            .iter()
+            .any(|info| sub.watched.iter().any(|w| info.covers_attribute(w)));
+    let members_ok =
+        (query.q.is_none() && query.geo.is_none()) || query.content_matches(&reg.as_entity());
+    entities_ok && watched_ok && members_ok
+}
+
+/// Sends the notifications a registration change owes (clause 5.11.6):
+/// `newlyMatching`, `updated` or `noLongerMatching`. Delivery runs in the
+/// background; the change is already answered.
+fn notify_change(
+    state: &SharedState,
+    tenant: &str,
+    before: Option<&CompiledRegistration>,
+    after: Option<&CompiledRegistration>,
+) {
+    let now = now_micros();
+    for (id, sub) in state.sources.subscriptions_of(tenant) {
+        let c = &sub.compiled;
+        if !c.is_active || c.expires_at.is_some_and(|t| t <= now) {
+            continue;
+        }
+        let was = before.is_some_and(|r| selects(c, r));
+        let is = after.is_some_and(|r| selects(c, r));
+        let (reason, reg) = match (was, is, before, after) {
+            (false, true, _, Some(r)) => ("newlyMatching", r),
+            (true, true, _, Some(r)) => ("updated", r),
+            (true, false, Some(r), _) => ("noLongerMatching", r),
+            _ => continue,
+        };
+        deliver(
+            state,
+            tenant,
+            &id,
+            &sub,
+            reason,
+            vec![reg_json(state, tenant, reg, c)],
+        );
+    }
+}
+
+fn reg_json(
+    state: &AppState,
+    tenant: &str,
+    reg: &CompiledRegistration,
+    sub: &CompiledSubscription,
+) -> Value {
+    let ld = sub.endpoint.accept == "application/ld+json";
+    render(reg, &state.sources.status(tenant, reg.id()), ld, false)
+}
+
+/// Timeout of one notification delivery.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn deliver(
+    state: &SharedState,
+    tenant: &str,
+    sub_id: &str,
+    sub: &Arc<RegistrationSubscription>,
+    reason: &str,
+    data: Vec<Value>,
+) {
+    let notification = json!({
+        "id": format!("urn:ngsi-ld:Notification:{:x}{:04x}", now_micros(), NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff),
+        "type": "Notification",
+        "subscriptionId": sub_id,
+        "notifiedAt": format_datetime(now_micros()),
+        "data": data,
+        "triggerReason": reason,
+    });
+    let (state, sub, tenant) = (state.clone(), sub.clone(), tenant.to_string());
+    tokio::spawn(async move {
+        let endpoint = &sub.compiled.endpoint;
+        let ld = endpoint.accept == "application/ld+json";
+        let mut request = state
+            .federation
+            .client()
+            .post(&endpoint.uri)
+            .timeout(NOTIFY_TIMEOUT)
+            .header(
+                header::CONTENT_TYPE,
+                if ld {
+                    "application/ld+json"
+                } else {
+                    "application/json"
+                },
+            )
+            .json(&notification);
+        if !ld {
+            request = request.header(header::LINK, core_link());
+        }
+        if !tenant.is_empty() {
+            request = request.header(crate::request::TENANT_HEADER, tenant.as_str());
+        }
+        for (k, v) in &endpoint.receiver_info {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        let outcome = match state.config.outbound.check_url_literal(&endpoint.uri) {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => match request.send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("the endpoint answered {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let now = now_micros();
+        let mut stats = sub.stats.lock().unwrap_or_else(poisoned);
+        stats.times_sent += 1;
+        stats.last_notification = Some(now);
+        match outcome {
+            Ok(()) => stats.last_success = Some(now),
+            Err(e) => {
+                tracing::warn!(subscription = sub_id_of(&sub), error = %e, "a registration notification failed");
+                stats.times_failed += 1;
+                stats.last_failure = Some(now);
+                stats.last_error = Some(e);
+            }
+        }
+    });
+}
+
+fn sub_id_of(sub: &RegistrationSubscription) -> &str {
+    &sub.compiled.record.id
+}
+
+fn core_link() -> String {
+    format!(
+        "<{}>; rel=\"{}\"; type=\"application/ld+json\"",
+        borough_core::context::CORE_CONTEXT_URL,
+        crate::request::JSONLD_CONTEXT_REL
+    )
+}
+
+/// Validates a subscription to registrations: a subscription body whose
+/// entities and attributes select registrations, not entities.
+fn compile_subscription(record: SubscriptionRecord, now: i64) -> NgsiResult<CompiledSubscription> {
+    for k in [
+        "notificationTrigger",
+        "timeInterval",
+        "scopeQ",
+        "jsonldContext",
+        "datasetId",
+    ] {
+        if record.body.contains_key(k) {
+            return Err(bad(format!(
+                "{k} is not a member of subscriptions to registrations"
+            )));
+        }
+    }
+    CompiledSubscription::compile(record, now, true)
+}
+
+/// `POST /csourceSubscriptions`
+pub async fn subscribe(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
+    let Value::Object(mut body) = v else {
+        return Err(bad("a subscription must be a JSON object").into());
+    };
+    let now = now_micros();
+    let id = match body.remove("id") {
+        Some(Value::String(id)) => {
+            check_uri("subscription id", &id)?;
+            id
+        }
+        Some(_) => return Err(bad("subscription id must be a string").into()),
+        None => format!(
+            "urn:ngsi-ld:Subscription:{:x}{:04x}",
+            now,
+            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
+        ),
+    };
+    body.remove("status");
+    borough_core::subscription::normalize_body(&mut body);
+    let (context, context_objects) = context_record(&state, &actx).await?;
+    let record = SubscriptionRecord {
+        id: id.clone(),
+        body,
+        context,
+        context_objects,
+        notification_context_objects: None,
+        created_at: now,
+        modified_at: now,
+        stats: Default::default(),
+    };
+    let compiled = compile_subscription(record.clone(), now)?;
+    check_source_endpoint(&state, &compiled.endpoint.uri).await?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    let key = (tenant.clone(), id.clone());
+    if state
+        .sources
+        .subscriptions
+        .read()
+        .unwrap_or_else(poisoned)
+        .contains_key(&key)
+    {
+        return Err(NgsiError::new(
+            ProblemKind::AlreadyExists,
+            format!("subscription '{id}' already exists"),
+        )
+        .into());
+    }
+    if state.sources.subscriptions_of(&tenant).len() >= MAX_PER_TENANT {
+        return Err(NgsiError::new(
+            ProblemKind::QuotaExceeded,
+            format!("a tenant may hold at most {MAX_PER_TENANT} subscriptions to registrations"),
+        )
+        .into());
+    }
+    let bytes = serde_json::to_vec(&record)
+        .map_err(|e| NgsiError::internal(format!("cannot store the subscription: {e}")))?;
+    state
+        .sources
+        .persist(
+            RecordKind::RegistrationSubscription,
+            &tenant,
+            &id,
+            Some(bytes),
+        )
+        .await?;
+    let sub = Arc::new(RegistrationSubscription {
+        compiled,
+        stats: Mutex::default(),
+    });
+    state
+        .sources
+        .subscriptions
+        .write()
+        .unwrap_or_else(poisoned)
+        .insert(key, sub.clone());
+    // The registrations that match now are notified at once (clause 5.11.2).
+    let matching: Vec<Value> = state
+        .sources
+        .of_tenant(&tenant)
+        .iter()
+        .filter(|r| selects(&sub.compiled, r))
+        .map(|r| reg_json(&state, &tenant, r, &sub.compiled))
+        .collect();
+    if !matching.is_empty() && sub.compiled.is_active {
+        deliver(&state, &tenant, &id, &sub, "newlyMatching", matching);
+    }
+    let mut resp = StatusCode::CREATED.into_response();
+    if let Ok(l) = HeaderValue::from_str(&format!(
+        "/ngsi-ld/v1/csourceSubscriptions/{}",
+        encode_path_segment(&id)
+    )) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(with_tenant(resp, &tenant))
+}
+
+fn find_subscription(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<Arc<RegistrationSubscription>> {
+    check_uri("subscription id", id)?;
+    state
+        .sources
+        .subscriptions
+        .read()
+        .unwrap_or_else(poisoned)
+        .get(&(tenant.to_string(), id.to_string()))
+        .cloned()
+        .ok_or_else(|| NgsiError::not_found(format!("subscription '{id}' does not exist")).into())
+}
+
+fn render_subscription(sub: &RegistrationSubscription, rt: ResponseType) -> Value {
+    let stats = sub.stats.lock().unwrap_or_else(poisoned).clone();
+    sub.compiled
+        .to_json(now_micros(), rt == ResponseType::LdJson, &stats)
+}
+
+/// `GET /csourceSubscriptions`
+pub async fn subscriptions(
+    State(state): State<SharedState>,
+    Query(params): Params,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = tenant(&headers)?;
+    let page = paging(&params)?;
+    let subs = state.sources.subscriptions_of(&tenant);
+    let body: Vec<Value> = subs
+        .iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .map(|(_, s)| render_subscription(s, rt))
+        .collect();
+    let resp = respond(rt, &Value::Array(body), &tenant, &Value::Null);
+    let result = borough_store::QueryPage {
+        entities: Vec::new(),
+        total: page.count.then_some(subs.len()),
+    };
+    let has_next = subs.len() > page.offset.saturating_add(page.limit);
+    Ok(crate::query::paged(resp, &result, has_next, page, &uri))
+}
+
+/// `GET /csourceSubscriptions/{id}`
+pub async fn subscription(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let rt = negotiate(&headers, false)?;
+    let tenant = tenant(&headers)?;
+    let sub = find_subscription(&state, &tenant, &id)?;
+    Ok(respond(
+        rt,
+        &render_subscription(&sub, rt),
+        &tenant,
+        &sub.compiled.record.context,
+    ))
+}
+
+/// `PATCH /csourceSubscriptions/{id}`
+pub async fn update_subscription(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    find_subscription(&state, &tenant, &id)?;
+    let (v, actx) =
+        body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
+    let Value::Object(mut patch) = v else {
+        return Err(bad("a subscription update must be a JSON object").into());
+    };
+    borough_core::subscription::normalize_body(&mut patch);
+    let _one_at_a_time = state.sources.writes.lock().await;
+    let old = find_subscription(&state, &tenant, &id)?;
+    let mut record = old.compiled.record.clone();
+    for (k, v) in patch {
+        match k.as_str() {
+            "id" if v != json!(id) => {
+                return Err(bad("a subscription's id cannot change").into());
+            }
+            "id" | "status" => {}
+            _ if v.is_null() => {
+                record.body.remove(&k);
+            }
+            _ => {
+                record.body.insert(k, v);
+            }
+        }
+    }
+    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
+        let (context, objects) = context_record(&state, &actx).await?;
+        record.context = context;
+        record.context_objects = objects;
+    }
+    let now = now_micros().max(record.modified_at + 1);
+    record.modified_at = now;
+    let compiled = compile_subscription(record.clone(), now)?;
+    check_source_endpoint(&state, &compiled.endpoint.uri).await?;
+    let bytes = serde_json::to_vec(&record)
+        .map_err(|e| NgsiError::internal(format!("cannot store the subscription: {e}")))?;
+    state
+        .sources
+        .persist(
+            RecordKind::RegistrationSubscription,
+            &tenant,
+            &id,
+            Some(bytes),
+        )
+        .await?;
+    let stats = old.stats.lock().unwrap_or_else(poisoned).clone();
+    state
+        .sources
+        .subscriptions
+        .write()
+        .unwrap_or_else(poisoned)
+        .insert(
+            (tenant.clone(), id),
+            Arc::new(RegistrationSubscription {
+                compiled,
+                stats: Mutex::new(stats),
+            }),
+        );
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// `DELETE /csourceSubscriptions/{id}`
+pub async fn delete_subscription(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = tenant(&headers)?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    find_subscription(&state, &tenant, &id)?;
+    state
+        .sources
+        .persist(RecordKind::RegistrationSubscription, &tenant, &id, None)
+        .await?;
+    state
+        .sources
+        .subscriptions
+        .write()
+        .unwrap_or_else(poisoned)
+        .remove(&(tenant.clone(), id));
+    Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// Registrations of a tenant that an operation on one entity concerns, in
+/// the order the spec merges them: exclusive and redirect first, then
+/// inclusive, then auxiliary.
+pub fn for_entity(
+    state: &AppState,
+    tenant: &str,
+    operation: &str,
+    id: &str,
+    types: Option<&[String]>,
+    wanted: Option<&[String]>,
+) -> Vec<(
+    Arc<CompiledRegistration>,
+    borough_core::registration::Supplied,
+)> {
+    if !state.sources.has_any(tenant) {
+        return Vec::new();
+    }
+    let mut out: Vec<_> = state
+        .sources
+        .of_tenant(tenant)
+        .into_iter()
+        .filter(|r| r.allows(operation))
+        .filter_map(|r| r.supplies(id, types, wanted).map(|s| (r, s)))
+        .collect();
+    out.sort_by_key(|(r, _)| mode_rank(r.mode));
+    out
+}
+
+pub fn mode_rank(mode: Mode) -> u8 {
+    match mode {
+        Mode::Exclusive | Mode::Redirect => 0,
+        Mode::Inclusive => 1,
+        Mode::Auxiliary => 2,
+    }
+}

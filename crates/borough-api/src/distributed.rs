@@ -1,0 +1,348 @@
+//! Distributed changes (clauses 5.6.x.4): a change of an entity's attributes
+//! is split between the context sources registered for them and the local
+//! store. Exclusive and redirect sources take the attributes they hold (and
+//! nothing of them is written locally), inclusive sources get what is left
+//! as well as the local store, auxiliary sources are never written to.
+
+use crate::entities::with_tenant;
+use crate::federation::{self, Forward, SourceFailure};
+use crate::problem::ApiResult;
+use crate::request::encode_path_segment;
+use crate::typed_json_response;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use borough_core::registration::{CompiledRegistration, Mode, Supplied};
+use borough_core::{NgsiError, ProblemKind};
+use futures_util::future::join_all;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+
+/// Who takes which attributes of one change.
+#[derive(Default)]
+pub struct Split {
+    /// Exclusive and redirect sources, with the (expanded) names each takes.
+    pub proxied: Vec<(Arc<CompiledRegistration>, Vec<String>)>,
+    /// Inclusive sources, with the names each gets besides the local store.
+    pub inclusive: Vec<(Arc<CompiledRegistration>, Vec<String>)>,
+    /// Names the local store writes.
+    pub local: Vec<String>,
+    /// Names held by an exclusive or redirect source that does not take
+    /// this operation: nobody may change them here (Conflict).
+    pub conflicts: Vec<(String, String)>,
+}
+
+impl Split {
+    pub fn involves_sources(&self) -> bool {
+        !self.proxied.is_empty() || !self.inclusive.is_empty() || !self.conflicts.is_empty()
+    }
+}
+
+fn only(supplied: Option<Supplied>, names: &[String]) -> Vec<String> {
+    match supplied {
+        None => Vec::new(),
+        Some(Supplied::All) => names.to_vec(),
+        Some(Supplied::Only(n)) => n,
+    }
+}
+
+/// Splits a change of `names` (expanded) of entity `id` (of `types`, when
+/// it is known locally) for `operation`.
+pub fn split(
+    fwd: &Forward<'_>,
+    operation: &str,
+    id: &str,
+    types: Option<&[String]>,
+    names: &[String],
+) -> Split {
+    let mut out = Split::default();
+    let regs = fwd.state.sources.of_tenant(fwd.tenant);
+    let mut remaining: Vec<String> = names.to_vec();
+    // Exclusive first: what one holds is removed from the change.
+    for reg in regs.iter().filter(|r| r.mode == Mode::Exclusive) {
+        let taken = only(reg.supplies(id, types, Some(&remaining)), &remaining);
+        if taken.is_empty() {
+            continue;
+        }
+        remaining.retain(|n| !taken.contains(n));
+        if reg.allows(operation) {
+            out.proxied.push((reg.clone(), taken));
+        } else {
+            out.conflicts
+                .extend(taken.into_iter().map(|n| (n, reg.id().to_string())));
+        }
+    }
+    // Redirect next: every matching one gets the attributes it holds.
+    let mut redirected: Vec<String> = Vec::new();
+    for reg in regs.iter().filter(|r| r.mode == Mode::Redirect) {
+        let taken = only(reg.supplies(id, types, Some(&remaining)), &remaining);
+        if taken.is_empty() {
+            continue;
+        }
+        if reg.allows(operation) {
+            redirected.extend(taken.iter().cloned());
+            out.proxied.push((reg.clone(), taken));
+        } else {
+            out.conflicts
+                .extend(taken.iter().map(|n| (n.clone(), reg.id().to_string())));
+            redirected.extend(taken);
+        }
+    }
+    remaining.retain(|n| !redirected.contains(n));
+    for reg in regs
+        .iter()
+        .filter(|r| r.mode == Mode::Inclusive && r.allows(operation))
+    {
+        let given = only(reg.supplies(id, types, Some(&remaining)), &remaining);
+        if !given.is_empty() {
+            out.inclusive.push((reg.clone(), given));
+        }
+    }
+    out.local = remaining;
+    out
+}
+
+/// What the sources did with their part of a change.
+#[derive(Default)]
+pub struct Outcome {
+    /// Names a source took.
+    pub updated: Vec<String>,
+    /// Names a source did not take, with why.
+    pub failed: Vec<(String, SourceFailure)>,
+}
+
+/// Sends each source of `targets` its part, concurrently: `request` gives
+/// the method, path and body for a registration and the names it takes.
+pub async fn send_all<F>(
+    fwd: &Forward<'_>,
+    targets: Vec<(Arc<CompiledRegistration>, Vec<String>)>,
+    request: F,
+) -> Outcome
+where
+    F: Fn(&CompiledRegistration, &[String]) -> (Method, String, Option<Value>),
+{
+    let sends = targets.into_iter().map(|(reg, names)| {
+        let (method, path, body) = request(&reg, &names);
+        async move {
+            let result = federation::change(fwd, &reg, method, &path, body).await;
+            (names, result)
+        }
+    });
+    let mut out = Outcome::default();
+    for (names, result) in join_all(sends).await {
+        match result {
+            Ok(()) => out.updated.extend(names),
+            Err(f) => out.failed.extend(names.into_iter().map(|n| (n, f.clone()))),
+        }
+    }
+    out
+}
+
+/// The part of a fragment (compact keys as the client wrote them) that a
+/// source takes, keyed by the names the source reads.
+pub fn fragment_for(
+    fwd: &Forward<'_>,
+    reg: &CompiledRegistration,
+    fragment: &Map<String, Value>,
+    names: &[String],
+) -> Value {
+    let ctx = fwd.names(reg);
+    let mut out = Map::new();
+    for (key, value) in fragment {
+        let expanded = fwd.actx.ctx.expand(key);
+        if names.iter().any(|n| *n == *expanded) {
+            out.insert(ctx.compact(&expanded).into_owned(), value.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// The path of one entity (and below) at a source.
+pub fn entity_path(id: &str, rest: &str) -> String {
+    format!("/entities/{}{rest}", encode_path_segment(id))
+}
+
+/// The problem for a change only a source could make, and did not: 504
+/// when it did not answer in time, 502 otherwise (clause 6.3.17).
+pub fn source_problem(f: &SourceFailure) -> NgsiError {
+    let kind = if f.detail.contains("timeout") || f.detail.contains("cooling down") {
+        ProblemKind::GatewayTimeout
+    } else {
+        ProblemKind::BadGateway
+    };
+    NgsiError::new(
+        kind,
+        format!(
+            "the context source registered for this ({} at {}) failed: {}",
+            f.registration, f.endpoint, f.detail
+        ),
+    )
+}
+
+/// The problem for names nobody may change through this operation.
+pub fn conflict_problem(fwd: &Forward<'_>, conflicts: &[(String, String)]) -> NgsiError {
+    let (name, reg) = &conflicts[0];
+    NgsiError::new(
+        ProblemKind::Conflict,
+        format!(
+            "attribute '{}' is held by context source registration '{reg}', which does not take this operation",
+            fwd.actx.ctx.compact(name)
+        ),
+    )
+}
+
+/// The problem for a change that would come back here.
+pub fn loop_problem() -> NgsiError {
+    NgsiError::new(
+        ProblemKind::LoopDetected,
+        "this request has already passed through this broker (Via): forwarding it again would loop",
+    )
+}
+
+/// The answer to a distributed change of attributes: 204 when everything
+/// was taken, 207 with an UpdateResult naming each attribute not updated and
+/// the registration that failed it (clause 6.3.17).
+pub fn update_result(
+    fwd: &Forward<'_>,
+    updated: Vec<String>,
+    not_updated: Vec<(String, String, Option<String>)>,
+) -> Response {
+    if not_updated.is_empty() {
+        return with_tenant(StatusCode::NO_CONTENT.into_response(), fwd.tenant);
+    }
+    let body = json!({
+        "updated": updated.iter().map(|n| fwd.actx.ctx.compact(n).into_owned()).collect::<Vec<_>>(),
+        "notUpdated": not_updated.iter().map(|(name, reason, reg)| {
+            let mut item = json!({
+                "attributeName": fwd.actx.ctx.compact(name),
+                "reason": reason,
+            });
+            if let Some(r) = reg {
+                item["registrationId"] = json!(r);
+            }
+            item
+        }).collect::<Vec<_>>(),
+    });
+    with_tenant(
+        typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"),
+        fwd.tenant,
+    )
+}
+
+/// Collects a split change's results into an UpdateResult's two lists.
+pub fn tally(
+    split: &Split,
+    sources: Outcome,
+    local: Option<(Vec<String>, Vec<(String, String)>)>,
+) -> (Vec<String>, Vec<(String, String, Option<String>)>) {
+    let mut updated = sources.updated;
+    let mut not_updated: Vec<(String, String, Option<String>)> = sources
+        .failed
+        .into_iter()
+        .map(|(n, f)| (n, f.detail, Some(f.registration)))
+        .collect();
+    for (n, reg) in &split.conflicts {
+        not_updated.push((
+            n.clone(),
+            "the registered context source does not take this operation".into(),
+            Some(reg.clone()),
+        ));
+    }
+    if let Some((ok, failed)) = local {
+        updated.extend(ok);
+        not_updated.extend(failed.into_iter().map(|(n, r)| (n, r, None)));
+    }
+    // An inclusive source's failure does not undo the local write of a name.
+    not_updated.retain(|(n, _, reg)| reg.is_none() || !updated.contains(n));
+    updated.sort();
+    updated.dedup();
+    (updated, not_updated)
+}
+
+/// A single-attribute change (updateAttrs, replaceAttrs, deleteAttrs) that
+/// concerns sources: forwards it, and says whether the local store should
+/// still write it.
+pub async fn attribute_change(
+    fwd: &Forward<'_>,
+    operation: &str,
+    id: &str,
+    attr: &str,
+    method: Method,
+    query: &str,
+    body: Option<Value>,
+) -> ApiResult<Option<(Split, Outcome)>> {
+    let types = fwd.state.store.get(fwd.tenant, id).map(|e| e.types.clone());
+    let split = split(fwd, operation, id, types.as_deref(), &[attr.to_string()]);
+    if !split.involves_sources() {
+        return Ok(None);
+    }
+    if !split.conflicts.is_empty() {
+        return Err(conflict_problem(fwd, &split.conflicts).into());
+    }
+    let targets: Vec<_> = split
+        .proxied
+        .iter()
+        .chain(&split.inclusive)
+        .cloned()
+        .collect();
+    let outcome = send_all(fwd, targets, |reg, _| {
+        let name = fwd.names(reg).compact(attr).into_owned();
+        let path = entity_path(id, &format!("/attrs/{}{query}", encode_path_segment(&name)));
+        (method.clone(), path, body.clone())
+    })
+    .await;
+    if !split.proxied.is_empty() && split.local.is_empty() && outcome.updated.is_empty() {
+        if let Some((_, f)) = outcome.failed.first() {
+            return Err(source_problem(f).into());
+        }
+    }
+    Ok(Some((split, outcome)))
+}
+
+/// Sends a deletion of an entity to every source registered for it that
+/// takes deletions: how many did, and the failures.
+pub async fn delete_entity(fwd: &Forward<'_>, id: &str) -> Option<(usize, Vec<SourceFailure>)> {
+    let types = fwd.state.store.get(fwd.tenant, id).map(|e| e.types.clone());
+    let regs: Vec<_> = fwd
+        .state
+        .sources
+        .of_tenant(fwd.tenant)
+        .into_iter()
+        .filter(|r| r.mode != Mode::Auxiliary && r.allows("deleteEntity"))
+        .filter(|r| r.supplies(id, types.as_deref(), None).is_some())
+        .collect();
+    if regs.is_empty() {
+        return None;
+    }
+    let path = entity_path(id, "");
+    let sends = regs
+        .iter()
+        .map(|reg| federation::change(fwd, reg, Method::DELETE, &path, None));
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for r in join_all(sends).await {
+        match r {
+            Ok(()) => ok += 1,
+            // A source that never had the entity has nothing to delete.
+            Err(f) if f.detail.starts_with("the source answered 404") => {}
+            Err(f) => failed.push(f),
+        }
+    }
+    Some((ok, failed))
+}
+
+/// A BatchOperationResult (clause 5.2.16) for a change of one entity that
+/// some sources failed: 207.
+pub fn batch_result(fwd: &Forward<'_>, id: &str, done: bool, failed: &[SourceFailure]) -> Response {
+    let body = json!({
+        "success": if done { vec![id] } else { Vec::new() },
+        "errors": failed.iter().map(|f| json!({
+            "entityId": id,
+            "registrationId": f.registration,
+            "error": source_problem(f).to_problem(),
+        })).collect::<Vec<_>>(),
+    });
+    with_tenant(
+        typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"),
+        fwd.tenant,
+    )
+}
