@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Interoperability tests: a real `borough serve` driven by two third-party
-# NGSI-LD clients, Orange's ngsildclient (Python, clients/python) and ngsijs
-# (Node.js, clients/js).
+# Interoperability tests: a real `borough serve` driven by third-party
+# NGSI-LD software: Orange's ngsildclient (Python, clients/python), ngsijs
+# (Node.js, clients/js), and FIWARE's IoT Agent library (clients/iotagent),
+# which registers its devices' commands on Borough and receives them through
+# the local Mosquitto (127.0.0.1:1883).
 #
 # Installs what it needs when missing or changed: a Python venv in
 # target/client-venv with the pinned packages below, and clients/js's npm
@@ -33,11 +35,14 @@ fi
 
 # --- npm packages -----------------------------------------------------------
 JS="$ROOT/clients/js"
-if ! cmp -s "$JS/package-lock.json" "$JS/node_modules/.borough-lock" 2>/dev/null; then
-  log "npm ci (clients/js)"
-  (cd "$JS" && npm ci --no-audit --no-fund)
-  cp "$JS/package-lock.json" "$JS/node_modules/.borough-lock"
-fi
+IOTA="$ROOT/clients/iotagent"
+for dir in "$JS" "$IOTA"; do
+  if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.borough-lock" 2>/dev/null; then
+    log "npm ci ($dir)"
+    (cd "$dir" && npm ci --no-audit --no-fund)
+    cp "$dir/package-lock.json" "$dir/node_modules/.borough-lock"
+  fi
+done
 
 # --- the server -------------------------------------------------------------
 # The binary may be replaced by a build in progress: give it a moment.
@@ -124,7 +129,11 @@ log "ngsijs (node --test clients/js)"
 js_rc=0
 (cd "$JS" && node --test ngsijs.test.mjs) || js_rc=$?
 
-log "client suites: ngsildclient exit $py_rc, ngsijs exit $js_rc (server log: $SERVER_LOG)"
-if [ "$py_rc" -ne 0 ] || [ "$js_rc" -ne 0 ]; then
+log "FIWARE IoT Agent library (node --test clients/iotagent)"
+iota_rc=0
+(cd "$IOTA" && node --test iotagent.test.mjs) || iota_rc=$?
+
+log "client suites: ngsildclient exit $py_rc, ngsijs exit $js_rc, iotagent exit $iota_rc (server log: $SERVER_LOG)"
+if [ "$py_rc" -ne 0 ] || [ "$js_rc" -ne 0 ] || [ "$iota_rc" -ne 0 ]; then
   exit 1
 fi

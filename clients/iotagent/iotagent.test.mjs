@@ -347,6 +347,13 @@ test("PATCH .../attrs/switch on Borough reaches the device over MQTT and its res
         const i = await entityAttr("switch_info");
         return { ok: s.value === "OK" && i.value === "switch on done", seen: `${s.value} / ${i.value} (${s.text})` };
     });
+
+    // The registration is exclusive: the command belongs to the agent, and
+    // Borough keeps no copy of it.
+    const local = await borough("GET", `/ngsi-ld/v1/entities/${encodeURIComponent(ENTITY)}?local=true`);
+    assert.equal(local.status, 200, local.text);
+    assert.equal(local.json.switch, undefined, `Borough stored the command itself: ${local.text}`);
+    assert.equal(local.json.switch_status?.value, "OK");
 });
 
 test("PATCH .../attrs with switch on Borough reaches the device too", { timeout: STEP_MS }, async (t) => {

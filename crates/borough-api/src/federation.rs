@@ -12,7 +12,7 @@ use crate::contexts::{ActiveContext, ContextSource};
 use crate::request::{TENANT_HEADER, encode_path_segment};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use borough_core::registration::{CompiledRegistration, Mode, Supplied};
-use borough_core::{Entity, NgsiError};
+use borough_core::Entity;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{Map, Value, json};
