@@ -174,6 +174,7 @@ pub const POLICIES: &[RoutePolicy] = &[
     ),
     // Context sources: a registration makes the broker call out, but only to
     // the hosts the operator allows (--allow-outbound).
+    p("GET", "/ngsi-ld/v1/info/sourceIdentity", READ, Header),
     p("GET", "/ngsi-ld/v1/csourceRegistrations", READ, Header),
     p("POST", "/ngsi-ld/v1/csourceRegistrations", WRITE, Header),
     p("GET", "/ngsi-ld/v1/csourceRegistrations/{id}", READ, Header),

@@ -11,8 +11,8 @@ use crate::AppState;
 use crate::contexts::{ActiveContext, ContextSource};
 use crate::request::{TENANT_HEADER, encode_path_segment};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
-use borough_core::registration::{CompiledRegistration, Mode, Supplied};
 use borough_core::Entity;
+use borough_core::registration::{CompiledRegistration, Mode, Supplied};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{Map, Value, json};
@@ -27,8 +27,10 @@ const MAX_SOURCES: usize = 64;
 /// The HTTP client and identity this broker forwards with.
 pub struct Federation {
     client: reqwest::Client,
-    /// This broker's name in `Via` headers.
+    /// This broker's name in `Via` headers (its `contextSourceAlias`).
     node: String,
+    /// When it started (microseconds), for its uptime.
+    started: i64,
     /// A source's timeout when its registration gives none.
     pub timeout: Duration,
     /// How long a failed source is skipped when its registration gives no cooldown.
@@ -45,13 +47,15 @@ impl Federation {
             .guard(reqwest::Client::builder().connect_timeout(timeout), 0)
             .build()
             .map_err(|e| format!("cannot set up the federation HTTP client: {e}"))?;
+        let started = borough_core::validate::now_micros();
         let node = format!(
             "borough-{:08x}",
-            (borough_core::validate::now_micros() as u64 ^ std::process::id() as u64) & 0xffff_ffff
+            (started as u64 ^ std::process::id() as u64) & 0xffff_ffff
         );
         Ok(Self {
             client,
             node,
+            started,
             timeout,
             cooldown,
         })
@@ -85,6 +89,25 @@ impl Federation {
         hops.push(&own);
         hops.join(", ")
     }
+}
+
+/// `GET /info/sourceIdentity` (clause 5.15): who this broker is to other
+/// brokers, the alias its `Via` entries carry included.
+pub async fn source_identity(
+    axum::extract::State(state): axum::extract::State<crate::SharedState>,
+) -> axum::response::Response {
+    let fed = &state.federation;
+    let now = borough_core::validate::now_micros();
+    let uptime_secs = (now - fed.started).max(0) / 1_000_000;
+    let body = json!({
+        "id": format!("urn:ngsi-ld:ContextSourceIdentity:{}", fed.node),
+        "type": "ContextSourceIdentity",
+        "contextSourceExtras": {"name": "Borough", "version": env!("CARGO_PKG_VERSION")},
+        "contextSourceUptime": format!("PT{uptime_secs}S"),
+        "contextSourceTimeAt": borough_core::validate::format_datetime(now),
+        "contextSourceAlias": fed.node,
+    });
+    crate::json_response(axum::http::StatusCode::OK, &body)
 }
 
 /// Where a request is answered from.

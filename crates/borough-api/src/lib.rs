@@ -234,6 +234,7 @@ pub fn router_with(
                 .patch(csource::update_subscription)
                 .delete(csource::delete_subscription),
         )
+        .route("/info/sourceIdentity", get(federation::source_identity))
         .route(
             "/jsonldContexts",
             get(context_registry::list).post(context_registry::add),

@@ -96,6 +96,7 @@ pub fn allowed(method: &Method, route: &str) -> Option<Vec<&'static [&'static st
         ("GET", "/csourceSubscriptions/{id}") => vec![&["options"]],
         (_, "/csourceRegistrations" | "/csourceRegistrations/{id}") => vec![],
         (_, "/csourceSubscriptions" | "/csourceSubscriptions/{id}") => vec![],
+        ("GET", "/info/sourceIdentity") => vec![],
         ("GET", "/jsonldContexts") => vec![&["details", "kind"]],
         ("POST", "/jsonldContexts") => vec![],
         ("GET", "/jsonldContexts/{id}") => vec![&["details"]],

@@ -89,6 +89,8 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         max_body_bytes: 1 << 20,
         max_batch_body_bytes: 16 << 20,
         context_timeout_secs: 3,
+        source_timeout_ms: 3000,
+        source_cooldown_secs: 10,
         bench_static_bytes: None,
         temporal_page_instances: borough_api::temporal::MAX_INSTANCES,
         max_pending_notices: 100_000,

@@ -29,6 +29,14 @@ pub struct ServeArgs {
     /// Seconds to wait for a remote @context before answering LdContextNotAvailable.
     #[arg(long, env = "BOROUGH_CONTEXT_TIMEOUT_SECS", default_value_t = 3)]
     pub context_timeout_secs: u64,
+    /// Milliseconds a context source may take to answer a forwarded request
+    /// when its registration sets no management.timeout.
+    #[arg(long, env = "BOROUGH_SOURCE_TIMEOUT_MS", default_value_t = 3000)]
+    pub source_timeout_ms: u64,
+    /// Seconds a context source that failed is skipped when its
+    /// registration sets no management.cooldown.
+    #[arg(long, env = "BOROUGH_SOURCE_COOLDOWN_SECS", default_value_t = 10)]
+    pub source_cooldown_secs: u64,
     /// Notifications a subscription may have pending (undelivered); further
     /// ones are dropped and counted, so a dead receiver cannot fill the disk.
     #[arg(long, env = "BOROUGH_MAX_PENDING_NOTICES", default_value_t = 100_000,
@@ -236,6 +244,8 @@ pub async fn start(
         max_body_bytes: args.max_body_bytes,
         max_batch_body_bytes: args.max_batch_body_bytes,
         context_fetch_timeout: Duration::from_secs(args.context_timeout_secs),
+        source_timeout: Duration::from_millis(args.source_timeout_ms.max(1)),
+        source_cooldown: Duration::from_secs(args.source_cooldown_secs),
         bench_static_bytes: args.bench_static_bytes,
         temporal_page_instances: args.temporal_page_instances,
         outbound: args.allow_outbound.clone(),
