@@ -5,6 +5,7 @@ mod batch;
 mod common;
 mod conformance;
 mod contexts;
+mod csource;
 mod entities;
 mod errors;
 mod geo;

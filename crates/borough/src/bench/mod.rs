@@ -9,6 +9,7 @@ mod auth;
 mod common;
 mod dashboard;
 mod entities;
+mod federation;
 mod geo;
 mod geo_pg;
 mod load;
@@ -33,7 +34,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify, temporal, dashboard, mqtt.
+    /// Scenario to run: entities, query, geo, notify, temporal, dashboard, mqtt, federation.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -75,8 +76,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "temporal" => temporal::run(&opts),
         "dashboard" => dashboard::run(&opts),
         "mqtt" => mqtt::run(&opts),
+        "federation" => federation::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard, mqtt"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard, mqtt, federation"
         )),
     }
 }
