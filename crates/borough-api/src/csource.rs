@@ -828,7 +828,9 @@ fn deliver(
 ) {
     let notification = json!({
         "id": format!("urn:ngsi-ld:Notification:{:x}{:04x}", now_micros(), NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff),
-        "type": "Notification",
+        // The core context's term (table 5.3.2-1); the OpenAPI of 1.7.1
+        // spells it CsourceNotification.
+        "type": "ContextSourceNotification",
         "subscriptionId": sub_id,
         "notifiedAt": format_datetime(now_micros()),
         "data": data,
