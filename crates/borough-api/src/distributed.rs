@@ -201,11 +201,7 @@ pub fn loop_problem() -> NgsiError {
 /// The answer to a distributed change of attributes: 204 when everything
 /// was taken, 207 with an UpdateResult naming each attribute not updated and
 /// the registration that failed it (clause 6.3.17).
-pub fn update_result(
-    fwd: &Forward<'_>,
-    updated: Vec<String>,
-    not_updated: Vec<(String, String, Option<String>)>,
-) -> Response {
+pub fn update_result(fwd: &Forward<'_>, updated: Vec<String>, not_updated: NotUpdated) -> Response {
     if not_updated.is_empty() {
         return with_tenant(StatusCode::NO_CONTENT.into_response(), fwd.tenant);
     }
@@ -228,14 +224,21 @@ pub fn update_result(
     )
 }
 
+/// What the local store did with its part: the names it updated, and those
+/// it did not with why.
+pub type LocalPart = (Vec<String>, Vec<(String, String)>);
+
+/// Attributes not updated: (name, reason, the registration that failed it).
+pub type NotUpdated = Vec<(String, String, Option<String>)>;
+
 /// Collects a split change's results into an UpdateResult's two lists.
 pub fn tally(
     split: &Split,
     sources: Outcome,
-    local: Option<(Vec<String>, Vec<(String, String)>)>,
-) -> (Vec<String>, Vec<(String, String, Option<String>)>) {
+    local: Option<LocalPart>,
+) -> (Vec<String>, NotUpdated) {
     let mut updated = sources.updated;
-    let mut not_updated: Vec<(String, String, Option<String>)> = sources
+    let mut not_updated: NotUpdated = sources
         .failed
         .into_iter()
         .map(|(n, f)| (n, f.detail, Some(f.registration)))
@@ -290,10 +293,12 @@ pub async fn attribute_change(
         (method.clone(), path, body.clone())
     })
     .await;
-    if !split.proxied.is_empty() && split.local.is_empty() && outcome.updated.is_empty() {
-        if let Some((_, f)) = outcome.failed.first() {
-            return Err(source_problem(f).into());
-        }
+    if !split.proxied.is_empty()
+        && split.local.is_empty()
+        && outcome.updated.is_empty()
+        && let Some((_, f)) = outcome.failed.first()
+    {
+        return Err(source_problem(f).into());
     }
     Ok(Some((split, outcome)))
 }

@@ -617,7 +617,6 @@ pub fn merge(local: Option<&Entity>, mut contributions: Vec<Contribution>) -> Op
             merged.attrs.retain(|k, _| !names.contains(k));
         }
     }
-    let mut filled_by_aux: Vec<String> = Vec::new();
     for c in contributions {
         for t in &c.entity.types {
             if !merged.types.contains(t) {
@@ -654,12 +653,10 @@ pub fn merge(local: Option<&Entity>, mut contributions: Vec<Contribution>) -> Op
                         }
                     }
                 },
+                // Sorted last: what anyone else supplied is already here.
                 Mode::Auxiliary => {
-                    if !merged.attrs.contains_key(&name) || filled_by_aux.contains(&name) {
-                        if !filled_by_aux.contains(&name) {
-                            filled_by_aux.push(name.clone());
-                            merged.attrs.insert(name, instances);
-                        }
+                    if !merged.attrs.contains_key(&name) {
+                        merged.attrs.insert(name, instances);
                     }
                 }
             }
