@@ -190,6 +190,10 @@ pub async fn delete_tenant(
     // The registration goes first: from now on nobody can write more data.
     a.delete_tenant(&name).await?;
     let mut summary = purge_ngsi(&state, &internal).await?;
+    let sources = state.sources.purge(&internal).await?;
+    if let Value::Object(s) = &mut summary {
+        s.insert("registrations".into(), sources.into());
+    }
     for other in &state.tenant_data {
         let part = other
             .purge(&internal)

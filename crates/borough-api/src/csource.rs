@@ -222,6 +222,68 @@ impl Registry {
         Ok(())
     }
 
+    /// Removes a tenant's registrations and subscriptions to them (the
+    /// tenant is being deleted); answers how many there were.
+    pub async fn purge(&self, tenant: &str) -> ApiResult<usize> {
+        let _one_at_a_time = self.writes.lock().await;
+        let regs: Vec<String> = self
+            .of_tenant_all(tenant)
+            .into_iter()
+            .map(|r| r.id().to_string())
+            .collect();
+        let subs: Vec<String> = self
+            .subscriptions_of(tenant)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let count = regs.len() + subs.len();
+        if let Some(store) = self.records.clone() {
+            let changes: Vec<RecordChange> = regs
+                .iter()
+                .map(|id| (RecordKind::Registration, id))
+                .chain(
+                    subs.iter()
+                        .map(|id| (RecordKind::RegistrationSubscription, id)),
+                )
+                .map(|(kind, id)| RecordChange {
+                    kind,
+                    tenant: tenant.to_string(),
+                    key: id.clone(),
+                    value: None,
+                })
+                .collect();
+            if !changes.is_empty() {
+                let written = tokio::task::spawn_blocking(move || store.write_records(&changes))
+                    .await
+                    .map_err(|e| StoreError::Io(format!("a registry write failed: {e}")))?;
+                written?;
+            }
+        }
+        let in_tenant = |k: &Key| k.0 == tenant;
+        self.registrations
+            .write()
+            .unwrap_or_else(poisoned)
+            .retain(|k, _| !in_tenant(k));
+        self.subscriptions
+            .write()
+            .unwrap_or_else(poisoned)
+            .retain(|k, _| !in_tenant(k));
+        self.status
+            .lock()
+            .unwrap_or_else(poisoned)
+            .retain(|k, _| !in_tenant(k));
+        Ok(count)
+    }
+
+    /// A tenant's registrations, expired ones included.
+    fn of_tenant_all(&self, tenant: &str) -> Vec<Arc<CompiledRegistration>> {
+        let regs = self.registrations.read().unwrap_or_else(poisoned);
+        regs.range((tenant.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == tenant)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
     fn subscriptions_of(&self, tenant: &str) -> Vec<(String, Arc<RegistrationSubscription>)> {
         let subs = self.subscriptions.read().unwrap_or_else(poisoned);
         subs.range((tenant.to_string(), String::new())..)
@@ -602,13 +664,10 @@ pub async fn list(
     Ok(crate::query::paged(resp, &result, has_next, page, &uri))
 }
 
-/// Reads of registrations address a tenant that exists, or one that holds
-/// registrations only (an agent may register before any entity is written).
+/// Reads of registrations address a tenant that exists; one that holds
+/// registrations only (an agent may register before any entity is written)
+/// exists.
 fn existing_or_registered(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
-    let t = tenant(headers)?;
-    if state.sources.has_any(&t) {
-        return Ok(t);
-    }
     existing_tenant(state, headers)
 }
 
@@ -1199,6 +1258,7 @@ pub fn for_entity(
         .of_tenant(tenant)
         .into_iter()
         .filter(|r| r.allows(operation))
+        .filter(|r| r.is_temporal_only() == operation.ends_with("Temporal"))
         .filter_map(|r| r.supplies(id, types, wanted).map(|s| (r, s)))
         .collect();
     out.sort_by_key(|(r, _)| mode_rank(r.mode));

@@ -81,14 +81,15 @@ pub(crate) fn path_id(id: &str) -> ApiResult<()> {
 }
 
 /// Reads must address a tenant that exists: one the operator registered
-/// (with access control), or one that has been written to.
+/// (with access control), one that has been written to, or one whose data
+/// context sources hold.
 pub(crate) fn existing_tenant(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
     let t = tenant(headers)?;
     let registered = state
         .access
         .as_ref()
         .is_some_and(|a| a.enabled() && a.tenant(&t).is_some());
-    if !registered && !state.store.tenant_exists(&t) {
+    if !registered && !state.store.tenant_exists(&t) && !state.sources.has_any(&t) {
         return Err(NgsiError::new(
             ProblemKind::NonexistentTenant,
             format!("tenant '{t}' does not exist"),

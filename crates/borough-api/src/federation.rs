@@ -250,12 +250,34 @@ impl Forward<'_> {
             request = request.header(TENANT_HEADER, tenant);
         }
         for (k, v) in &reg.context_source_info {
-            if k == "jsonldContext" {
+            // Special keys (clause 4.3.6.6) and what the connection itself
+            // carries are not headers a registration may set.
+            if matches!(
+                k.to_ascii_lowercase().as_str(),
+                "jsonldcontext"
+                    | "accept"
+                    | "contenttype"
+                    | "ngsildconformance"
+                    | "host"
+                    | "content-length"
+                    | "content-type"
+                    | "connection"
+                    | "transfer-encoding"
+                    | "via"
+                    | "ngsild-tenant"
+            ) {
                 continue;
             }
-            if let (Ok(name), Ok(value)) =
-                (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v))
-            {
+            let Ok(name) = HeaderName::try_from(k.as_str()) else {
+                continue;
+            };
+            // `urn:ngsi-ld:request`: the value the triggering request carried, if any.
+            let value = if v == "urn:ngsi-ld:request" {
+                self.headers.get(&name).cloned()
+            } else {
+                HeaderValue::from_str(v).ok()
+            };
+            if let Some(value) = value {
                 request = request.header(name, value);
             }
         }
@@ -333,6 +355,20 @@ impl Forward<'_> {
         } else {
             &self.actx.ctx
         }
+    }
+
+    /// Records that a source answered with an error status (warning 299).
+    fn refused(&self, reg: &CompiledRegistration, answer: &Answer) -> SourceFailure {
+        let mut f = self.garbage(reg, "");
+        f.detail = format!("the source answered {}", answer.status);
+        if let Some(detail) = serde_json::from_slice::<Value>(&answer.body)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
+        {
+            f.detail = format!("{}: {detail}", f.detail);
+        }
+        f.warning = 299;
+        f
     }
 
     /// Records that a source answered garbage: a failure like any other.
@@ -451,7 +487,7 @@ pub async fn retrieve(
                 return Ok(None);
             }
             if !answer.status.is_success() {
-                return Err(fwd.garbage(&reg, &format!("an entity (status {})", answer.status)));
+                return Err(fwd.refused(&reg, &answer));
             }
             let v: Value =
                 serde_json::from_slice(&answer.body).map_err(|_| fwd.garbage(&reg, "JSON"))?;
@@ -508,7 +544,7 @@ pub async fn query(
         .sources
         .of_tenant(fwd.tenant)
         .into_iter()
-        .filter(|r| r.allows("queryEntity"))
+        .filter(|r| r.allows("queryEntity") && !r.is_temporal_only())
         .filter_map(|r| {
             let s = r.supplies_query(types, &ids, wanted)?;
             Some((r, s))
@@ -538,7 +574,7 @@ pub async fn query(
             }
         };
         if !answer.status.is_success() {
-            return Err(fwd.garbage(&reg, &format!("a query result (status {})", answer.status)));
+            return Err(fwd.refused(&reg, &answer));
         }
         let v: Value =
             serde_json::from_slice(&answer.body).map_err(|_| fwd.garbage(&reg, "JSON"))?;
@@ -708,4 +744,177 @@ pub async fn change(
             .to_string(),
         warning: 299,
     })
+}
+
+/// Asks the sources registered for an entity's history (retrieveTemporal)
+/// with the client's own parameters; answers their temporal entities.
+pub async fn retrieve_temporal(
+    fwd: &Forward<'_>,
+    id: &str,
+    types: Option<&[String]>,
+    query_string: &str,
+) -> (Vec<Value>, Vec<SourceFailure>) {
+    let regs =
+        crate::csource::for_entity(fwd.state, fwd.tenant, "retrieveTemporal", id, types, None);
+    let path = format!(
+        "/temporal/entities/{}{}{query_string}",
+        encode_path_segment(id),
+        if query_string.is_empty() { "" } else { "?" }
+    );
+    let asks = regs.into_iter().take(MAX_SOURCES).map(|(reg, _)| {
+        let path = path.clone();
+        async move {
+            let answer = fwd.send(&reg, Method::GET, &path, None).await?;
+            if answer.status == reqwest::StatusCode::NOT_FOUND {
+                return Ok(Vec::new());
+            }
+            temporal_answer(fwd, &reg, &answer)
+        }
+    });
+    gather(join_all(asks).await)
+}
+
+/// Asks the sources registered for a temporal query (queryTemporal) with
+/// the client's own parameters; answers their temporal entities.
+pub async fn query_temporal(
+    fwd: &Forward<'_>,
+    query: &borough_core::query::EntityQuery,
+    query_string: &str,
+) -> (Vec<Value>, Vec<SourceFailure>) {
+    let ids: Vec<String> = query.ids.clone();
+    let regs: Vec<_> = fwd
+        .state
+        .sources
+        .of_tenant(fwd.tenant)
+        .into_iter()
+        .filter(|r| r.allows("queryTemporal") && r.is_temporal_only())
+        .filter(|r| r.supplies_query(query.types.as_ref(), &ids, None).is_some())
+        .take(MAX_SOURCES)
+        .collect();
+    let path = format!("/temporal/entities?{query_string}");
+    let asks = regs.into_iter().map(|reg| {
+        let path = path.clone();
+        async move {
+            let answer = fwd.send(&reg, Method::GET, &path, None).await?;
+            temporal_answer(fwd, &reg, &answer)
+        }
+    });
+    gather(join_all(asks).await)
+}
+
+fn temporal_answer(
+    fwd: &Forward<'_>,
+    reg: &CompiledRegistration,
+    answer: &Answer,
+) -> Result<Vec<Value>, SourceFailure> {
+    if !answer.status.is_success() {
+        return Err(fwd.garbage(
+            reg,
+            &format!("a temporal representation (status {})", answer.status),
+        ));
+    }
+    let v: Value = serde_json::from_slice(&answer.body).map_err(|_| fwd.garbage(reg, "JSON"))?;
+    let list = match v {
+        Value::Array(list) => list,
+        one @ Value::Object(_) => vec![one],
+        _ => return Err(fwd.garbage(reg, "a temporal representation")),
+    };
+    if list
+        .iter()
+        .any(|e| !e.get("id").is_some_and(Value::is_string))
+    {
+        return Err(fwd.garbage(reg, "temporal entities with ids"));
+    }
+    Ok(list)
+}
+
+fn gather(results: Vec<Result<Vec<Value>, SourceFailure>>) -> (Vec<Value>, Vec<SourceFailure>) {
+    let mut found = Vec::new();
+    let mut failed = Vec::new();
+    for r in results {
+        match r {
+            Ok(list) => found.extend(list),
+            Err(f) => failed.push(f),
+        }
+    }
+    (found, failed)
+}
+
+/// Merges one temporal representation into another of the same entity, in
+/// the same context and format: the instances of an attribute are united,
+/// ordered by time, an instance known by its instanceId kept once.
+pub fn merge_temporal(into: &mut Map<String, Value>, other: Map<String, Value>) {
+    for (key, theirs) in other {
+        if matches!(key.as_str(), "id" | "@context") {
+            continue;
+        }
+        if key == "type" {
+            let mut types = as_list(into.remove("type").unwrap_or(Value::Null));
+            for t in as_list(theirs) {
+                if !types.contains(&t) {
+                    types.push(t);
+                }
+            }
+            let value = if types.len() == 1 {
+                types.remove(0)
+            } else {
+                Value::Array(types)
+            };
+            into.insert(key, value);
+            continue;
+        }
+        let Some(ours) = into.remove(&key) else {
+            into.insert(key, theirs);
+            continue;
+        };
+        let merged = match (ours, theirs) {
+            // Simplified (temporalValues): {"type", "values": [[value, time], …]}.
+            (Value::Object(mut a), Value::Object(b)) if a.contains_key("values") => {
+                let mut values = as_list(a.remove("values").unwrap_or(Value::Null));
+                values.extend(as_list(b.get("values").cloned().unwrap_or(Value::Null)));
+                values.sort_by(|x, y| time_of_pair(x).cmp(&time_of_pair(y)));
+                values.dedup();
+                a.insert("values".into(), Value::Array(values));
+                Value::Object(a)
+            }
+            (a, b) => {
+                let mut instances = as_list(a);
+                for inst in as_list(b) {
+                    let known = inst
+                        .get("instanceId")
+                        .is_some_and(|i| instances.iter().any(|x| x.get("instanceId") == Some(i)));
+                    if !known {
+                        instances.push(inst);
+                    }
+                }
+                instances.sort_by(|x, y| time_of(x).cmp(&time_of(y)));
+                Value::Array(instances)
+            }
+        };
+        into.insert(key, merged);
+    }
+}
+
+fn as_list(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        other => vec![other],
+    }
+}
+
+/// An instance's time, for ordering (ISO 8601 strings of one format sort as times).
+fn time_of(instance: &Value) -> String {
+    ["observedAt", "modifiedAt", "createdAt"]
+        .iter()
+        .find_map(|k| instance.get(*k).and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn time_of_pair(pair: &Value) -> String {
+    pair.get(1)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }

@@ -18,6 +18,7 @@ use crate::contexts::ActiveContext;
 use crate::entities::{
     body_with_context, existing_tenant, link_header, options, path_id, with_tenant,
 };
+use crate::federation;
 use crate::problem::ApiResult;
 use crate::query::{Paging, paging, projection, query_from_body, query_from_params};
 use crate::request::{ResponseType, link_context, list_param, negotiate, tenant};
@@ -505,11 +506,13 @@ async fn read_histories(
     Ok(out)
 }
 
-/// `GET /temporal/entities/{id}`
+/// `GET /temporal/entities/{id}`: with the sources registered for the
+/// entity's history (retrieveTemporal), their instances merged in.
 pub async fn retrieve(
     State(state): State<SharedState>,
     Path(id): Path<String>,
     Query(params): Params,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
@@ -522,12 +525,49 @@ pub async fn retrieve(
     let view = view_params(&params, &actx)?;
     let tp = temporal_params(&params, view, None, state.config.temporal_page_instances)?;
     let mut found = read_histories(&state, &tenant, vec![id.clone()], tp.request.clone()).await?;
-    let h = found.pop().ok_or_else(|| {
-        NgsiError::not_found(format!("entity '{id}' has no temporal representation"))
-    })?;
-    crate::auth::check_entity_types(&id, &h.types)?;
-    let body = render(&h, &actx.ctx, &tp);
-    Ok(respond(rt, body, &actx, &tenant, h.truncated))
+    let local = found.pop();
+    let (mut remote, mut failures) = (Vec::new(), Vec::new());
+    if federation::route(&state, &tenant, &headers, &params) == federation::Route::Forward {
+        let fwd = federation::Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        let types = local.as_ref().map(|h| h.types.as_slice());
+        let qs = federation::forwarded_query_string(uri.query());
+        (remote, failures) = federation::retrieve_temporal(&fwd, &id, types, &qs).await;
+        remote.retain(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()));
+    }
+    let (body, truncated) = match local {
+        Some(h) => {
+            crate::auth::check_entity_types(&id, &h.types)?;
+            (render(&h, &actx.ctx, &tp), h.truncated)
+        }
+        None if !remote.is_empty() => (remote.remove(0), None),
+        None => {
+            let missing = crate::problem::ApiError(NgsiError::not_found(format!(
+                "entity '{id}' has no temporal representation"
+            )));
+            return Ok(federation::warn(missing.into_response(), &failures));
+        }
+    };
+    let body = match body {
+        Value::Object(mut m) => {
+            m.remove("@context");
+            for other in remote {
+                if let Value::Object(o) = other {
+                    federation::merge_temporal(&mut m, o);
+                }
+            }
+            Value::Object(m)
+        }
+        other => other,
+    };
+    Ok(federation::warn(
+        respond(rt, body, &actx, &tenant, truncated),
+        &failures,
+    ))
 }
 
 /// The entities of one page of a temporal query.
@@ -664,6 +704,7 @@ async fn query_and_respond(
     rt: ResponseType,
     actx: &ActiveContext,
     uri: &Uri,
+    remote: Vec<Value>,
 ) -> ApiResult<Response> {
     if query.is_unrestricted() && tp.view.select.is_none() {
         return Err(NgsiError::bad_data(
@@ -698,6 +739,9 @@ async fn query_and_respond(
         }
         list.push(render(h, &actx.ctx, &tp));
     }
+    if !remote.is_empty() {
+        merge_remote(&mut list, remote, page.limit);
+    }
     let resp = respond(rt, Value::Array(list), actx, tenant, truncated);
     let result = borough_store::QueryPage {
         entities: Vec::new(),
@@ -706,7 +750,35 @@ async fn query_and_respond(
     Ok(crate::query::paged(resp, &result, sel.has_next, page, uri))
 }
 
-/// `GET /temporal/entities`
+/// Merges the temporal entities sources answered into a page: an entity
+/// held here as well gets their instances; the others join the page, in id
+/// order, up to `limit`.
+fn merge_remote(list: &mut Vec<Value>, remote: Vec<Value>, limit: usize) {
+    for other in remote {
+        let Value::Object(mut o) = other else {
+            continue;
+        };
+        o.remove("@context");
+        let id = o.get("id").cloned();
+        match list.iter_mut().find(|e| e.get("id") == id.as_ref()) {
+            Some(Value::Object(m)) => federation::merge_temporal(m, o),
+            _ => list.push(Value::Object(o)),
+        }
+    }
+    list.sort_by(|a, b| {
+        let id = |v: &Value| {
+            v.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        id(a).cmp(&id(b))
+    });
+    list.truncate(limit);
+}
+
+/// `GET /temporal/entities`: with the sources registered for temporal
+/// queries (queryTemporal), their entities merged in.
 pub async fn query_get(
     State(state): State<SharedState>,
     Query(params): Params,
@@ -724,7 +796,26 @@ pub async fn query_get(
     let tp = temporal_params(&params, view, None, state.config.temporal_page_instances)?;
     // attrs selects through the history (an instance in the window), not the current state.
     let query = query_from_params(&params, Vec::new(), &actx)?;
-    query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri).await
+    let (remote, failures) =
+        if federation::route(&state, &tenant, &headers, &params) == federation::Route::Forward {
+            let fwd = federation::Forward {
+                state: &state,
+                tenant: &tenant,
+                headers: &headers,
+                actx: &actx,
+            };
+            let qs = federation::forwarded_query_string(uri.query());
+            let qs = format!(
+                "{qs}{}limit={}",
+                if qs.is_empty() { "" } else { "&" },
+                page.offset + page.limit
+            );
+            federation::query_temporal(&fwd, &query, &qs).await
+        } else {
+            Default::default()
+        };
+    let resp = query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri, remote).await?;
+    Ok(federation::warn(resp, &failures))
 }
 
 /// `POST /temporal/entityOperations/query`
@@ -765,7 +856,18 @@ pub async fn query_post(
         temporal_q,
         state.config.temporal_page_instances,
     )?;
-    query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri).await
+    query_and_respond(
+        &state,
+        &tenant,
+        query,
+        tp,
+        page,
+        rt,
+        &actx,
+        &uri,
+        Vec::new(),
+    )
+    .await
 }
 
 /// Parses a temporal entity body's attributes: each a single instance or an

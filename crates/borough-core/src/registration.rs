@@ -695,6 +695,14 @@ impl CompiledRegistration {
         self.operations.contains(&operation)
     }
 
+    /// A registration with an observation or management interval serves
+    /// temporal operations only (clause 5.12): the latest state of its
+    /// entities is registered separately.
+    pub fn is_temporal_only(&self) -> bool {
+        self.record.body.contains_key("observationInterval")
+            || self.record.body.contains_key("managementInterval")
+    }
+
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

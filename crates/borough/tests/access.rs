@@ -439,7 +439,20 @@ fn tenants_quotas_rates_suspension_and_deletion() {
         r.body["type"],
         "https://uri.etsi.org/ngsi-ld/errors/NonexistentTenant"
     );
-    // Deleting a tenant takes its data and its keys with it.
+    // Deleting a tenant takes its data, its registrations and its keys with it.
+    let registration = json!({
+        "type": "ContextSourceRegistration",
+        "information": [{"entities": [{"type": "T"}]}],
+        "endpoint": "http://127.0.0.1:9",
+    });
+    let r = c.call(
+        "POST",
+        "/ngsi-ld/v1/csourceRegistrations",
+        Some(&op),
+        Some("city"),
+        Some(registration),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
     let r = c.call("DELETE", "/api/v1/tenants/city", Some(&op), None, None);
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(
@@ -464,6 +477,14 @@ fn tenants_quotas_rates_suspension_and_deletion() {
         None,
     );
     assert_eq!(r.body, json!([]));
+    let r = c.call(
+        "GET",
+        "/ngsi-ld/v1/csourceRegistrations?type=T",
+        Some(&op),
+        Some("city"),
+        None,
+    );
+    assert_eq!(r.body, json!([]), "the old tenant's registrations are gone");
     // Bad tenant input.
     for bad in [
         json!({"name": "no spaces"}),

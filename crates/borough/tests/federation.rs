@@ -485,3 +485,207 @@ fn registrations_survive_a_crash_and_sources_must_be_allowed() {
         refused.body
     );
 }
+
+#[test]
+fn a_secured_source_is_reached_with_the_credential_its_registration_carries() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), &[]);
+    let b = start(db.path(), &["--auth", "on"]);
+    let key = b
+        .operator_key
+        .clone()
+        .expect("the secured source's operator key");
+    let cb = client(&b);
+    let made = cb.post(
+        &format!("{NGSI}/entities"),
+        &key,
+        None,
+        json!({"id": "urn:ngsi-ld:Valve:1", "type": "Valve", "open": {"type": "Property", "value": true}}),
+    );
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let ca = client(&a);
+    // Without the credential the source refuses, and the answer says so.
+    register(&ca, inclusive("Valve", &b.base));
+    let refused = call(&ca, "GET", "/entities?type=Valve", None);
+    assert_eq!(refused.body, json!([]));
+    let w = warnings(&refused);
+    assert!(w.len() == 1 && w[0].starts_with("299 "), "{w:?}");
+    // With it, in contextSourceInfo, the source answers.
+    let mut with_key = inclusive("Valve", &b.base);
+    with_key["contextSourceInfo"] =
+        json!([{"key": "Authorization", "value": format!("Bearer {key}")}]);
+    with_key["id"] = json!("urn:ngsi-ld:ContextSourceRegistration:keyed");
+    register(&ca, with_key);
+    let found = call(&ca, "GET", "/entities?type=Valve", None);
+    assert_eq!(ids(&found), ["urn:ngsi-ld:Valve:1"], "{:?}", found.body);
+    assert_eq!(found.body[0]["open"]["value"], true);
+}
+
+#[test]
+fn history_held_elsewhere_is_merged_into_temporal_answers() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (start(da.path(), &[]), start(db.path(), &[]));
+    let (ca, cb) = (client(&a), client(&b));
+    let id = "urn:ngsi-ld:AirQuality:1";
+    let at = |h: u32| format!("2026-01-01T{h:02}:00:00Z");
+    let reading = |v: i64, h: u32| json!({"type": "Property", "value": v, "observedAt": at(h)});
+    // The source kept the night's readings, this broker the morning's.
+    let r = call(
+        &cb,
+        "POST",
+        "/temporal/entities",
+        Some(json!({"id": id, "type": "AirQuality", "no2": [reading(10, 1), reading(12, 2)]})),
+    );
+    assert!(matches!(r.status, 201 | 204), "{:?}", r.body);
+    let r = call(
+        &ca,
+        "POST",
+        "/temporal/entities",
+        Some(json!({"id": id, "type": "AirQuality", "no2": [reading(30, 8)]})),
+    );
+    assert!(matches!(r.status, 201 | 204), "{:?}", r.body);
+    // Temporal registrations name their interval and the temporal operations.
+    register(
+        &ca,
+        json!({
+            "type": "ContextSourceRegistration",
+            "information": [{"entities": [{"type": "AirQuality"}]}],
+            "endpoint": b.base,
+            "observationInterval": {"startAt": "2025-01-01T00:00:00Z"},
+            "operations": ["retrieveTemporal", "queryTemporal"],
+        }),
+    );
+    let values = |a: &Answer| -> Vec<i64> {
+        a.body["no2"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{:?}", a.body))
+            .iter()
+            .map(|i| i["value"].as_i64().unwrap())
+            .collect()
+    };
+    let one = call(&ca, "GET", &format!("/temporal/entities/{id}"), None);
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    assert_eq!(values(&one), [10, 12, 30], "in time order");
+    let q = call(&ca, "GET", "/temporal/entities?type=AirQuality", None);
+    assert_eq!(q.status, 200, "{:?}", q.body);
+    assert_eq!(q.body.as_array().unwrap().len(), 1);
+    assert_eq!(q.body[0]["no2"].as_array().unwrap().len(), 3);
+    // A registration for temporal operations is not asked for the latest state.
+    create(
+        &cb,
+        json!({"id": id, "type": "AirQuality", "pm10": {"type": "Property", "value": 7}}),
+    );
+    let latest = call(&ca, "GET", &format!("/entities/{id}"), None);
+    assert_eq!(latest.status, 404, "{:?}", latest.body);
+    let local = call(
+        &ca,
+        "GET",
+        &format!("/temporal/entities/{id}?local=true"),
+        None,
+    );
+    assert_eq!(values(&local), [30]);
+}
+
+#[test]
+fn auxiliary_sources_only_fill_gaps_and_redirect_sources_take_every_change() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let s: Vec<_> = dirs.iter().map(|d| start(d.path(), &[])).collect();
+    let c: Vec<_> = s.iter().map(client).collect();
+    let v = "urn:ngsi-ld:Vehicle:5";
+    create(
+        &c[0],
+        json!({"id": v, "type": "Vehicle", "speed": {"type": "Property", "value": 10}}),
+    );
+    create(
+        &c[1],
+        json!({"id": v, "type": "Vehicle", "speed": {"type": "Property", "value": 99}, "colour": {"type": "Property", "value": "red"}, "year": {"type": "Property", "value": 2019}}),
+    );
+    create(
+        &c[2],
+        json!({"id": v, "type": "Vehicle", "colour": {"type": "Property", "value": "blue"}}),
+    );
+    let mut aux = inclusive("Vehicle", &s[1].base);
+    aux["mode"] = json!("auxiliary");
+    aux["operations"] = json!(["retrieveOps"]);
+    register(&c[0], aux);
+    let mut inc = inclusive("Vehicle", &s[2].base);
+    inc["operations"] = json!(["retrieveOps", "updateOps"]);
+    register(&c[0], inc);
+    let got = call(&c[0], "GET", &format!("/entities/{v}"), None);
+    assert_eq!(
+        got.body["speed"]["value"], 10,
+        "local data wins over auxiliary"
+    );
+    assert_eq!(
+        got.body["colour"]["value"], "blue",
+        "inclusive data wins over auxiliary"
+    );
+    assert_eq!(
+        got.body["year"]["value"], 2019,
+        "auxiliary fills what no one else has"
+    );
+    // Changes never go to an auxiliary source; inclusive ones get them too.
+    let patch = call(
+        &c[0],
+        "PATCH",
+        &format!("/entities/{v}/attrs"),
+        Some(json!({"colour": {"type": "Property", "value": "green"}})),
+    );
+    assert!(
+        matches!(patch.status, 204 | 207),
+        "{} {:?}",
+        patch.status,
+        patch.body
+    );
+    assert_eq!(
+        call(&c[1], "GET", &format!("/entities/{v}"), None).body["colour"]["value"],
+        "red"
+    );
+    assert_eq!(
+        call(&c[2], "GET", &format!("/entities/{v}"), None).body["colour"]["value"],
+        "green"
+    );
+
+    // Two redirect sources of parcels: this broker holds none of them, and
+    // a change goes to both.
+    let p = "urn:ngsi-ld:Parcel:1";
+    for k in [1, 2] {
+        create(
+            &c[k],
+            json!({"id": p, "type": "Parcel", "status": {"type": "Property", "value": "sorting"}}),
+        );
+        let mut redirect = inclusive("Parcel", &s[k].base);
+        redirect["mode"] = json!("redirect");
+        redirect["operations"] = json!(["redirectionOps"]);
+        register(&c[0], redirect);
+    }
+    let patch = call(
+        &c[0],
+        "PATCH",
+        &format!("/entities/{p}/attrs/status"),
+        Some(json!({"type": "Property", "value": "delivered"})),
+    );
+    assert_eq!(patch.status, 204, "{:?}", patch.body);
+    for k in [1, 2] {
+        assert_eq!(
+            call(&c[k], "GET", &format!("/entities/{p}"), None).body["status"]["value"],
+            "delivered"
+        );
+    }
+    assert_eq!(
+        call(&c[0], "GET", &format!("/entities/{p}?local=true"), None).status,
+        404
+    );
+    assert_eq!(
+        call(&c[0], "GET", &format!("/entities/{p}"), None).body["status"]["value"],
+        "delivered"
+    );
+    let del = call(&c[0], "DELETE", &format!("/entities/{p}"), None);
+    assert_eq!(del.status, 204, "{:?}", del.body);
+    for k in [1, 2] {
+        assert_eq!(
+            call(&c[k], "GET", &format!("/entities/{p}"), None).status,
+            404
+        );
+    }
+}
