@@ -808,10 +808,7 @@ fn temporal_answer(
     answer: &Answer,
 ) -> Result<Vec<Value>, SourceFailure> {
     if !answer.status.is_success() {
-        return Err(fwd.garbage(
-            reg,
-            &format!("a temporal representation (status {})", answer.status),
-        ));
+        return Err(fwd.refused(reg, answer));
     }
     let v: Value = serde_json::from_slice(&answer.body).map_err(|_| fwd.garbage(reg, "JSON"))?;
     let list = match v {
@@ -872,7 +869,7 @@ pub fn merge_temporal(into: &mut Map<String, Value>, other: Map<String, Value>) 
             (Value::Object(mut a), Value::Object(b)) if a.contains_key("values") => {
                 let mut values = as_list(a.remove("values").unwrap_or(Value::Null));
                 values.extend(as_list(b.get("values").cloned().unwrap_or(Value::Null)));
-                values.sort_by(|x, y| time_of_pair(x).cmp(&time_of_pair(y)));
+                values.sort_by_key(time_of_pair);
                 values.dedup();
                 a.insert("values".into(), Value::Array(values));
                 Value::Object(a)
@@ -887,7 +884,7 @@ pub fn merge_temporal(into: &mut Map<String, Value>, other: Map<String, Value>) 
                         instances.push(inst);
                     }
                 }
-                instances.sort_by(|x, y| time_of(x).cmp(&time_of(y)));
+                instances.sort_by_key(time_of);
                 Value::Array(instances)
             }
         };
