@@ -440,6 +440,14 @@ fn tenants_quotas_rates_suspension_and_deletion() {
         "https://uri.etsi.org/ngsi-ld/errors/NonexistentTenant"
     );
     // Deleting a tenant takes its data, its registrations and its keys with it.
+    let r = c.call(
+        "PATCH",
+        "/api/v1/tenants/city",
+        Some(&op),
+        None,
+        Some(json!({"status": "active"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     let registration = json!({
         "type": "ContextSourceRegistration",
         "information": [{"entities": [{"type": "T"}]}],
