@@ -320,8 +320,30 @@ async fn check_source_endpoint(state: &AppState, uri: &str) -> ApiResult<()> {
     }
 }
 
-/// The exclusive registration `reg` would overlap, as a 409 problem.
+/// The exclusive registration `reg` would overlap, or the local data it
+/// would contradict (clause 5.9.2.4: an exclusive source holds its
+/// attributes alone), as a 409 problem.
 fn check_conflicts(state: &AppState, tenant: &str, reg: &CompiledRegistration) -> ApiResult<()> {
+    if reg.mode == Mode::Exclusive {
+        for info in &reg.information {
+            for e in &info.entities {
+                let Some(id) = &e.id else { continue };
+                let Some(local) = state.store.get(tenant, id) else {
+                    continue;
+                };
+                if let Some(name) = local.attrs.keys().find(|n| info.covers_attribute(n)) {
+                    return Err(NgsiError::new(
+                        ProblemKind::Conflict,
+                        format!(
+                            "entity '{id}' holds attribute '{}' here: an exclusive registration of it would hide it",
+                            reg.ctx.compact(name)
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+    }
     for other in state.sources.of_tenant(tenant) {
         if other.id() == reg.id() {
             continue;

@@ -171,6 +171,24 @@ fn exclusive_attributes_are_read_and_changed_at_their_source_only() {
         })),
     );
     assert_eq!(twice.status, 409, "{:?}", twice.body);
+    // So is one of an attribute this broker holds itself.
+    let held = call(
+        &ca,
+        "POST",
+        "/csourceRegistrations",
+        Some(json!({
+            "type": "ContextSourceRegistration",
+            "information": [{"entities": [{"id": light, "type": "Streetlight"}], "propertyNames": ["power"]}],
+            "endpoint": b.base,
+            "mode": "exclusive",
+        })),
+    );
+    assert_eq!(held.status, 409, "{:?}", held.body);
+    assert!(
+        held.body["detail"].as_str().unwrap().contains("power"),
+        "{:?}",
+        held.body
+    );
 
     // Reads take the registered attribute from the source, the rest from here.
     let got = call(&ca, "GET", &format!("/entities/{light}"), None);
