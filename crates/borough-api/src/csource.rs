@@ -65,7 +65,12 @@ pub struct Registry {
     /// Registration writes one at a time: the conflict check of exclusive
     /// registrations and read-modify-write updates must not interleave.
     writes: tokio::sync::Mutex<()>,
+    /// Notifications to subscribers of registrations in flight at once.
+    deliveries: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most notifications of registration changes in flight at once.
+const MAX_DELIVERIES: usize = 64;
 
 fn poisoned<T>(e: std::sync::PoisonError<T>) -> T {
     e.into_inner()
@@ -111,6 +116,7 @@ impl Registry {
             subscriptions: RwLock::new(subscriptions),
             status: Mutex::default(),
             writes: tokio::sync::Mutex::new(()),
+            deliveries: Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES)),
         })
     }
 
@@ -188,7 +194,7 @@ impl Registry {
 
     /// Turns the last request's success into a failure: the source answered,
     /// but not with what it should have.
-    pub fn mark_failed(&self, tenant: &str, id: &str, error: String, cooldown: Duration) {
+    pub fn mark_failed(&self, tenant: &str, id: &str, error: String, cooldown: Option<Duration>) {
         let mut status = self.status.lock().unwrap_or_else(poisoned);
         let s = status
             .entry((tenant.to_string(), id.to_string()))
@@ -197,7 +203,9 @@ impl Registry {
         s.times_failed += 1;
         s.last_failure = Some(now);
         s.last_error = Some(error);
-        s.cooling_until = Some(Instant::now() + cooldown);
+        if let Some(c) = cooldown {
+            s.cooling_until = Some(Instant::now() + c);
+        }
     }
 
     async fn persist(
@@ -275,6 +283,29 @@ impl Registry {
         Ok(count)
     }
 
+    /// Removes a tenant's expired registrations (they match nothing and only
+    /// take room); call it holding `writes`.
+    async fn sweep_expired(&self, tenant: &str) -> ApiResult<()> {
+        let now = now_micros();
+        let expired: Vec<String> = self
+            .of_tenant_all(tenant)
+            .into_iter()
+            .filter(|r| r.is_expired(now))
+            .map(|r| r.id().to_string())
+            .collect();
+        for id in expired {
+            self.persist(RecordKind::Registration, tenant, &id, None)
+                .await?;
+            let key = (tenant.to_string(), id);
+            self.registrations
+                .write()
+                .unwrap_or_else(poisoned)
+                .remove(&key);
+            self.status.lock().unwrap_or_else(poisoned).remove(&key);
+        }
+        Ok(())
+    }
+
     /// A tenant's registrations, expired ones included.
     fn of_tenant_all(&self, tenant: &str) -> Vec<Arc<CompiledRegistration>> {
         let regs = self.registrations.read().unwrap_or_else(poisoned);
@@ -309,9 +340,34 @@ async fn context_record(
     Ok((value, objects))
 }
 
-/// Refuses an endpoint the operator has not allowed: Borough forwards only
-/// to the hosts of its outbound allowlist.
+/// Whether the operator's list of source hosts (`--source-hosts`) admits
+/// `uri`; an empty list admits any host.
+pub fn source_host_allowed(state: &AppState, uri: &str) -> bool {
+    let hosts = &state.config.source_hosts;
+    if hosts.is_empty() {
+        return true;
+    }
+    let Ok(url) = reqwest::Url::parse(uri) else {
+        return false;
+    };
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    let with_port = url
+        .port_or_known_default()
+        .map(|p| format!("{host}:{p}"))
+        .unwrap_or_else(|| host.clone());
+    hosts.iter().any(|h| *h == host || *h == with_port)
+}
+
+/// Refuses an endpoint the operator has not allowed: a host outside
+/// `--source-hosts` when it is given, and an internal address outside
+/// `--allow-outbound`.
 async fn check_source_endpoint(state: &AppState, uri: &str) -> ApiResult<()> {
+    if !source_host_allowed(state, uri) {
+        return Err(bad(format!(
+            "endpoint: '{uri}' is not on this broker's list of context source hosts (--source-hosts)"
+        ))
+        .into());
+    }
     match state.config.outbound.check_url(uri).await {
         Err(e) if e.is_refusal() => {
             Err(bad(format!("endpoint: {e}; the operator's --allow-outbound list decides which sources Borough may forward to")).into())
@@ -407,7 +463,8 @@ pub async fn create(
         )
         .into());
     }
-    if state.sources.of_tenant(&tenant).len() >= MAX_PER_TENANT {
+    state.sources.sweep_expired(&tenant).await?;
+    if state.sources.of_tenant_all(&tenant).len() >= MAX_PER_TENANT {
         return Err(NgsiError::new(
             ProblemKind::QuotaExceeded,
             format!("a tenant may hold at most {MAX_PER_TENANT} registrations"),
@@ -741,7 +798,9 @@ pub async fn update(
     if patch.is_empty() {
         return Err(bad("the update names no member").into());
     }
-    let _one_at_a_time = state.sources.writes.lock().await;
+    // Remote contexts and the endpoint's name are resolved before the
+    // registry is locked; under the lock, the registration must still be
+    // the version this change was made from.
     let old = find(&state, &tenant, &id)?;
     let mut record = old.record.clone();
     for (k, v) in patch {
@@ -770,6 +829,10 @@ pub async fn update(
     record.modified_at = now;
     let compiled = CompiledRegistration::compile(record.clone(), now, true)?;
     check_source_endpoint(&state, &compiled.endpoint).await?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    if find(&state, &tenant, &id)?.record.modified_at != old.record.modified_at {
+        return Err(changed_meanwhile("registration", &id).into());
+    }
     check_conflicts(&state, &tenant, &compiled)?;
     let bytes = serde_json::to_vec(&record)
         .map_err(|e| NgsiError::internal(format!("cannot store the registration: {e}")))?;
@@ -786,6 +849,14 @@ pub async fn update(
         .insert((tenant.clone(), id.clone()), compiled.clone());
     notify_change(&state, &tenant, Some(&old), Some(&compiled));
     Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// A 409 for an update that lost the race with another one.
+fn changed_meanwhile(what: &str, id: &str) -> NgsiError {
+    NgsiError::new(
+        ProblemKind::Conflict,
+        format!("{what} '{id}' changed while this update was prepared; read it and try again"),
+    )
 }
 
 /// `DELETE /csourceRegistrations/{id}`
@@ -919,6 +990,10 @@ fn deliver(
     });
     let (state, sub, tenant) = (state.clone(), sub.clone(), tenant.to_string());
     tokio::spawn(async move {
+        // Waiting for a slot bounds the connections, not the changes.
+        let Ok(_slot) = state.sources.deliveries.clone().acquire_owned().await else {
+            return;
+        };
         let endpoint = &sub.compiled.endpoint;
         let ld = endpoint.accept == "application/ld+json";
         let mut request = state
@@ -1183,7 +1258,6 @@ pub async fn update_subscription(
         return Err(bad("a subscription update must be a JSON object").into());
     };
     borough_core::subscription::normalize_body(&mut patch);
-    let _one_at_a_time = state.sources.writes.lock().await;
     let old = find_subscription(&state, &tenant, &id)?;
     let mut record = old.compiled.record.clone();
     for (k, v) in patch {
@@ -1209,6 +1283,15 @@ pub async fn update_subscription(
     record.modified_at = now;
     let compiled = compile_subscription(record.clone(), now)?;
     check_source_endpoint(&state, &compiled.endpoint.uri).await?;
+    let _one_at_a_time = state.sources.writes.lock().await;
+    if find_subscription(&state, &tenant, &id)?
+        .compiled
+        .record
+        .modified_at
+        != old.compiled.record.modified_at
+    {
+        return Err(changed_meanwhile("subscription", &id).into());
+    }
     let bytes = serde_json::to_vec(&record)
         .map_err(|e| NgsiError::internal(format!("cannot store the subscription: {e}")))?;
     state

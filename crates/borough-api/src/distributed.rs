@@ -37,6 +37,19 @@ impl Split {
     }
 }
 
+/// Whether the caller may change entity `id` through `reg`: a key limited
+/// to some entity types reaches only sources registered for those types.
+pub fn reachable(reg: &CompiledRegistration, id: &str) -> bool {
+    let Some(allowed) = crate::auth::caller_entity_types() else {
+        return true;
+    };
+    reg.information.iter().any(|info| {
+        info.entities
+            .iter()
+            .any(|e| e.covers(id, None) && e.types.iter().any(|t| allowed.contains(t)))
+    })
+}
+
 fn only(supplied: Option<Supplied>, names: &[String]) -> Vec<String> {
     match supplied {
         None => Vec::new(),
@@ -55,7 +68,14 @@ pub fn split(
     names: &[String],
 ) -> Split {
     let mut out = Split::default();
-    let regs = fwd.state.sources.of_tenant(fwd.tenant);
+    let regs: Vec<_> = fwd
+        .state
+        .sources
+        .of_tenant(fwd.tenant)
+        .into_iter()
+        .filter(|r| !r.is_temporal_only() && reachable(r, id))
+        .take(federation::MAX_SOURCES)
+        .collect();
     let mut remaining: Vec<String> = names.to_vec();
     // Exclusive first: what one holds is removed from the change.
     for reg in regs.iter().filter(|r| r.mode == Mode::Exclusive) {
@@ -313,7 +333,9 @@ pub async fn delete_entity(fwd: &Forward<'_>, id: &str) -> Option<(usize, Vec<So
         .of_tenant(fwd.tenant)
         .into_iter()
         .filter(|r| r.mode != Mode::Auxiliary && r.allows("deleteEntity"))
+        .filter(|r| !r.is_temporal_only() && reachable(r, id))
         .filter(|r| r.supplies(id, types.as_deref(), None).is_some())
+        .take(federation::MAX_SOURCES)
         .collect();
     if regs.is_empty() {
         return None;

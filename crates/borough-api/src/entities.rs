@@ -392,13 +392,16 @@ pub async fn retrieve(
                 headers: &headers,
                 actx: &actx,
             };
-            let (found, failed) =
+            let answer =
                 federation::retrieve(&fwd, &id, local.as_deref(), opts.attrs.as_deref()).await;
-            failures = failed;
-            if found.is_empty() {
+            failures = answer.failed;
+            // What exclusive and redirect sources hold is never answered
+            // from here, whether they answered or not.
+            let local = local.map(|l| federation::without_claimed(l, &answer.claimed));
+            if answer.found.is_empty() {
                 local
             } else {
-                federation::merge(local.as_deref(), found).map(std::sync::Arc::new)
+                federation::merge(local.as_deref(), answer.found).map(std::sync::Arc::new)
             }
         }
         Route::Local | Route::Loop => local,
@@ -487,6 +490,9 @@ pub async fn delete(
             headers: &headers,
             actx: &actx,
         };
+        if let Some(local) = state.store.get(&tenant, &id) {
+            crate::auth::check_entity_types(&id, &local.types)?;
+        }
         if let Some((removed, failed)) = distributed::delete_entity(&fwd, &id).await {
             let local = write_one(&state, &tenant, EntityOp::Delete { id: id.clone() }).await;
             let done = match local {
@@ -596,6 +602,9 @@ async fn distribute_fragment(
         actx,
     };
     let types = state.store.get(tenant, id).map(|e| e.types.clone());
+    if let Some(types) = &types {
+        crate::auth::check_entity_types(id, types)?;
+    }
     let split = distributed::split(&fwd, change.operation, id, types.as_deref(), names);
     if !split.involves_sources() {
         return Ok(None);
@@ -726,6 +735,9 @@ async fn distribute_attribute(
         headers,
         actx,
     };
+    if let Some(local) = state.store.get(tenant, id) {
+        crate::auth::check_entity_types(id, &local.types)?;
+    }
     if route == Route::Loop {
         let types = state.store.get(tenant, id).map(|e| e.types.clone());
         let split = distributed::split(&fwd, operation, id, types.as_deref(), &[attr.to_string()]);

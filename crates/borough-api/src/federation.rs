@@ -22,7 +22,18 @@ use std::time::Duration;
 /// Largest answer read from a source.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// Most sources asked for one request.
-const MAX_SOURCES: usize = 64;
+pub const MAX_SOURCES: usize = 64;
+/// Headers of the client's that are never passed on to a source.
+const SECRET_HEADERS: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-auth-token",
+];
+/// Longest a source may take, whatever its registration asks.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest text of a source's taken into a warning or a problem.
+const MAX_DETAIL: usize = 256;
 
 /// The HTTP client and identity this broker forwards with.
 pub struct Federation {
@@ -170,12 +181,26 @@ pub fn warn(
     failures: &[SourceFailure],
 ) -> axum::response::Response {
     for f in failures {
-        let text = format!(
-            "{} {} \"{}\"",
-            f.warning,
-            f.registration,
-            f.detail.replace(['"', '\\', '\r', '\n'], " ")
-        );
+        // A header value is visible ASCII: anything else is replaced, so
+        // that no warning is ever dropped.
+        let detail: String = f
+            .detail
+            .chars()
+            .take(MAX_DETAIL)
+            .map(|c| {
+                if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        let registration: String = f
+            .registration
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
+        let text = format!("{} {registration} \"{detail}\"", f.warning);
         if let Ok(v) = HeaderValue::from_str(&text) {
             resp.headers_mut().append("ngsild-warning", v);
         }
@@ -196,6 +221,8 @@ pub struct Forward<'a> {
 pub struct Answer {
     pub status: reqwest::StatusCode,
     pub body: Bytes,
+    /// `NGSILD-Results-Count`, when the source gave one.
+    pub count: Option<usize>,
 }
 
 fn base_url(endpoint: &str) -> String {
@@ -232,13 +259,22 @@ impl Forward<'_> {
             )));
         }
         let url = format!("{}{path_and_query}", base_url(&reg.endpoint));
+        if !crate::csource::source_host_allowed(self.state, &reg.endpoint) {
+            return Err(fail((
+                299,
+                "the source's host is not on this broker's list of source hosts".into(),
+            )));
+        }
         if let Err(e) = self.state.config.outbound.check_url_literal(&url) {
             return Err(fail((299, e.to_string())));
         }
+        // A registration may ask for less time than the broker's default, or
+        // more up to MAX_TIMEOUT: a registrant cannot hold requests longer.
         let timeout = reg
             .timeout_ms
             .map(Duration::from_millis)
-            .unwrap_or(fed.timeout);
+            .unwrap_or(fed.timeout)
+            .min(MAX_TIMEOUT);
         let mut request = fed
             .client
             .request(method, &url)
@@ -271,8 +307,13 @@ impl Forward<'_> {
             let Ok(name) = HeaderName::try_from(k.as_str()) else {
                 continue;
             };
-            // `urn:ngsi-ld:request`: the value the triggering request carried, if any.
+            // `urn:ngsi-ld:request`: the value the triggering request carried,
+            // if any; never a credential of the client's, which would hand it
+            // to whoever registered the source.
             let value = if v == "urn:ngsi-ld:request" {
+                if SECRET_HEADERS.contains(&name.as_str()) {
+                    continue;
+                }
                 self.headers.get(&name).cloned()
             } else {
                 HeaderValue::from_str(v).ok()
@@ -320,6 +361,11 @@ impl Forward<'_> {
         let outcome = async {
             let mut resp = request.send().await.map_err(|e| (199, describe(&e)))?;
             let status = resp.status();
+            let count = resp
+                .headers()
+                .get("ngsild-results-count")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(|e| (199, describe(&e)))? {
                 if body.len() + chunk.len() > MAX_ANSWER_BYTES {
@@ -336,6 +382,7 @@ impl Forward<'_> {
             Ok(Answer {
                 status,
                 body: Bytes::from(body),
+                count,
             })
         }
         .await;
@@ -358,17 +405,21 @@ impl Forward<'_> {
     }
 
     /// Records that a source answered with an error status (warning 299).
+    /// No cooldown: a 4xx may be about this request, not about the source.
     fn refused(&self, reg: &CompiledRegistration, answer: &Answer) -> SourceFailure {
-        let mut f = self.garbage(reg, "");
-        f.detail = format!("the source answered {}", answer.status);
-        if let Some(detail) = serde_json::from_slice::<Value>(&answer.body)
-            .ok()
-            .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
-        {
-            f.detail = format!("{}: {detail}", f.detail);
+        let mut detail = format!("the source answered {}", answer.status);
+        if let Some(why) = problem_detail(&answer.body) {
+            detail = format!("{detail}: {why}");
         }
-        f.warning = 299;
-        f
+        self.state
+            .sources
+            .mark_failed(self.tenant, reg.id(), detail.clone(), None);
+        SourceFailure {
+            registration: reg.id().to_string(),
+            endpoint: reg.endpoint.clone(),
+            detail,
+            warning: 299,
+        }
     }
 
     /// Records that a source answered garbage: a failure like any other.
@@ -380,7 +431,7 @@ impl Forward<'_> {
             .unwrap_or(self.state.federation.cooldown);
         self.state
             .sources
-            .mark_failed(self.tenant, reg.id(), detail.clone(), cooldown);
+            .mark_failed(self.tenant, reg.id(), detail.clone(), Some(cooldown));
         SourceFailure {
             registration: reg.id().to_string(),
             endpoint: reg.endpoint.clone(),
@@ -400,6 +451,16 @@ impl Forward<'_> {
         borough_core::entity::parse_entity(&v, self.names(reg), 0)
             .map_err(|e| self.garbage(reg, &format!("an NGSI-LD entity ({})", e.detail)))
     }
+}
+
+/// The `detail` of a problem a source answered, cut to a readable length.
+fn problem_detail(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let d = v
+        .get("detail")
+        .or_else(|| v.get("description"))
+        .and_then(Value::as_str)?;
+    Some(d.chars().take(MAX_DETAIL).collect())
 }
 
 fn link(url: &str) -> String {
@@ -463,10 +524,15 @@ pub async fn retrieve(
     id: &str,
     local: Option<&Entity>,
     wanted: Option<&[String]>,
-) -> (Vec<Contribution>, Vec<SourceFailure>) {
+) -> Retrieved {
     let types = local.map(|e| e.types.as_slice());
     let regs =
         crate::csource::for_entity(fwd.state, fwd.tenant, "retrieveEntity", id, types, wanted);
+    let claimed: Vec<Supplied> = regs
+        .iter()
+        .filter(|(r, _)| matches!(r.mode, Mode::Exclusive | Mode::Redirect))
+        .map(|(_, s)| s.clone())
+        .collect();
     let asks = regs
         .into_iter()
         .take(MAX_SOURCES)
@@ -501,7 +567,35 @@ pub async fn retrieve(
                 entity,
             }))
         });
-    split(join_all(asks).await)
+    let (found, failed) = split(join_all(asks).await);
+    Retrieved {
+        found,
+        failed,
+        claimed,
+    }
+}
+
+/// What the sources of one entity answered.
+pub struct Retrieved {
+    pub found: Vec<Contribution>,
+    pub failed: Vec<SourceFailure>,
+    /// What exclusive and redirect sources hold of the entity.
+    pub claimed: Vec<Supplied>,
+}
+
+/// The local entity without what exclusive and redirect sources hold.
+pub fn without_claimed(local: Arc<Entity>, claimed: &[Supplied]) -> Arc<Entity> {
+    if !local
+        .attrs
+        .keys()
+        .any(|n| claimed.iter().any(|c| c.contains(n)))
+    {
+        return local;
+    }
+    let mut e = (*local).clone();
+    e.attrs
+        .retain(|n, _| !claimed.iter().any(|c| c.contains(n)));
+    Arc::new(e)
 }
 
 fn split(
@@ -528,17 +622,9 @@ pub async fn query(
     wanted: Option<&[String]>,
     request: QueryRequest<'_>,
     limit: usize,
-) -> (Vec<Contribution>, Vec<SourceFailure>) {
-    let ids: Vec<String> = query
-        .ids
-        .iter()
-        .cloned()
-        .chain(query.selectors.iter().filter_map(|s| s.id.clone()))
-        .collect();
-    let types = query.types.as_ref().or_else(|| {
-        // A body's selectors: any one of their types may be asked for.
-        query.selectors.iter().find_map(|s| s.types.as_ref())
-    });
+) -> Remote {
+    // A source answers at most a page of the broker's largest size.
+    let limit = limit.min(crate::query::MAX_LIMIT);
     let regs: Vec<_> = fwd
         .state
         .sources
@@ -546,7 +632,7 @@ pub async fn query(
         .into_iter()
         .filter(|r| r.allows("queryEntity") && !r.is_temporal_only())
         .filter_map(|r| {
-            let s = r.supplies_query(types, &ids, wanted)?;
+            let s = query_supplied(&r, query, wanted)?;
             Some((r, s))
         })
         .take(MAX_SOURCES)
@@ -557,13 +643,13 @@ pub async fn query(
         let answer = match request {
             QueryRequest::Get(qs) => {
                 let path = format!(
-                    "/entities?{qs}{}limit={limit}{local}",
+                    "/entities?{qs}{}limit={limit}&count=true{local}",
                     if qs.is_empty() { "" } else { "&" }
                 );
                 fwd.send(&reg, Method::GET, &path, None).await?
             }
             QueryRequest::Post(body) => {
-                let path = format!("/entityOperations/query?limit={limit}{local}");
+                let path = format!("/entityOperations/query?limit={limit}&count=true{local}");
                 fwd.send(
                     &reg,
                     Method::POST,
@@ -581,7 +667,7 @@ pub async fn query(
         let list = v
             .as_array()
             .ok_or_else(|| fwd.garbage(&reg, "an array of entities"))?;
-        let mut out = Vec::with_capacity(list.len());
+        let mut out = Vec::with_capacity(list.len().min(limit));
         for item in list.iter().take(limit) {
             out.push(Contribution {
                 registration: reg.clone(),
@@ -589,17 +675,44 @@ pub async fn query(
                 entity: fwd.entity(&reg, item)?,
             });
         }
-        Ok(out)
+        Ok((out, answer.count.unwrap_or(list.len())))
     });
-    let mut found = Vec::new();
-    let mut failed = Vec::new();
+    let mut remote = Remote::default();
     for r in join_all(asks).await {
         match r {
-            Ok(list) => found.extend(list),
-            Err(f) => failed.push(f),
+            Ok((list, count)) => {
+                remote.found.extend(list);
+                remote.counted += count;
+            }
+            Err(f) => remote.failed.push(f),
         }
     }
-    (found, failed)
+    remote
+}
+
+/// What the sources of a query answered.
+#[derive(Default)]
+pub struct Remote {
+    pub found: Vec<Contribution>,
+    pub failed: Vec<SourceFailure>,
+    /// The matches the sources counted, together.
+    pub counted: usize,
+}
+
+/// What a registration supplies to a query: for a body's selectors, to any
+/// one of them.
+fn query_supplied(
+    reg: &CompiledRegistration,
+    query: &borough_core::query::EntityQuery,
+    wanted: Option<&[String]>,
+) -> Option<Supplied> {
+    if query.selectors.is_empty() {
+        return reg.supplies_query(query.types.as_ref(), &query.ids, wanted);
+    }
+    query.selectors.iter().find_map(|s| {
+        let ids: Vec<String> = s.id.iter().cloned().collect();
+        reg.supplies_query(s.types.as_ref().or(query.types.as_ref()), &ids, wanted)
+    })
 }
 
 /// How the client asked its query, to ask the sources the same way.
@@ -611,16 +724,24 @@ pub enum QueryRequest<'a> {
 }
 
 /// The client's query string without the members this broker sets itself.
-pub fn forwarded_query_string(raw: Option<&str>) -> String {
+/// Entity reads drop the representation too: sources answer normalized,
+/// whole entities, and the merged result is represented as asked. Temporal
+/// reads keep it, as their answers are merged as they come.
+pub fn forwarded_query_string(raw: Option<&str>, keep_representation: bool) -> String {
     raw.unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
         .filter(|p| {
             let key = p.split_once('=').map_or(*p, |(k, _)| k);
-            !matches!(
+            let paging = matches!(
                 key,
                 "limit" | "offset" | "count" | "local" | "join" | "joinLevel"
-            )
+            );
+            let representation = matches!(
+                key,
+                "pick" | "omit" | "format" | "options" | "lang" | "geometryProperty"
+            );
+            !paging && (keep_representation || !representation)
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -719,7 +840,7 @@ pub async fn change(
                     "the source updated only part: {}",
                     String::from_utf8_lossy(&answer.body)
                         .chars()
-                        .take(300)
+                        .take(MAX_DETAIL)
                         .collect::<String>()
                 ),
                 warning: 299,
@@ -727,15 +848,7 @@ pub async fn change(
         }
         return Ok(());
     }
-    let detail = serde_json::from_slice::<Value>(&answer.body)
-        .ok()
-        .and_then(|v| {
-            v.get("detail")
-                .or_else(|| v.get("description"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let detail = problem_detail(&answer.body).unwrap_or_default();
     Err(SourceFailure {
         registration: reg.id().to_string(),
         endpoint: reg.endpoint.clone(),
@@ -800,6 +913,18 @@ pub async fn query_temporal(
         }
     });
     gather(join_all(asks).await)
+}
+
+/// Whether an entity a source answered (compact JSON) is of a type the
+/// caller may read (keys limited to some entity types).
+pub fn caller_may_read(entity: &Map<String, Value>, actx: &ActiveContext) -> bool {
+    let Some(allowed) = crate::auth::caller_entity_types() else {
+        return true;
+    };
+    as_list(entity.get("type").cloned().unwrap_or(Value::Null))
+        .iter()
+        .filter_map(Value::as_str)
+        .any(|t| allowed.iter().any(|a| *a == *actx.ctx.expand(t)))
 }
 
 fn temporal_answer(
@@ -876,11 +1001,17 @@ pub fn merge_temporal(into: &mut Map<String, Value>, other: Map<String, Value>) 
             }
             (a, b) => {
                 let mut instances = as_list(a);
+                let mut known: std::collections::HashSet<String> = instances
+                    .iter()
+                    .filter_map(|x| x.get("instanceId").and_then(Value::as_str))
+                    .map(str::to_string)
+                    .collect();
                 for inst in as_list(b) {
-                    let known = inst
-                        .get("instanceId")
-                        .is_some_and(|i| instances.iter().any(|x| x.get("instanceId") == Some(i)));
-                    if !known {
+                    let fresh = match inst.get("instanceId").and_then(Value::as_str) {
+                        Some(i) => known.insert(i.to_string()),
+                        None => true,
+                    };
+                    if fresh {
                         instances.push(inst);
                     }
                 }

@@ -62,6 +62,9 @@ pub struct ApiConfig {
     /// How long a failed context source is skipped when its registration
     /// sets no `management.cooldown`.
     pub source_cooldown: Duration,
+    /// The only hosts (`host` or `host:port`, lower case) context sources may
+    /// be registered at; empty: any host `outbound` allows.
+    pub source_hosts: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -76,6 +79,7 @@ impl Default for ApiConfig {
             outbound: Default::default(),
             source_timeout: Duration::from_secs(3),
             source_cooldown: Duration::from_secs(10),
+            source_hosts: Vec::new(),
         }
     }
 }

@@ -327,7 +327,7 @@ pub async fn query_entities(
         .into());
     }
     scope_to_caller(&mut query);
-    let remote = if crate::federation::route(&state, &tenant, &headers, &params)
+    let mut remote = if crate::federation::route(&state, &tenant, &headers, &params)
         == crate::federation::Route::Forward
     {
         let fwd = crate::federation::Forward {
@@ -336,22 +336,23 @@ pub async fn query_entities(
             headers: &headers,
             actx: &actx,
         };
-        let qs = crate::federation::forwarded_query_string(uri.query());
+        let qs = crate::federation::forwarded_query_string(uri.query(), false);
         crate::federation::query(
             &fwd,
             &query,
             opts.attrs.as_deref(),
             crate::federation::QueryRequest::Get(qs),
-            page.offset + page.limit + 1,
+            page.offset.saturating_add(page.limit).saturating_add(1),
         )
         .await
     } else {
         Default::default()
     };
+    let failed = std::mem::take(&mut remote.failed);
     let resp = respond(
-        &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri, remote.0,
+        &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri, remote,
     )?;
-    Ok(crate::federation::warn(resp, &remote.1))
+    Ok(crate::federation::warn(resp, &failed))
 }
 
 /// `POST /entityOperations/query`
@@ -384,7 +385,7 @@ pub async fn query_post(
         .into());
     }
     scope_to_caller(&mut query);
-    let remote = if crate::federation::route(&state, &tenant, &headers, &params)
+    let mut remote = if crate::federation::route(&state, &tenant, &headers, &params)
         == crate::federation::Route::Forward
     {
         let fwd = crate::federation::Forward {
@@ -398,16 +399,17 @@ pub async fn query_post(
             &query,
             opts.attrs.as_deref(),
             crate::federation::QueryRequest::Post(obj),
-            page.offset + page.limit + 1,
+            page.offset.saturating_add(page.limit).saturating_add(1),
         )
         .await
     } else {
         Default::default()
     };
+    let failed = std::mem::take(&mut remote.failed);
     let resp = respond(
-        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri, remote.0,
+        &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri, remote,
     )?;
-    Ok(crate::federation::warn(resp, &remote.1))
+    Ok(crate::federation::warn(resp, &failed))
 }
 
 /// One page of a query: the local store's, or, when sources answered too,
@@ -417,15 +419,17 @@ fn page_of(
     tenant: &str,
     query: &EntityQuery,
     page: Paging,
-    remote: Vec<crate::federation::Contribution>,
+    remote: crate::federation::Remote,
 ) -> borough_store::QueryPage {
     // One more than the page tells whether a next page exists.
-    if remote.is_empty() {
+    if remote.found.is_empty() {
         return state
             .store
             .query(tenant, query, page.offset, page.limit + 1, page.count);
     }
-    let want = page.offset + page.limit + 1;
+    let counted = remote.counted;
+    let remote = remote.found;
+    let want = page.offset.saturating_add(page.limit).saturating_add(1);
     let local = state.store.query(tenant, query, 0, want, page.count);
     let mut by_id: std::collections::BTreeMap<String, Vec<crate::federation::Contribution>> =
         Default::default();
@@ -433,10 +437,13 @@ fn page_of(
         by_id.entry(c.entity.id.clone()).or_default().push(c);
     }
     let mut merged: Vec<std::sync::Arc<borough_core::Entity>> = Vec::new();
+    // Entities held here and at a source: counted once.
+    let mut held_in_both = 0;
     for e in local.entities {
         match by_id.remove(&e.id) {
             None => merged.push(e),
             Some(found) => {
+                held_in_both += 1;
                 if let Some(m) = crate::federation::merge(Some(&e), found) {
                     merged.push(std::sync::Arc::new(m));
                 }
@@ -444,14 +451,12 @@ fn page_of(
         }
     }
     let allowed = crate::auth::caller_entity_types();
-    let mut remote_only = 0;
     for (_, found) in by_id {
         if let Some(m) = crate::federation::merge(None, found)
             && allowed
                 .as_ref()
                 .is_none_or(|a| m.types.iter().any(|t| a.contains(t)))
         {
-            remote_only += 1;
             merged.push(std::sync::Arc::new(m));
         }
     }
@@ -471,7 +476,12 @@ fn page_of(
         .collect();
     borough_store::QueryPage {
         entities,
-        total: local.total.map(|t| t + remote_only),
+        // The sources count their own matches; an entity held here and at a
+        // source beyond the first pages is counted twice (the count is then
+        // an upper bound).
+        total: local
+            .total
+            .map(|t| t.saturating_add(counted).saturating_sub(held_in_both)),
     }
 }
 
@@ -633,7 +643,7 @@ fn respond(
     rt: ResponseType,
     actx: &ActiveContext,
     uri: &Uri,
-    remote: Vec<crate::federation::Contribution>,
+    remote: crate::federation::Remote,
 ) -> ApiResult<Response> {
     let join = crate::join::join_param(params)?;
     let result = page_of(state, tenant, query, page, remote);

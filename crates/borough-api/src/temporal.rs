@@ -535,7 +535,7 @@ pub async fn retrieve(
             actx: &actx,
         };
         let types = local.as_ref().map(|h| h.types.as_slice());
-        let qs = federation::forwarded_query_string(uri.query());
+        let qs = federation::forwarded_query_string(uri.query(), true);
         (remote, failures) = federation::retrieve_temporal(&fwd, &id, types, &qs).await;
         remote.retain(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()));
     }
@@ -544,7 +544,18 @@ pub async fn retrieve(
             crate::auth::check_entity_types(&id, &h.types)?;
             (render(&h, &actx.ctx, &tp), h.truncated)
         }
-        None if !remote.is_empty() => (remote.remove(0), None),
+        None if !remote.is_empty() => {
+            let first = remote.remove(0);
+            if let Value::Object(m) = &first
+                && !federation::caller_may_read(m, &actx)
+            {
+                return Err(NgsiError::not_found(format!(
+                    "entity '{id}' has no temporal representation"
+                ))
+                .into());
+            }
+            (first, None)
+        }
         None => {
             let missing = crate::problem::ApiError(NgsiError::not_found(format!(
                 "entity '{id}' has no temporal representation"
@@ -716,8 +727,19 @@ async fn query_and_respond(
     let store = state.store.clone();
     let owned_tenant = tenant.to_string();
     let probe = tp.probe();
+    // With sources, the page is cut from the merged set: the local part is
+    // read from the start.
+    let local_page = if remote.is_empty() {
+        page
+    } else {
+        Paging {
+            offset: 0,
+            limit: page.offset.saturating_add(page.limit),
+            count: page.count,
+        }
+    };
     let sel = tokio::task::spawn_blocking(move || {
-        select(store.as_ref(), &owned_tenant, &query, &probe, page)
+        select(store.as_ref(), &owned_tenant, &query, &probe, local_page)
     })
     .await
     .map_err(|e| NgsiError::internal(format!("history read failed: {e}")))??;
@@ -739,25 +761,38 @@ async fn query_and_respond(
         }
         list.push(render(h, &actx.ctx, &tp));
     }
+    let (mut total, mut has_next) = (sel.total, sel.has_next);
     if !remote.is_empty() {
-        merge_remote(&mut list, remote, page.limit);
+        let held = list.len();
+        merge_remote(&mut list, remote, actx);
+        // Counted as far as the merged window reaches.
+        total = total.map(|t| t + list.len() - held);
+        has_next |= list.len() > page.offset.saturating_add(page.limit);
+        list = list
+            .into_iter()
+            .skip(page.offset)
+            .take(page.limit)
+            .collect();
     }
     let resp = respond(rt, Value::Array(list), actx, tenant, truncated);
     let result = borough_store::QueryPage {
         entities: Vec::new(),
-        total: sel.total,
+        total,
     };
-    Ok(crate::query::paged(resp, &result, sel.has_next, page, uri))
+    Ok(crate::query::paged(resp, &result, has_next, page, uri))
 }
 
-/// Merges the temporal entities sources answered into a page: an entity
-/// held here as well gets their instances; the others join the page, in id
-/// order, up to `limit`.
-fn merge_remote(list: &mut Vec<Value>, remote: Vec<Value>, limit: usize) {
+/// Merges the temporal entities sources answered into the local ones: an
+/// entity held here as well gets their instances; the others join, in id
+/// order. Entities of types the caller may not read are left out.
+fn merge_remote(list: &mut Vec<Value>, remote: Vec<Value>, actx: &ActiveContext) {
     for other in remote {
         let Value::Object(mut o) = other else {
             continue;
         };
+        if !federation::caller_may_read(&o, actx) {
+            continue;
+        }
         o.remove("@context");
         let id = o.get("id").cloned();
         match list.iter_mut().find(|e| e.get("id") == id.as_ref()) {
@@ -774,7 +809,6 @@ fn merge_remote(list: &mut Vec<Value>, remote: Vec<Value>, limit: usize) {
         };
         id(a).cmp(&id(b))
     });
-    list.truncate(limit);
 }
 
 /// `GET /temporal/entities`: with the sources registered for temporal
@@ -804,11 +838,13 @@ pub async fn query_get(
                 headers: &headers,
                 actx: &actx,
             };
-            let qs = federation::forwarded_query_string(uri.query());
+            let qs = federation::forwarded_query_string(uri.query(), true);
             let qs = format!(
                 "{qs}{}limit={}",
                 if qs.is_empty() { "" } else { "&" },
-                page.offset + page.limit
+                page.offset
+                    .saturating_add(page.limit)
+                    .min(crate::query::MAX_LIMIT)
             );
             federation::query_temporal(&fwd, &query, &qs).await
         } else {

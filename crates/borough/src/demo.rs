@@ -91,6 +91,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         context_timeout_secs: 3,
         source_timeout_ms: 3000,
         source_cooldown_secs: 10,
+        source_hosts: Vec::new(),
         bench_static_bytes: None,
         temporal_page_instances: borough_api::temporal::MAX_INSTANCES,
         max_pending_notices: 100_000,

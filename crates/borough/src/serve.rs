@@ -111,6 +111,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BOROUGH_ALLOW_OUTBOUND", value_name = "LIST", default_value = "",
           hide_default_value = true, value_parser = outbound_allowlist)]
     pub allow_outbound: borough_access::outbound::OutboundPolicy,
+    /// The only hosts context sources may be registered at, comma-separated
+    /// (host names or addresses, optionally with `:port`); empty: any host
+    /// --allow-outbound lets Borough reach.
+    #[arg(
+        long,
+        env = "BOROUGH_SOURCE_HOSTS",
+        value_name = "LIST",
+        default_value = "",
+        hide_default_value = true,
+        value_delimiter = ','
+    )]
+    pub source_hosts: Vec<String>,
     /// Serve /bench/static with a fixed body of this size (benchmark baseline only).
     #[arg(long, hide = true)]
     pub bench_static_bytes: Option<usize>,
@@ -245,6 +257,12 @@ pub async fn start(
         max_batch_body_bytes: args.max_batch_body_bytes,
         context_fetch_timeout: Duration::from_secs(args.context_timeout_secs),
         source_timeout: Duration::from_millis(args.source_timeout_ms.max(1)),
+        source_hosts: args
+            .source_hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
         source_cooldown: Duration::from_secs(args.source_cooldown_secs),
         bench_static_bytes: args.bench_static_bytes,
         temporal_page_instances: args.temporal_page_instances,

@@ -502,6 +502,31 @@ fn registrations_survive_a_crash_and_sources_must_be_allowed() {
         "{:?}",
         refused.body
     );
+
+    // With a list of source hosts, only those can be registered.
+    let dd = tempfile::tempdir().unwrap();
+    let listed = start(
+        dd.path(),
+        &["--source-hosts", "broker.transport.example,127.0.0.2:1026"],
+    );
+    let cl = client(&listed);
+    let refused = call(
+        &cl,
+        "POST",
+        "/csourceRegistrations",
+        Some(inclusive("Meter", &b.base)),
+    );
+    assert_eq!(refused.status, 400, "{:?}", refused.body);
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--source-hosts"),
+        "{:?}",
+        refused.body
+    );
+    register(&cl, inclusive("Meter", "http://broker.transport.example"));
+    register(&cl, inclusive("Meter", "http://127.0.0.2:1026/"));
 }
 
 #[test]
@@ -528,6 +553,36 @@ fn a_secured_source_is_reached_with_the_credential_its_registration_carries() {
     assert_eq!(refused.body, json!([]));
     let w = warnings(&refused);
     assert!(w.len() == 1 && w[0].starts_with("299 "), "{w:?}");
+    // A refusal is about the request, not the source: no cooldown.
+    let again = call(&ca, "GET", "/entities?type=Valve", None);
+    assert!(
+        !warnings(&again)[0].contains("cooling"),
+        "{:?}",
+        warnings(&again)
+    );
+    // A registration cannot have the broker hand it its clients' credentials.
+    let mut copying = inclusive("Valve", &b.base);
+    copying["contextSourceInfo"] =
+        json!([{"key": "Authorization", "value": "urn:ngsi-ld:request"}]);
+    let copying_id = register(&ca, copying);
+    let with_my_key = ca
+        .http
+        .get(format!("{}{NGSI}/entities?type=Valve", a.base))
+        .bearer_auth(&key)
+        .send()
+        .unwrap();
+    assert_eq!(
+        with_my_key.text().unwrap(),
+        "[]",
+        "the client's key reached the source"
+    );
+    let r = call(
+        &ca,
+        "DELETE",
+        &format!("/csourceRegistrations/{copying_id}"),
+        None,
+    );
+    assert_eq!(r.status, 204);
     // With it, in contextSourceInfo, the source answers.
     let mut with_key = inclusive("Valve", &b.base);
     with_key["contextSourceInfo"] =
