@@ -1,7 +1,9 @@
 //! Batch entity operations (ETSI GS CIM 009, clause 5.9): each entity succeeds
 //! or fails on its own; a mixed result is a 207 with a BatchOperationResult.
 
+use crate::distributed::{self, EntityWrite};
 use crate::entities::{context_of, options, with_tenant};
+use crate::federation::{self, Forward, Route, SourceFailure};
 use crate::problem::ApiResult;
 use crate::request::{BodyType, body_type, link_context, read_json, tenant};
 use crate::{AppState, SharedState, json_response};
@@ -20,17 +22,43 @@ type Params = Query<HashMap<String, String>>;
 /// One entry of a batch: an operation to run, or the entity id and the error that stopped it.
 type Slot = Result<EntityOp, (String, NgsiError)>;
 
+/// One entity of a batch: what the local store writes (`None`: context
+/// sources took all of it), and the sources that failed their part.
+struct Entry {
+    id: String,
+    slot: Option<Slot>,
+    failed: Vec<SourceFailure>,
+}
+
+impl From<Slot> for Entry {
+    fn from(slot: Slot) -> Entry {
+        let id = match &slot {
+            Ok(op) => op.entity_id().to_string(),
+            Err((id, _)) => id.clone(),
+        };
+        Entry {
+            id,
+            slot: Some(slot),
+            failed: Vec::new(),
+        }
+    }
+}
+
 struct Outcomes {
     ids: Vec<String>,
     results: Vec<NgsiResult<OpOutcome>>,
+    /// Per entity, the context sources that failed their part.
+    failed: Vec<Vec<SourceFailure>>,
 }
 
 impl Outcomes {
     /// Every entity done in full: no error, and no attribute left as it was.
     fn all_ok(&self) -> bool {
-        self.results
-            .iter()
-            .all(|r| matches!(r, Ok(o) if !matches!(o, OpOutcome::Partial { .. })))
+        self.failed.iter().all(Vec::is_empty)
+            && self
+                .results
+                .iter()
+                .all(|r| matches!(r, Ok(o) if !matches!(o, OpOutcome::Partial { .. })))
     }
 
     fn created(&self) -> Vec<&String> {
@@ -46,7 +74,17 @@ impl Outcomes {
     fn multi_status(&self, tenant: &str) -> Response {
         let mut success = Vec::new();
         let mut errors = Vec::new();
-        for (id, r) in self.ids.iter().zip(&self.results) {
+        for ((id, r), failed) in self.ids.iter().zip(&self.results).zip(&self.failed) {
+            for f in failed {
+                errors.push(json!({
+                    "entityId": id,
+                    "registrationId": f.registration,
+                    "error": crate::distributed::source_problem(f).to_problem(),
+                }));
+            }
+            if !failed.is_empty() && r.is_ok() {
+                continue;
+            }
             match r {
                 Ok(OpOutcome::Partial { not_updated, .. }) => {
                     let names: Vec<&str> = not_updated
@@ -104,14 +142,19 @@ async fn items(
     Ok((items, bt, link))
 }
 
-/// Parses each entity of a batch with `parse` into a slot.
+/// Parses each entity of a batch with `parse` into an entry; with
+/// registrations, what context sources hold of each entity goes to them
+/// first (`write`) and the rest is parsed for the local store.
 async fn slots(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    write: EntityWrite,
     parse: impl Fn(&Value, &borough_core::Context) -> NgsiResult<EntityOp>,
-) -> ApiResult<Vec<Slot>> {
+) -> ApiResult<Vec<Entry>> {
+    let tenant = tenant(headers)?;
     let (items, bt, link) = items(state, headers, body).await?;
+    let forward = federation::route(state, &tenant, headers, &HashMap::new()) == Route::Forward;
     let mut out = Vec::with_capacity(items.len());
     for mut item in items {
         let id = item
@@ -119,31 +162,70 @@ async fn slots(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let slot = match context_of(state, bt, link.as_deref(), &mut item).await {
-            Ok(actx) => match parse(&item, &actx.ctx) {
-                Ok(op) => Ok(op),
-                Err(e) => Err((id, e)),
-            },
-            Err(e) => Err((id, e.0)),
+        let actx = match context_of(state, bt, link.as_deref(), &mut item).await {
+            Ok(actx) => actx,
+            Err(e) => {
+                out.push(Entry::from(Err((id, e.0))));
+                continue;
+            }
         };
-        out.push(slot);
+        // The whole entity is checked before any of it is sent anywhere.
+        let op = match parse(&item, &actx.ctx) {
+            Ok(op) => op,
+            Err(e) => {
+                out.push(Entry::from(Err((id, e))));
+                continue;
+            }
+        };
+        let Value::Object(body) = &item else {
+            out.push(Entry::from(Ok(op)));
+            continue;
+        };
+        if !forward {
+            out.push(Entry::from(Ok(op)));
+            continue;
+        }
+        let fwd = Forward {
+            state,
+            tenant: &tenant,
+            headers,
+            actx: &actx,
+        };
+        match distributed::entity_write(&fwd, write, &id, body).await {
+            Ok(left) if !left.forwarded => out.push(Entry::from(Ok(op))),
+            Ok(left) => out.push(Entry {
+                slot: left
+                    .body
+                    .map(|v| parse(&v, &actx.ctx).map_err(|e| (id.clone(), e))),
+                id,
+                failed: left.failed,
+            }),
+            Err(e) => out.push(Entry::from(Err((id, e)))),
+        }
     }
     Ok(out)
 }
 
 /// Runs the operations of a batch in one write and lines the results up with the entities.
-async fn run(state: &AppState, tenant: &str, slots: Vec<Slot>) -> ApiResult<Outcomes> {
-    let mut ids = Vec::with_capacity(slots.len());
+async fn run(state: &AppState, tenant: &str, entries: Vec<Entry>) -> ApiResult<Outcomes> {
+    let mut ids = Vec::with_capacity(entries.len());
     let mut ops = Vec::new();
-    let mut placement = Vec::with_capacity(slots.len());
-    for slot in slots {
-        match slot {
-            Ok(op) => {
+    let mut placement = Vec::with_capacity(entries.len());
+    let mut failed = Vec::with_capacity(entries.len());
+    for entry in entries {
+        failed.push(entry.failed);
+        match entry.slot {
+            Some(Ok(op)) => {
                 ids.push(op.entity_id().to_string());
-                placement.push(Ok(ops.len()));
+                placement.push(Ok(Some(ops.len())));
                 ops.push(op);
             }
-            Err((id, e)) => {
+            // Context sources took all of it.
+            None => {
+                ids.push(entry.id);
+                placement.push(Ok(None));
+            }
+            Some(Err((id, e))) => {
                 ids.push(id);
                 placement.push(Err(e));
             }
@@ -161,14 +243,19 @@ async fn run(state: &AppState, tenant: &str, slots: Vec<Slot>) -> ApiResult<Outc
     let results = placement
         .into_iter()
         .map(|p| match p {
-            Ok(i) => written
+            Ok(Some(i)) => written
                 .get_mut(i)
                 .and_then(Option::take)
                 .unwrap_or_else(|| Err(NgsiError::internal("the store returned too few results"))),
+            Ok(None) => Ok(OpOutcome::Updated),
             Err(e) => Err(e),
         })
         .collect();
-    Ok(Outcomes { ids, results })
+    Ok(Outcomes {
+        ids,
+        results,
+        failed,
+    })
 }
 
 fn no_content(tenant: &str) -> Response {
@@ -182,7 +269,7 @@ pub async fn create(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let slots = slots(&state, &headers, body, |v, ctx| {
+    let slots = slots(&state, &headers, body, EntityWrite::Create, |v, ctx| {
         Ok(EntityOp::Create(parse_entity(v, ctx, 0)?))
     })
     .await?;
@@ -207,7 +294,7 @@ pub async fn upsert(
     let replace = options(&params, &["update", "replace"])?
         .last()
         .is_some_and(|o| o == "replace");
-    let slots = slots(&state, &headers, body, |v, ctx| {
+    let slots = slots(&state, &headers, body, EntityWrite::Upsert, |v, ctx| {
         Ok(EntityOp::Upsert {
             entity: parse_entity(v, ctx, 0)?,
             replace,
@@ -253,7 +340,8 @@ pub async fn update(
     let no_overwrite = options(&params, &["noOverwrite"])?
         .iter()
         .any(|o| o == "noOverwrite");
-    let slots = slots(&state, &headers, body, |v, ctx| {
+    let write = EntityWrite::Update { no_overwrite };
+    let slots = slots(&state, &headers, body, write, |v, ctx| {
         let (id, frag) = fragment_op(v, ctx, ParseMode::Full)?;
         Ok(EntityOp::Append {
             id,
@@ -277,7 +365,7 @@ pub async fn merge(
     body: Body,
 ) -> ApiResult<Response> {
     let tenant = tenant(&headers)?;
-    let slots = slots(&state, &headers, body, |v, ctx| {
+    let slots = slots(&state, &headers, body, EntityWrite::Merge, |v, ctx| {
         let (id, patch) = fragment_op(v, ctx, ParseMode::Patch)?;
         Ok(EntityOp::Merge { id, patch })
     })
@@ -311,7 +399,42 @@ pub async fn delete(
             )),
         })
         .collect::<Vec<Slot>>();
-    let out = run(&state, &tenant, slots).await?;
+    let mut entries: Vec<Entry> = slots.into_iter().map(Entry::from).collect();
+    // Sources registered for an entity delete their part first.
+    let mut removed_at_sources = vec![0; entries.len()];
+    if federation::route(&state, &tenant, &headers, &HashMap::new()) == Route::Forward {
+        let actx = crate::contexts::ActiveContext::core();
+        let fwd = Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        for (entry, removed) in entries.iter_mut().zip(&mut removed_at_sources) {
+            if !matches!(entry.slot, Some(Ok(_))) {
+                continue;
+            }
+            if let Some(local) = state.store.get(&tenant, &entry.id)
+                && let Err(e) = crate::auth::check_entity_types(&entry.id, &local.types)
+            {
+                entry.slot = Some(Err((entry.id.clone(), e)));
+                continue;
+            }
+            if let Some((n, failed)) = distributed::delete_entity(&fwd, &entry.id).await {
+                *removed = n;
+                entry.failed = failed;
+            }
+        }
+    }
+    let mut out = run(&state, &tenant, entries).await?;
+    // An entity held only by sources is deleted once they deleted it.
+    for (r, removed) in out.results.iter_mut().zip(removed_at_sources) {
+        if removed > 0
+            && matches!(r, Err(e) if e.kind == borough_core::ProblemKind::ResourceNotFound)
+        {
+            *r = Ok(OpOutcome::Deleted);
+        }
+    }
     Ok(if out.all_ok() {
         no_content(&tenant)
     } else {

@@ -164,7 +164,7 @@ pub fn fragment_for(
     reg: &CompiledRegistration,
     fragment: &Map<String, Value>,
     names: &[String],
-) -> Value {
+) -> Map<String, Value> {
     let ctx = fwd.names(reg);
     let mut out = Map::new();
     for (key, value) in fragment {
@@ -173,7 +173,7 @@ pub fn fragment_for(
             out.insert(ctx.compact(&expanded).into_owned(), value.clone());
         }
     }
-    Value::Object(out)
+    out
 }
 
 /// The path of one entity (and below) at a source.
@@ -372,4 +372,153 @@ pub fn batch_result(fwd: &Forward<'_>, id: &str, done: bool, failed: &[SourceFai
         typed_json_response(StatusCode::MULTI_STATUS, &body, "application/json"),
         fwd.tenant,
     )
+}
+
+/// How a whole entity's change reaches its sources: a creation, or a
+/// batch's upsert, update or merge, each forwarded as the entity-level
+/// operation a source takes (clause 5.6.7.4: one entity at a time when the
+/// source does not take the batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntityWrite {
+    Create,
+    Upsert,
+    Update { no_overwrite: bool },
+    Merge,
+}
+
+impl EntityWrite {
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Create => "createEntity",
+            Self::Upsert | Self::Update { .. } => "updateEntity",
+            Self::Merge => "mergeEntity",
+        }
+    }
+
+    /// The request that gives a source its part of entity `id`.
+    fn request(
+        self,
+        id: &str,
+        mut part: Map<String, Value>,
+        type_value: Option<&Value>,
+    ) -> (Method, String, Option<Value>) {
+        match self {
+            Self::Create => {
+                part.insert("id".into(), json!(id));
+                if let Some(t) = type_value {
+                    part.insert("type".into(), t.clone());
+                }
+                (Method::POST, "/entities".into(), Some(Value::Object(part)))
+            }
+            Self::Upsert => (
+                Method::POST,
+                entity_path(id, "/attrs"),
+                Some(Value::Object(part)),
+            ),
+            Self::Update { no_overwrite } => {
+                let query = if no_overwrite {
+                    "?options=noOverwrite"
+                } else {
+                    ""
+                };
+                (
+                    Method::POST,
+                    entity_path(id, &format!("/attrs{query}")),
+                    Some(Value::Object(part)),
+                )
+            }
+            Self::Merge => (
+                Method::PATCH,
+                entity_path(id, ""),
+                Some(Value::Object(part)),
+            ),
+        }
+    }
+
+    /// Whether the local store still writes the entity when sources took all
+    /// of its attributes: a creation or an upsert makes the entity here.
+    fn writes_shell(self) -> bool {
+        matches!(self, Self::Create | Self::Upsert)
+    }
+}
+
+/// What is left of an entity's change once its sources have their part.
+pub struct Remainder {
+    /// The body the local store writes; `None`: nothing is left for it.
+    pub body: Option<Value>,
+    /// Sources that failed their part.
+    pub failed: Vec<SourceFailure>,
+    /// Whether some source took part of the change.
+    pub forwarded: bool,
+}
+
+/// Forwards what sources hold of one entity's change (`body`: the entity or
+/// fragment as the client wrote it, without `@context`); answers what is
+/// left to write here. A Conflict when a source holding some of it does not
+/// take the operation.
+pub async fn entity_write(
+    fwd: &Forward<'_>,
+    write: EntityWrite,
+    id: &str,
+    body: &Map<String, Value>,
+) -> Result<Remainder, NgsiError> {
+    let keep = |k: &str| matches!(k, "id" | "type" | "scope" | "@context");
+    let names: Vec<String> = body
+        .keys()
+        .filter(|k| !keep(k))
+        .map(|k| fwd.actx.ctx.expand(k).into_owned())
+        .collect();
+    let local_types = fwd.state.store.get(fwd.tenant, id).map(|e| e.types.clone());
+    if let Some(types) = &local_types {
+        crate::auth::check_entity_types(id, types)?;
+    }
+    let body_types: Option<Vec<String>> = body.get("type").map(|t| {
+        let list = match t {
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>(),
+            Value::String(s) => vec![s.as_str()],
+            _ => Vec::new(),
+        };
+        list.iter()
+            .map(|t| fwd.actx.ctx.expand(t).into_owned())
+            .collect()
+    });
+    let types = local_types.or(body_types);
+    let split = split(fwd, write.operation(), id, types.as_deref(), &names);
+    if !split.involves_sources() {
+        return Ok(Remainder {
+            body: Some(Value::Object(body.clone())),
+            failed: Vec::new(),
+            forwarded: false,
+        });
+    }
+    if !split.conflicts.is_empty() {
+        return Err(conflict_problem(fwd, &split.conflicts));
+    }
+    let targets: Vec<_> = split
+        .proxied
+        .iter()
+        .chain(&split.inclusive)
+        .cloned()
+        .collect();
+    let outcome = send_all(fwd, targets, |reg, names| {
+        write.request(id, fragment_for(fwd, reg, body, names), body.get("type"))
+    })
+    .await;
+    let mut failed: Vec<SourceFailure> = Vec::new();
+    for (_, f) in outcome.failed {
+        if !failed.iter().any(|g| g.registration == f.registration) {
+            failed.push(f);
+        }
+    }
+    let left = !split.local.is_empty() || write.writes_shell();
+    let body = left.then(|| {
+        let mut kept = body.clone();
+        kept.retain(|k, _| keep(k) || split.local.iter().any(|n| *n == *fwd.actx.ctx.expand(k)));
+        Value::Object(kept)
+    });
+    Ok(Remainder {
+        body,
+        failed,
+        forwarded: true,
+    })
 }

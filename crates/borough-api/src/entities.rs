@@ -212,8 +212,32 @@ pub async fn create(
     let tenant = tenant(&headers)?;
     let (v, actx) =
         body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
-    let entity = parse_entity(&v, &actx.ctx, 0)?;
+    let mut entity = parse_entity(&v, &actx.ctx, 0)?;
     let location = format!("/ngsi-ld/v1/entities/{}", encode_path_segment(&entity.id));
+    let mut failed = Vec::new();
+    if federation::route(&state, &tenant, &headers, &HashMap::new()) == Route::Forward
+        && let Value::Object(body) = &v
+    {
+        let fwd = Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        let id = entity.id.clone();
+        let left =
+            distributed::entity_write(&fwd, distributed::EntityWrite::Create, &id, body).await?;
+        if left.forwarded {
+            failed = left.failed;
+            if let Some(body) = left.body {
+                entity = parse_entity(&body, &actx.ctx, 0)?;
+            }
+        }
+        if !failed.is_empty() {
+            write_one(&state, &tenant, EntityOp::Create(entity)).await?;
+            return Ok(distributed::batch_result(&fwd, &id, true, &failed));
+        }
+    }
     write_one(&state, &tenant, EntityOp::Create(entity)).await?;
     let mut resp = StatusCode::CREATED.into_response();
     if let Ok(l) = HeaderValue::from_str(&location) {
@@ -627,7 +651,9 @@ async fn distribute_fragment(
         (
             change.method.clone(),
             path,
-            Some(distributed::fragment_for(&fwd, reg, &fragment, names)),
+            Some(Value::Object(distributed::fragment_for(
+                &fwd, reg, &fragment, names,
+            ))),
         )
     })
     .await;

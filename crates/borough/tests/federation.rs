@@ -762,3 +762,108 @@ fn auxiliary_sources_only_fill_gaps_and_redirect_sources_take_every_change() {
         );
     }
 }
+
+#[test]
+fn creations_and_batches_give_sources_their_attributes() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (start(da.path(), &[]), start(db.path(), &[]));
+    let (ca, cb) = (client(&a), client(&b));
+    let light = "urn:ngsi-ld:Streetlight:20";
+    register(
+        &ca,
+        json!({
+            "type": "ContextSourceRegistration",
+            "information": [{"entities": [{"id": light, "type": "Streetlight"}], "propertyNames": ["switch"]}],
+            "endpoint": b.base,
+            "mode": "exclusive",
+            "operations": ["createEntity", "updateOps", "retrieveOps", "deleteEntity"],
+        }),
+    );
+    let made = call(
+        &ca,
+        "POST",
+        "/entities",
+        Some(
+            json!({"id": light, "type": "Streetlight", "switch": {"type": "Property", "value": "off"}, "power": {"type": "Property", "value": 10}}),
+        ),
+    );
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let at_source = call(&cb, "GET", &format!("/entities/{light}"), None);
+    assert_eq!(at_source.body["switch"]["value"], "off");
+    assert!(
+        at_source.body.get("power").is_none(),
+        "{:?}",
+        at_source.body
+    );
+    let here = call(&ca, "GET", &format!("/entities/{light}?local=true"), None);
+    assert_eq!(here.body["power"]["value"], 10);
+    assert!(here.body.get("switch").is_none(), "{:?}", here.body);
+
+    // A batch upsert splits each entity the same way.
+    let other = "urn:ngsi-ld:Streetlight:21";
+    let upsert = call(
+        &ca,
+        "POST",
+        "/entityOperations/upsert",
+        Some(json!([
+            {"id": light, "type": "Streetlight", "switch": {"type": "Property", "value": "on"}, "power": {"type": "Property", "value": 15}},
+            {"id": other, "type": "Streetlight", "power": {"type": "Property", "value": 3}},
+        ])),
+    );
+    assert!(
+        matches!(upsert.status, 201 | 204),
+        "{} {:?}",
+        upsert.status,
+        upsert.body
+    );
+    assert_eq!(
+        call(&cb, "GET", &format!("/entities/{light}"), None).body["switch"]["value"],
+        "on"
+    );
+    let merged = call(&ca, "GET", &format!("/entities/{light}"), None);
+    assert_eq!(merged.body["switch"]["value"], "on");
+    assert_eq!(merged.body["power"]["value"], 15);
+    assert_eq!(
+        call(&ca, "GET", &format!("/entities/{other}"), None).body["power"]["value"],
+        3
+    );
+    assert_eq!(
+        call(&cb, "GET", &format!("/entities/{other}"), None).status,
+        404
+    );
+
+    // A batch delete removes the entity here and at its source.
+    let deleted = call(
+        &ca,
+        "POST",
+        "/entityOperations/delete",
+        Some(json!([light])),
+    );
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    assert_eq!(
+        call(&cb, "GET", &format!("/entities/{light}"), None).status,
+        404
+    );
+    assert_eq!(
+        call(&ca, "GET", &format!("/entities/{light}"), None).status,
+        404
+    );
+
+    // With the source gone, a batch reports the entity's failed part by registration.
+    drop(b);
+    let partial = call(
+        &ca,
+        "POST",
+        "/entityOperations/upsert",
+        Some(
+            json!([{"id": light, "type": "Streetlight", "switch": {"type": "Property", "value": "on"}, "power": {"type": "Property", "value": 1}}]),
+        ),
+    );
+    assert_eq!(partial.status, 207, "{:?}", partial.body);
+    assert_eq!(partial.body["errors"][0]["entityId"], light);
+    assert!(
+        partial.body["errors"][0]["registrationId"].is_string(),
+        "{:?}",
+        partial.body
+    );
+}
