@@ -10,7 +10,8 @@ use crate::query::paging;
 use crate::request::{
     ResponseType, encode_path_segment, link_context, list_param, negotiate, tenant,
 };
-use crate::{AppState, SharedState, typed_json_response};
+use crate::subscriptions::{context_record, respond};
+use crate::{AppState, SharedState};
 use axum::body::Body;
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -331,15 +332,6 @@ fn bad(detail: impl Into<String>) -> NgsiError {
     NgsiError::bad_data(detail.into())
 }
 
-async fn context_record(
-    state: &AppState,
-    actx: &ActiveContext,
-) -> ApiResult<(Value, Vec<Map<String, Value>>)> {
-    let value = actx.source.as_value();
-    let objects = state.contexts.objects(&value).await?;
-    Ok((value, objects))
-}
-
 /// Whether the operator's list of source hosts (`--source-hosts`) admits
 /// `uri`; an empty list admits any host.
 pub fn source_host_allowed(state: &AppState, uri: &str) -> bool {
@@ -419,6 +411,52 @@ fn check_conflicts(state: &AppState, tenant: &str, reg: &CompiledRegistration) -
     Ok(())
 }
 
+/// The id a creation names in its body (taken out of it), or a new one.
+fn new_id(
+    body: &mut Map<String, Value>,
+    what: &str,
+    urn_type: &str,
+    now: i64,
+) -> ApiResult<String> {
+    match body.remove("id") {
+        Some(Value::String(id)) => {
+            check_uri(&format!("{what} id"), &id)?;
+            Ok(id)
+        }
+        Some(_) => Err(bad(format!("{what} id must be a string")).into()),
+        None => Ok(format!(
+            "urn:ngsi-ld:{urn_type}:{:x}{:04x}",
+            now,
+            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
+        )),
+    }
+}
+
+/// 201 with the new resource's Location.
+fn created(collection: &str, id: &str, tenant: &str) -> Response {
+    let mut resp = StatusCode::CREATED.into_response();
+    if let Ok(l) = HeaderValue::from_str(&format!(
+        "/ngsi-ld/v1/{collection}/{}",
+        encode_path_segment(id)
+    )) {
+        resp.headers_mut().insert(header::LOCATION, l);
+    }
+    with_tenant(resp, tenant)
+}
+
+/// Writes a record of the registry durably.
+async fn store<T: serde::Serialize>(
+    state: &AppState,
+    kind: RecordKind,
+    tenant: &str,
+    id: &str,
+    record: &T,
+) -> ApiResult<()> {
+    let bytes = serde_json::to_vec(record)
+        .map_err(|e| NgsiError::internal(format!("cannot store '{id}': {e}")))?;
+    state.sources.persist(kind, tenant, id, Some(bytes)).await
+}
+
 /// `POST /csourceRegistrations`
 pub async fn create(
     State(state): State<SharedState>,
@@ -432,18 +470,7 @@ pub async fn create(
         return Err(bad("a registration must be a JSON object").into());
     };
     let now = now_micros();
-    let id = match body.remove("id") {
-        Some(Value::String(id)) => {
-            check_uri("registration id", &id)?;
-            id
-        }
-        Some(_) => return Err(bad("registration id must be a string").into()),
-        None => format!(
-            "urn:ngsi-ld:ContextSourceRegistration:{:x}{:04x}",
-            now,
-            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
-        ),
-    };
+    let id = new_id(&mut body, "registration", "ContextSourceRegistration", now)?;
     let (context, context_objects) = context_record(&state, &actx).await?;
     let record = RegistrationRecord {
         id: id.clone(),
@@ -472,12 +499,7 @@ pub async fn create(
         .into());
     }
     check_conflicts(&state, &tenant, &compiled)?;
-    let bytes = serde_json::to_vec(&record)
-        .map_err(|e| NgsiError::internal(format!("cannot store the registration: {e}")))?;
-    state
-        .sources
-        .persist(RecordKind::Registration, &tenant, &id, Some(bytes))
-        .await?;
+    store(&state, RecordKind::Registration, &tenant, &id, &record).await?;
     let compiled = Arc::new(compiled);
     state
         .sources
@@ -486,14 +508,7 @@ pub async fn create(
         .unwrap_or_else(poisoned)
         .insert((tenant.clone(), id.clone()), compiled.clone());
     notify_change(&state, &tenant, None, Some(&compiled));
-    let mut resp = StatusCode::CREATED.into_response();
-    if let Ok(l) = HeaderValue::from_str(&format!(
-        "/ngsi-ld/v1/csourceRegistrations/{}",
-        encode_path_segment(&id)
-    )) {
-        resp.headers_mut().insert(header::LOCATION, l);
-    }
-    Ok(with_tenant(resp, &tenant))
+    Ok(created("csourceRegistrations", &id, &tenant))
 }
 
 /// A registration as clients read it: what they wrote, with the broker's
@@ -541,28 +556,6 @@ pub fn render(
         out.insert("@context".into(), reg.record.context.clone());
     }
     Value::Object(out)
-}
-
-/// An answer about registrations, with the context in a `Link` header for JSON.
-fn respond(rt: ResponseType, body: &Value, tenant: &str, context: &Value) -> Response {
-    if rt == ResponseType::LdJson {
-        return with_tenant(
-            typed_json_response(StatusCode::OK, body, "application/ld+json"),
-            tenant,
-        );
-    }
-    let mut resp = typed_json_response(StatusCode::OK, body, "application/json");
-    let url = match context {
-        Value::String(u) => u.as_str(),
-        _ => borough_core::context::CORE_CONTEXT_URL,
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "<{url}>; rel=\"{}\"; type=\"application/ld+json\"",
-        crate::request::JSONLD_CONTEXT_REL
-    )) {
-        resp.headers_mut().insert(header::LINK, v);
-    }
-    with_tenant(resp, tenant)
 }
 
 /// The selection of `GET /csourceRegistrations` (clause 5.10.2).
@@ -803,25 +796,14 @@ pub async fn update(
     // the version this change was made from.
     let old = find(&state, &tenant, &id)?;
     let mut record = old.record.clone();
-    for (k, v) in patch {
-        match k.as_str() {
-            "id" if v != json!(id) => {
-                return Err(bad("a registration's id cannot change").into());
-            }
-            "type" if v != json!("ContextSourceRegistration") => {
-                return Err(bad("a registration's type cannot change").into());
-            }
-            "id" | "type" => {}
-            _ if v.is_null() => {
-                record.body.remove(&k);
-            }
-            _ => {
-                record.body.insert(k, v);
-            }
-        }
-    }
-    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
-        let (context, objects) = context_record(&state, &actx).await?;
+    patch_body(
+        &mut record.body,
+        patch,
+        &id,
+        "registration",
+        Some("ContextSourceRegistration"),
+    )?;
+    if let Some((context, objects)) = context_update(&state, &headers, &actx).await? {
         record.context = context;
         record.context_objects = objects;
     }
@@ -834,12 +816,7 @@ pub async fn update(
         return Err(changed_meanwhile("registration", &id).into());
     }
     check_conflicts(&state, &tenant, &compiled)?;
-    let bytes = serde_json::to_vec(&record)
-        .map_err(|e| NgsiError::internal(format!("cannot store the registration: {e}")))?;
-    state
-        .sources
-        .persist(RecordKind::Registration, &tenant, &id, Some(bytes))
-        .await?;
+    store(&state, RecordKind::Registration, &tenant, &id, &record).await?;
     let compiled = Arc::new(compiled);
     state
         .sources
@@ -849,6 +826,49 @@ pub async fn update(
         .insert((tenant.clone(), id.clone()), compiled.clone());
     notify_change(&state, &tenant, Some(&old), Some(&compiled));
     Ok(with_tenant(StatusCode::NO_CONTENT.into_response(), &tenant))
+}
+
+/// Applies an update's members to a stored body (clause 5.5.8): each
+/// replaces its namesake, `null` removes it; the id, and a fixed `type`,
+/// cannot change; `status` is the broker's.
+fn patch_body(
+    body: &mut Map<String, Value>,
+    patch: Map<String, Value>,
+    id: &str,
+    what: &str,
+    fixed_type: Option<&str>,
+) -> ApiResult<()> {
+    for (k, v) in patch {
+        match (k.as_str(), fixed_type) {
+            ("id", _) if v != json!(id) => {
+                return Err(bad(format!("a {what}'s id cannot change")).into());
+            }
+            ("type", Some(t)) if v != json!(t) => {
+                return Err(bad(format!("a {what}'s type cannot change")).into());
+            }
+            ("id" | "status", _) | ("type", Some(_)) => {}
+            _ if v.is_null() => {
+                body.remove(&k);
+            }
+            _ => {
+                body.insert(k, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The context an update brings, resolved, when it brings one: it replaces
+/// the stored one.
+async fn context_update(
+    state: &AppState,
+    headers: &HeaderMap,
+    actx: &ActiveContext,
+) -> ApiResult<Option<(Value, Vec<Map<String, Value>>)>> {
+    if link_context(headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
+        return Ok(Some(context_record(state, actx).await?));
+    }
+    Ok(None)
 }
 
 /// A 409 for an update that lost the race with another one.
@@ -1087,18 +1107,7 @@ pub async fn subscribe(
         return Err(bad("a subscription must be a JSON object").into());
     };
     let now = now_micros();
-    let id = match body.remove("id") {
-        Some(Value::String(id)) => {
-            check_uri("subscription id", &id)?;
-            id
-        }
-        Some(_) => return Err(bad("subscription id must be a string").into()),
-        None => format!(
-            "urn:ngsi-ld:Subscription:{:x}{:04x}",
-            now,
-            NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
-        ),
-    };
+    let id = new_id(&mut body, "subscription", "Subscription", now)?;
     body.remove("status");
     borough_core::subscription::normalize_body(&mut body);
     let (context, context_objects) = context_record(&state, &actx).await?;
@@ -1136,17 +1145,14 @@ pub async fn subscribe(
         )
         .into());
     }
-    let bytes = serde_json::to_vec(&record)
-        .map_err(|e| NgsiError::internal(format!("cannot store the subscription: {e}")))?;
-    state
-        .sources
-        .persist(
-            RecordKind::RegistrationSubscription,
-            &tenant,
-            &id,
-            Some(bytes),
-        )
-        .await?;
+    store(
+        &state,
+        RecordKind::RegistrationSubscription,
+        &tenant,
+        &id,
+        &record,
+    )
+    .await?;
     let sub = Arc::new(RegistrationSubscription {
         compiled,
         stats: Mutex::default(),
@@ -1168,14 +1174,7 @@ pub async fn subscribe(
     if !matching.is_empty() && sub.compiled.is_active {
         deliver(&state, &tenant, &id, &sub, "newlyMatching", matching);
     }
-    let mut resp = StatusCode::CREATED.into_response();
-    if let Ok(l) = HeaderValue::from_str(&format!(
-        "/ngsi-ld/v1/csourceSubscriptions/{}",
-        encode_path_segment(&id)
-    )) {
-        resp.headers_mut().insert(header::LOCATION, l);
-    }
-    Ok(with_tenant(resp, &tenant))
+    Ok(created("csourceSubscriptions", &id, &tenant))
 }
 
 fn find_subscription(
@@ -1260,22 +1259,8 @@ pub async fn update_subscription(
     borough_core::subscription::normalize_body(&mut patch);
     let old = find_subscription(&state, &tenant, &id)?;
     let mut record = old.compiled.record.clone();
-    for (k, v) in patch {
-        match k.as_str() {
-            "id" if v != json!(id) => {
-                return Err(bad("a subscription's id cannot change").into());
-            }
-            "id" | "status" => {}
-            _ if v.is_null() => {
-                record.body.remove(&k);
-            }
-            _ => {
-                record.body.insert(k, v);
-            }
-        }
-    }
-    if link_context(&headers)?.is_some() || actx.source != crate::contexts::ContextSource::Core {
-        let (context, objects) = context_record(&state, &actx).await?;
+    patch_body(&mut record.body, patch, &id, "subscription", None)?;
+    if let Some((context, objects)) = context_update(&state, &headers, &actx).await? {
         record.context = context;
         record.context_objects = objects;
     }
@@ -1292,17 +1277,14 @@ pub async fn update_subscription(
     {
         return Err(changed_meanwhile("subscription", &id).into());
     }
-    let bytes = serde_json::to_vec(&record)
-        .map_err(|e| NgsiError::internal(format!("cannot store the subscription: {e}")))?;
-    state
-        .sources
-        .persist(
-            RecordKind::RegistrationSubscription,
-            &tenant,
-            &id,
-            Some(bytes),
-        )
-        .await?;
+    store(
+        &state,
+        RecordKind::RegistrationSubscription,
+        &tenant,
+        &id,
+        &record,
+    )
+    .await?;
     let stats = old.stats.lock().unwrap_or_else(poisoned).clone();
     state
         .sources

@@ -32,6 +32,15 @@ pub struct Split {
 }
 
 impl Split {
+    /// Every source that gets part of the change, with its part.
+    pub fn targets(&self) -> Vec<(Arc<CompiledRegistration>, Vec<String>)> {
+        self.proxied
+            .iter()
+            .chain(&self.inclusive)
+            .cloned()
+            .collect()
+    }
+
     pub fn involves_sources(&self) -> bool {
         !self.proxied.is_empty() || !self.inclusive.is_empty() || !self.conflicts.is_empty()
     }
@@ -301,12 +310,7 @@ pub async fn attribute_change(
     if !split.conflicts.is_empty() {
         return Err(conflict_problem(fwd, &split.conflicts).into());
     }
-    let targets: Vec<_> = split
-        .proxied
-        .iter()
-        .chain(&split.inclusive)
-        .cloned()
-        .collect();
+    let targets = split.targets();
     let outcome = send_all(fwd, targets, |reg, _| {
         let name = fwd.names(reg).compact(attr).into_owned();
         let path = entity_path(id, &format!("/attrs/{}{query}", encode_path_segment(&name)));
@@ -494,12 +498,7 @@ pub async fn entity_write(
     if !split.conflicts.is_empty() {
         return Err(conflict_problem(fwd, &split.conflicts));
     }
-    let targets: Vec<_> = split
-        .proxied
-        .iter()
-        .chain(&split.inclusive)
-        .cloned()
-        .collect();
+    let targets = split.targets();
     let outcome = send_all(fwd, targets, |reg, names| {
         write.request(id, fragment_for(fwd, reg, body, names), body.get("type"))
     })

@@ -640,12 +640,7 @@ async fn distribute_fragment(
         return Ok(None);
     }
     let fragment = body.as_object().cloned().unwrap_or_default();
-    let targets: Vec<_> = split
-        .proxied
-        .iter()
-        .chain(&split.inclusive)
-        .cloned()
-        .collect();
+    let targets = split.targets();
     let outcome = distributed::send_all(&fwd, targets, |reg, names| {
         let path = distributed::entity_path(id, &format!("{}{}", change.path, change.query));
         (

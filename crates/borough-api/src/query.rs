@@ -327,32 +327,67 @@ pub async fn query_entities(
         .into());
     }
     scope_to_caller(&mut query);
-    let mut remote = if crate::federation::route(&state, &tenant, &headers, &params)
-        == crate::federation::Route::Forward
-    {
-        let fwd = crate::federation::Forward {
-            state: &state,
-            tenant: &tenant,
-            headers: &headers,
-            actx: &actx,
-        };
-        let qs = crate::federation::forwarded_query_string(uri.query(), false);
-        crate::federation::query(
-            &fwd,
-            &query,
-            opts.attrs.as_deref(),
-            crate::federation::QueryRequest::Get(qs),
-            page.offset.saturating_add(page.limit).saturating_add(1),
-        )
-        .await
-    } else {
-        Default::default()
+    let qs = crate::federation::forwarded_query_string(uri.query(), false);
+    let asked = Asked {
+        query: &query,
+        opts: &opts,
+        params: &params,
+        page,
     };
+    let mut remote = from_sources(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        &asked,
+        crate::federation::QueryRequest::Get(qs),
+    )
+    .await;
     let failed = std::mem::take(&mut remote.failed);
     let resp = respond(
         &state, &tenant, &query, page, &opts, &params, rt, &actx, &uri, remote,
     )?;
     Ok(crate::federation::warn(resp, &failed))
+}
+
+/// What a query asks, as far as its sources are concerned.
+struct Asked<'a> {
+    query: &'a EntityQuery,
+    opts: &'a RenderOptions,
+    params: &'a HashMap<String, String>,
+    page: Paging,
+}
+
+/// The sources' part of a query: nothing with `local=true` or no
+/// registration, and never what already passed through here.
+async fn from_sources(
+    state: &AppState,
+    tenant: &str,
+    headers: &HeaderMap,
+    actx: &ActiveContext,
+    asked: &Asked<'_>,
+    request: crate::federation::QueryRequest<'_>,
+) -> crate::federation::Remote {
+    if crate::federation::route(state, tenant, headers, asked.params)
+        != crate::federation::Route::Forward
+    {
+        return Default::default();
+    }
+    let fwd = crate::federation::Forward {
+        state,
+        tenant,
+        headers,
+        actx,
+    };
+    let page = asked.page;
+    crate::federation::query(
+        &fwd,
+        asked.query,
+        asked.opts.attrs.as_deref(),
+        request,
+        page.offset.saturating_add(page.limit).saturating_add(1),
+    )
+    .await
 }
 
 /// `POST /entityOperations/query`
@@ -385,26 +420,21 @@ pub async fn query_post(
         .into());
     }
     scope_to_caller(&mut query);
-    let mut remote = if crate::federation::route(&state, &tenant, &headers, &params)
-        == crate::federation::Route::Forward
-    {
-        let fwd = crate::federation::Forward {
-            state: &state,
-            tenant: &tenant,
-            headers: &headers,
-            actx: &actx,
-        };
-        crate::federation::query(
-            &fwd,
-            &query,
-            opts.attrs.as_deref(),
-            crate::federation::QueryRequest::Post(obj),
-            page.offset.saturating_add(page.limit).saturating_add(1),
-        )
-        .await
-    } else {
-        Default::default()
+    let asked = Asked {
+        query: &query,
+        opts: &opts,
+        params: &params,
+        page,
     };
+    let mut remote = from_sources(
+        &state,
+        &tenant,
+        &headers,
+        &actx,
+        &asked,
+        crate::federation::QueryRequest::Post(obj),
+    )
+    .await;
     let failed = std::mem::take(&mut remote.failed);
     let resp = respond(
         &state, &tenant, &query, page, &opts, &merged, rt, &actx, &uri, remote,

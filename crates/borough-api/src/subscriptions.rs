@@ -24,7 +24,7 @@ type Params = Query<HashMap<String, String>>;
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// What the body's context was, to echo it and to resolve it again never.
-async fn context_record(
+pub(crate) async fn context_record(
     state: &crate::AppState,
     actx: &ActiveContext,
 ) -> ApiResult<(Value, Vec<Map<String, Value>>)> {
@@ -146,7 +146,7 @@ fn render(
 
 /// A subscription answer; plain JSON carries the context in a `Link` header
 /// (the subscription's own when it is one URL, else the core context).
-fn respond(rt: ResponseType, body: &Value, tenant: &str, context: &Value) -> Response {
+pub(crate) fn respond(rt: ResponseType, body: &Value, tenant: &str, context: &Value) -> Response {
     if rt == ResponseType::LdJson {
         return with_tenant(
             typed_json_response(StatusCode::OK, body, "application/ld+json"),

@@ -715,19 +715,9 @@ impl CompiledRegistration {
         types: Option<&[String]>,
         wanted: Option<&[String]>,
     ) -> Option<Supplied> {
-        let mut names: Vec<String> = Vec::new();
-        let mut all = false;
-        for info in &self.information {
-            if !info.entities.is_empty() && !info.entities.iter().any(|e| e.covers(id, types)) {
-                continue;
-            }
-            if info.all_attributes() {
-                all = true;
-            } else {
-                names.extend(info.names().cloned());
-            }
-        }
-        supplied(all, names, wanted)
+        self.supplied_where(wanted, |info| {
+            info.entities.is_empty() || info.entities.iter().any(|e| e.covers(id, types))
+        })
     }
 
     /// The attributes this registration may supply to a query for `types`
@@ -738,10 +728,8 @@ impl CompiledRegistration {
         ids: &[String],
         wanted: Option<&[String]>,
     ) -> Option<Supplied> {
-        let mut names: Vec<String> = Vec::new();
-        let mut all = false;
-        for info in &self.information {
-            let entity_ok = info.entities.is_empty()
+        self.supplied_where(wanted, |info| {
+            info.entities.is_empty()
                 || info.entities.iter().any(|e| {
                     types.is_none_or(|t| e.meets(t))
                         && (ids.is_empty()
@@ -749,10 +737,19 @@ impl CompiledRegistration {
                                 e.id.as_deref().is_none_or(|i| i == id)
                                     && e.id_pattern.as_ref().is_none_or(|r| r.is_match(id))
                             }))
-                });
-            if !entity_ok {
-                continue;
-            }
+                })
+        })
+    }
+
+    /// The attributes of the members of `information` that `covers` accepts.
+    fn supplied_where(
+        &self,
+        wanted: Option<&[String]>,
+        covers: impl Fn(&RegistrationInfo) -> bool,
+    ) -> Option<Supplied> {
+        let mut names: Vec<String> = Vec::new();
+        let mut all = false;
+        for info in self.information.iter().filter(|i| covers(i)) {
             if info.all_attributes() {
                 all = true;
             } else {
