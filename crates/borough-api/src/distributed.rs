@@ -385,6 +385,7 @@ pub fn batch_result(fwd: &Forward<'_>, id: &str, done: bool, failed: &[SourceFai
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntityWrite {
     Create,
+    Replace,
     Upsert,
     Update { no_overwrite: bool },
     Merge,
@@ -394,6 +395,7 @@ impl EntityWrite {
     fn operation(self) -> &'static str {
         match self {
             Self::Create => "createEntity",
+            Self::Replace => "replaceEntity",
             Self::Upsert | Self::Update { .. } => "updateEntity",
             Self::Merge => "mergeEntity",
         }
@@ -413,6 +415,12 @@ impl EntityWrite {
                     part.insert("type".into(), t.clone());
                 }
                 (Method::POST, "/entities".into(), Some(Value::Object(part)))
+            }
+            Self::Replace => {
+                if let Some(t) = type_value {
+                    part.insert("type".into(), t.clone());
+                }
+                (Method::PUT, entity_path(id, ""), Some(Value::Object(part)))
             }
             Self::Upsert => (
                 Method::POST,
@@ -442,7 +450,7 @@ impl EntityWrite {
     /// Whether the local store still writes the entity when sources took all
     /// of its attributes: a creation or an upsert makes the entity here.
     fn writes_shell(self) -> bool {
-        matches!(self, Self::Create | Self::Upsert)
+        matches!(self, Self::Create | Self::Replace | Self::Upsert)
     }
 }
 

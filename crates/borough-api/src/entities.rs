@@ -548,7 +548,29 @@ pub async fn replace(
     let (v, actx) =
         body_with_context(&state, &headers, body, state.config.max_body_bytes, false).await?;
     let frag = parse_fragment(&v, &actx.ctx, ParseMode::Full)?;
-    let entity = entity_from_fragment(frag, Some(&id), 0)?;
+    let mut entity = entity_from_fragment(frag, Some(&id), 0)?;
+    if federation::route(&state, &tenant, &headers, &HashMap::new()) == Route::Forward
+        && let Value::Object(body) = &v
+    {
+        let fwd = Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        let left =
+            distributed::entity_write(&fwd, distributed::EntityWrite::Replace, &id, body).await?;
+        if left.forwarded {
+            if let Some(body) = left.body {
+                let frag = parse_fragment(&body, &actx.ctx, ParseMode::Full)?;
+                entity = entity_from_fragment(frag, Some(&id), 0)?;
+            }
+            if !left.failed.is_empty() {
+                write_one(&state, &tenant, EntityOp::Replace(entity)).await?;
+                return Ok(distributed::batch_result(&fwd, &id, true, &left.failed));
+            }
+        }
+    }
     write_one(&state, &tenant, EntityOp::Replace(entity)).await?;
     Ok(no_content(&tenant))
 }

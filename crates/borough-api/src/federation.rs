@@ -887,30 +887,40 @@ pub async fn retrieve_temporal(
     gather(join_all(asks).await)
 }
 
-/// Asks the sources registered for a temporal query (queryTemporal) with
-/// the client's own parameters; answers their temporal entities.
+/// Asks the sources registered for a temporal query (queryTemporal) as the
+/// client asked (`request`), for at most `limit` entities each; answers
+/// their temporal entities.
 pub async fn query_temporal(
     fwd: &Forward<'_>,
     query: &borough_core::query::EntityQuery,
-    query_string: &str,
+    request: QueryRequest<'_>,
+    limit: usize,
 ) -> (Vec<Value>, Vec<SourceFailure>) {
-    let ids: Vec<String> = query.ids.clone();
+    let limit = limit.min(crate::query::MAX_LIMIT);
     let regs: Vec<_> = fwd
         .state
         .sources
         .of_tenant(fwd.tenant)
         .into_iter()
         .filter(|r| r.allows("queryTemporal") && r.is_temporal_only())
-        .filter(|r| r.supplies_query(query.types.as_ref(), &ids, None).is_some())
+        .filter(|r| query_supplied(r, query, None).is_some())
         .take(MAX_SOURCES)
         .collect();
-    let path = format!("/temporal/entities?{query_string}");
-    let asks = regs.into_iter().map(|reg| {
-        let path = path.clone();
-        async move {
-            let answer = fwd.send(&reg, Method::GET, &path, None).await?;
-            temporal_answer(fwd, &reg, &answer)
-        }
+    let request = &request;
+    let asks = regs.into_iter().map(|reg| async move {
+        let answer = match request {
+            QueryRequest::Get(qs) => {
+                let sep = if qs.is_empty() { "" } else { "&" };
+                let path = format!("/temporal/entities?{qs}{sep}limit={limit}");
+                fwd.send(&reg, Method::GET, &path, None).await?
+            }
+            QueryRequest::Post(body) => {
+                let path = format!("/temporal/entityOperations/query?limit={limit}");
+                let body = Some(Value::Object((*body).clone()));
+                fwd.send(&reg, Method::POST, &path, body).await?
+            }
+        };
+        temporal_answer(fwd, &reg, &answer)
     });
     gather(join_all(asks).await)
 }

@@ -839,14 +839,8 @@ pub async fn query_get(
                 actx: &actx,
             };
             let qs = federation::forwarded_query_string(uri.query(), true);
-            let qs = format!(
-                "{qs}{}limit={}",
-                if qs.is_empty() { "" } else { "&" },
-                page.offset
-                    .saturating_add(page.limit)
-                    .min(crate::query::MAX_LIMIT)
-            );
-            federation::query_temporal(&fwd, &query, &qs).await
+            let limit = page.offset.saturating_add(page.limit);
+            federation::query_temporal(&fwd, &query, federation::QueryRequest::Get(qs), limit).await
         } else {
             Default::default()
         };
@@ -892,18 +886,22 @@ pub async fn query_post(
         temporal_q,
         state.config.temporal_page_instances,
     )?;
-    query_and_respond(
-        &state,
-        &tenant,
-        query,
-        tp,
-        page,
-        rt,
-        &actx,
-        &uri,
-        Vec::new(),
-    )
-    .await
+    let (remote, failures) = if federation::route(&state, &tenant, &headers, &params)
+        == federation::Route::Forward
+    {
+        let fwd = federation::Forward {
+            state: &state,
+            tenant: &tenant,
+            headers: &headers,
+            actx: &actx,
+        };
+        let limit = page.offset.saturating_add(page.limit);
+        federation::query_temporal(&fwd, &query, federation::QueryRequest::Post(obj), limit).await
+    } else {
+        Default::default()
+    };
+    let resp = query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri, remote).await?;
+    Ok(federation::warn(resp, &failures))
 }
 
 /// Parses a temporal entity body's attributes: each a single instance or an

@@ -643,6 +643,14 @@ fn history_held_elsewhere_is_merged_into_temporal_answers() {
     assert_eq!(q.status, 200, "{:?}", q.body);
     assert_eq!(q.body.as_array().unwrap().len(), 1);
     assert_eq!(q.body[0]["no2"].as_array().unwrap().len(), 3);
+    let posted = call(
+        &ca,
+        "POST",
+        "/temporal/entityOperations/query",
+        Some(json!({"type": "Query", "entities": [{"type": "AirQuality"}]})),
+    );
+    assert_eq!(posted.status, 200, "{:?}", posted.body);
+    assert_eq!(posted.body[0]["no2"].as_array().unwrap().len(), 3);
     // A registration for temporal operations is not asked for the latest state.
     create(
         &cb,
@@ -777,6 +785,7 @@ fn creations_and_batches_give_sources_their_attributes() {
             "endpoint": b.base,
             "mode": "exclusive",
             "operations": ["createEntity", "updateOps", "retrieveOps", "deleteEntity"],
+            // updateOps holds replaceEntity.
         }),
     );
     let made = call(
@@ -830,6 +839,28 @@ fn creations_and_batches_give_sources_their_attributes() {
     assert_eq!(
         call(&cb, "GET", &format!("/entities/{other}"), None).status,
         404
+    );
+
+    // A replacement too: the source's part replaces its entity, the rest is here.
+    let replaced = call(
+        &ca,
+        "PUT",
+        &format!("/entities/{light}"),
+        Some(
+            json!({"type": "Streetlight", "switch": {"type": "Property", "value": "dim"}, "colour": {"type": "Property", "value": "amber"}}),
+        ),
+    );
+    assert_eq!(replaced.status, 204, "{:?}", replaced.body);
+    assert_eq!(
+        call(&cb, "GET", &format!("/entities/{light}"), None).body["switch"]["value"],
+        "dim"
+    );
+    let here = call(&ca, "GET", &format!("/entities/{light}?local=true"), None);
+    assert_eq!(here.body["colour"]["value"], "amber");
+    assert!(
+        here.body.get("power").is_none() && here.body.get("switch").is_none(),
+        "{:?}",
+        here.body
     );
 
     // A batch delete removes the entity here and at its source.
