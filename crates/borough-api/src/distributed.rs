@@ -209,7 +209,12 @@ pub fn source_problem(f: &SourceFailure) -> NgsiError {
 
 /// The problem for names nobody may change through this operation.
 pub fn conflict_problem(fwd: &Forward<'_>, conflicts: &[(String, String)]) -> NgsiError {
-    let (name, reg) = &conflicts[0];
+    let Some((name, reg)) = conflicts.first() else {
+        return NgsiError::new(
+            ProblemKind::Conflict,
+            "the change conflicts with a registration",
+        );
+    };
     NgsiError::new(
         ProblemKind::Conflict,
         format!(

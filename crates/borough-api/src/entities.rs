@@ -519,12 +519,11 @@ pub async fn delete(
         }
         if let Some((removed, failed)) = distributed::delete_entity(&fwd, &id).await {
             let local = write_one(&state, &tenant, EntityOp::Delete { id: id.clone() }).await;
-            let done = match local {
-                Ok(_) => true,
-                Err(e) if e.0.kind == ProblemKind::ResourceNotFound && removed > 0 => true,
-                Err(e) if failed.is_empty() => return Err(e),
-                Err(_) if removed > 0 => true,
-                Err(_) => return Err(distributed::source_problem(&failed[0]).into()),
+            let done = match (local, failed.first()) {
+                (Ok(_), _) => true,
+                (Err(_), _) if removed > 0 => true,
+                (Err(e), None) => return Err(e),
+                (Err(_), Some(first)) => return Err(distributed::source_problem(first).into()),
             };
             if failed.is_empty() {
                 return Ok(no_content(&tenant));
