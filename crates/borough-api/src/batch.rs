@@ -14,10 +14,14 @@ use axum::response::{IntoResponse, Response};
 use borough_core::entity::{ParseMode, parse_entity, parse_fragment};
 use borough_core::validate::check_uri;
 use borough_core::{EntityOp, NgsiError, NgsiResult, OpOutcome};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
 type Params = Query<HashMap<String, String>>;
+
+/// Entities of a batch whose parts are at sources at the same time.
+const BATCH_FORWARDS: usize = 16;
 
 /// One entry of a batch: an operation to run, or the entity id and the error that stopped it.
 type Slot = Result<EntityOp, (String, NgsiError)>;
@@ -82,7 +86,9 @@ impl Outcomes {
                     "error": crate::distributed::source_problem(f).to_problem(),
                 }));
             }
+            // Done here, failed at a source: both lists name it.
             if !failed.is_empty() && r.is_ok() {
+                success.push(json!(id));
                 continue;
             }
             match r {
@@ -155,7 +161,7 @@ async fn slots(
     let tenant = tenant(headers)?;
     let (items, bt, link) = items(state, headers, body).await?;
     let forward = federation::route(state, &tenant, headers, &HashMap::new()) == Route::Forward;
-    let mut out = Vec::with_capacity(items.len());
+    let mut parsed = Vec::with_capacity(items.len());
     for mut item in items {
         let id = item
             .get("id")
@@ -165,45 +171,64 @@ async fn slots(
         let actx = match context_of(state, bt, link.as_deref(), &mut item).await {
             Ok(actx) => actx,
             Err(e) => {
-                out.push(Entry::from(Err((id, e.0))));
+                parsed.push(Err(Entry::from(Err((id, e.0)))));
                 continue;
             }
         };
         // The whole entity is checked before any of it is sent anywhere.
-        let op = match parse(&item, &actx.ctx) {
-            Ok(op) => op,
-            Err(e) => {
-                out.push(Entry::from(Err((id, e))));
-                continue;
-            }
-        };
-        let Value::Object(body) = &item else {
-            out.push(Entry::from(Ok(op)));
-            continue;
-        };
-        if !forward {
-            out.push(Entry::from(Ok(op)));
-            continue;
-        }
-        let fwd = Forward {
-            state,
-            tenant: &tenant,
-            headers,
-            actx: &actx,
-        };
-        match distributed::entity_write(&fwd, write, &id, body).await {
-            Ok(left) if !left.forwarded => out.push(Entry::from(Ok(op))),
-            Ok(left) => out.push(Entry {
-                slot: left
-                    .body
-                    .map(|v| parse(&v, &actx.ctx).map_err(|e| (id.clone(), e))),
-                id,
-                failed: left.failed,
-            }),
-            Err(e) => out.push(Entry::from(Err((id, e)))),
+        match parse(&item, &actx.ctx) {
+            Ok(op) => parsed.push(Ok((id, item, actx, op))),
+            Err(e) => parsed.push(Err(Entry::from(Err((id, e))))),
         }
     }
-    Ok(out)
+    if !forward {
+        return Ok(parsed
+            .into_iter()
+            .map(|p| match p {
+                Ok((_, _, _, op)) => Entry::from(Ok(op)),
+                Err(entry) => entry,
+            })
+            .collect());
+    }
+    // The sources' parts go out a few entities at a time, in order.
+    let tenant = &tenant;
+    let parse = &parse;
+    let entries = futures_util::stream::iter(parsed)
+        .map(|p| async move {
+            let (id, item, actx, op) = match p {
+                Ok(parsed) => parsed,
+                Err(entry) => return entry,
+            };
+            let Value::Object(body) = &item else {
+                return Entry::from(Ok(op));
+            };
+            // An entity this broker has is not created anywhere: the local
+            // write answers AlreadyExists.
+            if write == EntityWrite::Create && state.store.get(tenant, &id).is_some() {
+                return Entry::from(Ok(op));
+            }
+            let fwd = Forward {
+                state,
+                tenant,
+                headers,
+                actx: &actx,
+            };
+            match distributed::entity_write(&fwd, write, &id, body).await {
+                Ok(left) if !left.forwarded => Entry::from(Ok(op)),
+                Ok(left) => Entry {
+                    slot: left
+                        .body
+                        .map(|v| parse(&v, &actx.ctx).map_err(|e| (id.clone(), e))),
+                    id,
+                    failed: left.failed,
+                },
+                Err(e) => Entry::from(Err((id, e))),
+            }
+        })
+        .buffered(BATCH_FORWARDS)
+        .collect()
+        .await;
+    Ok(entries)
 }
 
 /// Runs the operations of a batch in one write and lines the results up with the entities.
@@ -294,12 +319,18 @@ pub async fn upsert(
     let replace = options(&params, &["update", "replace"])?
         .last()
         .is_some_and(|o| o == "replace");
-    let slots = slots(&state, &headers, body, EntityWrite::Upsert, |v, ctx| {
-        Ok(EntityOp::Upsert {
-            entity: parse_entity(v, ctx, 0)?,
-            replace,
-        })
-    })
+    let slots = slots(
+        &state,
+        &headers,
+        body,
+        EntityWrite::Upsert { replace },
+        |v, ctx| {
+            Ok(EntityOp::Upsert {
+                entity: parse_entity(v, ctx, 0)?,
+                replace,
+            })
+        },
+    )
     .await?;
     let out = run(&state, &tenant, slots).await?;
     if !out.all_ok() {
@@ -410,17 +441,36 @@ pub async fn delete(
             headers: &headers,
             actx: &actx,
         };
-        for (entry, removed) in entries.iter_mut().zip(&mut removed_at_sources) {
-            if !matches!(entry.slot, Some(Ok(_))) {
-                continue;
-            }
-            if let Some(local) = state.store.get(&tenant, &entry.id)
+        for entry in entries.iter_mut() {
+            if matches!(entry.slot, Some(Ok(_)))
+                && let Some(local) = state.store.get(&tenant, &entry.id)
                 && let Err(e) = crate::auth::check_entity_types(&entry.id, &local.types)
             {
                 entry.slot = Some(Err((entry.id.clone(), e)));
-                continue;
             }
-            if let Some((n, failed)) = distributed::delete_entity(&fwd, &entry.id).await {
+        }
+        let fwd = &fwd;
+        let asked: Vec<(bool, String)> = entries
+            .iter()
+            .map(|e| (matches!(e.slot, Some(Ok(_))), e.id.clone()))
+            .collect();
+        let at_sources: Vec<_> = futures_util::stream::iter(asked)
+            .map(|(valid, id)| async move {
+                if valid {
+                    distributed::delete_entity(fwd, &id).await
+                } else {
+                    None
+                }
+            })
+            .buffered(BATCH_FORWARDS)
+            .collect()
+            .await;
+        for ((entry, removed), done) in entries
+            .iter_mut()
+            .zip(&mut removed_at_sources)
+            .zip(at_sources)
+        {
+            if let Some((n, failed)) = done {
                 *removed = n;
                 entry.failed = failed;
             }

@@ -68,10 +68,10 @@ fn only(supplied: Option<Supplied>, names: &[String]) -> Vec<String> {
 }
 
 /// Splits a change of `names` (expanded) of entity `id` (of `types`, when
-/// it is known locally) for `operation`.
+/// it is known locally) for a source taking any of `operations`.
 pub fn split(
     fwd: &Forward<'_>,
-    operation: &str,
+    operations: &[&str],
     id: &str,
     types: Option<&[String]>,
     names: &[String],
@@ -93,7 +93,7 @@ pub fn split(
             continue;
         }
         remaining.retain(|n| !taken.contains(n));
-        if reg.allows(operation) {
+        if operations.iter().any(|op| reg.allows(op)) {
             out.proxied.push((reg.clone(), taken));
         } else {
             out.conflicts
@@ -107,7 +107,7 @@ pub fn split(
         if taken.is_empty() {
             continue;
         }
-        if reg.allows(operation) {
+        if operations.iter().any(|op| reg.allows(op)) {
             redirected.extend(taken.iter().cloned());
             out.proxied.push((reg.clone(), taken));
         } else {
@@ -119,7 +119,7 @@ pub fn split(
     remaining.retain(|n| !redirected.contains(n));
     for reg in regs
         .iter()
-        .filter(|r| r.mode == Mode::Inclusive && r.allows(operation))
+        .filter(|r| r.mode == Mode::Inclusive && operations.iter().any(|op| r.allows(op)))
     {
         let given = only(reg.supplies(id, types, Some(&remaining)), &remaining);
         if !given.is_empty() {
@@ -308,7 +308,7 @@ pub async fn attribute_change(
     body: Option<Value>,
 ) -> ApiResult<Option<(Split, Outcome)>> {
     let types = fwd.state.store.get(fwd.tenant, id).map(|e| e.types.clone());
-    let split = split(fwd, operation, id, types.as_deref(), &[attr.to_string()]);
+    let split = split(fwd, &[operation], id, types.as_deref(), &[attr.to_string()]);
     if !split.involves_sources() {
         return Ok(None);
     }
@@ -391,44 +391,62 @@ pub fn batch_result(fwd: &Forward<'_>, id: &str, done: bool, failed: &[SourceFai
 pub enum EntityWrite {
     Create,
     Replace,
-    Upsert,
+    Upsert { replace: bool },
     Update { no_overwrite: bool },
     Merge,
 }
 
 impl EntityWrite {
-    fn operation(self) -> &'static str {
+    /// The operations of a source that takes this change: the entity-level
+    /// one, or the batch one.
+    fn operations(self) -> &'static [&'static str] {
         match self {
-            Self::Create => "createEntity",
-            Self::Replace => "replaceEntity",
-            Self::Upsert | Self::Update { .. } => "updateEntity",
-            Self::Merge => "mergeEntity",
+            Self::Create => &["createEntity", "createBatch"],
+            Self::Replace => &["replaceEntity"],
+            Self::Upsert { .. } => &["upsertBatch", "updateEntity"],
+            Self::Update { .. } => &["appendAttrs", "updateBatch"],
+            Self::Merge => &["mergeEntity", "mergeBatch"],
         }
     }
 
-    /// The request that gives a source its part of entity `id`.
+    /// The request that gives `reg`'s source its part of entity `id`
+    /// (`part` and `type_value` in the names it reads).
     fn request(
         self,
+        reg: &CompiledRegistration,
         id: &str,
         mut part: Map<String, Value>,
-        type_value: Option<&Value>,
+        type_value: Option<Value>,
     ) -> (Method, String, Option<Value>) {
+        let whole = |part: &mut Map<String, Value>| {
+            part.insert("id".into(), json!(id));
+            if let Some(t) = &type_value {
+                part.insert("type".into(), t.clone());
+            }
+        };
         match self {
             Self::Create => {
-                part.insert("id".into(), json!(id));
-                if let Some(t) = type_value {
-                    part.insert("type".into(), t.clone());
-                }
+                whole(&mut part);
                 (Method::POST, "/entities".into(), Some(Value::Object(part)))
             }
             Self::Replace => {
-                if let Some(t) = type_value {
-                    part.insert("type".into(), t.clone());
-                }
+                whole(&mut part);
                 (Method::PUT, entity_path(id, ""), Some(Value::Object(part)))
             }
-            Self::Upsert => (
-                Method::POST,
+            // A source that takes batches creates what it lacks; one that
+            // takes updates only (an IoT Agent) updates what it has.
+            Self::Upsert { replace } if reg.allows("upsertBatch") => {
+                whole(&mut part);
+                let query = if replace { "?options=replace" } else { "" };
+                let path = format!("/entityOperations/upsert{query}");
+                (
+                    Method::POST,
+                    path,
+                    Some(Value::Array(vec![Value::Object(part)])),
+                )
+            }
+            Self::Upsert { .. } => (
+                Method::PATCH,
                 entity_path(id, "/attrs"),
                 Some(Value::Object(part)),
             ),
@@ -453,9 +471,10 @@ impl EntityWrite {
     }
 
     /// Whether the local store still writes the entity when sources took all
-    /// of its attributes: a creation or an upsert makes the entity here.
+    /// of its attributes: a creation, a replacement or an upsert makes the
+    /// entity here.
     fn writes_shell(self) -> bool {
-        matches!(self, Self::Create | Self::Replace | Self::Upsert)
+        matches!(self, Self::Create | Self::Replace | Self::Upsert { .. })
     }
 }
 
@@ -467,6 +486,10 @@ pub struct Remainder {
     pub failed: Vec<SourceFailure>,
     /// Whether some source took part of the change.
     pub forwarded: bool,
+    /// Whether some source did its part.
+    pub taken: bool,
+    /// Whether attributes are left for the local store.
+    pub local_attributes: bool,
 }
 
 /// Forwards what sources hold of one entity's change (`body`: the entity or
@@ -500,12 +523,14 @@ pub async fn entity_write(
             .collect()
     });
     let types = local_types.or(body_types);
-    let split = split(fwd, write.operation(), id, types.as_deref(), &names);
+    let split = split(fwd, write.operations(), id, types.as_deref(), &names);
     if !split.involves_sources() {
         return Ok(Remainder {
             body: Some(Value::Object(body.clone())),
             failed: Vec::new(),
             forwarded: false,
+            taken: false,
+            local_attributes: !names.is_empty(),
         });
     }
     if !split.conflicts.is_empty() {
@@ -513,9 +538,22 @@ pub async fn entity_write(
     }
     let targets = split.targets();
     let outcome = send_all(fwd, targets, |reg, names| {
-        write.request(id, fragment_for(fwd, reg, body, names), body.get("type"))
+        // The type in the names the source reads, as its attributes are.
+        let type_value = body.get("type").map(|t| {
+            let ctx = fwd.names(reg);
+            let compact = |t: &str| json!(ctx.compact(&fwd.actx.ctx.expand(t)));
+            match t {
+                Value::String(one) => compact(one),
+                Value::Array(many) => {
+                    Value::Array(many.iter().filter_map(Value::as_str).map(compact).collect())
+                }
+                other => other.clone(),
+            }
+        });
+        write.request(reg, id, fragment_for(fwd, reg, body, names), type_value)
     })
     .await;
+    let taken = !outcome.updated.is_empty();
     let mut failed: Vec<SourceFailure> = Vec::new();
     for (_, f) in outcome.failed {
         if !failed.iter().any(|g| g.registration == f.registration) {
@@ -532,5 +570,7 @@ pub async fn entity_write(
         body,
         failed,
         forwarded: true,
+        taken,
+        local_attributes: !split.local.is_empty(),
     })
 }

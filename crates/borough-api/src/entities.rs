@@ -225,9 +225,22 @@ pub async fn create(
             actx: &actx,
         };
         let id = entity.id.clone();
+        // An entity that exists here is not created anywhere.
+        if state.store.get(&tenant, &id).is_some() {
+            return Err(NgsiError::new(
+                ProblemKind::AlreadyExists,
+                format!("entity '{id}' already exists"),
+            )
+            .into());
+        }
         let left =
             distributed::entity_write(&fwd, distributed::EntityWrite::Create, &id, body).await?;
         if left.forwarded {
+            if let (false, false, Some(first)) =
+                (left.taken, left.local_attributes, left.failed.first())
+            {
+                return Err(distributed::source_problem(first).into());
+            }
             failed = left.failed;
             if let Some(body) = left.body {
                 entity = parse_entity(&body, &actx.ctx, 0)?;
@@ -521,7 +534,8 @@ pub async fn delete(
             let local = write_one(&state, &tenant, EntityOp::Delete { id: id.clone() }).await;
             let done = match (local, failed.first()) {
                 (Ok(_), _) => true,
-                (Err(_), _) if removed > 0 => true,
+                // Held by sources only: what they deleted is the entity.
+                (Err(e), _) if removed > 0 && e.0.kind == ProblemKind::ResourceNotFound => true,
                 (Err(e), None) => return Err(e),
                 (Err(_), Some(first)) => return Err(distributed::source_problem(first).into()),
             };
@@ -650,7 +664,7 @@ async fn distribute_fragment(
     if let Some(types) = &types {
         crate::auth::check_entity_types(id, types)?;
     }
-    let split = distributed::split(&fwd, change.operation, id, types.as_deref(), names);
+    let split = distributed::split(&fwd, &[change.operation], id, types.as_deref(), names);
     if !split.involves_sources() {
         return Ok(None);
     }
@@ -782,7 +796,13 @@ async fn distribute_attribute(
     }
     if route == Route::Loop {
         let types = state.store.get(tenant, id).map(|e| e.types.clone());
-        let split = distributed::split(&fwd, operation, id, types.as_deref(), &[attr.to_string()]);
+        let split = distributed::split(
+            &fwd,
+            &[operation],
+            id,
+            types.as_deref(),
+            &[attr.to_string()],
+        );
         if !split.proxied.is_empty() {
             return Err(distributed::loop_problem().into());
         }

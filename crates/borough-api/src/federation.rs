@@ -690,6 +690,20 @@ pub async fn query(
     remote
 }
 
+/// Pages of a merged query end at the largest page a source answers: a
+/// page reaching past `reach` entities is answered here alone, and says so.
+pub fn too_deep(state: &AppState, reach: usize) -> Option<SourceFailure> {
+    (reach > crate::query::MAX_LIMIT).then(|| SourceFailure {
+        registration: state.federation.node.clone(),
+        endpoint: String::new(),
+        detail: format!(
+            "context sources are asked for the first {} entities only: this page is answered from this broker alone",
+            crate::query::MAX_LIMIT
+        ),
+        warning: 199,
+    })
+}
+
 /// What the sources of a query answered.
 #[derive(Default)]
 pub struct Remote {
@@ -890,12 +904,22 @@ pub async fn retrieve_temporal(
 /// Asks the sources registered for a temporal query (queryTemporal) as the
 /// client asked (`request`), for at most `limit` entities each; answers
 /// their temporal entities.
+/// A POST query's URL options (`url_options`: representation, lastN, …)
+/// go along with it: the answers are merged as they come.
 pub async fn query_temporal(
     fwd: &Forward<'_>,
     query: &borough_core::query::EntityQuery,
     request: QueryRequest<'_>,
+    url_options: Option<&str>,
     limit: usize,
 ) -> (Vec<Value>, Vec<SourceFailure>) {
+    let options = forwarded_query_string(url_options, true);
+    let options = if options.is_empty() {
+        options
+    } else {
+        format!("{options}&")
+    };
+    let options = &options;
     let limit = limit.min(crate::query::MAX_LIMIT);
     let regs: Vec<_> = fwd
         .state
@@ -915,7 +939,7 @@ pub async fn query_temporal(
                 fwd.send(&reg, Method::GET, &path, None).await?
             }
             QueryRequest::Post(body) => {
-                let path = format!("/temporal/entityOperations/query?limit={limit}");
+                let path = format!("/temporal/entityOperations/query?{options}limit={limit}");
                 let body = Some(Value::Object((*body).clone()));
                 fwd.send(&reg, Method::POST, &path, body).await?
             }

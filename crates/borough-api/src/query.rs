@@ -380,6 +380,12 @@ async fn from_sources(
         actx,
     };
     let page = asked.page;
+    if let Some(deep) = crate::federation::too_deep(state, page.offset.saturating_add(page.limit)) {
+        return crate::federation::Remote {
+            failed: vec![deep],
+            ..Default::default()
+        };
+    }
     crate::federation::query(
         &fwd,
         asked.query,
@@ -463,9 +469,12 @@ fn page_of(
     let local = state.store.query(tenant, query, 0, want, page.count);
     let mut by_id: std::collections::BTreeMap<String, Vec<crate::federation::Contribution>> =
         Default::default();
+    let answered = remote.len();
     for c in remote {
         by_id.entry(c.entity.id.clone()).or_default().push(c);
     }
+    // An entity several sources answered is one entity.
+    let counted = counted.saturating_sub(answered - by_id.len());
     let mut merged: Vec<std::sync::Arc<borough_core::Entity>> = Vec::new();
     // Entities held here and at a source: counted once.
     let mut held_in_both = 0;

@@ -840,7 +840,13 @@ pub async fn query_get(
             };
             let qs = federation::forwarded_query_string(uri.query(), true);
             let limit = page.offset.saturating_add(page.limit);
-            federation::query_temporal(&fwd, &query, federation::QueryRequest::Get(qs), limit).await
+            match federation::too_deep(&state, limit) {
+                Some(deep) => (Vec::new(), vec![deep]),
+                None => {
+                    let request = federation::QueryRequest::Get(qs);
+                    federation::query_temporal(&fwd, &query, request, None, limit).await
+                }
+            }
         } else {
             Default::default()
         };
@@ -886,20 +892,25 @@ pub async fn query_post(
         temporal_q,
         state.config.temporal_page_instances,
     )?;
-    let (remote, failures) = if federation::route(&state, &tenant, &headers, &params)
-        == federation::Route::Forward
-    {
-        let fwd = federation::Forward {
-            state: &state,
-            tenant: &tenant,
-            headers: &headers,
-            actx: &actx,
+    let (remote, failures) =
+        if federation::route(&state, &tenant, &headers, &params) == federation::Route::Forward {
+            let fwd = federation::Forward {
+                state: &state,
+                tenant: &tenant,
+                headers: &headers,
+                actx: &actx,
+            };
+            let limit = page.offset.saturating_add(page.limit);
+            match federation::too_deep(&state, limit) {
+                Some(deep) => (Vec::new(), vec![deep]),
+                None => {
+                    let request = federation::QueryRequest::Post(obj);
+                    federation::query_temporal(&fwd, &query, request, uri.query(), limit).await
+                }
+            }
+        } else {
+            Default::default()
         };
-        let limit = page.offset.saturating_add(page.limit);
-        federation::query_temporal(&fwd, &query, federation::QueryRequest::Post(obj), limit).await
-    } else {
-        Default::default()
-    };
     let resp = query_and_respond(&state, &tenant, query, tp, page, rt, &actx, &uri, remote).await?;
     Ok(federation::warn(resp, &failures))
 }

@@ -126,6 +126,19 @@ fn an_inclusive_source_adds_its_entities_and_attributes() {
     assert!(local.body.get("fuel").is_none(), "{:?}", local.body);
     let local_q = call(&ca, "GET", "/entities?type=Vehicle&local=true", None);
     assert_eq!(ids(&local_q), ["urn:ngsi-ld:Vehicle:1"]);
+    // Sources answer the first 1,000 entities: a page beyond them is local, and says so.
+    let deep = call(
+        &ca,
+        "GET",
+        "/entities?type=Vehicle&offset=1000&limit=1",
+        None,
+    );
+    assert_eq!(deep.status, 200);
+    assert!(
+        warnings(&deep).iter().any(|w| w.starts_with("199 ")),
+        "{:?}",
+        deep.headers
+    );
 
     // The registration counts what was sent to its source.
     let r = call(&ca, "GET", &format!("/csourceRegistrations/{reg}"), None);
@@ -555,11 +568,10 @@ fn a_secured_source_is_reached_with_the_credential_its_registration_carries() {
     assert!(w.len() == 1 && w[0].starts_with("299 "), "{w:?}");
     // A refusal is about the request, not the source: no cooldown.
     let again = call(&ca, "GET", "/entities?type=Valve", None);
-    assert!(
-        !warnings(&again)[0].contains("cooling"),
-        "{:?}",
-        warnings(&again)
-    );
+    let w = warnings(&again);
+    assert!(w.len() == 1 && !w[0].contains("cooling"), "{w:?}");
+    let reg = call(&ca, "GET", "/csourceRegistrations?type=Valve", None);
+    assert_eq!(reg.body[0]["timesSent"], 2, "asked again: {:?}", reg.body);
     // A registration cannot have the broker hand it its clients' credentials.
     let mut copying = inclusive("Valve", &b.base);
     copying["contextSourceInfo"] =
@@ -571,6 +583,12 @@ fn a_secured_source_is_reached_with_the_credential_its_registration_carries() {
         .bearer_auth(&key)
         .send()
         .unwrap();
+    let refusals = with_my_key
+        .headers()
+        .get_all("ngsild-warning")
+        .iter()
+        .count();
+    assert_eq!(refusals, 2, "both registrations asked, both refused");
     assert_eq!(
         with_my_key.text().unwrap(),
         "[]",
@@ -819,12 +837,9 @@ fn creations_and_batches_give_sources_their_attributes() {
             {"id": other, "type": "Streetlight", "power": {"type": "Property", "value": 3}},
         ])),
     );
-    assert!(
-        matches!(upsert.status, 201 | 204),
-        "{} {:?}",
-        upsert.status,
-        upsert.body
-    );
+    // Only the other light is new.
+    assert_eq!(upsert.status, 201, "{:?}", upsert.body);
+    assert_eq!(upsert.body, json!([other]));
     assert_eq!(
         call(&cb, "GET", &format!("/entities/{light}"), None).body["switch"]["value"],
         "on"
@@ -897,4 +912,8 @@ fn creations_and_batches_give_sources_their_attributes() {
         "{:?}",
         partial.body
     );
+    // The local part was done: the entity is in both lists.
+    assert_eq!(partial.body["success"], json!([light]));
+    let here = call(&ca, "GET", &format!("/entities/{light}?local=true"), None);
+    assert_eq!(here.body["power"]["value"], 1);
 }
