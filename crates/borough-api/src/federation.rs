@@ -622,9 +622,12 @@ pub async fn query(
     wanted: Option<&[String]>,
     request: QueryRequest<'_>,
     limit: usize,
+    count: bool,
 ) -> Remote {
-    // A source answers at most a page of the broker's largest size.
+    // A source answers at most a page of the broker's largest size, and
+    // counts only when the client asked for a count.
     let limit = limit.min(crate::query::MAX_LIMIT);
+    let count = if count { "&count=true" } else { "" };
     let regs: Vec<_> = fwd
         .state
         .sources
@@ -643,13 +646,13 @@ pub async fn query(
         let answer = match request {
             QueryRequest::Get(qs) => {
                 let path = format!(
-                    "/entities?{qs}{}limit={limit}&count=true{local}",
+                    "/entities?{qs}{}limit={limit}{count}{local}",
                     if qs.is_empty() { "" } else { "&" }
                 );
                 fwd.send(&reg, Method::GET, &path, None).await?
             }
             QueryRequest::Post(body) => {
-                let path = format!("/entityOperations/query?limit={limit}&count=true{local}");
+                let path = format!("/entityOperations/query?limit={limit}{count}{local}");
                 fwd.send(
                     &reg,
                     Method::POST,

@@ -392,6 +392,7 @@ async fn from_sources(
         asked.opts.attrs.as_deref(),
         request,
         page.offset.saturating_add(page.limit).saturating_add(1),
+        page.count,
     )
     .await
 }
