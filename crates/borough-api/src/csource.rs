@@ -471,6 +471,7 @@ pub async fn create(
     };
     let now = now_micros();
     let id = new_id(&mut body, "registration", "ContextSourceRegistration", now)?;
+    borough_core::registration::drop_system_members(&mut body);
     let (context, context_objects) = context_record(&state, &actx).await?;
     let record = RegistrationRecord {
         id: id.clone(),
@@ -688,7 +689,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
-    let tenant = existing_or_registered(&state, &headers)?;
+    let tenant = existing_tenant(&state, &headers)?;
     let actx = state
         .contexts
         .for_link(link_context(&headers)?.as_deref())
@@ -736,13 +737,6 @@ pub async fn list(
     Ok(crate::query::paged(resp, &result, has_next, page, &uri))
 }
 
-/// Reads of registrations address a tenant that exists; one that holds
-/// registrations only (an agent may register before any entity is written)
-/// exists.
-fn existing_or_registered(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
-    existing_tenant(state, headers)
-}
-
 fn find(state: &AppState, tenant: &str, id: &str) -> ApiResult<Arc<CompiledRegistration>> {
     check_uri("registration id", id)?;
     state
@@ -759,7 +753,7 @@ pub async fn retrieve(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let rt = negotiate(&headers, false)?;
-    let tenant = existing_or_registered(&state, &headers)?;
+    let tenant = existing_tenant(&state, &headers)?;
     let sys_attrs = options(&params, &["sysAttrs"])?
         .iter()
         .any(|o| o == "sysAttrs");
@@ -781,7 +775,7 @@ pub async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let tenant = existing_or_registered(&state, &headers)?;
+    let tenant = existing_tenant(&state, &headers)?;
     find(&state, &tenant, &id)?;
     let (v, actx) =
         body_with_context(&state, &headers, body, state.config.max_body_bytes, true).await?;
@@ -796,6 +790,8 @@ pub async fn update(
     // the version this change was made from.
     let old = find(&state, &tenant, &id)?;
     let mut record = old.record.clone();
+    let mut patch = patch;
+    borough_core::registration::drop_system_members(&mut patch);
     patch_body(
         &mut record.body,
         patch,
@@ -885,7 +881,7 @@ pub async fn delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let tenant = existing_or_registered(&state, &headers)?;
+    let tenant = existing_tenant(&state, &headers)?;
     let _one_at_a_time = state.sources.writes.lock().await;
     let old = find(&state, &tenant, &id)?;
     state

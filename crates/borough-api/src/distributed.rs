@@ -295,41 +295,26 @@ pub fn tally(
     (updated, not_updated)
 }
 
-/// A single-attribute change (updateAttrs, replaceAttrs, deleteAttrs) that
-/// concerns sources: forwards it, and says whether the local store should
-/// still write it.
+/// Sends a single-attribute change (updateAttrs, replaceAttrs, deleteAttrs)
+/// to the sources `split` gives it to, each at the attribute's path in the
+/// names it reads.
 pub async fn attribute_change(
     fwd: &Forward<'_>,
-    operation: &str,
-    id: &str,
-    attr: &str,
+    split: &Split,
+    (id, attr): (&str, &str),
     method: Method,
     query: &str,
     body: Option<Value>,
-) -> ApiResult<Option<(Split, Outcome)>> {
-    let types = fwd.state.store.get(fwd.tenant, id).map(|e| e.types.clone());
-    let split = split(fwd, &[operation], id, types.as_deref(), &[attr.to_string()]);
-    if !split.involves_sources() {
-        return Ok(None);
-    }
+) -> ApiResult<Outcome> {
     if !split.conflicts.is_empty() {
         return Err(conflict_problem(fwd, &split.conflicts).into());
     }
-    let targets = split.targets();
-    let outcome = send_all(fwd, targets, |reg, _| {
+    Ok(send_all(fwd, split.targets(), |reg, _| {
         let name = fwd.names(reg).compact(attr).into_owned();
         let path = entity_path(id, &format!("/attrs/{}{query}", encode_path_segment(&name)));
         (method.clone(), path, body.clone())
     })
-    .await;
-    if !split.proxied.is_empty()
-        && split.local.is_empty()
-        && outcome.updated.is_empty()
-        && let Some((_, f)) = outcome.failed.first()
-    {
-        return Err(source_problem(f).into());
-    }
-    Ok(Some((split, outcome)))
+    .await)
 }
 
 /// Sends a deletion of an entity to every source registered for it that

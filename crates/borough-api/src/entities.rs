@@ -765,60 +765,96 @@ fn finish(
     Ok(distributed::update_result(fwd, updated, not_updated))
 }
 
+/// How a change of one attribute reaches its sources.
+struct AttributeChange {
+    operation: &'static str,
+    method: axum::http::Method,
+    /// The URL parameters sources get (`?datasetId=…`).
+    query: String,
+    /// The attribute's body, as the client wrote it.
+    body: Option<Value>,
+}
+
 /// A change of one attribute (`PATCH`, `PUT` or `DELETE` of
-/// `/attrs/{attr}`) that concerns sources; `None` when none is concerned.
-#[allow(clippy::too_many_arguments)]
-async fn distribute_attribute(
+/// `/attrs/{attr}`): to the sources registered for it, and to the local
+/// store for what they do not hold.
+async fn write_attribute(
     state: &SharedState,
     tenant: &str,
     headers: &HeaderMap,
     actx: &ActiveContext,
-    operation: &str,
-    method: axum::http::Method,
-    query: &str,
-    id: &str,
-    attr: &str,
-    body: Option<Value>,
-    local_op: impl FnOnce() -> EntityOp,
-) -> ApiResult<Option<Response>> {
+    (id, attr): (&str, &str),
+    change: AttributeChange,
+    op: EntityOp,
+) -> ApiResult<Response> {
     let route = federation::route(state, tenant, headers, &HashMap::new());
-    if route == Route::Local {
-        return Ok(None);
-    }
-    let fwd = Forward {
-        state,
-        tenant,
-        headers,
-        actx,
-    };
-    if let Some(local) = state.store.get(tenant, id) {
-        crate::auth::check_entity_types(id, &local.types)?;
-    }
-    if route == Route::Loop {
+    if route != Route::Local {
+        let fwd = Forward {
+            state,
+            tenant,
+            headers,
+            actx,
+        };
         let types = state.store.get(tenant, id).map(|e| e.types.clone());
+        if let Some(types) = &types {
+            crate::auth::check_entity_types(id, types)?;
+        }
         let split = distributed::split(
             &fwd,
-            &[operation],
+            &[change.operation],
             id,
             types.as_deref(),
             &[attr.to_string()],
         );
-        if !split.proxied.is_empty() {
+        if route == Route::Loop && !split.proxied.is_empty() {
             return Err(distributed::loop_problem().into());
         }
-        return Ok(None);
+        if route == Route::Forward && split.involves_sources() {
+            let outcome = distributed::attribute_change(
+                &fwd,
+                &split,
+                (id, attr),
+                change.method,
+                &change.query,
+                change.body,
+            )
+            .await?;
+            let local = if split.local.is_empty() {
+                None
+            } else {
+                Some(write_one(state, tenant, op).await)
+            };
+            return finish(&fwd, &split, outcome, local);
+        }
     }
-    let Some((split, outcome)) =
-        distributed::attribute_change(&fwd, operation, id, attr, method, query, body).await?
-    else {
-        return Ok(None);
+    write_one(state, tenant, op).await?;
+    Ok(no_content(tenant))
+}
+
+/// `PATCH` or `PUT` of `/entities/{id}/attrs/{attr}`: the body read in
+/// `mode`, the change `make` builds for the local store.
+#[allow(clippy::too_many_arguments)]
+async fn attribute_with_body(
+    state: SharedState,
+    (id, attr): (String, String),
+    headers: HeaderMap,
+    body: Body,
+    mode: ParseMode,
+    operation: &'static str,
+    method: axum::http::Method,
+    make: fn(String, String, borough_core::AttrPatch) -> EntityOp,
+) -> ApiResult<Response> {
+    let tenant = existing_tenant(&state, &headers)?;
+    path_id(&id)?;
+    let (attr, patch, raw, actx) = attribute_body(&state, &headers, body, &attr, mode).await?;
+    let change = AttributeChange {
+        operation,
+        method,
+        query: String::new(),
+        body: Some(raw),
     };
-    let local = if split.local.is_empty() {
-        None
-    } else {
-        Some(write_one(state, tenant, local_op()).await)
-    };
-    finish(&fwd, &split, outcome, local).map(Some)
+    let op = make(id.clone(), attr.clone(), patch);
+    write_attribute(&state, &tenant, &headers, &actx, (&id, &attr), change, op).await
 }
 
 fn check_body_id(body_id: &Option<String>, path_id: &str) -> ApiResult<()> {
@@ -954,75 +990,45 @@ async fn attribute_body(
 /// `PATCH /entities/{id}/attrs/{attr}`: partial attribute update.
 pub async fn patch_attr(
     State(state): State<SharedState>,
-    Path((id, attr)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let tenant = existing_tenant(&state, &headers)?;
-    path_id(&id)?;
-    let (attr, patch, raw, actx) =
-        attribute_body(&state, &headers, body, &attr, ParseMode::Patch).await?;
-    let op = || EntityOp::PatchAttr {
-        id: id.clone(),
-        attr: attr.clone(),
-        patch: patch.clone(),
-    };
-    if let Some(resp) = distribute_attribute(
-        &state,
-        &tenant,
-        &headers,
-        &actx,
+    let make = |id, attr, patch| EntityOp::PatchAttr { id, attr, patch };
+    let method = axum::http::Method::PATCH;
+    attribute_with_body(
+        state,
+        path,
+        headers,
+        body,
+        ParseMode::Patch,
         "updateAttrs",
-        axum::http::Method::PATCH,
-        "",
-        &id,
-        &attr,
-        Some(raw),
-        op,
+        method,
+        make,
     )
-    .await?
-    {
-        return Ok(resp);
-    }
-    write_one(&state, &tenant, op()).await?;
-    Ok(no_content(&tenant))
+    .await
 }
 
 /// `PUT /entities/{id}/attrs/{attr}`: replace an attribute.
 pub async fn replace_attr(
     State(state): State<SharedState>,
-    Path((id, attr)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let tenant = existing_tenant(&state, &headers)?;
-    path_id(&id)?;
-    let (attr, patch, raw, actx) =
-        attribute_body(&state, &headers, body, &attr, ParseMode::Full).await?;
-    let op = || EntityOp::ReplaceAttr {
-        id: id.clone(),
-        attr: attr.clone(),
-        patch: patch.clone(),
-    };
-    if let Some(resp) = distribute_attribute(
-        &state,
-        &tenant,
-        &headers,
-        &actx,
+    let make = |id, attr, patch| EntityOp::ReplaceAttr { id, attr, patch };
+    let method = axum::http::Method::PUT;
+    attribute_with_body(
+        state,
+        path,
+        headers,
+        body,
+        ParseMode::Full,
         "replaceAttrs",
-        axum::http::Method::PUT,
-        "",
-        &id,
-        &attr,
-        Some(raw),
-        op,
+        method,
+        make,
     )
-    .await?
-    {
-        return Ok(resp);
-    }
-    write_one(&state, &tenant, op()).await?;
-    Ok(no_content(&tenant))
+    .await
 }
 
 /// `DELETE /entities/{id}/attrs/{attr}` (`datasetId=`, `deleteAll=true`).
@@ -1057,12 +1063,6 @@ pub async fn delete_attr(
         .for_link(link_context(&headers)?.as_deref())
         .await?;
     let attr = actx.ctx.expand(&attr).into_owned();
-    let op = || EntityOp::DeleteAttr {
-        id: id.clone(),
-        attr: attr.clone(),
-        dataset_id: dataset_id.clone(),
-        delete_all,
-    };
     let query = match (&dataset_id, delete_all) {
         (Some(d), _) => format!(
             "?datasetId={}",
@@ -1071,23 +1071,17 @@ pub async fn delete_attr(
         (None, true) => "?deleteAll=true".to_string(),
         (None, false) => String::new(),
     };
-    if let Some(resp) = distribute_attribute(
-        &state,
-        &tenant,
-        &headers,
-        &actx,
-        "deleteAttrs",
-        axum::http::Method::DELETE,
-        &query,
-        &id,
-        &attr,
-        None,
-        op,
-    )
-    .await?
-    {
-        return Ok(resp);
-    }
-    write_one(&state, &tenant, op()).await?;
-    Ok(no_content(&tenant))
+    let change = AttributeChange {
+        operation: "deleteAttrs",
+        method: axum::http::Method::DELETE,
+        query,
+        body: None,
+    };
+    let op = EntityOp::DeleteAttr {
+        id: id.clone(),
+        attr: attr.clone(),
+        dataset_id,
+        delete_all,
+    };
+    write_attribute(&state, &tenant, &headers, &actx, (&id, &attr), change, op).await
 }

@@ -76,10 +76,6 @@ impl Federation {
         &self.client
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// Whether a request has already passed through this broker.
     pub fn is_loop(&self, headers: &HeaderMap) -> bool {
         headers

@@ -5,7 +5,7 @@
 use crate::context::Context;
 use crate::entity::Entity;
 use crate::error::{NgsiError, NgsiResult};
-use crate::query::{TypeExpr, compile_id_pattern, expr::BoolExpr};
+use crate::query::{TypeExpr, compile_id_pattern};
 use crate::validate::{check_name, check_uri, parse_datetime};
 use indexmap::IndexMap;
 use regex::Regex;
@@ -137,17 +137,6 @@ pub enum Mode {
     Redirect,
     /// The source fills in what no other source has, for reads only.
     Auxiliary,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inclusive => "inclusive",
-            Self::Exclusive => "exclusive",
-            Self::Redirect => "redirect",
-            Self::Auxiliary => "auxiliary",
-        }
-    }
 }
 
 /// A registration as stored: the body as the client wrote it (compact
@@ -288,7 +277,7 @@ const WRITABLE: [&str; 20] = [
 ];
 
 /// Members only the broker writes: ignored in a body (clause 5.2.9, table 5.2.9-2).
-pub const SYSTEM_MEMBERS: [&str; 8] = [
+const SYSTEM_MEMBERS: [&str; 8] = [
     "createdAt",
     "modifiedAt",
     "status",
@@ -298,6 +287,12 @@ pub const SYSTEM_MEMBERS: [&str; 8] = [
     "lastFailure",
     "lastFailureReason",
 ];
+
+/// Drops the members only the broker writes from a client's body: they are
+/// ignored (clause 5.2.9, table 5.2.9-2), never stored or echoed.
+pub fn drop_system_members(body: &mut Map<String, Value>) {
+    body.retain(|k, _| !SYSTEM_MEMBERS.contains(&k.as_str()));
+}
 
 fn bad(detail: impl Into<String>) -> NgsiError {
     NgsiError::bad_data(detail.into())
@@ -883,19 +878,6 @@ fn supplied(all: bool, mut names: Vec<String>, wanted: Option<&[String]>) -> Opt
         Supplied::Only(n) if n.is_empty() => None,
         _ => Some(out),
     }
-}
-
-/// A type expression's leaves, for forwarding a query's `type` as written.
-pub fn type_leaves(t: &TypeExpr) -> Vec<&String> {
-    fn walk<'a>(e: &'a TypeExpr, out: &mut Vec<&'a String>) {
-        match e {
-            BoolExpr::And(v) | BoolExpr::Or(v) => v.iter().for_each(|x| walk(x, out)),
-            BoolExpr::Leaf(t) => out.push(t),
-        }
-    }
-    let mut out = Vec::new();
-    walk(t, &mut out);
-    out
 }
 
 #[cfg(test)]
