@@ -286,7 +286,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn entries_chain_survive_reopen_and_tampering_is_found() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(borough_embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let store = Arc::new(borough_embedded::open(dir.path()).unwrap());
         let log = AuditLog::open(store.clone()).unwrap();
         for i in 0..5 {
             let tenant = if i % 2 == 0 {

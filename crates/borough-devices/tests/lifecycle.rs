@@ -51,7 +51,7 @@ fn attr(store: &EmbeddedStore, entity: &str, name: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_and_commands_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let store = Arc::new(borough_embedded::open(dir.path()).unwrap());
     let devices = Devices::start(
         store.clone(),
         store.clone(),

@@ -4,7 +4,7 @@
 //! pass through the entity writer thread, so a command's state change does
 //! not wait behind a large ingest group.
 
-use crate::{EmbeddedStore, io};
+use crate::{RedbBackend, io};
 use borough_store::{RecordChange, RecordKind, RecordStore, StoreError, StoredRecord};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -79,7 +79,7 @@ pub(crate) fn write_changes(
     Ok(())
 }
 
-impl RecordStore for EmbeddedStore {
+impl RecordStore for RedbBackend {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -156,19 +156,19 @@ impl RecordStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
-    use crate::EmbeddedStore;
+    use crate::open;
 
     #[test]
     fn passes_the_device_record_suite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         borough_store::testsuite::device_records(&store);
     }
 
     #[test]
     fn passes_the_record_page_suite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         borough_store::testsuite::record_pages(&store);
     }
 
@@ -176,20 +176,18 @@ mod tests {
     async fn device_records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        let store = EmbeddedStore::open(&path).unwrap();
-        borough_store::testsuite::device_records_survive_reopen(store, || {
-            EmbeddedStore::open(&path).unwrap()
-        })
-        .await;
+        let store = open(&path).unwrap();
+        borough_store::testsuite::device_records_survive_reopen(store, || open(&path).unwrap())
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn linked_records_commit_with_their_operation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        let store = EmbeddedStore::open(&path).unwrap();
+        let store = open(&path).unwrap();
         borough_store::testsuite::linked_records_commit_with_their_operation(store, || {
-            EmbeddedStore::open(&path).unwrap()
+            open(&path).unwrap()
         })
         .await;
     }

@@ -26,7 +26,8 @@ use borough_core::temporal::{
     HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
     TimeProperty, TimeRange,
 };
-use borough_core::{AttrKind, Attribute, Entity};
+use borough_core::{AttrKind, Attribute};
+use borough_engine::Recorded;
 use borough_store::StoreError;
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -94,14 +95,6 @@ pub fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(LOG).map_err(io)?;
     txn.open_table(LOG_MOVED).map_err(io)?;
     Ok(())
-}
-
-/// The attribute instances one change of an entity made, to be recorded in
-/// the same transaction: (attribute index, instance index) into `entity.attrs`.
-pub struct Recorded {
-    pub tenant: String,
-    pub entity: Arc<Entity>,
-    pub instances: Vec<(usize, usize)>,
 }
 
 /// A series' instances not yet sealed, in the log and the hot table.
@@ -264,11 +257,6 @@ impl History {
             .map(|(s, _)| *s)
             .collect();
         Ok(h)
-    }
-
-    /// The log index, shared with readers.
-    pub fn log_index(&self) -> Arc<LogIndex> {
-        self.log.clone()
     }
 
     fn save_counters(&self, txn: &WriteTransaction) -> Result<(), StoreError> {

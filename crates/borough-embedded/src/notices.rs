@@ -1,20 +1,12 @@
-//! Subscriptions and the notification outbox of the embedded engine.
-//!
-//! Subscriptions are kept in redb and, compiled, in memory, indexed by entity
-//! type so that a change is matched only against subscriptions that can
-//! concern it. The writer thread matches every change of a group and writes
-//! the resulting notices to the outbox table in the same transaction as the
-//! change, so an acknowledged change never loses its notification.
+//! The subscriptions and the notification outbox of the embedded store, in
+//! redb tables: the engine matches changes and numbers the notices; they are
+//! written here in the same transaction as the change, so an acknowledged
+//! change never loses its notification.
 
-use borough_core::Entity;
-use borough_core::query::expr::BoolExpr;
-use borough_core::query::q::{equality_anchor, value_keys};
-use borough_core::subscription::{Change, CompiledSubscription, Stats, SubscriptionRecord};
+use borough_core::subscription::SubscriptionRecord;
+use borough_engine::{DoneNotices, OutboxState};
 use borough_store::{Notice, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 /// (tenant, subscription id) → the subscription record.
 pub const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> =
@@ -28,313 +20,11 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-/// A tenant's subscriptions, indexed so that a change is matched only against
-/// those that can concern it: by the value an equality term of their `q`
-/// requires (`zone==7`), else by the entity types they name.
-#[derive(Default)]
-pub struct TenantSubscriptions {
-    pub by_id: BTreeMap<String, Arc<CompiledSubscription>>,
-    /// attribute → equality key → subscriptions whose q needs that value.
-    by_value: HashMap<String, HashMap<String, Vec<Arc<CompiledSubscription>>>>,
-    by_type: HashMap<String, Vec<Arc<CompiledSubscription>>>,
-    /// Subscriptions that may concern any type (no type, or a type expression).
-    untyped: Vec<Arc<CompiledSubscription>>,
-}
-
-impl TenantSubscriptions {
-    fn rebuild(by_id: BTreeMap<String, Arc<CompiledSubscription>>) -> Self {
-        let mut index = Self::default();
-        for s in by_id.values() {
-            if let Some((attr, keys)) = s.query.q.as_ref().and_then(equality_anchor) {
-                let by_key = index.by_value.entry(attr).or_default();
-                for k in keys {
-                    by_key.entry(k).or_default().push(s.clone());
-                }
-                continue;
-            }
-            let types: Option<Vec<&String>> = if s.query.selectors.is_empty() {
-                None
-            } else {
-                s.query
-                    .selectors
-                    .iter()
-                    .map(|sel| match &sel.types {
-                        Some(BoolExpr::Leaf(t)) => Some(t),
-                        _ => None,
-                    })
-                    .collect()
-            };
-            match types {
-                Some(mut ts) => {
-                    ts.sort();
-                    ts.dedup();
-                    for t in ts {
-                        index.by_type.entry(t.clone()).or_default().push(s.clone());
-                    }
-                }
-                None => index.untyped.push(s.clone()),
-            }
-        }
-        index.by_id = by_id;
-        index
-    }
-
-    /// The subscriptions that can concern a change of `subject` (the entity
-    /// after the change, or before it for a deletion); each at most once.
-    pub fn candidates(&self, subject: &Entity) -> Vec<&Arc<CompiledSubscription>> {
-        let mut out: Vec<&Arc<CompiledSubscription>> = subject
-            .types
-            .iter()
-            .filter_map(|t| self.by_type.get(t))
-            .flatten()
-            .chain(self.untyped.iter())
-            .collect();
-        let mut keys = Vec::new();
-        let mut may_repeat = subject.types.len() > 1;
-        for (attr, by_key) in &self.by_value {
-            let Some(instances) = subject.attrs.get(attr) else {
-                continue;
-            };
-            keys.clear();
-            value_keys(instances, &mut keys);
-            may_repeat |= keys.len() > 1;
-            for k in &keys {
-                if let Some(subs) = by_key.get(k) {
-                    out.extend(subs);
-                }
-            }
-        }
-        if may_repeat {
-            out.sort_by_key(|s| Arc::as_ptr(s));
-            out.dedup_by_key(|s| Arc::as_ptr(s));
-        }
-        out
-    }
-}
-
-/// Pending notices a subscription may have unless configured otherwise.
-pub const DEFAULT_MAX_PENDING: u64 = 100_000;
-/// Drops of one subscription are logged at most this often.
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
-type SubKey = (String, String);
-
-/// Every tenant's subscriptions, delivery statistics and the outbox's state.
-pub struct Registry {
-    tenants: RwLock<HashMap<String, Arc<TenantSubscriptions>>>,
-    stats: Mutex<HashMap<SubKey, Stats>>,
-    /// Notices written and not yet done, per subscription. Signed: the notifier
-    /// may finish a notice (its full rescan reads the committed outbox) a moment
-    /// before the writer has counted it in.
-    pending: Mutex<HashMap<SubKey, i64>>,
-    /// Most pending notices per subscription: a dead receiver under a high
-    /// change rate must not grow the outbox without bound.
-    max_pending: i64,
-    /// When each subscription's drops were last logged, and how many since.
-    drop_log: Mutex<HashMap<SubKey, (Option<Instant>, u64)>>,
-    pub watch: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Self::new(DEFAULT_MAX_PENDING)
-    }
-}
-
-/// What a group's notices do to the subscriptions' counts, once committed.
-#[derive(Default)]
-pub struct Admitted {
-    kept: Vec<(SubKey, i64)>,
-    dropped: Vec<(SubKey, u64)>,
-}
-
-impl Registry {
-    /// A registry whose subscriptions may each have `max_pending` pending notices.
-    pub fn new(max_pending: u64) -> Self {
-        Self {
-            tenants: RwLock::new(HashMap::new()),
-            stats: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            max_pending: i64::try_from(max_pending).unwrap_or(i64::MAX),
-            drop_log: Mutex::new(HashMap::new()),
-            watch: tokio::sync::watch::channel(0).0,
-        }
-    }
-
-    /// Leaves out of a group's notices those of subscriptions that already
-    /// have their bound of pending ones (counting the group's own). Called by
-    /// the writer before the commit; [`Registry::admitted`] after it. The
-    /// counts are exact: pending notices change only on the writer thread.
-    pub fn admit(&self, notices: &mut Vec<Notice>) -> Admitted {
-        let mut out = Admitted::default();
-        if notices.is_empty() {
-            return out;
-        }
-        let keep: Vec<bool> = {
-            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            // Keyed by borrowed names: one lookup of `pending` per subscription.
-            let mut counts: HashMap<(&str, &str), (i64, i64, u64)> = HashMap::new();
-            let keep = notices
-                .iter()
-                .map(|n| {
-                    let c = counts
-                        .entry((n.tenant.as_str(), n.subscription.as_str()))
-                        .or_insert_with(|| {
-                            let key = (n.tenant.clone(), n.subscription.clone());
-                            (pending.get(&key).copied().unwrap_or(0), 0, 0)
-                        });
-                    if c.0 + c.1 >= self.max_pending {
-                        c.2 += 1;
-                        false
-                    } else {
-                        c.1 += 1;
-                        true
-                    }
-                })
-                .collect();
-            for ((tenant, id), (_, kept, dropped)) in counts {
-                let key = (tenant.to_string(), id.to_string());
-                if dropped > 0 {
-                    out.dropped.push((key.clone(), dropped));
-                }
-                if kept > 0 {
-                    out.kept.push((key, kept));
-                }
-            }
-            keep
-        };
-        if !out.dropped.is_empty() {
-            let mut i = 0;
-            notices.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
-        }
-        out
-    }
-
-    /// Counts a committed group's notices as pending, and those left out as
-    /// dropped (logged at most once a minute per subscription).
-    pub fn admitted(&self, a: Admitted) {
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, n) in a.kept {
-                *pending.entry(key).or_default() += n;
-            }
-        }
-        for ((tenant, id), n) in a.dropped {
-            let total = self.with_stats(&tenant, &id, |s| {
-                s.dropped += n;
-                s.dropped
-            });
-            let mut log = self.drop_log.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let (logged_at, since) = log.entry((tenant.clone(), id.clone())).or_insert((None, 0));
-            *since += n;
-            if logged_at.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
-                tracing::warn!(
-                    tenant,
-                    subscription = id,
-                    dropped = *since,
-                    dropped_total = total,
-                    max_pending = self.max_pending,
-                    "a subscription has its bound of pending notifications (is its receiver down?): new ones are dropped"
-                );
-                *logged_at = Some(now);
-                *since = 0;
-            }
-        }
-    }
-
-    pub fn tenant(&self, tenant: &str) -> Option<Arc<TenantSubscriptions>> {
-        self.tenants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant)
-            .cloned()
-    }
-
-    pub fn all(&self) -> Vec<(String, Arc<CompiledSubscription>)> {
-        let t = self.tenants.read().unwrap_or_else(|e| e.into_inner());
-        t.iter()
-            .flat_map(|(tenant, subs)| subs.by_id.values().map(|s| (tenant.clone(), s.clone())))
-            .collect()
-    }
-
-    /// Puts (or with `None`, removes) one subscription of a tenant.
-    pub fn set(&self, tenant: &str, id: &str, sub: Option<Arc<CompiledSubscription>>) {
-        let mut t = self.tenants.write().unwrap_or_else(|e| e.into_inner());
-        let mut by_id = t.get(tenant).map(|s| s.by_id.clone()).unwrap_or_default();
-        match sub {
-            Some(s) => {
-                by_id.insert(id.to_string(), s);
-            }
-            None => {
-                by_id.remove(id);
-            }
-        }
-        t.insert(
-            tenant.to_string(),
-            Arc::new(TenantSubscriptions::rebuild(by_id)),
-        );
-    }
-
-    fn with_stats<R>(&self, tenant: &str, id: &str, f: impl FnOnce(&mut Stats) -> R) -> R {
-        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        f(s.entry((tenant.to_string(), id.to_string())).or_default())
-    }
-
-    pub fn stats(&self, tenant: &str, id: &str) -> Stats {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(tenant.to_string(), id.to_string()))
-            .copied()
-            .unwrap_or(0);
-        let mut s = self.with_stats(tenant, id, |s| s.clone());
-        s.pending = u64::try_from(pending).unwrap_or(0);
-        s
-    }
-
-    pub fn pending(&self, tenant: &str, id: &str, delta: i64) {
-        *self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((tenant.to_string(), id.to_string()))
-            .or_default() += delta;
-    }
-
-    pub fn record_delivery(
-        &self,
-        tenant: &str,
-        id: &str,
-        notices: u64,
-        at: i64,
-        error: Option<String>,
-    ) {
-        self.with_stats(tenant, id, |s| {
-            s.last_notification = Some(at);
-            match error {
-                None => {
-                    s.times_sent += notices;
-                    s.last_success = Some(at);
-                }
-                Some(e) => {
-                    s.times_failed += notices;
-                    s.last_failure = Some(at);
-                    s.last_error = Some(e);
-                }
-            }
-        });
-    }
-}
-
-/// Loads subscriptions and counts pending notices; returns the next sequence number.
-pub fn load(db: &Database, registry: &Registry, now: i64) -> Result<u64, StoreError> {
+/// Every stored subscription.
+pub fn subscriptions(db: &Database) -> Result<Vec<(String, SubscriptionRecord)>, StoreError> {
     let read = db.begin_read().map_err(io)?;
     let subs = read.open_table(SUBSCRIPTIONS).map_err(io)?;
+    let mut out = Vec::new();
     for row in subs.iter().map_err(io)? {
         let (key, value) = row.map_err(io)?;
         let (tenant, id) = key.value();
@@ -343,78 +33,31 @@ pub fn load(db: &Database, registry: &Registry, now: i64) -> Result<u64, StoreEr
                 "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
             ))
         })?;
-        let stats = record.stats.clone();
-        match CompiledSubscription::compile(record, now, false) {
-            Ok(c) => {
-                registry.set(tenant, id, Some(Arc::new(c)));
-                registry.with_stats(tenant, id, |s| {
-                    *s = Stats {
-                        pending: 0,
-                        ..stats
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::error!(tenant, id, error = %e, "a stored subscription no longer compiles; it is ignored")
-            }
-        }
+        out.push((tenant.to_string(), record));
     }
-    let mut next = 1;
+    Ok(out)
+}
+
+/// Counts the notices waiting per subscription, and finds the next number.
+pub fn outbox(db: &Database) -> Result<OutboxState, StoreError> {
+    let read = db.begin_read().map_err(io)?;
+    let mut state = OutboxState {
+        next_notice: 1,
+        ..OutboxState::default()
+    };
     let outbox = read.open_table(OUTBOX).map_err(io)?;
     for row in outbox.iter().map_err(io)? {
         let (seq, value) = row.map_err(io)?;
         if let Ok(n) = serde_json::from_slice::<Notice>(value.value()) {
-            registry.pending(&n.tenant, &n.subscription, 1);
+            *state.pending.entry((n.tenant, n.subscription)).or_default() += 1;
         }
-        next = next.max(seq.value() + 1);
+        state.next_notice = state.next_notice.max(seq.value() + 1);
     }
     let dead = read.open_table(DEAD_LETTERS).map_err(io)?;
     if let Some(row) = dead.last().map_err(io)? {
-        next = next.max(row.0.value() + 1);
+        state.next_notice = state.next_notice.max(row.0.value() + 1);
     }
-    registry.watch.send_replace(next - 1);
-    Ok(next)
-}
-
-/// Matches one change against a tenant's subscriptions.
-pub fn match_change(
-    subs: &TenantSubscriptions,
-    tenant: &str,
-    before: Option<&Arc<Entity>>,
-    after: Option<&Arc<Entity>>,
-    now: i64,
-    out: &mut Vec<Notice>,
-) {
-    let Some(subject) = after.or(before) else {
-        return;
-    };
-    let candidates = subs.candidates(subject);
-    if candidates.is_empty() {
-        return;
-    }
-    // The change is summarised once, whatever the number of subscriptions.
-    let Some(change) = Change::of(before.map(|e| e.as_ref()), after.map(|e| e.as_ref())) else {
-        return;
-    };
-    for s in candidates {
-        if let Some(trigger) = s.matches_change(&change, now) {
-            out.push(Notice {
-                tenant: tenant.to_string(),
-                subscription: s.record.id.clone(),
-                trigger: trigger.to_string(),
-                entity: subject.as_ref().clone(),
-                deleted: after.is_none(),
-                at: now,
-                // The previous state shows changes, and names what an
-                // attributeDeleted notification reports as deleted.
-                previous: if (s.show_changes || trigger == "attributeDeleted") && after.is_some() {
-                    before.map(|b| b.as_ref().clone())
-                } else {
-                    None
-                },
-            });
-        }
-    }
+    Ok(state)
 }
 
 /// Writes notices to the outbox from `next` on; returns the next free number.
@@ -472,252 +115,47 @@ pub fn dead_letters(
     Ok(out)
 }
 
-/// A change to subscriptions or to the outbox, applied by the writer thread.
-pub enum MetaOp {
-    PutSubscription(String, Box<SubscriptionRecord>, borough_store::Expect),
-    DeleteSubscription(String, String),
-    NoticesDone(Vec<(u64, Notice)>, Option<String>),
-}
-
-/// Applies several `NoticesDone` operations in one transaction and answers each.
-pub fn apply_done(
-    db: &Database,
-    registry: &Registry,
-    done: Vec<(
-        MetaOp,
-        tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
-    )>,
+/// Stores a subscription.
+pub fn put_subscription(
+    txn: &WriteTransaction,
+    tenant: &str,
+    record: &SubscriptionRecord,
 ) -> Result<(), StoreError> {
-    let result = (|| -> Result<(), StoreError> {
-        let mut txn = db.begin_write().map_err(io)?;
-        let durable = done
-            .iter()
-            .any(|(op, _)| matches!(op, MetaOp::NoticesDone(_, Some(_))));
-        // Forgetting a delivered notice need not wait for the disk (a redelivery
-        // after a crash is allowed); a dead letter must be kept.
-        txn.set_durability(if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        })
+    let bytes = serde_json::to_vec(record).map_err(io)?;
+    txn.open_table(SUBSCRIPTIONS)
+        .map_err(io)?
+        .insert((tenant, record.id.as_str()), bytes.as_slice())
         .map_err(io)?;
-        {
-            let mut outbox = txn.open_table(OUTBOX).map_err(io)?;
-            let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(io)?;
-            for (op, _) in &done {
-                if let MetaOp::NoticesDone(notices, dead) = op {
-                    for (seq, n) in notices {
-                        outbox.remove(*seq).map_err(io)?;
-                        if let Some(error) = dead {
-                            let bytes = serde_json::to_vec(&(n, error)).map_err(io)?;
-                            dead_letters.insert(*seq, bytes.as_slice()).map_err(io)?;
-                        }
-                    }
-                }
-            }
-        }
-        txn.commit().map_err(io)
-    })();
-    for (op, reply) in done {
-        if result.is_ok()
-            && let MetaOp::NoticesDone(notices, _) = &op
-        {
-            for (_, n) in notices {
-                registry.pending(&n.tenant, &n.subscription, -1);
-            }
-        }
-        let _ = reply.send(
-            result
-                .as_ref()
-                .map(|()| true)
-                .map_err(|e| StoreError::Io(e.to_string())),
-        );
-    }
-    result
+    Ok(())
 }
 
-/// Applies one meta operation in its own transaction.
-pub fn apply_meta(
-    db: &Database,
-    registry: &Registry,
-    op: MetaOp,
-    now: i64,
+/// Removes a subscription; false if it was not there.
+pub fn delete_subscription(
+    txn: &WriteTransaction,
+    tenant: &str,
+    id: &str,
 ) -> Result<bool, StoreError> {
-    let mut txn = db.begin_write().map_err(io)?;
-    let durable = !matches!(op, MetaOp::NoticesDone(_, None));
-    // A delivered notice may be delivered again after a crash (at least once),
-    // so forgetting it need not wait for the disk.
-    txn.set_durability(if durable {
-        redb::Durability::Immediate
-    } else {
-        redb::Durability::None
-    })
-    .map_err(io)?;
-    let result = match &op {
-        MetaOp::PutSubscription(tenant, record, expect) => {
-            // Checked here, on the writer: no other change of subscriptions
-            // can come between this check and the write.
-            let current = registry
-                .tenant(tenant)
-                .and_then(|t| t.by_id.get(&record.id).map(|s| s.record.modified_at));
-            let expected = match expect {
-                borough_store::Expect::Absent => current.is_none(),
-                borough_store::Expect::ModifiedAt(at) => current == Some(*at),
-            };
-            if !expected {
-                return Ok(false);
-            }
-            let bytes = serde_json::to_vec(record).map_err(io)?;
-            txn.open_table(SUBSCRIPTIONS)
-                .map_err(io)?
-                .insert((tenant.as_str(), record.id.as_str()), bytes.as_slice())
-                .map_err(io)?;
-            true
-        }
-        MetaOp::DeleteSubscription(tenant, id) => txn
-            .open_table(SUBSCRIPTIONS)
-            .map_err(io)?
-            .remove((tenant.as_str(), id.as_str()))
-            .map_err(io)?
-            .is_some(),
-        MetaOp::NoticesDone(notices, dead) => {
-            let mut outbox = txn.open_table(OUTBOX).map_err(io)?;
-            for (seq, _) in notices {
-                outbox.remove(*seq).map_err(io)?;
-            }
-            drop(outbox);
-            if let Some(error) = dead {
-                let mut table = txn.open_table(DEAD_LETTERS).map_err(io)?;
-                for (seq, n) in notices {
-                    let bytes = serde_json::to_vec(&(n, error)).map_err(io)?;
-                    table.insert(*seq, bytes.as_slice()).map_err(io)?;
-                }
-            }
-            true
-        }
-    };
-    txn.commit().map_err(io)?;
-    match op {
-        MetaOp::PutSubscription(tenant, record, _) => {
-            let id = record.id.clone();
-            let compiled = CompiledSubscription::compile(*record, now, false)
-                .map_err(|e| io(e.to_string()))?;
-            registry.set(&tenant, &id, Some(Arc::new(compiled)));
-        }
-        MetaOp::DeleteSubscription(tenant, id) => registry.set(&tenant, &id, None),
-        MetaOp::NoticesDone(notices, _) => {
-            for (_, n) in &notices {
-                registry.pending(&n.tenant, &n.subscription, -1);
-            }
-        }
-    }
-    Ok(result)
+    Ok(txn
+        .open_table(SUBSCRIPTIONS)
+        .map_err(io)?
+        .remove((tenant, id))
+        .map_err(io)?
+        .is_some())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use borough_core::Context;
-    use borough_core::entity::parse_entity;
-    use borough_core::subscription::Stats;
-    use serde_json::{Value, json};
-
-    fn sub(id: usize, extra: Value) -> Arc<CompiledSubscription> {
-        let mut body = json!({"type": "Subscription", "entities": [{"type": "Meter"}],
-            "notification": {"endpoint": {"uri": "http://127.0.0.1:9/n"}}});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let record = SubscriptionRecord {
-            id: format!("urn:s:{id}"),
-            body: body.as_object().cloned().unwrap(),
-            context: Value::Null,
-            context_objects: Vec::new(),
-            notification_context_objects: None,
-            created_at: 0,
-            modified_at: 0,
-            stats: Stats::default(),
-        };
-        Arc::new(CompiledSubscription::compile(record, 0, false).unwrap())
-    }
-
-    #[test]
-    fn indexed_candidates_find_every_subscription_that_matches() {
-        let subs = vec![
-            sub(0, json!({"q": "zone==3"})),
-            sub(1, json!({"q": "zone==1,2;level>0"})),
-            sub(2, json!({"q": "status==\"free\""})),
-            sub(3, json!({"q": "zone==3|status==\"free\""})),
-            sub(4, json!({})),
-            sub(5, json!({"q": "kind==meterA"})),
-            sub(6, json!({"q": "tags==\"a\""})),
-            sub(7, json!({"q": "zone==-0"})),
-            sub(8, json!({"entities": [{"type": "Other"}], "q": "zone==3"})),
-            sub(
-                9,
-                json!({"entities": [{"idPattern": ".*"}], "q": "level==2"}),
-            ),
-            sub(10, json!({"q": "seen==2024-01-01T00:00:00Z"})),
-            sub(11, json!({"q": "zone==3.0"})),
-        ];
-        let by_id = subs
-            .iter()
-            .map(|s| (s.record.id.clone(), s.clone()))
-            .collect();
-        let index = TenantSubscriptions::rebuild(by_id);
-        let ctx = Context::core();
-        let entity = |zone: f64, status: &str, level: i64| {
-            Arc::new(
-                parse_entity(
-                    &json!({"id": "urn:m:1", "type": ["Meter"], "zone": zone, "status": status, "level": level,
-                            "kind": {"type": "VocabProperty", "vocab": "meterA"}, "tags": ["a", "b"],
-                            "seen": "2024-01-01T00:00:00.000Z"}),
-                    &ctx,
-                    0,
-                )
-                .unwrap(),
-            )
-        };
-        let states = [
-            entity(3.0, "free", 1),
-            entity(1.0, "occupied", 1),
-            entity(2.0, "occupied", 0),
-            entity(0.0, "occupied", 2),
-            entity(-0.0, "free", 2),
-        ];
-        for before in states.iter() {
-            for after in states.iter() {
-                for (b, a) in [
-                    (Some(before), Some(after)),
-                    (None, Some(after)),
-                    (Some(before), None),
-                ] {
-                    let change = Change::of(b.map(|e| e.as_ref()), a.map(|e| e.as_ref())).unwrap();
-                    let mut indexed: Vec<&str> = index
-                        .candidates(change.subject)
-                        .into_iter()
-                        .filter(|s| s.matches_change(&change, 1).is_some())
-                        .map(|s| s.record.id.as_str())
-                        .collect();
-                    let mut all: Vec<&str> = subs
-                        .iter()
-                        .filter(|s| s.matches_change(&change, 1).is_some())
-                        .map(|s| s.record.id.as_str())
-                        .collect();
-                    indexed.sort();
-                    all.sort();
-                    assert_eq!(
-                        indexed,
-                        all,
-                        "{:?} -> {:?}",
-                        b.map(|e| &e.attrs),
-                        a.map(|e| &e.attrs)
-                    );
-                }
+/// Removes delivered notices from the outbox; those given with an error go
+/// to the dead letters with it.
+pub fn done(txn: &WriteTransaction, done: &[DoneNotices<'_>]) -> Result<(), StoreError> {
+    let mut outbox = txn.open_table(OUTBOX).map_err(io)?;
+    let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(io)?;
+    for batch in done {
+        for (seq, n) in batch.notices {
+            outbox.remove(*seq).map_err(io)?;
+            if let Some(error) = batch.dead {
+                let bytes = serde_json::to_vec(&(n, error)).map_err(io)?;
+                dead_letters.insert(*seq, bytes.as_slice()).map_err(io)?;
             }
         }
-        // The index does narrow: a zone-1 meter is not checked against zone==3 subscriptions.
-        let c = index.candidates(&states[1]);
-        assert!(!c.iter().any(|s| s.record.id == "urn:s:0"));
     }
+    Ok(())
 }

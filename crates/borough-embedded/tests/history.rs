@@ -69,7 +69,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let store = borough_embedded::open(dir.path()).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (mut numbers, mut texts) = (Vec::new(), Vec::new());
         let create = parse_fragment(

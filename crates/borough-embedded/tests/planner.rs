@@ -75,14 +75,14 @@ fn stores() -> &'static Stores {
     STORES.get_or_init(|| {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let written_dir = tempfile::tempdir().unwrap().keep();
-        let written = EmbeddedStore::open(&written_dir).unwrap();
+        let written = borough_embedded::open(&written_dir).unwrap();
         fill(&written, &rt);
         let reopened_dir = tempfile::tempdir().unwrap().keep();
-        let first = EmbeddedStore::open(&reopened_dir).unwrap();
+        let first = borough_embedded::open(&reopened_dir).unwrap();
         fill(&first, &rt);
         rt.block_on(first.close()).unwrap();
         drop(first);
-        let reopened = EmbeddedStore::open(&reopened_dir).unwrap();
+        let reopened = borough_embedded::open(&reopened_dir).unwrap();
         Stores {
             written,
             reopened,

@@ -23,7 +23,7 @@ fn copy_of_fixture() -> tempfile::TempDir {
 
 /// The error of opening a store that must not open.
 fn open_error(dir: &std::path::Path) -> String {
-    match EmbeddedStore::open(dir) {
+    match borough_embedded::open(dir) {
         Ok(_) => panic!("the store must refuse to open"),
         Err(e) => e.to_string(),
     }
@@ -82,8 +82,8 @@ fn assert_fixture_data(store: &EmbeddedStore) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_1_file_opens_with_all_its_data_and_is_upgraded() {
     let dir = copy_of_fixture();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert_eq!(store.format_version().unwrap(), FORMAT_VERSION);
+    let store = borough_embedded::open(dir.path()).unwrap();
+    assert_eq!(store.backend().format_version().unwrap(), FORMAT_VERSION);
     assert_fixture_data(&store);
 
     // It takes writes, and keeps everything across another restart.
@@ -107,8 +107,8 @@ async fn a_format_1_file_opens_with_all_its_data_and_is_upgraded() {
     assert!(results[0].is_ok());
     store.close().await.unwrap();
     drop(store);
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert_eq!(store.format_version().unwrap(), FORMAT_VERSION);
+    let store = borough_embedded::open(dir.path()).unwrap();
+    assert_eq!(store.backend().format_version().unwrap(), FORMAT_VERSION);
     assert_eq!(
         status_history(&store),
         ["free", "occupied", "free", "occupied"]

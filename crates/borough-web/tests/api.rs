@@ -22,7 +22,7 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(EmbeddedStore::open(dir.path()).expect("open store"));
+    let store = Arc::new(borough_embedded::open(dir.path()).expect("open store"));
     let app = router(store.clone(), WebConfig::default());
     Fixture {
         _dir: dir,

@@ -243,7 +243,7 @@ pub async fn start(
     mqtt: Option<tokio::net::TcpListener>,
 ) -> Result<Running, String> {
     let store = Arc::new(
-        EmbeddedStore::open_with(
+        borough_embedded::open_with(
             &args.data,
             borough_embedded::StoreOptions {
                 max_pending_notices: args.max_pending_notices,

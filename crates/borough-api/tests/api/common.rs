@@ -85,7 +85,7 @@ impl TestApp {
     /// With store options: injected faults, for one.
     pub fn with_store_options(config: ApiConfig, options: borough_embedded::StoreOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(EmbeddedStore::open_with(dir.path(), options).expect("store"));
+        let store = Arc::new(borough_embedded::open_with(dir.path(), options).expect("store"));
         Self {
             router: with_normalized_paths(build(&store, &config)),
             store,
@@ -99,7 +99,7 @@ impl TestApp {
         self.store.close().await.expect("close");
         drop(self.router);
         drop(self.store);
-        let store = Arc::new(EmbeddedStore::open(self.dir.path()).expect("store"));
+        let store = Arc::new(borough_embedded::open(self.dir.path()).expect("store"));
         Self {
             router: with_normalized_paths(build(&store, &self.config)),
             store,
