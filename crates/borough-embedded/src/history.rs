@@ -22,18 +22,18 @@ use crate::chunk::{self, ChunkMeta, Row};
 use crate::hotlog::{self, LOG, LOG_MOVED, LogIndex, LogRow, Stale};
 use crate::series::SeriesIndex;
 use borough_core::temporal::{
-    Accumulator, AggrMethod, AttrHistory, BucketResult, Buckets, EntityHistory, HistoryBody,
-    HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Instance, InstanceId, Retention,
-    TimeProperty, TimeRange,
+    AggrMethod, AttrHistory, Buckets, EntityHistory, HistoryBody, HistoryOp, HistoryOutcome,
+    HistoryRequest, ImportSeries, Instance, InstanceId, Retention, TimeProperty, TimeRange,
 };
 use borough_core::{AttrKind, Attribute};
 use borough_engine::Recorded;
+use borough_engine::temporal::{BucketMap, Cut, bucket_span, empty_body, key_of, time_key};
 use borough_store::StoreError;
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -178,10 +178,6 @@ fn count_hot(hot: &mut HashMap<u64, Hot>, series: u64, at: i64) -> u32 {
     h.count += 1;
     h.oldest = h.oldest.min(at);
     h.count
-}
-
-fn time_key(a: &Attribute) -> i64 {
-    a.observed_at.unwrap_or(a.modified_at)
 }
 
 impl History {
@@ -1282,13 +1278,6 @@ fn bounds(meta: &ChunkMeta, prop: TimeProperty) -> (i64, i64) {
     }
 }
 
-fn key_of(prop: TimeProperty, at: i64, attr: &Attribute) -> i64 {
-    match prop {
-        TimeProperty::ObservedAt => at,
-        _ => attr.modified_at,
-    }
-}
-
 /// Fresh snapshots a read of history tries before it reads while nothing commits.
 const READ_ATTEMPTS: usize = 4;
 
@@ -1373,18 +1362,6 @@ fn read_once(
         });
     }
     Ok(Some(out))
-}
-
-type Cut = Option<(i64, i64)>;
-
-fn empty_body(req: &HistoryRequest) -> HistoryBody {
-    match req.aggregation {
-        Some(_) => HistoryBody::Aggregated {
-            kind: AttrKind::Property,
-            buckets: Vec::new(),
-        },
-        None => HistoryBody::Instances(Vec::new()),
-    }
 }
 
 fn instances(
@@ -1484,23 +1461,8 @@ fn aggregate(
             None,
         ));
     };
-    let origin = if req.range.from == i64::MIN {
-        first
-    } else {
-        req.range.from
-    };
-    // Periods run on as long as there is data; one bucket ends after the last instance.
-    let limit = if req.range.to != i64::MAX || period.is_some() {
-        req.range.to
-    } else {
-        last.saturating_add(1)
-    };
-    let mut acc = BucketMap {
-        buckets: BTreeMap::new(),
-        methods,
-        max: req.max_instances.max(1),
-        cut: false,
-    };
+    let (origin, limit) = bucket_span(req, first, last, period.is_some());
+    let mut acc = BucketMap::new(methods, req.max_instances);
     let summary_only = methods.iter().all(|m| m.from_summary());
     let mut values: Vec<(i64, f64)> = Vec::new();
     for c in &chunks {
@@ -1560,23 +1522,7 @@ fn aggregate(
         Buckets::new(period, origin, limit),
         &mut kind,
     );
-    let cut = if acc.cut {
-        match (acc.buckets.first_key_value(), acc.buckets.last_key_value()) {
-            (Some((first, _)), Some((_, (end, _)))) => Some((*first, *end)),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let acc = acc.buckets;
-    let buckets = acc
-        .into_iter()
-        .map(|(start, (end, a))| BucketResult {
-            start,
-            end,
-            values: methods.iter().map(|m| a.result(*m)).collect(),
-        })
-        .collect();
+    let (buckets, cut) = acc.finish();
     Ok((
         HistoryBody::Aggregated {
             kind: kind.unwrap_or(AttrKind::Property),
@@ -1584,63 +1530,4 @@ fn aggregate(
         },
         cut,
     ))
-}
-
-/// The accumulators of an aggregation's buckets, keeping at most `max` (the
-/// earliest); a later bucket is cut and reported, so memory stays bounded.
-struct BucketMap<'m> {
-    buckets: BTreeMap<i64, (i64, Accumulator)>,
-    methods: &'m [AggrMethod],
-    max: usize,
-    cut: bool,
-}
-
-impl BucketMap<'_> {
-    fn get(&mut self, (start, end): (i64, i64)) -> Option<&mut Accumulator> {
-        if !self.buckets.contains_key(&start) && self.buckets.len() >= self.max {
-            self.cut = true;
-            if self
-                .buckets
-                .last_key_value()
-                .is_some_and(|(k, _)| *k < start)
-            {
-                return None;
-            }
-            self.buckets.pop_last();
-        }
-        let methods = self.methods;
-        Some(
-            &mut self
-                .buckets
-                .entry(start)
-                .or_insert_with(|| (end, Accumulator::new(methods)))
-                .1,
-        )
-    }
-
-    /// Adds rows of any kind (JSON values) in `range`.
-    fn add_rows(
-        &mut self,
-        rows: &[Row],
-        prop: TimeProperty,
-        range: TimeRange,
-        mut buckets: Buckets,
-        kind: &mut Option<AttrKind>,
-    ) {
-        let mut keyed: Vec<(i64, &Attribute)> = rows
-            .iter()
-            .map(|r| (key_of(prop, r.0, &r.2), &r.2))
-            .filter(|(k, _)| range.contains(*k))
-            .collect();
-        keyed.sort_by_key(|(k, _)| *k);
-        for (k, attr) in keyed {
-            kind.get_or_insert(attr.kind);
-            if !buckets.advance_to(k) {
-                break;
-            }
-            if let Some(a) = self.get(buckets.current()) {
-                a.add_value(&attr.value);
-            }
-        }
-    }
 }

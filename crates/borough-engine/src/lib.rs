@@ -29,9 +29,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 mod feed;
-// pub mod memory;
+pub mod memory;
 mod state;
 mod subscriptions;
+pub mod temporal;
 mod writer;
 
 pub use subscriptions::DEFAULT_MAX_PENDING;

@@ -102,7 +102,7 @@ pub struct ImportCounts {
 }
 
 /// Which kind of management record a [`RecordChange`] concerns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RecordKind {
     /// A registered device, keyed by (tenant, device id).
     Device,

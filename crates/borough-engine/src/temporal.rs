@@ -1,0 +1,154 @@
+//! Temporal selection shared by every backend: the time key of a stored
+//! instance, the empty answer, and the accumulation of instances into an
+//! aggregation's buckets.
+
+use borough_core::temporal::{
+    Accumulator, AggrMethod, BucketResult, Buckets, HistoryBody, HistoryRequest, TimeProperty,
+    TimeRange,
+};
+use borough_core::{AttrKind, Attribute};
+use std::collections::BTreeMap;
+
+/// A stored instance: (time key, sequence number, the instance). The time key
+/// is `observedAt`, else the write time.
+pub type Row = (i64, u64, Attribute);
+
+/// The part of a series a read was cut to, when it had more than it may answer.
+pub type Cut = Option<(i64, i64)>;
+
+/// The time key of an instance.
+pub fn time_key(a: &Attribute) -> i64 {
+    a.observed_at.unwrap_or(a.modified_at)
+}
+
+/// The time a request selects and orders by: the row's time key for
+/// `observedAt`, else the write time.
+pub fn key_of(prop: TimeProperty, at: i64, attr: &Attribute) -> i64 {
+    match prop {
+        TimeProperty::ObservedAt => at,
+        _ => attr.modified_at,
+    }
+}
+
+/// The answer for a series with nothing selected.
+pub fn empty_body(req: &HistoryRequest) -> HistoryBody {
+    match req.aggregation {
+        Some(_) => HistoryBody::Aggregated {
+            kind: AttrKind::Property,
+            buckets: Vec::new(),
+        },
+        None => HistoryBody::Instances(Vec::new()),
+    }
+}
+
+/// The accumulators of an aggregation's buckets, keeping at most `max` (the
+/// earliest); a later bucket is cut and reported, so memory stays bounded.
+pub struct BucketMap<'m> {
+    buckets: BTreeMap<i64, (i64, Accumulator)>,
+    methods: &'m [AggrMethod],
+    max: usize,
+    cut: bool,
+}
+
+impl<'m> BucketMap<'m> {
+    pub fn new(methods: &'m [AggrMethod], max: usize) -> Self {
+        Self {
+            buckets: BTreeMap::new(),
+            methods,
+            max: max.max(1),
+            cut: false,
+        }
+    }
+
+    /// The accumulator of one bucket, or `None` when it is past the cut.
+    pub fn get(&mut self, (start, end): (i64, i64)) -> Option<&mut Accumulator> {
+        if !self.buckets.contains_key(&start) && self.buckets.len() >= self.max {
+            self.cut = true;
+            if self
+                .buckets
+                .last_key_value()
+                .is_some_and(|(k, _)| *k < start)
+            {
+                return None;
+            }
+            self.buckets.pop_last();
+        }
+        let methods = self.methods;
+        Some(
+            &mut self
+                .buckets
+                .entry(start)
+                .or_insert_with(|| (end, Accumulator::new(methods)))
+                .1,
+        )
+    }
+
+    /// Adds rows of any kind (JSON values) in `range`.
+    pub fn add_rows(
+        &mut self,
+        rows: &[Row],
+        prop: TimeProperty,
+        range: TimeRange,
+        mut buckets: Buckets,
+        kind: &mut Option<AttrKind>,
+    ) {
+        let mut keyed: Vec<(i64, &Attribute)> = rows
+            .iter()
+            .map(|r| (key_of(prop, r.0, &r.2), &r.2))
+            .filter(|(k, _)| range.contains(*k))
+            .collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        for (k, attr) in keyed {
+            kind.get_or_insert(attr.kind);
+            if !buckets.advance_to(k) {
+                break;
+            }
+            if let Some(a) = self.get(buckets.current()) {
+                a.add_value(&attr.value);
+            }
+        }
+    }
+
+    /// The buckets' results, and the span kept when later buckets were cut.
+    pub fn finish(self) -> (Vec<BucketResult>, Cut) {
+        let cut = if self.cut {
+            match (
+                self.buckets.first_key_value(),
+                self.buckets.last_key_value(),
+            ) {
+                (Some((first, _)), Some((_, (end, _)))) => Some((*first, *end)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let methods = self.methods;
+        let buckets = self
+            .buckets
+            .into_iter()
+            .map(|(start, (end, a))| BucketResult {
+                start,
+                end,
+                values: methods.iter().map(|m| a.result(*m)).collect(),
+            })
+            .collect();
+        (buckets, cut)
+    }
+}
+
+/// Where an aggregation's buckets start and end: at `timeAt`, else at the
+/// first instance; periods run on as long as there is data, and one bucket
+/// without a period ends after the last instance.
+pub fn bucket_span(req: &HistoryRequest, first: i64, last: i64, periodic: bool) -> (i64, i64) {
+    let origin = if req.range.from == i64::MIN {
+        first
+    } else {
+        req.range.from
+    };
+    let limit = if req.range.to != i64::MAX || periodic {
+        req.range.to
+    } else {
+        last.saturating_add(1)
+    };
+    (origin, limit)
+}
