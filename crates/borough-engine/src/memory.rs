@@ -3,13 +3,12 @@
 //! "Durable" means until the backend is dropped; clones share the same data,
 //! so a test can start a second engine over what the first one committed.
 
-use crate::temporal::{BucketMap, Row, bucket_span, empty_body, key_of, time_key};
+use crate::temporal::{Row, same_instance, select, time_key};
 use crate::{Backend, DoneNotices, EntitySink, OutboxState, WriteSet};
 use borough_core::Entity;
 use borough_core::subscription::SubscriptionRecord;
 use borough_core::temporal::{
-    AttrHistory, Buckets, EntityHistory, HistoryBody, HistoryOp, HistoryOutcome, HistoryRequest,
-    ImportSeries, Instance, InstanceId, Retention, TimeProperty,
+    AttrHistory, EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
 };
 use borough_core::{AttrKind, Attribute};
 use borough_store::{
@@ -88,15 +87,6 @@ impl Data {
             .get(&(tenant.to_string(), id.to_string()))
             .is_some_and(|h| h.series.iter().any(|((n, _), s)| n == name && *s == series))
     }
-}
-
-/// Whether two instances of one series say the same, write times aside.
-fn same_instance(a: &Attribute, b: &Attribute) -> bool {
-    let mut a = a.clone();
-    a.created_at = b.created_at;
-    a.modified_at = b.modified_at;
-    a.dataset_id.clone_from(&b.dataset_id);
-    a == *b
 }
 
 /// The memory backend. Cloning shares the data.
@@ -537,34 +527,7 @@ impl Backend for MemoryBackend {
             }
             let rows = d.rows.get(s).map(Vec::as_slice).unwrap_or_default();
             let dataset_id = (!dataset.is_empty()).then(|| dataset.clone());
-            let (body, cut) = match &req.aggregation {
-                // History keeps the instances that exist: none has a deletedAt.
-                _ if req.time_property == TimeProperty::DeletedAt => (empty_body(req), None),
-                Some(aggr) => {
-                    let prop = req.time_property;
-                    let keys = rows.iter().map(|r| key_of(prop, r.0, &r.2));
-                    match (keys.clone().min(), keys.max()) {
-                        (Some(first), Some(last)) => {
-                            let (origin, limit) =
-                                bucket_span(req, first, last, aggr.period.is_some());
-                            let mut acc = BucketMap::new(&aggr.methods, req.max_instances);
-                            let mut kind = None;
-                            acc.add_rows(
-                                rows,
-                                prop,
-                                req.range,
-                                Buckets::new(aggr.period, origin, limit),
-                                &mut kind,
-                            );
-                            let (buckets, cut) = acc.finish();
-                            let kind = kind.unwrap_or(AttrKind::Property);
-                            (HistoryBody::Aggregated { kind, buckets }, cut)
-                        }
-                        _ => (empty_body(req), None),
-                    }
-                }
-                None => select_instances(rows, *s, req, dataset_id.as_deref()),
-            };
+            let (body, cut) = select(rows, *s, req, dataset_id.as_deref());
             if let Some((a, b)) = cut {
                 out.truncated = Some(match out.truncated {
                     Some((x, y)) => (x.min(a), y.max(b)),
@@ -622,52 +585,6 @@ impl Backend for MemoryBackend {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
-}
-
-/// The instances of one series a request selects: in its range, the last n
-/// or the first `max_instances` (then cut), ordered by the request's time.
-fn select_instances(
-    rows: &[Row],
-    series: u64,
-    req: &HistoryRequest,
-    dataset: Option<&str>,
-) -> (HistoryBody, crate::temporal::Cut) {
-    let prop = req.time_property;
-    let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
-    let mut selected: Vec<&Row> = rows
-        .iter()
-        .filter(|r| req.range.contains(key_of(prop, r.0, &r.2)))
-        .collect();
-    selected.sort_by_key(|r| key(r));
-    let mut cut = None;
-    if let Some(n) = req.last_n.map(|n| n.max(1)) {
-        let skip = selected.len().saturating_sub(n);
-        selected.drain(..skip);
-    } else {
-        let max = req.max_instances.max(1);
-        if selected.len() > max {
-            selected.truncate(max);
-            if let (Some(first), Some(last)) = (selected.first(), selected.last()) {
-                cut = Some((key(first).0, key(last).0));
-            }
-        }
-    }
-    let list = selected
-        .into_iter()
-        .map(|(at, seq, attr)| {
-            let mut attr = attr.clone();
-            attr.dataset_id = dataset.map(str::to_string);
-            Instance {
-                id: InstanceId {
-                    series,
-                    at: *at,
-                    seq: *seq,
-                },
-                attr,
-            }
-        })
-        .collect();
-    (HistoryBody::Instances(list), cut)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! aggregation's buckets.
 
 use borough_core::temporal::{
-    Accumulator, AggrMethod, BucketResult, Buckets, HistoryBody, HistoryRequest, TimeProperty,
-    TimeRange,
+    Accumulator, AggrMethod, BucketResult, Buckets, HistoryBody, HistoryRequest, Instance,
+    InstanceId, TimeProperty, TimeRange,
 };
 use borough_core::{AttrKind, Attribute};
 use std::collections::BTreeMap;
@@ -151,4 +151,94 @@ pub fn bucket_span(req: &HistoryRequest, first: i64, last: i64, periodic: bool) 
         last.saturating_add(1)
     };
     (origin, limit)
+}
+
+/// Whether two instances of one series say the same, write times aside.
+pub fn same_instance(a: &Attribute, b: &Attribute) -> bool {
+    let mut a = a.clone();
+    a.created_at = b.created_at;
+    a.modified_at = b.modified_at;
+    a.dataset_id.clone_from(&b.dataset_id);
+    a == *b
+}
+
+/// What a request selects from one series' rows (all its rows in the
+/// request's range, in any order): instances, or an aggregation's buckets.
+pub fn select(
+    rows: &[Row],
+    series: u64,
+    req: &HistoryRequest,
+    dataset: Option<&str>,
+) -> (HistoryBody, Cut) {
+    let prop = req.time_property;
+    match &req.aggregation {
+        // History keeps the instances that exist: none has a deletedAt.
+        _ if prop == TimeProperty::DeletedAt => (empty_body(req), None),
+        Some(aggr) => {
+            let keys = rows.iter().map(|r| key_of(prop, r.0, &r.2));
+            let (Some(first), Some(last)) = (keys.clone().min(), keys.max()) else {
+                return (empty_body(req), None);
+            };
+            let (origin, limit) = bucket_span(req, first, last, aggr.period.is_some());
+            let mut acc = BucketMap::new(&aggr.methods, req.max_instances);
+            let mut kind = None;
+            acc.add_rows(
+                rows,
+                prop,
+                req.range,
+                Buckets::new(aggr.period, origin, limit),
+                &mut kind,
+            );
+            let (buckets, cut) = acc.finish();
+            let kind = kind.unwrap_or(AttrKind::Property);
+            (HistoryBody::Aggregated { kind, buckets }, cut)
+        }
+        None => select_instances(rows, series, req, dataset),
+    }
+}
+
+/// The instances of one series a request selects: in its range, the last n
+/// or the first `max_instances` (then cut), ordered by the request's time.
+pub fn select_instances(
+    rows: &[Row],
+    series: u64,
+    req: &HistoryRequest,
+    dataset: Option<&str>,
+) -> (HistoryBody, Cut) {
+    let prop = req.time_property;
+    let key = |r: &Row| (key_of(prop, r.0, &r.2), r.1);
+    let mut selected: Vec<&Row> = rows
+        .iter()
+        .filter(|r| req.range.contains(key_of(prop, r.0, &r.2)))
+        .collect();
+    selected.sort_by_key(|r| key(r));
+    let mut cut = None;
+    if let Some(n) = req.last_n.map(|n| n.max(1)) {
+        let skip = selected.len().saturating_sub(n);
+        selected.drain(..skip);
+    } else {
+        let max = req.max_instances.max(1);
+        if selected.len() > max {
+            selected.truncate(max);
+            if let (Some(first), Some(last)) = (selected.first(), selected.last()) {
+                cut = Some((key(first).0, key(last).0));
+            }
+        }
+    }
+    let list = selected
+        .into_iter()
+        .map(|(at, seq, attr)| {
+            let mut attr = attr.clone();
+            attr.dataset_id = dataset.map(str::to_string);
+            Instance {
+                id: InstanceId {
+                    series,
+                    at: *at,
+                    seq: *seq,
+                },
+                attr,
+            }
+        })
+        .collect();
+    (HistoryBody::Instances(list), cut)
 }

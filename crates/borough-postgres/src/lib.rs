@@ -1,0 +1,1405 @@
+//! The PostgreSQL backend of the engine (`borough_engine::Backend`).
+//!
+//! The engine keeps the current state in memory and commits each write group
+//! through [`PgBackend::commit`] in one PostgreSQL transaction (committed
+//! with the server's `synchronous_commit`, so durable when it returns).
+//! Everything lives in one schema (`borough` unless told otherwise), whose
+//! layout is versioned: [`MIGRATIONS`] are applied in order at open, under an
+//! advisory lock, and a schema newer than this build is refused.
+//!
+//! The `Backend` calls block. The backend runs its own small tokio runtime
+//! for its connections and waits for answers on plain channels, so a call
+//! works from the engine's writer thread, the blocking pool or (like a redb
+//! read) an async worker alike.
+
+use borough_core::subscription::SubscriptionRecord;
+use borough_core::temporal::{
+    AttrHistory, EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
+    TimeProperty,
+};
+use borough_core::{AttrKind, Attribute, Entity};
+use borough_engine::temporal::{Row, same_instance, select, time_key};
+use borough_engine::{
+    Backend, DoneNotices, Engine, EngineOptions, EntitySink, OutboxState, WriteSet,
+};
+use borough_store::{
+    ImportCounts, Notice, RecordChange, RecordKind, RecordStore, StoreError, StoredRecord,
+};
+use futures_util::future::BoxFuture;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use tokio_postgres::{Client, GenericClient, NoTls};
+
+/// The engine over PostgreSQL.
+pub type PgStore = Engine<PgBackend>;
+
+/// The schema versions this build knows, each the SQL that makes it from the
+/// one before. Applied in order, each in its own transaction.
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE entities (
+    tenant text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    doc bytea NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE tenants (name text COLLATE "C" PRIMARY KEY);
+CREATE TABLE contexts (id text COLLATE "C" PRIMARY KEY, doc bytea NOT NULL);
+CREATE TABLE subscriptions (
+    tenant text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE outbox (
+    seq bigint PRIMARY KEY,
+    tenant text COLLATE "C" NOT NULL,
+    subscription text COLLATE "C" NOT NULL,
+    notice bytea NOT NULL
+);
+CREATE TABLE dead_letters (
+    seq bigint PRIMARY KEY,
+    tenant text COLLATE "C" NOT NULL,
+    subscription text COLLATE "C" NOT NULL,
+    notice bytea NOT NULL,
+    error text NOT NULL
+);
+CREATE INDEX dead_letters_by_subscription ON dead_letters (tenant, subscription, seq);
+CREATE TABLE records (
+    kind text COLLATE "C" NOT NULL,
+    tenant text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (kind, tenant, key)
+);
+CREATE TABLE history_entities (
+    tenant text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    types text[] NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE history_series (
+    series bigserial PRIMARY KEY,
+    tenant text COLLATE "C" NOT NULL,
+    entity text COLLATE "C" NOT NULL,
+    name text COLLATE "C" NOT NULL,
+    dataset text COLLATE "C" NOT NULL,
+    UNIQUE (tenant, entity, name, dataset)
+);
+CREATE SEQUENCE history_seq;
+CREATE TABLE history (
+    series bigint NOT NULL,
+    at bigint NOT NULL,
+    seq bigint NOT NULL,
+    modified_at bigint NOT NULL,
+    attr bytea NOT NULL,
+    PRIMARY KEY (series, at, seq)
+);
+CREATE INDEX history_by_write_time ON history (series, modified_at);
+CREATE TABLE retention (tenant text COLLATE "C" PRIMARY KEY, policy bytea NOT NULL);
+"#,
+)];
+
+/// Most instances one aggregation reads from this backend; a wider range is
+/// refused with a clear error rather than read without bound.
+const MAX_AGGREGATED_ROWS: i64 = 2_000_000;
+
+/// Entity rows handed from the connection to the parser at a time.
+const LOAD_BATCH: usize = 1024;
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    // The server's own message (e.g. "relation does not exist"), not only "db error".
+    match e.as_db_error() {
+        Some(d) => StoreError::Io(format!("PostgreSQL: {}", d.message())),
+        None => StoreError::Io(format!("PostgreSQL: {e}")),
+    }
+}
+
+fn kind_name(kind: RecordKind) -> &'static str {
+    match kind {
+        RecordKind::Device => "device",
+        RecordKind::Command => "command",
+        RecordKind::Tenant => "tenant",
+        RecordKind::ApiKey => "api_key",
+        RecordKind::Audit => "audit",
+        RecordKind::Setting => "setting",
+        RecordKind::Registration => "registration",
+        RecordKind::RegistrationSubscription => "registration_subscription",
+    }
+}
+
+/// Where the backend connects, and to which schema.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// A libpq-style URL or key=value string.
+    pub url: String,
+    /// The schema that holds Borough's tables, created if missing.
+    pub schema: String,
+}
+
+/// Two connections: one for the writer's transactions, one shared by
+/// readers (tokio-postgres pipelines concurrent queries on it). Either is
+/// made again when it is lost.
+struct Connections {
+    options: PgOptions,
+    config: tokio_postgres::Config,
+    writer: tokio::sync::Mutex<Option<Client>>,
+    reader: RwLock<Option<Arc<Client>>>,
+}
+
+impl Connections {
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(db)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "a PostgreSQL connection ended");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "SET search_path TO {}",
+                quote_ident(&self.options.schema)
+            ))
+            .await
+            .map_err(db)?;
+        Ok(client)
+    }
+
+    async fn reader(&self) -> Result<Arc<Client>, StoreError> {
+        if let Some(c) = self
+            .reader
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|c| !c.is_closed())
+        {
+            return Ok(c);
+        }
+        let c = Arc::new(self.connect().await?);
+        *self.reader.write().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The PostgreSQL backend.
+pub struct PgBackend {
+    runtime: Option<tokio::runtime::Runtime>,
+    conns: Arc<Connections>,
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Opens the store on PostgreSQL, loading every entity into memory.
+pub fn open(options: PgOptions, engine: EngineOptions) -> Result<PgStore, StoreError> {
+    Engine::start(PgBackend::open(options)?, engine)
+}
+
+impl PgBackend {
+    /// Connects, creates the schema if missing and brings it to the newest
+    /// version this build knows.
+    pub fn open(options: PgOptions) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| io(format!("the PostgreSQL address is not valid: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("borough-postgres")
+            .enable_all()
+            .build()
+            .map_err(io)?;
+        let backend = Self {
+            runtime: Some(runtime),
+            conns: Arc::new(Connections {
+                options,
+                config,
+                writer: tokio::sync::Mutex::new(None),
+                reader: RwLock::new(None),
+            }),
+        };
+        backend.block(|c| Box::pin(async move { migrate(&c).await }))?;
+        Ok(backend)
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+                    .await
+                    .map_err(db)?;
+                Ok(row.get(0))
+            })
+        })
+    }
+
+    /// Runs `f` on the backend's runtime and waits for it, from any thread.
+    fn block<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<Connections>) -> BoxFuture<'static, Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(rt) = &self.runtime else {
+            return Err(StoreError::Closed);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let conns = self.conns.clone();
+        rt.spawn(async move {
+            let _ = tx.send(f(conns).await);
+        });
+        rx.recv()
+            .map_err(|_| io("the PostgreSQL backend stopped before answering"))?
+    }
+
+    /// Runs a read on the shared reader connection.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<Client>) -> BoxFuture<'static, Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.block(move |c| {
+            Box::pin(async move {
+                let client = c.reader().await?;
+                f(client).await
+            })
+        })
+    }
+
+    /// Runs `f` in one transaction of the writer's connection; nothing of it
+    /// stays when it fails. A lost connection is made again by `ready`.
+    fn transact<T: Send + 'static>(
+        &self,
+        f: impl for<'t> FnOnce(
+            &'t tokio_postgres::Transaction<'t>,
+        ) -> BoxFuture<'t, Result<T, StoreError>>
+        + Send
+        + 'static,
+    ) -> Result<T, StoreError> {
+        self.block(move |c| {
+            Box::pin(async move {
+                let mut guard = c.writer.lock().await;
+                let Some(client) = guard.as_mut() else {
+                    return Err(io("the PostgreSQL connection is being made again"));
+                };
+                let result = async {
+                    let tx = client.transaction().await.map_err(db)?;
+                    let out = f(&tx).await?;
+                    tx.commit().await.map_err(db)?;
+                    Ok(out)
+                }
+                .await;
+                if result.is_err() && client.is_closed() {
+                    *guard = None;
+                }
+                result
+            })
+        })
+    }
+}
+
+/// Creates the schema and applies the migrations it lacks.
+async fn migrate(c: &Connections) -> Result<(), StoreError> {
+    let mut client = c.connect().await.map_err(|e| {
+        io(format!(
+            "cannot connect to PostgreSQL at the address given: {e}"
+        ))
+    })?;
+    let schema = quote_ident(&c.options.schema);
+    let tx = client.transaction().await.map_err(db)?;
+    // One Borough at a time migrates; the others wait, then find it done.
+    tx.execute("SELECT pg_advisory_xact_lock(7302215421)", &[])
+        .await
+        .map_err(db)?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; SET LOCAL search_path TO {schema};
+         CREATE TABLE IF NOT EXISTS schema_version (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await
+    .map_err(db)?;
+    let found: i64 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if found > newest {
+        return Err(io(format!(
+            "the PostgreSQL schema '{}' is at version {found}, written by a newer Borough; this one \
+             knows versions up to {newest}: run the newer version",
+            c.options.schema
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+        tracing::info!(version, schema = %c.options.schema, "migrating the PostgreSQL schema");
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)?;
+    *c.writer.lock().await = Some(client);
+    Ok(())
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A history series' number, made on first use.
+async fn series_for(
+    tx: &impl GenericClient,
+    tenant: &str,
+    entity: &str,
+    types: &[String],
+    name: &str,
+    dataset: Option<&str>,
+) -> Result<i64, StoreError> {
+    let dataset = dataset.unwrap_or("");
+    tx.execute(
+        "INSERT INTO history_entities (tenant, id, types) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[&tenant, &entity, &types],
+    )
+    .await
+    .map_err(db)?;
+    let row = tx
+        .query_one(
+            "WITH made AS (
+                 INSERT INTO history_series (tenant, entity, name, dataset) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING RETURNING series)
+             SELECT series FROM made
+             UNION ALL
+             SELECT series FROM history_series
+              WHERE tenant = $1 AND entity = $2 AND name = $3 AND dataset = $4",
+            &[&tenant, &entity, &name, &dataset],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.get(0))
+}
+
+fn encode_attr(attr: &Attribute) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(attr).map_err(io)
+}
+
+fn decode_attr(bytes: &[u8]) -> Result<Attribute, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| io(format!("a history instance cannot be read: {e}")))
+}
+
+/// Appends instances to one series: (time key, write time, instance).
+async fn insert_rows(
+    tx: &impl GenericClient,
+    series: i64,
+    rows: &[Attribute],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut at = Vec::with_capacity(rows.len());
+    let mut modified = Vec::with_capacity(rows.len());
+    let mut attrs = Vec::with_capacity(rows.len());
+    for a in rows {
+        at.push(time_key(a));
+        modified.push(a.modified_at);
+        attrs.push(encode_attr(a)?);
+    }
+    tx.execute(
+        "INSERT INTO history (series, at, seq, modified_at, attr)
+         SELECT $1, t.at, nextval('history_seq'), t.modified_at, t.attr
+           FROM unnest($2::bigint[], $3::bigint[], $4::bytea[]) AS t(at, modified_at, attr)",
+        &[&series, &at, &modified, &attrs],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Whether the series is the entity's, under that attribute name.
+async fn owns(
+    tx: &impl GenericClient,
+    tenant: &str,
+    id: &str,
+    name: &str,
+    series: u64,
+) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM history_series WHERE series = $1 AND tenant = $2 AND entity = $3 AND name = $4",
+            &[&to_i64(series), &tenant, &id, &name],
+        )
+        .await
+        .map_err(db)?
+        .is_some())
+}
+
+/// Removes series with their instances.
+async fn drop_series(tx: &impl GenericClient, series: &[i64]) -> Result<(), StoreError> {
+    tx.execute("DELETE FROM history WHERE series = ANY($1)", &[&series])
+        .await
+        .map_err(db)?;
+    tx.execute(
+        "DELETE FROM history_series WHERE series = ANY($1)",
+        &[&series],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn apply_history(
+    tx: &tokio_postgres::Transaction<'_>,
+    tenant: &str,
+    op: HistoryOp,
+    now: i64,
+    new_tenant: bool,
+) -> Result<HistoryOutcome, StoreError> {
+    Ok(match op {
+        HistoryOp::Append {
+            id,
+            types,
+            instances,
+        } => {
+            let existed = tx
+                .query_opt(
+                    "SELECT 1 FROM history_entities WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(db)?
+                .is_some();
+            for (name, mut attr) in instances {
+                let s =
+                    series_for(tx, tenant, &id, &types, &name, attr.dataset_id.as_deref()).await?;
+                attr.dataset_id = None;
+                if attr.observed_at.is_some() {
+                    // Sending a temporal representation again adds nothing new.
+                    let same_time = tx
+                        .query(
+                            "SELECT attr FROM history WHERE series = $1 AND at = $2",
+                            &[&s, &time_key(&attr)],
+                        )
+                        .await
+                        .map_err(db)?;
+                    let mut repeated = false;
+                    for r in same_time {
+                        repeated |= same_instance(&decode_attr(r.get(0))?, &attr);
+                    }
+                    if repeated {
+                        continue;
+                    }
+                }
+                insert_rows(tx, s, std::slice::from_ref(&attr)).await?;
+            }
+            if existed {
+                HistoryOutcome::Changed
+            } else {
+                if new_tenant {
+                    tx.execute(
+                        "INSERT INTO tenants (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                        &[&tenant],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                HistoryOutcome::Created
+            }
+        }
+        HistoryOp::DeleteEntity { id } => {
+            let gone = tx
+                .execute(
+                    "DELETE FROM history_entities WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(db)?;
+            if gone == 0 {
+                return Ok(HistoryOutcome::NotFound);
+            }
+            let series: Vec<i64> = tx
+                .query(
+                    "SELECT series FROM history_series WHERE tenant = $1 AND entity = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            drop_series(tx, &series).await?;
+            HistoryOutcome::Changed
+        }
+        HistoryOp::DeleteAttr {
+            id,
+            name,
+            dataset_id,
+            all,
+        } => {
+            let dataset = dataset_id.unwrap_or_default();
+            let series: Vec<i64> = tx
+                .query(
+                    "SELECT series FROM history_series
+                      WHERE tenant = $1 AND entity = $2 AND name = $3 AND ($4 OR dataset = $5)",
+                    &[&tenant, &id, &name, &all, &dataset],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if series.is_empty() {
+                return Ok(HistoryOutcome::NotFound);
+            }
+            drop_series(tx, &series).await?;
+            HistoryOutcome::Changed
+        }
+        HistoryOp::DeleteInstance { id, name, instance } => {
+            if !owns(tx, tenant, &id, &name, instance.series).await? {
+                return Ok(HistoryOutcome::NotFound);
+            }
+            let gone = tx
+                .execute(
+                    "DELETE FROM history WHERE series = $1 AND seq = $2",
+                    &[&to_i64(instance.series), &to_i64(instance.seq)],
+                )
+                .await
+                .map_err(db)?;
+            if gone == 0 {
+                HistoryOutcome::NotFound
+            } else {
+                HistoryOutcome::Changed
+            }
+        }
+        HistoryOp::ModifyInstance {
+            id,
+            name,
+            instance,
+            attr,
+        } => {
+            if !owns(tx, tenant, &id, &name, instance.series).await? {
+                return Ok(HistoryOutcome::NotFound);
+            }
+            let (series, seq) = (to_i64(instance.series), to_i64(instance.seq));
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT attr FROM history WHERE series = $1 AND seq = $2",
+                    &[&series, &seq],
+                )
+                .await
+                .map_err(db)?
+            else {
+                return Ok(HistoryOutcome::NotFound);
+            };
+            let old = decode_attr(row.get(0))?;
+            let mut new = *attr;
+            // The time key stays: an instance keeps its place in time.
+            new.observed_at = old.observed_at;
+            new.dataset_id = None;
+            new.created_at = old.created_at;
+            new.modified_at = if old.observed_at.is_none() {
+                old.modified_at
+            } else {
+                now
+            };
+            tx.execute(
+                "UPDATE history SET attr = $3, modified_at = $4 WHERE series = $1 AND seq = $2",
+                &[&series, &seq, &encode_attr(&new)?, &new.modified_at],
+            )
+            .await
+            .map_err(db)?;
+            HistoryOutcome::Changed
+        }
+    })
+}
+
+impl RecordStore for PgBackend {
+    fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
+        let changes = changes.to_vec();
+        self.transact(move |tx| Box::pin(async move { write_records(tx, &changes).await }))
+    }
+
+    fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError> {
+        self.read(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT tenant, key, value FROM records WHERE kind = $1 ORDER BY tenant, key",
+                        &[&kind_name(kind)],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect())
+            })
+        })
+    }
+
+    fn records_page(
+        &self,
+        kind: RecordKind,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let tenant = tenant.to_string();
+        let after = after.map(str::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            Box::pin(async move {
+                let sql = if reverse {
+                    "SELECT tenant, key, value FROM records
+                      WHERE kind = $1 AND tenant = $2 AND ($3::text IS NULL OR key < $3)
+                      ORDER BY key DESC LIMIT $4"
+                } else {
+                    "SELECT tenant, key, value FROM records
+                      WHERE kind = $1 AND tenant = $2 AND ($3::text IS NULL OR key > $3)
+                      ORDER BY key LIMIT $4"
+                };
+                let rows = c
+                    .query(sql, &[&kind_name(kind), &tenant, &after, &limit])
+                    .await
+                    .map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect())
+            })
+        })
+    }
+}
+
+async fn write_records(
+    tx: &impl GenericClient,
+    changes: &[RecordChange],
+) -> Result<(), StoreError> {
+    for c in changes {
+        let kind = kind_name(c.kind);
+        match &c.value {
+            Some(v) => tx
+                .execute(
+                    "INSERT INTO records (kind, tenant, key, value) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (kind, tenant, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&kind, &c.tenant, &c.key, v],
+                )
+                .await
+                .map_err(db)?,
+            None => tx
+                .execute(
+                    "DELETE FROM records WHERE kind = $1 AND tenant = $2 AND key = $3",
+                    &[&kind, &c.tenant, &c.key],
+                )
+                .await
+                .map_err(db)?,
+        };
+    }
+    Ok(())
+}
+
+/// A history series by (tenant, entity, attribute, datasetId).
+type SeriesKey = (String, String, String, String);
+
+/// One group's rows, serialized before the transaction starts.
+struct GroupRows {
+    put_tenants: Vec<String>,
+    put_ids: Vec<String>,
+    put_docs: Vec<Vec<u8>>,
+    del_tenants: Vec<String>,
+    del_ids: Vec<String>,
+    new_tenants: Vec<String>,
+    notice_seqs: Vec<i64>,
+    notice_tenants: Vec<String>,
+    notice_subs: Vec<String>,
+    notices: Vec<Vec<u8>>,
+    /// Series → the entity's types and the new instances.
+    history: BTreeMap<SeriesKey, (Vec<String>, Vec<Attribute>)>,
+    records: Vec<RecordChange>,
+}
+
+impl GroupRows {
+    fn of(set: &WriteSet<'_>) -> Result<Self, StoreError> {
+        let mut g = GroupRows {
+            put_tenants: Vec::new(),
+            put_ids: Vec::new(),
+            put_docs: Vec::new(),
+            del_tenants: Vec::new(),
+            del_ids: Vec::new(),
+            new_tenants: set.new_tenants.to_vec(),
+            notice_seqs: Vec::new(),
+            notice_tenants: Vec::new(),
+            notice_subs: Vec::new(),
+            notices: Vec::new(),
+            history: BTreeMap::new(),
+            records: set.records.to_vec(),
+        };
+        for ((tenant, id), entity) in set.entities {
+            match entity {
+                Some(e) => {
+                    g.put_tenants.push(tenant.clone());
+                    g.put_ids.push(id.clone());
+                    g.put_docs.push(serde_json::to_vec(e.as_ref()).map_err(io)?);
+                }
+                None => {
+                    g.del_tenants.push(tenant.clone());
+                    g.del_ids.push(id.clone());
+                }
+            }
+        }
+        for (i, n) in set.notices.iter().enumerate() {
+            g.notice_seqs.push(to_i64(set.first_notice + i as u64));
+            g.notice_tenants.push(n.tenant.clone());
+            g.notice_subs.push(n.subscription.clone());
+            g.notices.push(serde_json::to_vec(n).map_err(io)?);
+        }
+        for r in set.history {
+            for &(a, i) in &r.instances {
+                let Some((name, list)) = r.entity.attrs.get_index(a) else {
+                    continue;
+                };
+                let Some(attr) = list.get(i) else { continue };
+                let key = (
+                    r.tenant.clone(),
+                    r.entity.id.clone(),
+                    name.clone(),
+                    attr.dataset_id.clone().unwrap_or_default(),
+                );
+                let mut attr = attr.clone();
+                attr.dataset_id = None;
+                g.history
+                    .entry(key)
+                    .or_insert_with(|| (r.entity.types.clone(), Vec::new()))
+                    .1
+                    .push(attr);
+            }
+        }
+        Ok(g)
+    }
+
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+        if !self.put_ids.is_empty() {
+            tx.execute(
+                "INSERT INTO entities (tenant, id, doc)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
+                 ON CONFLICT (tenant, id) DO UPDATE SET doc = EXCLUDED.doc",
+                &[&self.put_tenants, &self.put_ids, &self.put_docs],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !self.del_ids.is_empty() {
+            tx.execute(
+                "DELETE FROM entities e USING unnest($1::text[], $2::text[]) AS d(tenant, id)
+                  WHERE e.tenant = d.tenant AND e.id = d.id",
+                &[&self.del_tenants, &self.del_ids],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !self.new_tenants.is_empty() {
+            tx.execute(
+                "INSERT INTO tenants (name) SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING",
+                &[&self.new_tenants],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !self.notices.is_empty() {
+            tx.execute(
+                "INSERT INTO outbox (seq, tenant, subscription, notice)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[])",
+                &[
+                    &self.notice_seqs,
+                    &self.notice_tenants,
+                    &self.notice_subs,
+                    &self.notices,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        }
+        for ((tenant, entity, name, dataset), (types, rows)) in &self.history {
+            let dataset = (!dataset.is_empty()).then_some(dataset.as_str());
+            let s = series_for(tx, tenant, entity, types, name, dataset).await?;
+            insert_rows(tx, s, rows).await?;
+        }
+        write_records(tx, &self.records).await
+    }
+}
+
+impl Backend for PgBackend {
+    fn load_entities(&self, sink: &mut EntitySink<'_>) -> Result<Vec<String>, StoreError> {
+        let Some(rt) = &self.runtime else {
+            return Err(StoreError::Closed);
+        };
+        // The rows stream from the connection in batches; they are parsed here.
+        type Batch = Result<Vec<(String, String, Vec<u8>)>, StoreError>;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(4);
+        let conns = self.conns.clone();
+        rt.spawn(async move {
+            let streamed = async {
+                let client = conns.reader().await?;
+                let rows = client
+                    .query_raw(
+                        "SELECT tenant, id, doc FROM entities",
+                        std::iter::empty::<i64>(),
+                    )
+                    .await
+                    .map_err(db)?;
+                futures_util::pin_mut!(rows);
+                let mut batch = Vec::with_capacity(LOAD_BATCH);
+                while let Some(row) = futures_util::StreamExt::next(&mut rows).await {
+                    let row = row.map_err(db)?;
+                    batch.push((row.get(0), row.get(1), row.get(2)));
+                    if batch.len() == LOAD_BATCH
+                        && tx
+                            .send(Ok(std::mem::replace(
+                                &mut batch,
+                                Vec::with_capacity(LOAD_BATCH),
+                            )))
+                            .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                let _ = tx.send(Ok(batch));
+                Ok(())
+            }
+            .await;
+            if let Err(e) = streamed {
+                let _ = tx.send(Err(e));
+            }
+        });
+        for batch in rx {
+            for (tenant, id, doc) in batch? {
+                let entity: Entity = serde_json::from_slice(&doc).map_err(|e| {
+                    io(format!(
+                        "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+                    ))
+                })?;
+                sink(tenant, id, entity);
+            }
+        }
+        self.read(|c| {
+            Box::pin(async move {
+                let rows = c.query("SELECT name FROM tenants", &[]).await.map_err(db)?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+    }
+
+    fn load_subscriptions(&self) -> Result<Vec<(String, SubscriptionRecord)>, StoreError> {
+        self.read(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT tenant, id, record FROM subscriptions", &[])
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|r| {
+                        let (tenant, id): (String, String) = (r.get(0), r.get(1));
+                        let record = serde_json::from_slice(r.get(2)).map_err(|e| {
+                            io(format!(
+                                "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
+                            ))
+                        })?;
+                        Ok((tenant, record))
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    fn load_outbox(&self) -> Result<OutboxState, StoreError> {
+        self.read(|c| {
+            Box::pin(async move {
+                let mut state = OutboxState::default();
+                for r in c
+                    .query(
+                        "SELECT tenant, subscription, count(*) FROM outbox GROUP BY tenant, subscription",
+                        &[],
+                    )
+                    .await
+                    .map_err(db)?
+                {
+                    let n: i64 = r.get(2);
+                    state.pending.insert((r.get(0), r.get(1)), to_u64(n));
+                }
+                let last: i64 = c
+                    .query_one(
+                        "SELECT greatest((SELECT max(seq) FROM outbox), (SELECT max(seq) FROM dead_letters), 0)",
+                        &[],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                state.next_notice = to_u64(last) + 1;
+                Ok(state)
+            })
+        })
+    }
+
+    fn commit(&self, set: &WriteSet<'_>) -> Result<(), StoreError> {
+        let rows = GroupRows::of(set)?;
+        self.transact(move |tx| Box::pin(async move { rows.write(tx).await }))
+    }
+
+    fn put_subscription(
+        &self,
+        tenant: &str,
+        record: &SubscriptionRecord,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(io)?;
+        let (tenant, id) = (tenant.to_string(), record.id.clone());
+        self.transact(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO subscriptions (tenant, id, record) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
+                    &[&tenant, &id, &bytes],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        self.transact(move |tx| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "DELETE FROM subscriptions WHERE tenant = $1 AND id = $2",
+                        &[&tenant, &id],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(n > 0)
+            })
+        })
+    }
+
+    fn notices_done(&self, done: &[DoneNotices<'_>]) -> Result<(), StoreError> {
+        let mut forget = Vec::new();
+        let mut dead: Vec<(i64, String, String, Vec<u8>, String)> = Vec::new();
+        for batch in done {
+            for (seq, n) in batch.notices {
+                forget.push(to_i64(*seq));
+                if let Some(error) = batch.dead {
+                    dead.push((
+                        to_i64(*seq),
+                        n.tenant.clone(),
+                        n.subscription.clone(),
+                        serde_json::to_vec(n).map_err(io)?,
+                        error.to_string(),
+                    ));
+                }
+            }
+        }
+        self.transact(move |tx| {
+            Box::pin(async move {
+                if dead.is_empty() {
+                    // Forgetting a delivered notice need not wait for the disk:
+                    // delivery is at least once.
+                    tx.batch_execute("SET LOCAL synchronous_commit TO off")
+                        .await
+                        .map_err(db)?;
+                }
+                tx.execute("DELETE FROM outbox WHERE seq = ANY($1)", &[&forget])
+                    .await
+                    .map_err(db)?;
+                for (seq, tenant, sub, notice, error) in &dead {
+                    tx.execute(
+                        "INSERT INTO dead_letters (seq, tenant, subscription, notice, error)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+                        &[seq, tenant, sub, notice, error],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    fn write_history(
+        &self,
+        tenant: &str,
+        op: HistoryOp,
+        now: i64,
+        new_tenant: bool,
+    ) -> Result<HistoryOutcome, StoreError> {
+        let tenant = tenant.to_string();
+        self.transact(move |tx| {
+            Box::pin(async move { apply_history(tx, &tenant, op, now, new_tenant).await })
+        })
+    }
+
+    fn import_history(
+        &self,
+        tenant: &str,
+        series: Vec<ImportSeries>,
+        now: i64,
+        new_tenant: bool,
+    ) -> Result<ImportCounts, StoreError> {
+        let tenant = tenant.to_string();
+        self.transact(move |tx| {
+            Box::pin(async move {
+                if new_tenant {
+                    tx.execute(
+                        "INSERT INTO tenants (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                        &[&tenant],
+                    )
+                    .await
+                    .map_err(db)?;
+                }
+                let mut counts = ImportCounts {
+                    points: 0,
+                    series: series.len() as u64,
+                };
+                for one in series {
+                    let types = [one.entity_type];
+                    let s = series_for(tx, &tenant, &one.entity, &types, &one.name, None).await?;
+                    counts.points += one.points.len() as u64;
+                    let rows: Vec<Attribute> = one
+                        .points
+                        .into_iter()
+                        .map(|(at, value)| Attribute {
+                            kind: AttrKind::Property,
+                            value,
+                            dataset_id: None,
+                            observed_at: Some(at),
+                            unit_code: None,
+                            object_type: None,
+                            sub: Default::default(),
+                            created_at: now,
+                            modified_at: now,
+                        })
+                        .collect();
+                    insert_rows(tx, s, &rows).await?;
+                }
+                Ok(counts)
+            })
+        })
+    }
+
+    fn set_retention(&self, tenant: &str, retention: &Retention) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(retention).map_err(io)?;
+        let tenant = tenant.to_string();
+        self.transact(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO retention (tenant, policy) VALUES ($1, $2)
+                     ON CONFLICT (tenant) DO UPDATE SET policy = EXCLUDED.policy",
+                    &[&tenant, &bytes],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn maintain_history(&self, now: i64) -> Result<u64, StoreError> {
+        self.transact(move |tx| {
+            Box::pin(async move {
+                let mut removed = 0;
+                for policy in tx
+                    .query("SELECT tenant, policy FROM retention", &[])
+                    .await
+                    .map_err(db)?
+                {
+                    let tenant: String = policy.get(0);
+                    let Ok(policy) = serde_json::from_slice::<Retention>(policy.get(1)) else {
+                        continue;
+                    };
+                    // Entities grouped by the cutoff their types give.
+                    let mut by_cutoff: HashMap<i64, Vec<String>> = HashMap::new();
+                    for e in tx
+                        .query(
+                            "SELECT id, types FROM history_entities WHERE tenant = $1",
+                            &[&tenant],
+                        )
+                        .await
+                        .map_err(db)?
+                    {
+                        let types: Vec<String> = e.get(1);
+                        if let Some(keep) = policy.keep_for(&types) {
+                            by_cutoff
+                                .entry(now.saturating_sub(keep))
+                                .or_default()
+                                .push(e.get(0));
+                        }
+                    }
+                    for (cutoff, ids) in by_cutoff {
+                        removed += tx
+                            .execute(
+                                "DELETE FROM history h USING history_series s
+                                  WHERE h.series = s.series AND s.tenant = $1
+                                    AND s.entity = ANY($2) AND h.at < $3",
+                                &[&tenant, &ids, &cutoff],
+                            )
+                            .await
+                            .map_err(db)?;
+                    }
+                }
+                Ok(removed)
+            })
+        })
+    }
+
+    fn ready(&self) -> Result<(), StoreError> {
+        self.block(|c| {
+            Box::pin(async move {
+                let mut guard = c.writer.lock().await;
+                if guard.as_ref().is_some_and(|w| !w.is_closed()) {
+                    return Ok(());
+                }
+                *guard = Some(c.connect().await?);
+                tracing::warn!("the writer's PostgreSQL connection was made again");
+                Ok(())
+            })
+        })
+    }
+
+    fn reset(&self) -> Result<(), StoreError> {
+        // The writer keeps no state of its own beyond its connection.
+        Ok(())
+    }
+
+    fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
+        let (after, limit) = (to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.read(move |c| {
+            Box::pin(async move {
+                c.query(
+                    "SELECT seq, notice FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| {
+                    let seq: i64 = r.get(0);
+                    Ok((to_u64(seq), serde_json::from_slice(r.get(1)).map_err(io)?))
+                })
+                .collect()
+            })
+        })
+    }
+
+    fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<(Notice, String)>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        self.read(move |c| {
+            Box::pin(async move {
+                c.query(
+                    "SELECT notice, error FROM dead_letters
+                      WHERE tenant = $1 AND subscription = $2 ORDER BY seq",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| Ok((serde_json::from_slice(r.get(0)).map_err(io)?, r.get(1))))
+                .collect()
+            })
+        })
+    }
+
+    fn history(
+        &self,
+        tenant: &str,
+        id: &str,
+        req: &HistoryRequest,
+    ) -> Result<Option<EntityHistory>, StoreError> {
+        let (tenant, id, req) = (tenant.to_string(), id.to_string(), req.clone());
+        self.read(move |c| Box::pin(async move { read_history(&c, &tenant, &id, &req).await }))
+    }
+
+    fn history_entities(
+        &self,
+        tenant: &str,
+        types: Option<&[String]>,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let tenant = tenant.to_string();
+        let types = types.map(<[String]>::to_vec);
+        self.read(move |c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT id, types FROM history_entities
+                      WHERE tenant = $1 AND ($2::text[] IS NULL OR types && $2) ORDER BY id",
+                    &[&tenant, &types],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+            })
+        })
+    }
+
+    fn retention(&self, tenant: &str) -> Result<Retention, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |c| {
+            Box::pin(async move {
+                Ok(
+                    c.query_opt("SELECT policy FROM retention WHERE tenant = $1", &[&tenant])
+                        .await
+                        .map_err(db)?
+                        .and_then(|r| serde_json::from_slice(r.get(0)).ok())
+                        .unwrap_or_default(),
+                )
+            })
+        })
+    }
+
+    fn put_context(&self, id: &str, doc: &[u8]) -> Result<(), StoreError> {
+        let (id, doc) = (id.to_string(), doc.to_vec());
+        self.transact(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO contexts (id, doc) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+                    &[&id, &doc],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn delete_context(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.transact(move |tx| {
+            Box::pin(async move {
+                Ok(tx
+                    .execute("DELETE FROM contexts WHERE id = $1", &[&id])
+                    .await
+                    .map_err(db)?
+                    > 0)
+            })
+        })
+    }
+
+    fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(|c| {
+            Box::pin(async move {
+                Ok(c.query("SELECT id, doc FROM contexts ORDER BY id", &[])
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect())
+            })
+        })
+    }
+}
+
+/// The history of one entity: its series, each read in the request's range
+/// (the newest `lastN`, or the first `max_instances` and one more to tell a
+/// cut), then selected as every backend selects.
+async fn read_history(
+    c: &Client,
+    tenant: &str,
+    id: &str,
+    req: &HistoryRequest,
+) -> Result<Option<EntityHistory>, StoreError> {
+    let Some(entity) = c
+        .query_opt(
+            "SELECT types FROM history_entities WHERE tenant = $1 AND id = $2",
+            &[&tenant, &id],
+        )
+        .await
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    let mut out = EntityHistory {
+        id: id.to_string(),
+        types: entity.get(0),
+        attrs: Vec::new(),
+        truncated: None,
+    };
+    let series = c
+        .query(
+            "SELECT series, name, dataset FROM history_series
+              WHERE tenant = $1 AND entity = $2 ORDER BY name, dataset",
+            &[&tenant, &id],
+        )
+        .await
+        .map_err(db)?;
+    let key = match req.time_property {
+        TimeProperty::ObservedAt => "at",
+        _ => "modified_at",
+    };
+    let (from, to) = (req.range.from, req.range.to);
+    let max = i64::try_from(req.max_instances.max(1)).unwrap_or(i64::MAX);
+    for s in series {
+        let (number, name, dataset): (i64, String, String) = (s.get(0), s.get(1), s.get(2));
+        if req.attrs.as_ref().is_some_and(|w| !w.contains(&name)) {
+            continue;
+        }
+        let (order, limit) = match (&req.aggregation, req.last_n) {
+            (Some(_), _) => ("ASC", MAX_AGGREGATED_ROWS + 1),
+            (None, Some(n)) => ("DESC", i64::try_from(n.max(1)).unwrap_or(i64::MAX)),
+            (None, None) => ("ASC", max.saturating_add(1)),
+        };
+        let sql = format!(
+            "SELECT at, seq, attr FROM history
+              WHERE series = $1 AND {key} >= $2 AND {key} < $3
+              ORDER BY {key} {order}, seq {order} LIMIT $4"
+        );
+        let fetched = c
+            .query(&sql, &[&number, &from, &to, &limit])
+            .await
+            .map_err(db)?;
+        if req.aggregation.is_some() && fetched.len() as i64 > MAX_AGGREGATED_ROWS {
+            return Err(io(format!(
+                "the aggregation covers more than {MAX_AGGREGATED_ROWS} instances of '{name}'; \
+                 narrow the time range"
+            )));
+        }
+        let mut rows: Vec<Row> = Vec::with_capacity(fetched.len());
+        for r in fetched {
+            let (at, seq): (i64, i64) = (r.get(0), r.get(1));
+            rows.push((at, to_u64(seq), decode_attr(r.get(2))?));
+        }
+        let dataset_id = (!dataset.is_empty()).then_some(dataset);
+        let (body, cut) = select(&rows, to_u64(number), req, dataset_id.as_deref());
+        if let Some((a, b)) = cut {
+            out.truncated = Some(match out.truncated {
+                Some((x, y)) => (x.min(a), y.max(b)),
+                None => (a, b),
+            });
+        }
+        out.attrs.push(AttrHistory {
+            name,
+            dataset_id,
+            body,
+        });
+    }
+    Ok(Some(out))
+}
