@@ -85,6 +85,8 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let serve_args = ServeArgs {
         http: args.http,
         data: data.clone(),
+        store: None,
+        pg_schema: "borough".into(),
         log_level: args.log_level.clone(),
         max_body_bytes: 1 << 20,
         max_batch_body_bytes: 16 << 20,

@@ -1,8 +1,7 @@
 //! `borough serve`: open the store, serve HTTP, shut down cleanly on Ctrl-C / SIGTERM.
 
 use borough_api::ApiConfig;
-use borough_embedded::EmbeddedStore;
-use borough_store::EntityStore;
+use borough_store::{EntityStore, RecordStore};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +16,18 @@ pub struct ServeArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "BOROUGH_DATA", default_value = "./borough-data")]
     pub data: PathBuf,
+    /// Keep the data in PostgreSQL instead of the embedded store, e.g.
+    /// postgres://borough@db.example/city (a libpq URL or key=value string).
+    #[arg(long, env = "BOROUGH_STORE", value_parser = postgres_url)]
+    pub store: Option<String>,
+    /// The PostgreSQL schema that holds Borough's tables (created if missing).
+    #[arg(
+        long,
+        env = "BOROUGH_PG_SCHEMA",
+        default_value = "borough",
+        requires = "store"
+    )]
+    pub pg_schema: String,
     /// Log filter: error, warn, info, debug, trace, or a tracing filter expression.
     #[arg(long, env = "BOROUGH_LOG", default_value = "info")]
     pub log_level: String,
@@ -192,6 +203,54 @@ pub fn init_logging(level: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// `--store`: a PostgreSQL address; the embedded store needs none.
+fn postgres_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains("host=") {
+        Ok(s.to_string())
+    } else {
+        Err(
+            "expected a PostgreSQL address (postgres://user@host/db, or host=… dbname=…); \
+             without --store the data is kept in --data"
+                .into(),
+        )
+    }
+}
+
+/// A store as the server uses it: entities and records, whatever the backend.
+pub trait Storage: EntityStore + RecordStore {}
+impl<S: EntityStore + RecordStore> Storage for S {}
+
+/// Opens the store the arguments name: PostgreSQL with `--store`, else the
+/// embedded store in `--data`.
+fn open_store(args: &ServeArgs) -> Result<Arc<dyn Storage>, String> {
+    let engine = borough_engine::EngineOptions {
+        max_pending_notices: args.max_pending_notices,
+        ..Default::default()
+    };
+    match &args.store {
+        Some(url) => {
+            let options = borough_postgres::PgOptions {
+                url: url.clone(),
+                schema: args.pg_schema.clone(),
+            };
+            let store = borough_postgres::open(options, engine)
+                .map_err(|e| format!("cannot open the store in PostgreSQL: {e}"))?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            let store = borough_embedded::open_with(
+                &args.data,
+                borough_embedded::StoreOptions {
+                    max_pending_notices: engine.max_pending_notices,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// A running server: the store, the bound address and the task serving HTTP.
 pub struct Running {
     pub addr: SocketAddr,
@@ -202,7 +261,7 @@ pub struct Running {
     /// The embedded MQTT broker's address, when it runs.
     pub mqtt_addr: Option<SocketAddr>,
     stop_mqtt: tokio::sync::watch::Sender<bool>,
-    store: Arc<EmbeddedStore>,
+    store: Arc<dyn Storage>,
     stop: tokio::sync::oneshot::Sender<()>,
     /// Ends the dashboard's live streams, which would otherwise hold up shutdown.
     stop_live: tokio::sync::watch::Sender<bool>,
@@ -242,16 +301,9 @@ pub async fn start(
     listener: tokio::net::TcpListener,
     mqtt: Option<tokio::net::TcpListener>,
 ) -> Result<Running, String> {
-    let store = Arc::new(
-        borough_embedded::open_with(
-            &args.data,
-            borough_embedded::StoreOptions {
-                max_pending_notices: args.max_pending_notices,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| format!("cannot open the store in {}: {e}", args.data.display()))?,
-    );
+    let store = open_store(args)?;
+    let records: Arc<dyn RecordStore> = store.clone();
+    let entities: Arc<dyn EntityStore> = store.clone();
     let config = ApiConfig {
         max_body_bytes: args.max_body_bytes,
         max_batch_body_bytes: args.max_batch_body_bytes,
@@ -269,7 +321,7 @@ pub async fn start(
         outbound: args.allow_outbound.clone(),
         ..ApiConfig::default()
     };
-    let prepared = crate::access::prepare(&args.access, store.clone(), store.tenants()).await?;
+    let prepared = crate::access::prepare(&args.access, records.clone(), store.tenants()).await?;
     let access = prepared.access.clone();
     let (stop_live, live_stopped) = tokio::sync::watch::channel(false);
     let web = borough_web::WebConfig {
@@ -279,8 +331,8 @@ pub async fn start(
         access: Some(access.clone()),
     };
     let devices = borough_devices::Devices::start(
-        store.clone(),
-        store.clone(),
+        entities.clone(),
+        records.clone(),
         borough_devices::DevicesConfig {
             rate_limit: args.device_rate_limit,
             rate_burst: (args.device_rate_limit * 2.0).max(1.0),
@@ -299,12 +351,12 @@ pub async fn start(
     let wiring = borough_api::Wiring {
         access: Some(access.clone()),
         tenant_data: vec![Arc::new(crate::access::DeviceData(devices.clone()))],
-        records: Some(store.clone()),
+        records: Some(records.clone()),
     };
     let app = borough_api::with_normalized_paths(
         borough_api::router_with(api_store, config, wiring)?
             .merge(borough_devices::http::router(devices.clone()))
-            .merge(borough_web::router(store.clone(), web))
+            .merge(borough_web::router(entities.clone(), web))
             .layer(axum::middleware::from_fn_with_state(
                 devices.clone(),
                 append_device_metrics,
@@ -376,7 +428,7 @@ pub async fn start(
     // Notifications are delivered from the store's outbox, off the request path.
     let (stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
     let notifier = borough_notify::start(
-        store.clone(),
+        entities.clone(),
         borough_notify::NotifierConfig {
             max_attempts: args.notify_attempts.max(1),
             first_retry: Duration::from_millis(args.notify_retry_ms),
@@ -388,7 +440,12 @@ pub async fn start(
             let _ = notifier_stopped.await;
         },
     )?;
-    tracing::info!(%addr, data = %args.data.display(), "borough is serving");
+    match &args.store {
+        Some(_) => {
+            tracing::info!(%addr, schema = %args.pg_schema, "borough is serving (data in PostgreSQL)")
+        }
+        None => tracing::info!(%addr, data = %args.data.display(), "borough is serving"),
+    }
     Ok(Running {
         addr,
         new_operator_key: prepared.new_operator_key,

@@ -112,10 +112,10 @@ async fn verify(client: &reqwest::Client, base: &str, acked: &Acked) {
     }
 }
 
-#[test]
-fn acknowledged_writes_survive_kill_9() {
+/// Ten rounds of writers cut short by `kill -9`, each round first checking
+/// that everything acknowledged before is still there; `extra` chooses the store.
+fn writes_survive_kill_9(dir: &std::path::Path, extra: &[&str]) {
     const WRITERS: usize = 4;
-    let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
     let acked = Arc::new(Mutex::new(Acked {
@@ -125,7 +125,7 @@ fn acknowledged_writes_survive_kill_9() {
     }));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..10 {
-        let mut server = start(dir.path(), &[]);
+        let mut server = start(dir, extra);
         rt.block_on(verify(&client, &server.base, &acked.lock().unwrap()));
         let tasks: Vec<_> = (0..WRITERS)
             .map(|task| {
@@ -145,7 +145,7 @@ fn acknowledged_writes_survive_kill_9() {
             rt.block_on(t).expect("writer task");
         }
     }
-    let server = start(dir.path(), &[]);
+    let server = start(dir, extra);
     let a = acked.lock().unwrap();
     assert!(
         a.ids.len() > 200,
@@ -154,6 +154,35 @@ fn acknowledged_writes_survive_kill_9() {
     );
     rt.block_on(verify(&client, &server.base, &a));
     drop(server);
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    writes_survive_kill_9(dir.path(), &[]);
+}
+
+/// The same with the data in the machine's PostgreSQL (`BOROUGH_TEST_PG`, or
+/// 127.0.0.1:5432), in a schema of the test's own.
+#[test]
+fn acknowledged_writes_survive_kill_9_on_postgresql() {
+    let url = std::env::var("BOROUGH_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into());
+    let schema = format!("borough_test_crash_{}", std::process::id());
+    let sql = |sql: String| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(conn);
+            client.batch_execute(&sql).await.expect("sql");
+        });
+    };
+    sql(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    let dir = tempfile::tempdir().unwrap();
+    writes_survive_kill_9(dir.path(), &["--store", &url, "--pg-schema", &schema]);
+    sql(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
 }
 
 #[test]
