@@ -17,7 +17,7 @@ use borough_core::temporal::{
     EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
 };
 use borough_engine::{
-    Backend, DoneNotices, Engine, EngineOptions, EntitySink, OutboxState, WriteSet,
+    Backend, Committed, DoneNotices, Engine, EngineOptions, EntitySink, OutboxState, WriteSet,
 };
 use borough_store::{ImportCounts, Notice, StoreError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -468,7 +468,7 @@ impl Backend for RedbBackend {
         notices::outbox(&*self.db.get()?)
     }
 
-    fn commit(&self, set: &WriteSet<'_>) -> Result<(), StoreError> {
+    fn commit(&self, set: &WriteSet<'_>) -> Result<Committed, StoreError> {
         if self.faults.as_ref().is_some_and(|f| f.take_panic()) {
             panic!("injected fault in the writer");
         }
@@ -498,6 +498,9 @@ impl Backend for RedbBackend {
             notices::write_notices(txn, set.notices, set.first_notice)?;
             history.record(txn, set.history)?;
             devices::write_changes(txn, set.records)
+        })?;
+        Ok(Committed::Done {
+            first_notice: set.first_notice,
         })
     }
 

@@ -75,6 +75,32 @@ impl WriteSet<'_> {
     }
 }
 
+/// How a backend's commit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Durable; the group's notices got the numbers from `first_notice` on.
+    Done { first_notice: u64 },
+    /// Another node changed entities of the group after this node read them:
+    /// nothing was written. The engine catches up ([`Backend::follow`]) and
+    /// applies the group again.
+    Stale,
+}
+
+/// What other nodes committed since this node last looked.
+#[derive(Debug, Default)]
+pub struct Followed {
+    /// (tenant, entity id, the entity now; `None` if deleted).
+    pub entities: Vec<(String, String, Option<Entity>)>,
+    /// (tenant, subscription id, the subscription now; `None` if deleted).
+    pub subscriptions: Vec<(String, String, Option<SubscriptionRecord>)>,
+}
+
+impl Followed {
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty() && self.subscriptions.is_empty()
+    }
+}
+
 /// The outbox as the engine finds it at start-up.
 #[derive(Debug, Default)]
 pub struct OutboxState {
@@ -113,8 +139,23 @@ pub trait Backend: RecordStore {
     /// What the outbox holds.
     fn load_outbox(&self) -> Result<OutboxState, StoreError>;
 
-    /// *Writer*: commits one group in one durable transaction.
-    fn commit(&self, set: &WriteSet<'_>) -> Result<(), StoreError>;
+    /// *Writer*: commits one group in one durable transaction. A backend
+    /// that other nodes share answers [`Committed::Stale`] when they changed
+    /// one of the group's entities since this node read it.
+    fn commit(&self, set: &WriteSet<'_>) -> Result<Committed, StoreError>;
+
+    /// Whether other nodes may commit to the same storage. The engine then
+    /// follows their changes (every [`FOLLOW_EVERY`], and before applying a
+    /// stale group again).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// *Writer*: what other nodes committed since the last call (or since
+    /// the load), in commit order.
+    fn follow(&self) -> Result<Followed, StoreError> {
+        Ok(Followed::default())
+    }
 
     /// *Writer*: stores a subscription (new or replacing the stored one).
     fn put_subscription(&self, tenant: &str, record: &SubscriptionRecord)
@@ -216,6 +257,9 @@ impl Default for EngineOptions {
         }
     }
 }
+
+/// How often a node asks a shared backend for what other nodes committed.
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Writes that may wait for the writer before callers are made to wait.
 const QUEUE_DEPTH: usize = 4096;

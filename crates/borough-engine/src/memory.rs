@@ -4,7 +4,7 @@
 //! so a test can start a second engine over what the first one committed.
 
 use crate::temporal::{Row, same_instance, select, time_key};
-use crate::{Backend, DoneNotices, EntitySink, OutboxState, WriteSet};
+use crate::{Backend, Committed, DoneNotices, EntitySink, OutboxState, WriteSet};
 use borough_core::Entity;
 use borough_core::subscription::SubscriptionRecord;
 use borough_core::temporal::{
@@ -202,7 +202,7 @@ impl Backend for MemoryBackend {
         Ok(state)
     }
 
-    fn commit(&self, set: &WriteSet<'_>) -> Result<(), StoreError> {
+    fn commit(&self, set: &WriteSet<'_>) -> Result<Committed, StoreError> {
         // Serialized first, so that a failure changes nothing.
         let mut entities = Vec::with_capacity(set.entities.len());
         for (key, entity) in set.entities {
@@ -248,7 +248,9 @@ impl Backend for MemoryBackend {
                 None => d.records.remove(&key),
             };
         }
-        Ok(())
+        Ok(Committed::Done {
+            first_notice: set.first_notice,
+        })
     }
 
     fn put_subscription(

@@ -6,7 +6,9 @@
 //! ordered with the writes: the writes queued before them commit first.
 
 use crate::subscriptions::match_change;
-use crate::{Backend, DoneNotices, Recorded, Shared, Staged, WriteSet, io};
+use crate::{
+    Backend, Committed, DoneNotices, FOLLOW_EVERY, Recorded, Shared, Staged, WriteSet, io,
+};
 use borough_core::Entity;
 use borough_core::EntityOp;
 use borough_core::ops::{Change, apply};
@@ -23,6 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_GROUP_OPS: usize = 20_000;
 /// How often maintenance (compacting history, retention) runs.
 const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// Times a group is applied again after other nodes changed its entities
+/// first, before its writes fail.
+const STALE_ATTEMPTS: usize = 16;
 
 pub(crate) struct WriteJob {
     pub tenant: String,
@@ -75,6 +80,8 @@ pub(crate) enum Job {
     Write(WriteJob),
     Meta(MetaOp, oneshot::Sender<Result<bool, StoreError>>),
     History(HistoryJob),
+    /// Takes in what other nodes committed (shared backends only).
+    Follow,
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -93,10 +100,27 @@ pub(crate) fn spawn<B: Backend>(
     sender: mpsc::Sender<Job>,
     w: Writer<B>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let follows = w.backend.shared();
     let writer = std::thread::Builder::new()
         .name("borough-writer".into())
         .spawn(move || run(receiver, w))
         .map_err(io)?;
+    if follows {
+        let sender = sender.clone();
+        std::thread::Builder::new()
+            .name("borough-follower".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(FOLLOW_EVERY);
+                    // One request at a time: a full queue means one is waiting.
+                    match sender.try_send(Job::Follow) {
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+            })
+            .map_err(io)?;
+    }
     std::thread::Builder::new()
         .name("borough-maintenance".into())
         .spawn(move || {
@@ -220,6 +244,14 @@ fn run<B: Backend>(mut receiver: mpsc::Receiver<Job>, mut w: Writer<B>) {
                     commit_pending(&mut w, &mut group);
                     w.guarded(|w, ready| history(w, ready, job));
                 }
+                Job::Follow => {
+                    commit_pending(&mut w, &mut group);
+                    w.guarded(|w, ready| {
+                        if let Err(e) = ready.and_then(|()| follow(w)) {
+                            tracing::warn!(error = %e, "cannot read what other nodes committed");
+                        }
+                    });
+                }
                 Job::Close(r) => {
                     close_reply = Some(r);
                     break;
@@ -245,6 +277,7 @@ fn run<B: Backend>(mut receiver: mpsc::Receiver<Job>, mut w: Writer<B>) {
                 commit_pending(&mut w, &mut rest);
                 w.guarded(|w, ready| history(w, ready, job));
             }
+            Job::Follow => {}
             Job::Close(r) => {
                 let _ = r.send(Ok(()));
             }
@@ -387,11 +420,65 @@ type Key = (String, String);
 
 /// Applies a group of writes to the latest state, has the backend commit
 /// them in one transaction, then publishes the new state; answers each
-/// write's results.
+/// write's results. Over a shared backend a group that another node got to
+/// first is applied again once this node has caught up.
 fn commit_group<B: Backend>(
     group: Vec<GroupWrite>,
     w: &mut Writer<B>,
 ) -> Result<Vec<WriteResults>, StoreError> {
+    if !w.backend.shared() {
+        return try_group(group, w)?
+            .ok_or_else(|| io("the storage refused the group as stale, yet it is not shared"));
+    }
+    for _ in 0..STALE_ATTEMPTS {
+        if let Some(answers) = try_group(group.clone(), w)? {
+            return Ok(answers);
+        }
+        follow(w)?;
+    }
+    Err(io(format!(
+        "the write lost {STALE_ATTEMPTS} races with other nodes changing the same entities; try again"
+    )))
+}
+
+/// Takes in what other nodes committed: entities into the state and the
+/// change feed, subscriptions into the registry. Their notices and history
+/// were written by the node that committed them.
+fn follow<B: Backend>(w: &Writer<B>) -> Result<(), StoreError> {
+    let followed = w.backend.follow()?;
+    if followed.is_empty() {
+        return Ok(());
+    }
+    let now = w.clock.now_micros();
+    for (tenant, id, record) in followed.subscriptions {
+        match record {
+            Some(r) => w.shared.subscriptions.load(&tenant, r, now),
+            None => w.shared.subscriptions.set(&tenant, &id, None),
+        }
+    }
+    let mut staged: HashMap<Key, Staged> = HashMap::new();
+    for (tenant, id, entity) in followed.entities {
+        let entity = entity.map(|mut e| {
+            e.shrink_to_fit();
+            Arc::new(e)
+        });
+        staged.insert((tenant, id), entity);
+    }
+    for ((tenant, id), entity) in &staged {
+        let map = w.shared.tenant_or_create(tenant);
+        map.write()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(id, entity.clone());
+    }
+    w.shared.feed.publish(&staged);
+    Ok(())
+}
+
+/// One try of [`commit_group`]: `None` when the backend found it stale.
+fn try_group<B: Backend>(
+    group: Vec<GroupWrite>,
+    w: &mut Writer<B>,
+) -> Result<Option<Vec<WriteResults>>, StoreError> {
     let shared = w.shared.clone();
     let shared = shared.as_ref();
     let now = w.clock.now_micros();
@@ -475,15 +562,19 @@ fn commit_group<B: Backend>(
         records: &records,
     };
     let committed = if set.is_empty() {
-        Ok(())
+        Ok(Committed::Done { first_notice })
     } else {
         w.backend.commit(&set)
     };
     w.outcome(&committed);
-    if let Err(e) = committed {
-        tracing::error!(error = %e, "commit failed; the group's writes are rejected");
-        return Err(e);
-    }
+    let first_notice = match committed {
+        Ok(Committed::Done { first_notice }) => first_notice,
+        Ok(Committed::Stale) => return Ok(None),
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed; the group's writes are rejected");
+            return Err(e);
+        }
+    };
 
     // Publish: readers see the group only now that it is durable.
     let mut by_tenant: HashMap<&str, Vec<(&str, &Staged)>> = HashMap::new();
@@ -506,7 +597,7 @@ fn commit_group<B: Backend>(
         w.next_notice = first_notice + notices.len() as u64;
         shared.subscriptions.watch.send_replace(w.next_notice - 1);
     }
-    Ok(answers)
+    Ok(Some(answers))
 }
 
 /// Adds to `out` every attribute instance that `after` holds and `before` did

@@ -20,7 +20,8 @@ use borough_core::temporal::{
 use borough_core::{AttrKind, Attribute, Entity};
 use borough_engine::temporal::{Row, same_instance, select, time_key};
 use borough_engine::{
-    Backend, DoneNotices, Engine, EngineOptions, EntitySink, OutboxState, WriteSet,
+    Backend, Committed, DoneNotices, Engine, EngineOptions, EntitySink, Followed, OutboxState,
+    WriteSet,
 };
 use borough_store::{
     ImportCounts, Notice, RecordChange, RecordKind, RecordStore, StoreError, StoredRecord,
@@ -38,26 +39,55 @@ pub type PgStore = Engine<PgBackend>;
 pub const MIGRATIONS: &[(i64, &str)] = &[(
     1,
     r#"
+-- Every commit that changes entities or subscriptions takes the next commit
+-- number (counters), and rows carry the number of the commit that wrote
+-- them, deletions as tombstones: each node reads what the others committed
+-- after what it holds.
+CREATE TABLE counters (name text PRIMARY KEY, value bigint NOT NULL);
+INSERT INTO counters (name, value) VALUES ('commit', 0), ('notice', 0);
 CREATE TABLE entities (
     tenant text COLLATE "C" NOT NULL,
     id text COLLATE "C" NOT NULL,
     doc bytea NOT NULL,
+    version bigint NOT NULL,
     PRIMARY KEY (tenant, id)
 );
+CREATE INDEX entities_by_version ON entities (version);
+CREATE TABLE entity_deletions (
+    tenant text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    version bigint NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE INDEX entity_deletions_by_version ON entity_deletions (version);
 CREATE TABLE tenants (name text COLLATE "C" PRIMARY KEY);
 CREATE TABLE contexts (id text COLLATE "C" PRIMARY KEY, doc bytea NOT NULL);
 CREATE TABLE subscriptions (
     tenant text COLLATE "C" NOT NULL,
     id text COLLATE "C" NOT NULL,
     record bytea NOT NULL,
+    version bigint NOT NULL,
     PRIMARY KEY (tenant, id)
 );
+CREATE INDEX subscriptions_by_version ON subscriptions (version);
+CREATE TABLE subscription_deletions (
+    tenant text COLLATE "C" NOT NULL,
+    id text COLLATE "C" NOT NULL,
+    version bigint NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE INDEX subscription_deletions_by_version ON subscription_deletions (version);
+-- Each node delivers the notices of its own commits; those of a node that
+-- stopped answering are taken over by another (nodes.seen).
 CREATE TABLE outbox (
     seq bigint PRIMARY KEY,
+    node text COLLATE "C" NOT NULL,
     tenant text COLLATE "C" NOT NULL,
     subscription text COLLATE "C" NOT NULL,
     notice bytea NOT NULL
 );
+CREATE INDEX outbox_by_node ON outbox (node, seq);
+CREATE TABLE nodes (id text COLLATE "C" PRIMARY KEY, seen timestamptz NOT NULL);
 CREATE TABLE dead_letters (
     seq bigint PRIMARY KEY,
     tenant text COLLATE "C" NOT NULL,
@@ -190,10 +220,71 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// What this node's memory holds, so that it can tell what other nodes
+/// committed: the commit number of each entity and subscription it has
+/// (deletions included), and the commit up to which it has taken in all.
+#[derive(Default)]
+struct Known {
+    entities: HashMap<(String, String), i64>,
+    subscriptions: HashMap<(String, String), i64>,
+    watermark: i64,
+}
+
 /// The PostgreSQL backend.
 pub struct PgBackend {
     runtime: Option<tokio::runtime::Runtime>,
     conns: Arc<Connections>,
+    known: Arc<std::sync::Mutex<Known>>,
+    /// This node's name in `nodes` and `outbox.node`: new at every start.
+    node: String,
+    /// When this node last said it is alive.
+    last_seen: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Since when the writer's connection holds the commit lock between a
+    /// stale try and the next one (so that the next one cannot lose again).
+    lock_held: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Longest the commit lock is kept for a stale group's next try.
+const LOCK_KEPT_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a node says it is alive.
+const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a node may be silent before another takes over its notices.
+const NODE_TIMEOUT_SECS: f64 = 10.0;
+
+/// A name for this node that no other start shares.
+fn node_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+/// The advisory lock that puts commits of every node in one order, so that
+/// commit numbers are taken and become visible in the same order.
+const COMMIT_LOCK: i64 = 7_302_215_422;
+
+/// Most rows one call of `follow` reads: above a group's largest
+/// (`MAX_GROUP_OPS`), so that each call gets at least one whole commit.
+const FOLLOW_ROWS: i64 = 50_000;
+
+/// Takes the commit lock and the next commit number.
+async fn next_commit(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
+        .await
+        .map_err(db)?;
+    Ok(tx
+        .query_one(
+            "UPDATE counters SET value = value + 1 WHERE name = 'commit' RETURNING value",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get(0))
+}
+
+fn lock_known(known: &std::sync::Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
+    known.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for PgBackend {
@@ -231,9 +322,84 @@ impl PgBackend {
                 writer: tokio::sync::Mutex::new(None),
                 reader: RwLock::new(None),
             }),
+            known: Arc::default(),
+            node: node_name(),
+            last_seen: std::sync::Mutex::new(None),
+            lock_held: std::sync::Mutex::new(None),
         };
         backend.block(|c| Box::pin(async move { migrate(&c).await }))?;
+        backend.heartbeat()?;
         Ok(backend)
+    }
+
+    /// Since when the commit lock is kept for a stale group's next try.
+    fn lock_held(&self) -> Option<std::time::Instant> {
+        *self.lock_held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets go of the session's commit lock (a lost connection has let go already).
+    fn release_commit_lock(&self) {
+        *self.lock_held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let released = self.block(|c| {
+            Box::pin(async move {
+                let guard = c.writer.lock().await;
+                if let Some(client) = guard.as_ref().filter(|c| !c.is_closed()) {
+                    client
+                        .execute("SELECT pg_advisory_unlock_all()", &[])
+                        .await
+                        .map_err(db)?;
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "cannot let go of the commit lock");
+        }
+    }
+
+    /// This node's name, as `outbox.node` holds it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Says this node is alive, and takes over the notices of nodes that
+    /// stopped saying so (they were killed, or lost their connection).
+    fn heartbeat(&self) -> Result<(), StoreError> {
+        let node = self.node.clone();
+        let taken = self.transact(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO nodes (id, seen) VALUES ($1, now())
+                     ON CONFLICT (id) DO UPDATE SET seen = now()",
+                    &[&node],
+                )
+                .await
+                .map_err(db)?;
+                let taken = tx
+                    .execute(
+                        "UPDATE outbox SET node = $1 WHERE node IN (
+                             SELECT id FROM nodes WHERE seen < now() - make_interval(secs => $2))",
+                        &[&node, &NODE_TIMEOUT_SECS],
+                    )
+                    .await
+                    .map_err(db)?;
+                tx.execute(
+                    "DELETE FROM nodes WHERE seen < now() - make_interval(secs => $1)",
+                    &[&NODE_TIMEOUT_SECS],
+                )
+                .await
+                .map_err(db)?;
+                Ok(taken)
+            })
+        })?;
+        if taken > 0 {
+            tracing::info!(
+                notices = taken,
+                "took over the notifications of a node that stopped"
+            );
+        }
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// The schema version of the database.
@@ -631,6 +797,76 @@ async fn apply_history(
     })
 }
 
+/// What the load of the entities sends, in order.
+enum Loading {
+    /// (tenant, id, the stored entity, its commit number).
+    Entities(Vec<(String, String, Vec<u8>, i64)>),
+    /// Tombstones: (tenant, id, the commit that deleted it).
+    Deleted(Vec<(String, String, i64)>),
+    /// The tenants, and the commit up to which the snapshot holds everything.
+    Done {
+        tenants: Vec<String>,
+        watermark: i64,
+    },
+}
+
+/// Streams the entities of one snapshot to `out`.
+async fn load_snapshot(
+    conns: &Connections,
+    out: &std::sync::mpsc::SyncSender<Result<Loading, StoreError>>,
+) -> Result<(), StoreError> {
+    let mut client = conns.connect().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db)?;
+    let watermark: i64 = tx
+        .query_one("SELECT value FROM counters WHERE name = 'commit'", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    let rows = tx
+        .query_raw(
+            "SELECT tenant, id, doc, version FROM entities",
+            std::iter::empty::<i64>(),
+        )
+        .await
+        .map_err(db)?;
+    futures_util::pin_mut!(rows);
+    let mut batch = Vec::with_capacity(LOAD_BATCH);
+    while let Some(row) = futures_util::StreamExt::next(&mut rows).await {
+        let row = row.map_err(db)?;
+        batch.push((row.get(0), row.get(1), row.get(2), row.get(3)));
+        if batch.len() == LOAD_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+            if out.send(Ok(Loading::Entities(full))).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let _ = out.send(Ok(Loading::Entities(batch)));
+    let deleted = tx
+        .query("SELECT tenant, id, version FROM entity_deletions", &[])
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let _ = out.send(Ok(Loading::Deleted(deleted)));
+    let tenants = tx
+        .query("SELECT name FROM tenants", &[])
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let _ = out.send(Ok(Loading::Done { tenants, watermark }));
+    Ok(())
+}
+
 impl RecordStore for PgBackend {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         let changes = changes.to_vec();
@@ -728,17 +964,18 @@ struct GroupRows {
     del_tenants: Vec<String>,
     del_ids: Vec<String>,
     new_tenants: Vec<String>,
-    notice_seqs: Vec<i64>,
     notice_tenants: Vec<String>,
     notice_subs: Vec<String>,
     notices: Vec<Vec<u8>>,
+    /// The node that delivers the notices.
+    node: String,
     /// Series → the entity's types and the new instances.
     history: BTreeMap<SeriesKey, (Vec<String>, Vec<Attribute>)>,
     records: Vec<RecordChange>,
 }
 
 impl GroupRows {
-    fn of(set: &WriteSet<'_>) -> Result<Self, StoreError> {
+    fn of(set: &WriteSet<'_>, node: &str) -> Result<Self, StoreError> {
         let mut g = GroupRows {
             put_tenants: Vec::new(),
             put_ids: Vec::new(),
@@ -746,10 +983,10 @@ impl GroupRows {
             del_tenants: Vec::new(),
             del_ids: Vec::new(),
             new_tenants: set.new_tenants.to_vec(),
-            notice_seqs: Vec::new(),
             notice_tenants: Vec::new(),
             notice_subs: Vec::new(),
             notices: Vec::new(),
+            node: node.to_string(),
             history: BTreeMap::new(),
             records: set.records.to_vec(),
         };
@@ -766,8 +1003,7 @@ impl GroupRows {
                 }
             }
         }
-        for (i, n) in set.notices.iter().enumerate() {
-            g.notice_seqs.push(to_i64(set.first_notice + i as u64));
+        for n in set.notices {
             g.notice_tenants.push(n.tenant.clone());
             g.notice_subs.push(n.subscription.clone());
             g.notices.push(serde_json::to_vec(n).map_err(io)?);
@@ -796,13 +1032,54 @@ impl GroupRows {
         Ok(g)
     }
 
-    async fn write(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    /// Whether every entity of the group is still as this node read it.
+    async fn current(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        expected: &HashMap<(String, String), i64>,
+    ) -> Result<bool, StoreError> {
+        let (tenants, ids): (Vec<&String>, Vec<&String>) = self
+            .put_tenants
+            .iter()
+            .zip(&self.put_ids)
+            .chain(self.del_tenants.iter().zip(&self.del_ids))
+            .unzip();
+        let stored = tx
+            .query(
+                "SELECT k.tenant, k.id, coalesce(e.version, d.version, 0)
+                   FROM unnest($1::text[], $2::text[]) AS k(tenant, id)
+                   LEFT JOIN entities e ON e.tenant = k.tenant AND e.id = k.id
+                   LEFT JOIN entity_deletions d ON d.tenant = k.tenant AND d.id = k.id",
+                &[&tenants, &ids],
+            )
+            .await
+            .map_err(db)?;
+        Ok(stored.iter().all(|r| {
+            let key: (String, String) = (r.get(0), r.get(1));
+            let version: i64 = r.get(2);
+            expected.get(&key).copied().unwrap_or(0) == version
+        }))
+    }
+
+    async fn write(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        version: i64,
+        first_notice: i64,
+    ) -> Result<(), StoreError> {
         if !self.put_ids.is_empty() {
             tx.execute(
-                "INSERT INTO entities (tenant, id, doc)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
-                 ON CONFLICT (tenant, id) DO UPDATE SET doc = EXCLUDED.doc",
-                &[&self.put_tenants, &self.put_ids, &self.put_docs],
+                "INSERT INTO entities (tenant, id, doc, version)
+                 SELECT t.tenant, t.id, t.doc, $4 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS t(tenant, id, doc)
+                 ON CONFLICT (tenant, id) DO UPDATE SET doc = EXCLUDED.doc, version = EXCLUDED.version",
+                &[&self.put_tenants, &self.put_ids, &self.put_docs, &version],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "DELETE FROM entity_deletions e USING unnest($1::text[], $2::text[]) AS d(tenant, id)
+                  WHERE e.tenant = d.tenant AND e.id = d.id",
+                &[&self.put_tenants, &self.put_ids],
             )
             .await
             .map_err(db)?;
@@ -812,6 +1089,14 @@ impl GroupRows {
                 "DELETE FROM entities e USING unnest($1::text[], $2::text[]) AS d(tenant, id)
                   WHERE e.tenant = d.tenant AND e.id = d.id",
                 &[&self.del_tenants, &self.del_ids],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO entity_deletions (tenant, id, version)
+                 SELECT t.tenant, t.id, $3 FROM unnest($1::text[], $2::text[]) AS t(tenant, id)
+                 ON CONFLICT (tenant, id) DO UPDATE SET version = EXCLUDED.version",
+                &[&self.del_tenants, &self.del_ids, &version],
             )
             .await
             .map_err(db)?;
@@ -825,14 +1110,20 @@ impl GroupRows {
             .map_err(db)?;
         }
         if !self.notices.is_empty() {
+            let seqs: Vec<i64> = (0..self.notices.len())
+                .map(|i| first_notice + i as i64)
+                .collect();
             tx.execute(
-                "INSERT INTO outbox (seq, tenant, subscription, notice)
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[])",
+                "INSERT INTO outbox (seq, node, tenant, subscription, notice)
+                 SELECT t.seq, $5, t.tenant, t.subscription, t.notice
+                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[])
+                     AS t(seq, tenant, subscription, notice)",
                 &[
-                    &self.notice_seqs,
+                    &seqs,
                     &self.notice_tenants,
                     &self.notice_subs,
                     &self.notices,
+                    &self.node,
                 ],
             )
             .await
@@ -852,80 +1143,80 @@ impl Backend for PgBackend {
         let Some(rt) = &self.runtime else {
             return Err(StoreError::Closed);
         };
-        // The rows stream from the connection in batches; they are parsed here.
-        type Batch = Result<Vec<(String, String, Vec<u8>)>, StoreError>;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(4);
+        // One snapshot, read on a connection of its own; the rows stream in
+        // batches and are parsed here.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Loading, StoreError>>(4);
         let conns = self.conns.clone();
         rt.spawn(async move {
-            let streamed = async {
-                let client = conns.reader().await?;
-                let rows = client
-                    .query_raw(
-                        "SELECT tenant, id, doc FROM entities",
-                        std::iter::empty::<i64>(),
-                    )
-                    .await
-                    .map_err(db)?;
-                futures_util::pin_mut!(rows);
-                let mut batch = Vec::with_capacity(LOAD_BATCH);
-                while let Some(row) = futures_util::StreamExt::next(&mut rows).await {
-                    let row = row.map_err(db)?;
-                    batch.push((row.get(0), row.get(1), row.get(2)));
-                    if batch.len() == LOAD_BATCH
-                        && tx
-                            .send(Ok(std::mem::replace(
-                                &mut batch,
-                                Vec::with_capacity(LOAD_BATCH),
-                            )))
-                            .is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-                let _ = tx.send(Ok(batch));
-                Ok(())
-            }
-            .await;
-            if let Err(e) = streamed {
+            if let Err(e) = load_snapshot(&conns, &tx).await {
                 let _ = tx.send(Err(e));
             }
         });
-        for batch in rx {
-            for (tenant, id, doc) in batch? {
-                let entity: Entity = serde_json::from_slice(&doc).map_err(|e| {
-                    io(format!(
-                        "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
-                    ))
-                })?;
-                sink(tenant, id, entity);
+        let mut known = Known::default();
+        let mut tenants = Vec::new();
+        let mut finished = false;
+        for message in rx {
+            match message? {
+                Loading::Entities(batch) => {
+                    for (tenant, id, doc, version) in batch {
+                        let entity: Entity = serde_json::from_slice(&doc).map_err(|e| {
+                            io(format!(
+                                "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+                            ))
+                        })?;
+                        known.entities.insert((tenant.clone(), id.clone()), version);
+                        sink(tenant, id, entity);
+                    }
+                }
+                Loading::Deleted(batch) => {
+                    for (tenant, id, version) in batch {
+                        known.entities.insert((tenant, id), version);
+                    }
+                }
+                Loading::Done {
+                    tenants: names,
+                    watermark,
+                } => {
+                    tenants = names;
+                    known.watermark = watermark;
+                    finished = true;
+                }
             }
         }
-        self.read(|c| {
-            Box::pin(async move {
-                let rows = c.query("SELECT name FROM tenants", &[]).await.map_err(db)?;
-                Ok(rows.iter().map(|r| r.get(0)).collect())
-            })
-        })
+        if !finished {
+            return Err(io("loading from PostgreSQL stopped before the end"));
+        }
+        let mut current = lock_known(&self.known);
+        known.subscriptions = std::mem::take(&mut current.subscriptions);
+        *current = known;
+        Ok(tenants)
     }
 
     fn load_subscriptions(&self) -> Result<Vec<(String, SubscriptionRecord)>, StoreError> {
-        self.read(|c| {
+        let known = self.known.clone();
+        self.read(move |c| {
             Box::pin(async move {
                 let rows = c
-                    .query("SELECT tenant, id, record FROM subscriptions", &[])
+                    .query("SELECT tenant, id, record, version FROM subscriptions", &[])
                     .await
                     .map_err(db)?;
-                rows.iter()
-                    .map(|r| {
-                        let (tenant, id): (String, String) = (r.get(0), r.get(1));
-                        let record = serde_json::from_slice(r.get(2)).map_err(|e| {
-                            io(format!(
-                                "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
-                            ))
-                        })?;
-                        Ok((tenant, record))
-                    })
-                    .collect()
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let (tenant, id, version): (String, String, i64) =
+                        (r.get(0), r.get(1), r.get(3));
+                    let record = serde_json::from_slice(r.get(2)).map_err(|e| {
+                        io(format!(
+                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
+                        ))
+                    })?;
+                    known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .subscriptions
+                        .insert((tenant.clone(), id), version);
+                    out.push((tenant, record));
+                }
+                Ok(out)
             })
         })
     }
@@ -936,7 +1227,8 @@ impl Backend for PgBackend {
                 let mut state = OutboxState::default();
                 for r in c
                     .query(
-                        "SELECT tenant, subscription, count(*) FROM outbox GROUP BY tenant, subscription",
+                        "SELECT tenant, subscription, count(*) FROM outbox
+                          GROUP BY tenant, subscription",
                         &[],
                     )
                     .await
@@ -946,10 +1238,7 @@ impl Backend for PgBackend {
                     state.pending.insert((r.get(0), r.get(1)), to_u64(n));
                 }
                 let last: i64 = c
-                    .query_one(
-                        "SELECT greatest((SELECT max(seq) FROM outbox), (SELECT max(seq) FROM dead_letters), 0)",
-                        &[],
-                    )
+                    .query_one("SELECT value FROM counters WHERE name = 'notice'", &[])
                     .await
                     .map_err(db)?
                     .get(0);
@@ -959,9 +1248,159 @@ impl Backend for PgBackend {
         })
     }
 
-    fn commit(&self, set: &WriteSet<'_>) -> Result<(), StoreError> {
-        let rows = GroupRows::of(set)?;
-        self.transact(move |tx| Box::pin(async move { rows.write(tx).await }))
+    fn commit(&self, set: &WriteSet<'_>) -> Result<Committed, StoreError> {
+        let rows = GroupRows::of(set, &self.node)?;
+        let expected: HashMap<(String, String), i64> = {
+            let known = lock_known(&self.known);
+            set.entities
+                .keys()
+                .map(|k| (k.clone(), known.entities.get(k).copied().unwrap_or(0)))
+                .collect()
+        };
+        let notices = to_i64(set.notices.len() as u64);
+        let held = self.lock_held().is_some();
+        let outcome = self.transact(move |tx| {
+            Box::pin(async move {
+                // A session lock, kept past this transaction when the group is
+                // stale: its next try then runs before any other node's commit.
+                if !held {
+                    tx.execute("SELECT pg_advisory_lock($1)", &[&COMMIT_LOCK])
+                        .await
+                        .map_err(db)?;
+                }
+                let version: i64 = tx
+                    .query_one(
+                        "UPDATE counters SET value = value + 1 WHERE name = 'commit' RETURNING value",
+                        &[],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                if !rows.current(tx, &expected).await? {
+                    return Ok(None);
+                }
+                let first_notice: i64 = tx
+                    .query_one(
+                        "UPDATE counters SET value = value + $1 WHERE name = 'notice'
+                         RETURNING value - $1 + 1",
+                        &[&notices],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                rows.write(tx, version, first_notice).await?;
+                Ok(Some((version, first_notice, expected)))
+            })
+        });
+        let outcome = match outcome {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                *self.lock_held.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::time::Instant::now());
+                return Ok(Committed::Stale);
+            }
+            Err(e) => {
+                self.release_commit_lock();
+                return Err(e);
+            }
+        };
+        // Released once the commit is visible, so commits stay in number order.
+        self.release_commit_lock();
+        let (version, first_notice, written) = outcome;
+        let mut known = lock_known(&self.known);
+        for key in written.into_keys() {
+            known.entities.insert(key, version);
+        }
+        Ok(Committed::Done {
+            first_notice: to_u64(first_notice),
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn follow(&self) -> Result<Followed, StoreError> {
+        // A stale group's next try comes at once; a lock kept longer was
+        // left by a try that never came.
+        if self
+            .lock_held()
+            .is_some_and(|t| t.elapsed() > LOCK_KEPT_AT_MOST)
+        {
+            self.release_commit_lock();
+        }
+        let due = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
+        if due {
+            self.heartbeat()?;
+        }
+        let watermark = lock_known(&self.known).watermark;
+        let rows = self.read(move |c| {
+            Box::pin(async move {
+                // One statement: one snapshot, which holds every commit up to some number.
+                c.query(
+                    "SELECT 0, tenant, id, doc, version FROM entities WHERE version > $1
+                     UNION ALL SELECT 1, tenant, id, NULL, version FROM entity_deletions WHERE version > $1
+                     UNION ALL SELECT 2, tenant, id, record, version FROM subscriptions WHERE version > $1
+                     UNION ALL SELECT 3, tenant, id, NULL, version FROM subscription_deletions WHERE version > $1
+                     ORDER BY 5 LIMIT $2",
+                    &[&watermark, &FOLLOW_ROWS],
+                )
+                .await
+                .map_err(db)
+            })
+        })?;
+        let mut followed = Followed::default();
+        let mut known = lock_known(&self.known);
+        let mut last = watermark;
+        for r in &rows {
+            let (kind, tenant, id, version): (i32, String, String, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(4));
+            last = last.max(version);
+            let key = (tenant, id);
+            let table = if kind < 2 {
+                &mut known.entities
+            } else {
+                &mut known.subscriptions
+            };
+            // This node's own commits are in memory already.
+            if table.get(&key) == Some(&version) {
+                continue;
+            }
+            table.insert(key.clone(), version);
+            let (tenant, id) = key;
+            let bytes: Option<&[u8]> = r.get(3);
+            match (kind, bytes) {
+                (0, Some(doc)) => {
+                    let entity = serde_json::from_slice(doc).map_err(|e| {
+                        io(format!(
+                            "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+                        ))
+                    })?;
+                    followed.entities.push((tenant, id, Some(entity)));
+                }
+                (2, Some(record)) => {
+                    let record = serde_json::from_slice(record).map_err(|e| {
+                        io(format!(
+                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
+                        ))
+                    })?;
+                    followed.subscriptions.push((tenant, id, Some(record)));
+                }
+                (1, _) => followed.entities.push((tenant, id, None)),
+                _ => followed.subscriptions.push((tenant, id, None)),
+            }
+        }
+        // A page cut inside a commit is read again from that commit on.
+        known.watermark = if rows.len() as i64 == FOLLOW_ROWS {
+            last - 1
+        } else {
+            last
+        };
+        Ok(followed)
     }
 
     fn put_subscription(
@@ -970,25 +1409,37 @@ impl Backend for PgBackend {
         record: &SubscriptionRecord,
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(record).map_err(io)?;
-        let (tenant, id) = (tenant.to_string(), record.id.clone());
-        self.transact(move |tx| {
+        let key = (tenant.to_string(), record.id.clone());
+        let (tenant, id) = key.clone();
+        let version = self.transact(move |tx| {
             Box::pin(async move {
+                let version = next_commit(tx).await?;
                 tx.execute(
-                    "INSERT INTO subscriptions (tenant, id, record) VALUES ($1, $2, $3)
-                     ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record",
-                    &[&tenant, &id, &bytes],
+                    "INSERT INTO subscriptions (tenant, id, record, version) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record, version = EXCLUDED.version",
+                    &[&tenant, &id, &bytes, &version],
                 )
                 .await
                 .map_err(db)?;
-                Ok(())
+                tx.execute(
+                    "DELETE FROM subscription_deletions WHERE tenant = $1 AND id = $2",
+                    &[&tenant, &id],
+                )
+                .await
+                .map_err(db)?;
+                Ok(version)
             })
-        })
+        })?;
+        lock_known(&self.known).subscriptions.insert(key, version);
+        Ok(())
     }
 
     fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let (tenant, id) = (tenant.to_string(), id.to_string());
-        self.transact(move |tx| {
+        let key = (tenant.to_string(), id.to_string());
+        let (tenant, id) = key.clone();
+        let (existed, version) = self.transact(move |tx| {
             Box::pin(async move {
+                let version = next_commit(tx).await?;
                 let n = tx
                     .execute(
                         "DELETE FROM subscriptions WHERE tenant = $1 AND id = $2",
@@ -996,9 +1447,18 @@ impl Backend for PgBackend {
                     )
                     .await
                     .map_err(db)?;
-                Ok(n > 0)
+                tx.execute(
+                    "INSERT INTO subscription_deletions (tenant, id, version) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant, id) DO UPDATE SET version = EXCLUDED.version",
+                    &[&tenant, &id, &version],
+                )
+                .await
+                .map_err(db)?;
+                Ok((n > 0, version))
             })
-        })
+        })?;
+        lock_known(&self.known).subscriptions.insert(key, version);
+        Ok(existed)
     }
 
     fn notices_done(&self, done: &[DoneNotices<'_>]) -> Result<(), StoreError> {
@@ -1191,11 +1651,13 @@ impl Backend for PgBackend {
 
     fn pending_notices(&self, after: u64, limit: usize) -> Result<Vec<(u64, Notice)>, StoreError> {
         let (after, limit) = (to_i64(after), i64::try_from(limit).unwrap_or(i64::MAX));
+        let node = self.node.clone();
         self.read(move |c| {
             Box::pin(async move {
+                // Each notice is delivered by one node: the one that owns it.
                 c.query(
-                    "SELECT seq, notice FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    &[&after, &limit],
+                    "SELECT seq, notice FROM outbox WHERE node = $3 AND seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit, &node],
                 )
                 .await
                 .map_err(db)?
