@@ -339,6 +339,9 @@ impl EntityStore for CommandingStore {
     fn health(&self) -> borough_store::StoreHealth {
         self.inner.health()
     }
+    fn lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        self.inner.lease(name, ttl)
+    }
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         self.inner.close()
     }

@@ -237,6 +237,12 @@ pub trait Backend: RecordStore {
 
     /// Every hosted @context document.
     fn contexts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Whether this node holds the lease `name` (see `EntityStore::lease`).
+    fn lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        let _ = (name, ttl);
+        Ok(true)
+    }
 }
 
 /// Settings of the engine.
@@ -670,6 +676,10 @@ impl<B: Backend> EntityStore for Engine<B> {
 
     fn maintain_history(&self) -> BoxFuture<'static, Result<u64, StoreError>> {
         self.job(|reply| Job::History(HistoryJob::Maintain(reply)))
+    }
+
+    fn lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        self.backend.lease(name, ttl)
     }
 
     fn health(&self) -> StoreHealth {

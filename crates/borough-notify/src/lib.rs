@@ -633,11 +633,35 @@ async fn send(
 
 /// Periodic subscriptions (`timeInterval`): every interval, the matching
 /// entities as they are, delivered directly (a missed period is not replayed).
+/// The lease of periodic notifications: among nodes sharing a store, one
+/// sends them; another takes over once its holder has been silent this long.
+const PERIODIC_LEASE: Duration = Duration::from_secs(5);
+
+/// Whether this node sends the periodic notifications now.
+async fn holds_periodic_lease(store: &Arc<dyn EntityStore>) -> bool {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.lease("periodic-notifications", PERIODIC_LEASE))
+        .await
+    {
+        Ok(Ok(held)) => held,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot renew the lease of periodic notifications");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 async fn periodic(shared: Arc<Shared>) {
     let mut due: HashMap<(String, String), i64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if !holds_periodic_lease(&shared.store).await {
+            // Another node sends them; start afresh if the lease comes here.
+            due.clear();
+            continue;
+        }
         let now = now_micros();
         for (tenant, sub) in shared.store.all_subscriptions() {
             let Some(interval) = sub.time_interval else {

@@ -88,6 +88,8 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_by_node ON outbox (node, seq);
 CREATE TABLE nodes (id text COLLATE "C" PRIMARY KEY, seen timestamptz NOT NULL);
+-- Periodic work that runs once among the nodes runs where its lease is held.
+CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, until timestamptz NOT NULL);
 CREATE TABLE dead_letters (
     seq bigint PRIMARY KEY,
     tenant text COLLATE "C" NOT NULL,
@@ -1583,6 +1585,10 @@ impl Backend for PgBackend {
     }
 
     fn maintain_history(&self, now: i64) -> Result<u64, StoreError> {
+        // Once among the nodes: where the lease is (maintenance comes every 30 s).
+        if !self.lease("history-maintenance", std::time::Duration::from_secs(90))? {
+            return Ok(0);
+        }
         self.transact(move |tx| {
             Box::pin(async move {
                 let mut removed = 0;
@@ -1762,6 +1768,26 @@ impl Backend for PgBackend {
                     .await
                     .map_err(db)?
                     > 0)
+            })
+        })
+    }
+
+    fn lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        let (name, node, secs) = (name.to_string(), self.node.clone(), ttl.as_secs_f64());
+        self.read(move |c| {
+            Box::pin(async move {
+                // Taken when free or expired, renewed by its holder.
+                Ok(c.query_opt(
+                    "INSERT INTO leases (name, holder, until)
+                     VALUES ($1, $2, now() + make_interval(secs => $3))
+                     ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
+                      WHERE leases.holder = EXCLUDED.holder OR leases.until < now()
+                     RETURNING holder",
+                    &[&name, &node, &secs],
+                )
+                .await
+                .map_err(db)?
+                .is_some())
             })
         })
     }

@@ -338,3 +338,26 @@ async fn subscriptions_and_notices_span_nodes() {
     })
     .await;
 }
+
+/// Periodic work runs where its lease is: one node holds it and renews it;
+/// another gets it only once it has lapsed.
+#[test]
+fn a_lease_is_held_by_one_node_until_it_lapses() {
+    use borough_engine::Backend;
+    let schema = Schema::new("lease");
+    let (a, b) = (
+        PgBackend::open(schema.0.clone()).expect("node A"),
+        PgBackend::open(schema.0.clone()).expect("node B"),
+    );
+    let ttl = std::time::Duration::from_millis(800);
+    assert!(a.lease("periodic", ttl).expect("lease"), "free: A takes it");
+    assert!(!b.lease("periodic", ttl).expect("lease"), "held by A");
+    assert!(a.lease("periodic", ttl).expect("lease"), "A renews it");
+    assert!(b.lease("other", ttl).expect("lease"), "leases are apart");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(
+        b.lease("periodic", ttl).expect("lease"),
+        "lapsed: B takes it"
+    );
+    assert!(!a.lease("periodic", ttl).expect("lease"), "now held by B");
+}

@@ -396,6 +396,15 @@ pub trait EntityStore: Send + Sync + 'static {
     /// The state of the write path: whether writes commit, and the last failure if not.
     fn health(&self) -> StoreHealth;
 
+    /// Whether this node holds the lease `name` now, taking it (for `ttl`)
+    /// if nobody else does. Periodic work that must run once among several
+    /// nodes sharing a store runs only where the lease is held; a single
+    /// node always holds it. Blocks: run it off the async executor.
+    fn lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        let _ = (name, ttl);
+        Ok(true)
+    }
+
     /// Finishes every write already accepted and flushes the store.
     fn close(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 }

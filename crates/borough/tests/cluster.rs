@@ -1,0 +1,217 @@
+//! Three `borough serve` processes over one PostgreSQL schema (the machine's
+//! PostgreSQL, or `BOROUGH_TEST_PG`): a write on any node is read, queried
+//! and notified on the others; a notification is sent once, not once per
+//! node; a node killed with SIGKILL has its pending notifications sent by
+//! another.
+
+mod support;
+
+use axum::http::StatusCode;
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use support::receiver::{call, receiver};
+use support::{Server, start};
+
+fn pg_url() -> String {
+    std::env::var("BOROUGH_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+/// A schema of the test's own, dropped when it ends.
+struct Schema(String);
+
+impl Schema {
+    fn new(test: &str) -> Self {
+        let schema = Schema(format!("borough_test_{test}_{}", std::process::id()));
+        schema.drop_it();
+        schema
+    }
+
+    fn drop_it(&self) {
+        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0);
+        let url = pg_url();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(conn);
+            client.batch_execute(&sql).await.expect("drop schema");
+        });
+    }
+
+    /// A node over this schema.
+    fn node(&self, dir: &tempfile::TempDir) -> Server {
+        start(dir.path(), &["--store", &pg_url(), "--pg-schema", &self.0])
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        self.drop_it();
+    }
+}
+
+/// Waits up to `secs` for `check`.
+fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "not within {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lamp(i: usize, power: &str) -> Value {
+    json!({"id": format!("urn:ngsi-ld:Lamp:{i}"), "type": "Lamp",
+           "power": {"type": "Property", "value": power},
+           "location": {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [2.35, 48.85]}}})
+}
+
+#[test]
+fn three_nodes_serve_one_city() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = Schema::new("three");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Server> = dirs.iter().map(|d| schema.node(d)).collect();
+    let url = |n: usize, path: &str| format!("{}/ngsi-ld/v1{path}", nodes[n].base);
+
+    // A subscription made on node 1 ...
+    let (inbox_url, inbox) = receiver(&rt, StatusCode::OK, Duration::ZERO);
+    let (s, b) = call(
+        &rt,
+        Method::POST,
+        &url(1, "/subscriptions"),
+        Some(
+            json!({"id": "urn:ngsi-ld:Subscription:lamps", "type": "Subscription",
+                    "entities": [{"type": "Lamp"}],
+                    "notification": {"format": "keyValues", "endpoint": {"uri": inbox_url}}}),
+        ),
+    );
+    assert_eq!(s, 201, "{b}");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // ... a write on node 0, read on nodes 1 and 2, in a geo-query too.
+    let written = Instant::now();
+    let (s, b) = call(&rt, Method::POST, &url(0, "/entities"), Some(lamp(1, "on")));
+    assert_eq!(s, 201, "{b}");
+    for n in [1, 2] {
+        eventually(
+            &format!("node {n} serves the lamp written on node 0"),
+            5,
+            || {
+                call(
+                    &rt,
+                    Method::GET,
+                    &url(n, "/entities/urn:ngsi-ld:Lamp:1"),
+                    None,
+                )
+                .0 == 200
+            },
+        );
+    }
+    let lag = written.elapsed();
+    let (s, found) = call(
+        &rt,
+        Method::GET,
+        &url(
+            2,
+            "/entities?type=Lamp&georel=near;maxDistance==100&geometry=Point&coordinates=%5B2.35,48.85%5D",
+        ),
+        None,
+    );
+    assert_eq!(
+        (s, found.as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{found}"
+    );
+    eprintln!("visible on the other nodes after {lag:?}");
+
+    // A change on node 2 is what node 0 serves next, with its history.
+    let (s, b) = call(
+        &rt,
+        Method::PATCH,
+        &url(2, "/entities/urn:ngsi-ld:Lamp:1/attrs"),
+        Some(json!({"power": {"type": "Property", "value": "off"}})),
+    );
+    assert_eq!(s, 204, "{b}");
+    eventually("node 0 serves node 2's change", 5, || {
+        call(
+            &rt,
+            Method::GET,
+            &url(0, "/entities/urn:ngsi-ld:Lamp:1?options=keyValues"),
+            None,
+        )
+        .1["power"]
+            == "off"
+    });
+    let (_, history) = call(
+        &rt,
+        Method::GET,
+        &url(
+            1,
+            "/temporal/entities/urn:ngsi-ld:Lamp:1?attrs=power&options=temporalValues",
+        ),
+        None,
+    );
+    assert_eq!(
+        history["power"]["values"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
+
+    // Each change was notified once, by one node, though three serve it.
+    inbox.wait_for("two notifications", Duration::from_secs(10), |got| {
+        got.len() >= 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got = inbox.entities();
+    let powers: Vec<&Value> = got.iter().map(|e| &e["power"]).collect();
+    assert_eq!(powers, vec!["on", "off"], "once each, in order: {got:?}");
+}
+
+#[test]
+fn a_killed_nodes_notifications_are_sent_by_another() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = Schema::new("takeover");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let survivor = schema.node(&dirs[0]);
+    let mut doomed = schema.node(&dirs[1]);
+    // The receiver is not there yet: the port is taken and released.
+    let port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}/notify");
+    let (s, b) = call(
+        &rt,
+        Method::POST,
+        &format!("{}/ngsi-ld/v1/subscriptions", survivor.base),
+        Some(
+            json!({"type": "Subscription", "entities": [{"type": "Lamp"}],
+                    "notification": {"format": "keyValues", "endpoint": {"uri": endpoint}}}),
+        ),
+    );
+    assert_eq!(s, 201, "{b}");
+    std::thread::sleep(Duration::from_millis(300));
+    // The doomed node commits a change (its notice is its own to send) and dies.
+    let (s, b) = call(
+        &rt,
+        Method::POST,
+        &format!("{}/ngsi-ld/v1/entities", doomed.base),
+        Some(lamp(7, "on")),
+    );
+    assert_eq!(s, 201, "{b}");
+    doomed.child.kill().expect("SIGKILL");
+    doomed.child.wait().expect("reap");
+    // The receiver comes up; the survivor takes the notice over and sends it.
+    let (_, inbox) = support::receiver::receiver_at(&rt, port, StatusCode::OK, Duration::ZERO);
+    let got = inbox.wait_for(
+        "the killed node's notification",
+        Duration::from_secs(40),
+        |got| !got.is_empty(),
+    );
+    assert_eq!(got[0]["id"], "urn:ngsi-ld:Lamp:7");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(inbox.entities().len(), 1, "sent once");
+}
