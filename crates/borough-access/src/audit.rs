@@ -104,57 +104,80 @@ fn store_err(e: StoreError) -> String {
     format!("the audit log cannot be read or written: {e}")
 }
 
+/// Where the stored chain ends: (last sequence number, its hash).
+fn read_head(records: &dyn RecordStore) -> Result<(u64, String), String> {
+    let last = records
+        .records_page(RecordKind::Audit, "", None, 1, true)
+        .map_err(store_err)?;
+    match last.first() {
+        Some((_, _, bytes)) => {
+            let e: AuditEntry = serde_json::from_slice(bytes)
+                .map_err(|e| format!("the last audit entry is unreadable: {e}"))?;
+            Ok((e.seq, e.hash))
+        }
+        None => Ok((0, GENESIS.to_string())),
+    }
+}
+
 impl AuditLog {
     /// Opens the log over the store, reading where its chain ends. Blocking.
     pub fn open(records: Arc<dyn RecordStore>) -> Result<Self, String> {
-        let last = records
-            .records_page(RecordKind::Audit, "", None, 1, true)
-            .map_err(store_err)?;
-        let head = match last.first() {
-            Some((_, _, bytes)) => {
-                let e: AuditEntry = serde_json::from_slice(bytes)
-                    .map_err(|e| format!("the last audit entry is unreadable: {e}"))?;
-                (e.seq, e.hash)
-            }
-            None => (0, GENESIS.to_string()),
-        };
+        let head = read_head(records.as_ref())?;
         Ok(Self {
             records,
             head: tokio::sync::Mutex::new(head),
         })
     }
 
-    /// Appends an event durably and answers the entry it became.
+    /// Appends an event durably and answers the entry it became. When
+    /// another node sharing the store appended first, the entry is chained
+    /// after that one instead, so the log stays one chain.
     pub async fn append(&self, event: AuditEvent, at: i64) -> Result<AuditEntry, String> {
+        /// Appends lost to other nodes before this one gives up.
+        const ATTEMPTS: usize = 32;
         let mut head = self.head.lock().await;
-        let mut entry = AuditEntry {
-            seq: head.0 + 1,
-            at,
-            tenant: event.tenant,
-            actor: event.actor,
-            action: event.action,
-            target: event.target,
-            outcome: event.outcome,
-            detail: event.detail,
-            source: event.source,
-            prev: head.1.clone(),
-            hash: String::new(),
-        };
-        entry.hash = entry.compute_hash();
-        let bytes = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
-        let change = RecordChange {
-            kind: RecordKind::Audit,
-            tenant: String::new(),
-            key: key(entry.seq),
-            value: Some(bytes),
-        };
-        let records = self.records.clone();
-        tokio::task::spawn_blocking(move || records.write_records(&[change]))
+        for _ in 0..ATTEMPTS {
+            let mut entry = AuditEntry {
+                seq: head.0 + 1,
+                at,
+                tenant: event.tenant.clone(),
+                actor: event.actor.clone(),
+                action: event.action.clone(),
+                target: event.target.clone(),
+                outcome: event.outcome.clone(),
+                detail: event.detail.clone(),
+                source: event.source.clone(),
+                prev: head.1.clone(),
+                hash: String::new(),
+            };
+            entry.hash = entry.compute_hash();
+            let bytes = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+            let change = RecordChange {
+                kind: RecordKind::Audit,
+                tenant: String::new(),
+                key: key(entry.seq),
+                value: Some(bytes),
+            };
+            let records = self.records.clone();
+            let appended = tokio::task::spawn_blocking(move || {
+                match records.insert_record_if_absent(&change) {
+                    Ok(true) => Ok(None),
+                    // Taken by another node: chain after the log's real end.
+                    Ok(false) => read_head(records.as_ref()).map(Some),
+                    Err(e) => Err(store_err(e)),
+                }
+            })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(store_err)?;
-        *head = (entry.seq, entry.hash.clone());
-        Ok(entry)
+            .map_err(|e| e.to_string())??;
+            match appended {
+                None => {
+                    *head = (entry.seq, entry.hash.clone());
+                    return Ok(entry);
+                }
+                Some(newer) => *head = newer,
+            }
+        }
+        Err("the audit log is being appended to by other nodes too fast; try again".into())
     }
 
     /// Entries after `after` (from the first when `None`), oldest first; with

@@ -166,6 +166,93 @@ impl Access {
         self.config.enabled
     }
 
+    /// Takes in tenants and keys that other nodes sharing the store changed.
+    pub fn apply_records(&self, changes: &[RecordChange]) {
+        for c in changes {
+            match c.kind {
+                RecordKind::Tenant => {
+                    let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+                    match c.value.as_deref().map(serde_json::from_slice::<Tenant>) {
+                        Some(Ok(t)) => {
+                            tenants.insert(c.key.clone(), Arc::new(t));
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(tenant = %c.key, error = %e, "a followed tenant record is unreadable")
+                        }
+                        None => {
+                            tenants.remove(&c.key);
+                        }
+                    }
+                }
+                RecordKind::ApiKey => {
+                    let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                    match c.value.as_deref().map(serde_json::from_slice::<ApiKey>) {
+                        Some(Ok(k)) => {
+                            keys.insert(c.key.clone(), k);
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(key = %c.key, error = %e, "a followed API key record is unreadable")
+                        }
+                        None => {
+                            keys.remove(&c.key);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Follows, in the background, the tenants and keys that other nodes
+    /// sharing the store change, so that a key made on one node works on all.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+    ) {
+        let access = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let batch = match changes.recv().await {
+                    Ok(batch) => batch,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed some: read them all again, in place of what is held.
+                        let Some(a) = access.upgrade() else { break };
+                        let records = a.records.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            let tenants = records.records(RecordKind::Tenant)?;
+                            let keys = records.records(RecordKind::ApiKey)?;
+                            Ok::<_, borough_store::StoreError>((tenants, keys))
+                        })
+                        .await;
+                        let Ok(Ok((tenants, keys))) = read else {
+                            tracing::warn!(
+                                "cannot read tenants and keys again after missing changes"
+                            );
+                            continue;
+                        };
+                        a.tenants.write().unwrap_or_else(|e| e.into_inner()).clear();
+                        a.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+                        let all: Vec<RecordChange> = tenants
+                            .into_iter()
+                            .map(|r| (RecordKind::Tenant, r))
+                            .chain(keys.into_iter().map(|r| (RecordKind::ApiKey, r)))
+                            .map(|(kind, (tenant, key, value))| RecordChange {
+                                kind,
+                                tenant,
+                                key,
+                                value: Some(value),
+                            })
+                            .collect();
+                        Arc::new(all)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(a) = access.upgrade() else { break };
+                a.apply_records(&batch);
+            }
+        });
+    }
+
     pub fn auto_create_tenants(&self) -> bool {
         !self.config.enabled || self.config.auto_create_tenants
     }

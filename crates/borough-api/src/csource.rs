@@ -78,6 +78,91 @@ fn poisoned<T>(e: std::sync::PoisonError<T>) -> T {
 }
 
 impl Registry {
+    /// Takes in registrations (and subscriptions to them) that other nodes
+    /// sharing the store made, changed or deleted.
+    pub fn apply_records(&self, changes: &[RecordChange]) {
+        let now = now_micros();
+        for c in changes {
+            let key = (c.tenant.clone(), c.key.clone());
+            match c.kind {
+                RecordKind::Registration => {
+                    let compiled = c.value.as_deref().map(|bytes| {
+                        serde_json::from_slice::<RegistrationRecord>(bytes)
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| {
+                                CompiledRegistration::compile(r, now, false).map_err(|e| e.detail)
+                            })
+                    });
+                    let mut all = self.registrations.write().unwrap_or_else(poisoned);
+                    match compiled {
+                        Some(Ok(r)) => {
+                            all.insert(key, Arc::new(r));
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(registration = %c.key, error = %e, "a followed registration is unreadable")
+                        }
+                        None => {
+                            all.remove(&key);
+                        }
+                    }
+                }
+                RecordKind::RegistrationSubscription => {
+                    let compiled = c.value.as_deref().map(|bytes| {
+                        serde_json::from_slice::<SubscriptionRecord>(bytes)
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| {
+                                CompiledSubscription::compile(r, now, false).map_err(|e| e.detail)
+                            })
+                    });
+                    let mut all = self.subscriptions.write().unwrap_or_else(poisoned);
+                    match compiled {
+                        Some(Ok(compiled)) => {
+                            all.insert(
+                                key,
+                                Arc::new(RegistrationSubscription {
+                                    compiled,
+                                    stats: Mutex::default(),
+                                }),
+                            );
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(subscription = %c.key, error = %e, "a followed subscription to registrations is unreadable")
+                        }
+                        None => {
+                            all.remove(&key);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Follows, in the background, the registrations other nodes change.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+    ) {
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(batch) => match registry.upgrade() {
+                        Some(r) => r.apply_records(&batch),
+                        None => break,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "registration changes of other nodes were missed; they show after a restart"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+
     /// Loads the stored registrations and subscriptions (blocking).
     pub fn load(records: Option<Arc<dyn RecordStore>>) -> Result<Self, String> {
         let mut registrations = BTreeMap::new();

@@ -138,10 +138,16 @@ pub fn router_with(
         config.source_timeout,
         config.source_cooldown,
     )?;
+    // Over a store that other nodes share, their registrations are followed.
+    let followed = wiring.records.as_ref().and_then(|r| r.followed_records());
+    let sources = Arc::new(csource::Registry::load(wiring.records)?);
+    if let Some(changes) = followed {
+        sources.follow(changes);
+    }
     let state = Arc::new(AppState {
         store,
         contexts: ContextResolver::new(config.context_fetch_timeout, config.outbound.clone())?,
-        sources: Arc::new(csource::Registry::load(wiring.records)?),
+        sources,
         federation,
         config,
         access: wiring.access,

@@ -325,6 +325,51 @@ impl Devices {
         Ok(devices)
     }
 
+    /// Takes in devices that other nodes sharing the store registered,
+    /// changed or removed, so that a device can connect to any node.
+    pub fn apply_records(&self, changes: &[RecordChange]) {
+        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        for c in changes.iter().filter(|c| c.kind == RecordKind::Device) {
+            reg.remove(&c.tenant, &c.key);
+            let Some(bytes) = &c.value else { continue };
+            match serde_json::from_slice::<Device>(bytes) {
+                Ok(device) => reg.insert(Arc::new(Entry::new(
+                    c.tenant.clone(),
+                    device,
+                    self.config.rate_burst,
+                ))),
+                Err(e) => {
+                    tracing::error!(tenant = %c.tenant, device = %c.key, error = %e, "a followed device record is unreadable")
+                }
+            }
+        }
+    }
+
+    /// Follows, in the background, the device records other nodes change.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+    ) {
+        let devices = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(batch) => match devices.upgrade() {
+                        Some(d) => d.apply_records(&batch),
+                        None => break,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "device changes of other nodes were missed; they show after a restart"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+
     /// The entity store the devices write to (without the command hook).
     pub fn store(&self) -> &Arc<dyn EntityStore> {
         &self.store

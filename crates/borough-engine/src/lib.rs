@@ -93,11 +93,13 @@ pub struct Followed {
     pub entities: Vec<(String, String, Option<Entity>)>,
     /// (tenant, subscription id, the subscription now; `None` if deleted).
     pub subscriptions: Vec<(String, String, Option<SubscriptionRecord>)>,
+    /// Management records written or deleted.
+    pub records: Vec<RecordChange>,
 }
 
 impl Followed {
     pub fn is_empty(&self) -> bool {
-        self.entities.is_empty() && self.subscriptions.is_empty()
+        self.entities.is_empty() && self.subscriptions.is_empty() && self.records.is_empty()
     }
 }
 
@@ -273,12 +275,28 @@ const QUEUE_DEPTH: usize = 4096;
 type TenantMap = RwLock<TenantState>;
 
 /// What the writer and readers share.
-#[derive(Default)]
+/// Record batches kept for layers that follow them and are behind.
+const RECORD_FEED_CAPACITY: usize = 1024;
+
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
     subscriptions: Registry,
     feed: feed::Feed,
+    /// Records other nodes committed, for the layers that cache them.
+    records: tokio::sync::broadcast::Sender<borough_store::RecordBatch>,
     health: Mutex<StoreHealth>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            tenants: RwLock::default(),
+            subscriptions: Registry::default(),
+            feed: feed::Feed::default(),
+            records: tokio::sync::broadcast::channel(RECORD_FEED_CAPACITY).0,
+            health: Mutex::default(),
+        }
+    }
 }
 
 impl Shared {
@@ -736,6 +754,18 @@ impl<B: Backend> RecordStore for Engine<B> {
     ) -> Result<Vec<StoredRecord>, StoreError> {
         self.backend
             .records_page(kind, tenant, after, limit, reverse)
+    }
+
+    fn insert_record_if_absent(&self, change: &RecordChange) -> Result<bool, StoreError> {
+        self.backend.insert_record_if_absent(change)
+    }
+
+    fn followed_records(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<borough_store::RecordBatch>> {
+        self.backend
+            .shared()
+            .then(|| self.shared.records.subscribe())
     }
 }
 

@@ -471,6 +471,10 @@ fn follow<B: Backend>(w: &Writer<B>) -> Result<(), StoreError> {
             .put(id, entity.clone());
     }
     w.shared.feed.publish(&staged);
+    if !followed.records.is_empty() {
+        // Nobody listening is fine: the layers read records at start.
+        let _ = w.shared.records.send(Arc::new(followed.records));
+    }
     Ok(())
 }
 

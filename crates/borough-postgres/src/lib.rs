@@ -103,8 +103,18 @@ CREATE TABLE records (
     tenant text COLLATE "C" NOT NULL,
     key text COLLATE "C" NOT NULL,
     value bytea NOT NULL,
+    version bigint NOT NULL,
     PRIMARY KEY (kind, tenant, key)
 );
+CREATE INDEX records_by_version ON records (version);
+CREATE TABLE record_deletions (
+    kind text COLLATE "C" NOT NULL,
+    tenant text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    version bigint NOT NULL,
+    PRIMARY KEY (kind, tenant, key)
+);
+CREATE INDEX record_deletions_by_version ON record_deletions (version);
 CREATE TABLE history_entities (
     tenant text COLLATE "C" NOT NULL,
     id text COLLATE "C" NOT NULL,
@@ -150,6 +160,10 @@ fn db(e: tokio_postgres::Error) -> StoreError {
         Some(d) => StoreError::Io(format!("PostgreSQL: {}", d.message())),
         None => StoreError::Io(format!("PostgreSQL: {e}")),
     }
+}
+
+fn kind_of(name: &str) -> Option<RecordKind> {
+    RecordKind::ALL.into_iter().find(|k| kind_name(*k) == name)
 }
 
 fn kind_name(kind: RecordKind) -> &'static str {
@@ -229,6 +243,8 @@ fn quote_ident(name: &str) -> String {
 struct Known {
     entities: HashMap<(String, String), i64>,
     subscriptions: HashMap<(String, String), i64>,
+    /// Records this node wrote since it started (others' are followed).
+    records: HashMap<RecordKey, i64>,
     watermark: i64,
 }
 
@@ -872,7 +888,46 @@ async fn load_snapshot(
 impl RecordStore for PgBackend {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         let changes = changes.to_vec();
-        self.transact(move |tx| Box::pin(async move { write_records(tx, &changes).await }))
+        let keys: Vec<RecordKey> = changes.iter().map(record_key).collect();
+        let version = self.transact(move |tx| {
+            Box::pin(async move {
+                let version = next_commit(tx).await?;
+                write_records(tx, &changes, version).await?;
+                Ok(version)
+            })
+        })?;
+        let mut known = lock_known(&self.known);
+        for key in keys {
+            known.records.insert(key, version);
+        }
+        Ok(())
+    }
+
+    fn insert_record_if_absent(&self, change: &RecordChange) -> Result<bool, StoreError> {
+        let Some(value) = change.value.clone() else {
+            return Ok(false);
+        };
+        let key = record_key(change);
+        let (kind, tenant, name) = key.clone();
+        let version = self.transact(move |tx| {
+            Box::pin(async move {
+                let version = next_commit(tx).await?;
+                let n = tx
+                    .execute(
+                        "INSERT INTO records (kind, tenant, key, value, version) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (kind, tenant, key) DO NOTHING",
+                        &[&kind, &tenant, &name, &value, &version],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok((n > 0).then_some(version))
+            })
+        })?;
+        let Some(version) = version else {
+            return Ok(false);
+        };
+        lock_known(&self.known).records.insert(key, version);
+        Ok(true)
     }
 
     fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError> {
@@ -928,29 +983,57 @@ impl RecordStore for PgBackend {
     }
 }
 
+/// A record by (kind, tenant, key).
+type RecordKey = (String, String, String);
+
+fn record_key(c: &RecordChange) -> RecordKey {
+    (
+        kind_name(c.kind).to_string(),
+        c.tenant.clone(),
+        c.key.clone(),
+    )
+}
+
+/// Writes record changes as part of commit `version` (deletions leave tombstones).
 async fn write_records(
     tx: &impl GenericClient,
     changes: &[RecordChange],
+    version: i64,
 ) -> Result<(), StoreError> {
     for c in changes {
         let kind = kind_name(c.kind);
         match &c.value {
-            Some(v) => tx
-                .execute(
-                    "INSERT INTO records (kind, tenant, key, value) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (kind, tenant, key) DO UPDATE SET value = EXCLUDED.value",
-                    &[&kind, &c.tenant, &c.key, v],
+            Some(v) => {
+                tx.execute(
+                    "INSERT INTO records (kind, tenant, key, value, version) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (kind, tenant, key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version",
+                    &[&kind, &c.tenant, &c.key, v, &version],
                 )
                 .await
-                .map_err(db)?,
-            None => tx
-                .execute(
+                .map_err(db)?;
+                tx.execute(
+                    "DELETE FROM record_deletions WHERE kind = $1 AND tenant = $2 AND key = $3",
+                    &[&kind, &c.tenant, &c.key],
+                )
+                .await
+                .map_err(db)?;
+            }
+            None => {
+                tx.execute(
                     "DELETE FROM records WHERE kind = $1 AND tenant = $2 AND key = $3",
                     &[&kind, &c.tenant, &c.key],
                 )
                 .await
-                .map_err(db)?,
-        };
+                .map_err(db)?;
+                tx.execute(
+                    "INSERT INTO record_deletions (kind, tenant, key, version) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (kind, tenant, key) DO UPDATE SET version = EXCLUDED.version",
+                    &[&kind, &c.tenant, &c.key, &version],
+                )
+                .await
+                .map_err(db)?;
+            }
+        }
     }
     Ok(())
 }
@@ -1136,7 +1219,7 @@ impl GroupRows {
             let s = series_for(tx, tenant, entity, types, name, dataset).await?;
             insert_rows(tx, s, rows).await?;
         }
-        write_records(tx, &self.records).await
+        write_records(tx, &self.records, version).await
     }
 }
 
@@ -1313,6 +1396,9 @@ impl Backend for PgBackend {
         for key in written.into_keys() {
             known.entities.insert(key, version);
         }
+        for c in set.records {
+            known.records.insert(record_key(c), version);
+        }
         Ok(Committed::Done {
             first_notice: to_u64(first_notice),
         })
@@ -1344,10 +1430,12 @@ impl Backend for PgBackend {
             Box::pin(async move {
                 // One statement: one snapshot, which holds every commit up to some number.
                 c.query(
-                    "SELECT 0, tenant, id, doc, version FROM entities WHERE version > $1
-                     UNION ALL SELECT 1, tenant, id, NULL, version FROM entity_deletions WHERE version > $1
-                     UNION ALL SELECT 2, tenant, id, record, version FROM subscriptions WHERE version > $1
-                     UNION ALL SELECT 3, tenant, id, NULL, version FROM subscription_deletions WHERE version > $1
+                    "SELECT 0, tenant, id, doc, version, NULL::text FROM entities WHERE version > $1
+                     UNION ALL SELECT 1, tenant, id, NULL, version, NULL FROM entity_deletions WHERE version > $1
+                     UNION ALL SELECT 2, tenant, id, record, version, NULL FROM subscriptions WHERE version > $1
+                     UNION ALL SELECT 3, tenant, id, NULL, version, NULL FROM subscription_deletions WHERE version > $1
+                     UNION ALL SELECT 4, tenant, key, value, version, kind FROM records WHERE version > $1
+                     UNION ALL SELECT 5, tenant, key, NULL, version, kind FROM record_deletions WHERE version > $1
                      ORDER BY 5 LIMIT $2",
                     &[&watermark, &FOLLOW_ROWS],
                 )
@@ -1362,6 +1450,25 @@ impl Backend for PgBackend {
             let (kind, tenant, id, version): (i32, String, String, i64) =
                 (r.get(0), r.get(1), r.get(2), r.get(4));
             last = last.max(version);
+            if kind >= 4 {
+                let record_kind: String = r.get(5);
+                let key = (record_kind, tenant, id);
+                if known.records.get(&key) == Some(&version) {
+                    continue;
+                }
+                known.records.insert(key.clone(), version);
+                let (record_kind, tenant, key) = key;
+                if let Some(kind) = kind_of(&record_kind) {
+                    let value: Option<Vec<u8>> = r.get(3);
+                    followed.records.push(RecordChange {
+                        kind,
+                        tenant,
+                        key,
+                        value,
+                    });
+                }
+                continue;
+            }
             let key = (tenant, id);
             let table = if kind < 2 {
                 &mut known.entities

@@ -181,7 +181,26 @@ pub trait RecordStore: Send + Sync + 'static {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// Writes `change` only if no record has its key yet; false if one has.
+    /// Appends that must not overwrite each other (the audit log) use it.
+    /// A store that one process owns writes (that process orders its own
+    /// appends); one that several nodes share checks in the same transaction.
+    fn insert_record_if_absent(&self, change: &RecordChange) -> Result<bool, StoreError> {
+        self.write_records(std::slice::from_ref(change))?;
+        Ok(true)
+    }
+
+    /// Record changes other nodes commit to a store they share with this
+    /// one, for the layers that keep records in memory (keys, devices,
+    /// registrations). `None` when no other node shares the store.
+    fn followed_records(&self) -> Option<tokio::sync::broadcast::Receiver<RecordBatch>> {
+        None
+    }
 }
+
+/// Record changes that arrived together.
+pub type RecordBatch = Arc<Vec<RecordChange>>;
 
 /// One page of a query's results, in entity id order.
 #[derive(Debug, Default)]

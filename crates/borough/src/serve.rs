@@ -344,6 +344,14 @@ pub async fn start(
         },
     )?;
     devices.set_access(access.clone());
+    // Over a store that other nodes share, keys, tenants and devices made on
+    // one node are followed by the others.
+    if let Some(changes) = records.followed_records() {
+        access.follow(changes);
+    }
+    if let Some(changes) = records.followed_records() {
+        devices.follow(changes);
+    }
     // The API writes through the command hook: a PATCH of a command attribute sends it.
     let api_store: Arc<dyn EntityStore> = Arc::new(borough_devices::store::CommandingStore::new(
         devices.clone(),

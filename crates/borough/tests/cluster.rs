@@ -215,3 +215,89 @@ fn a_killed_nodes_notifications_are_sent_by_another() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(inbox.entities().len(), 1, "sent once");
 }
+
+/// With access control on: the operator key of the first node's first start
+/// works on every node; a tenant and a key made on one node work on the
+/// other at once; revoking it there refuses it here; and the audit log of
+/// both nodes is one intact chain.
+#[test]
+fn keys_and_tenants_made_on_one_node_work_on_the_others() {
+    let schema = Schema::new("access");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secured = |d: &tempfile::TempDir| {
+        start(
+            d.path(),
+            &[
+                "--auth",
+                "on",
+                "--store",
+                &pg_url(),
+                "--pg-schema",
+                &schema.0,
+            ],
+        )
+    };
+    let first = secured(&dirs[0]);
+    let op = first
+        .operator_key
+        .clone()
+        .expect("the first start prints an operator key");
+    let second = secured(&dirs[1]);
+    assert!(second.operator_key.is_none(), "one operator key per city");
+    let (a, b) = (
+        support::Client::new(&first.base),
+        support::Client::new(&second.base),
+    );
+    assert_eq!(b.get("/api/v1/tenants", &op, None).status, 200);
+
+    let r = a.call(
+        "POST",
+        "/api/v1/tenants",
+        Some(&op),
+        None,
+        Some(json!({"name": "city"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = a.call(
+        "POST",
+        "/api/v1/keys",
+        Some(&op),
+        Some("city"),
+        Some(json!({"roles": ["editor"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.body["key"].as_str().expect("the new key").to_string();
+    let key_id = r.body["id"].as_str().expect("its id").to_string();
+    let mut answered = 0;
+    eventually("node B accepts the key made on node A", 5, || {
+        answered = b
+            .post("/ngsi-ld/v1/entities", &key, Some("city"), lamp(3, "on"))
+            .status;
+        answered == 201
+    });
+    let r = b.call(
+        "DELETE",
+        &format!("/api/v1/keys/{key_id}"),
+        Some(&op),
+        Some("city"),
+        None,
+    );
+    assert!(r.status < 300, "revoke: {} {}", r.status, r.body);
+    eventually("node A refuses the key revoked on node B", 5, || {
+        a.get(
+            "/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:3",
+            &key,
+            Some("city"),
+        )
+        .status
+            == 401
+    });
+    let verify = a.get("/api/v1/audit/verify", &op, None);
+    assert_eq!(verify.status, 200, "{}", verify.body);
+    assert_eq!(verify.body["intact"], true, "{}", verify.body);
+    assert!(
+        verify.body["entries"].as_u64().unwrap_or(0) >= 3,
+        "both nodes' actions are logged: {}",
+        verify.body
+    );
+}
