@@ -504,6 +504,44 @@ impl Devices {
         Ok((command, record))
     }
 
+    /// Takes in a command record another node sharing the store wrote: the
+    /// queue here mirrors it, and a device connected here gets it.
+    pub(crate) async fn follow_command(&self, change: &RecordChange) {
+        let Some((device, id)) = change.key.split_once('/') else {
+            return;
+        };
+        let key = (change.tenant.clone(), device.to_string());
+        let command = match change
+            .value
+            .as_deref()
+            .map(serde_json::from_slice::<Command>)
+        {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                tracing::error!(device, command = id, error = %e, "a followed command record is unreadable");
+                return;
+            }
+            None => None,
+        };
+        let queued = command.as_ref().is_some_and(|c| c.status == Status::Queued);
+        {
+            let mut by_device = self
+                .commands
+                .by_device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let list = by_device.entry(key).or_default();
+            list.retain(|c| c.id != id);
+            if let Some(c) = command {
+                list.push(c);
+                list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            }
+        }
+        if queued {
+            self.deliver_pending(&change.tenant, device).await;
+        }
+    }
+
     /// Takes in a command whose record was committed with the write that set
     /// it: queues it in memory, mirrors its state and delivers it.
     pub(crate) async fn adopt_command(&self, tenant: &str, device: &str, command: Command) {

@@ -345,7 +345,9 @@ impl Devices {
         }
     }
 
-    /// Follows, in the background, the device records other nodes change.
+    /// Follows, in the background, the device and command records other
+    /// nodes change: a device may connect to any node, and a command set on
+    /// one node reaches the device on the node it is connected to.
     pub fn follow(
         self: &Arc<Self>,
         mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
@@ -354,10 +356,13 @@ impl Devices {
         tokio::spawn(async move {
             loop {
                 match changes.recv().await {
-                    Ok(batch) => match devices.upgrade() {
-                        Some(d) => d.apply_records(&batch),
-                        None => break,
-                    },
+                    Ok(batch) => {
+                        let Some(d) = devices.upgrade() else { break };
+                        d.apply_records(&batch);
+                        for c in batch.iter().filter(|c| c.kind == RecordKind::Command) {
+                            d.follow_command(c).await;
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(
                             missed = n,

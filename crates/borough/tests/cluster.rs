@@ -301,3 +301,132 @@ fn keys_and_tenants_made_on_one_node_work_on_the_others() {
         verify.body
     );
 }
+
+/// A device registered on node A connects to node B's broker: its readings
+/// reach node A, and a command sent through node A reaches it through node
+/// B, whose acknowledgement node A then reports.
+#[test]
+fn a_device_on_one_node_is_commanded_through_another() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = Schema::new("devices");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let with_broker = |d: &tempfile::TempDir| {
+        start(
+            d.path(),
+            &[
+                "--mqtt",
+                "127.0.0.1:0",
+                "--store",
+                &pg_url(),
+                "--pg-schema",
+                &schema.0,
+            ],
+        )
+    };
+    let (a, b) = (with_broker(&dirs[0]), with_broker(&dirs[1]));
+    let (s, device) = call(
+        &rt,
+        Method::POST,
+        &format!("{}/api/v1/devices", a.base),
+        Some(json!({"id": "valve-9", "entityType": "Valve",
+                    "attributes": [{"key": "p", "attribute": "pressure"}],
+                    "commands": ["open"]})),
+    );
+    assert_eq!(s, 201, "{device}");
+    let token = device["token"].as_str().expect("token").to_string();
+    std::thread::sleep(Duration::from_millis(300));
+
+    rt.block_on(async {
+        let mut opts = rumqttc::MqttOptions::new("valve-9", "127.0.0.1", b.mqtt_port);
+        opts.set_credentials("valve-9", &token);
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
+        client
+            .subscribe("default/devices/valve-9/cmd", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        client
+            .publish(
+                "default/devices/valve-9/attrs",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"p": 4.5}).to_string(),
+            )
+            .await
+            .unwrap();
+        // Drive the connection until the command arrives; meanwhile send it through node A.
+        let entity = format!("{}/ngsi-ld/v1/entities/urn:ngsi-ld:Valve:valve-9", a.base);
+        let commands = format!("{}/api/v1/devices/valve-9/commands", a.base);
+        let http = reqwest::Client::new();
+        let mut sent: Option<String> = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let command = loop {
+            assert!(
+                Instant::now() < deadline,
+                "the command never reached the device"
+            );
+            if sent.is_none() {
+                let e: Value = http
+                    .get(&entity)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap_or_default();
+                if e["pressure"]["value"] == 4.5 {
+                    let r: Value = http
+                        .post(&commands)
+                        .json(&json!({"name": "open", "value": {"percent": 30}}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    sent = r["id"].as_str().map(str::to_string);
+                }
+            }
+            match tokio::time::timeout(Duration::from_millis(200), events.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))))
+                    if p.topic == "default/devices/valve-9/cmd" =>
+                {
+                    break serde_json::from_slice::<Value>(&p.payload).unwrap();
+                }
+                Ok(Err(e)) => panic!("the device lost node B: {e}"),
+                _ => {}
+            }
+        };
+        let id = sent.expect("node A queued the command");
+        assert_eq!(command["id"], id.as_str());
+        assert_eq!(command["value"], json!({"percent": 30}));
+        client
+            .publish(
+                "default/devices/valve-9/cmdack",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({"id": id, "status": "ok"}).to_string(),
+            )
+            .await
+            .unwrap();
+        let status_url = format!("{commands}/{id}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(100), events.poll()).await;
+            let status: Value = http
+                .get(&status_url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or_default();
+            if status["status"] == "acknowledged" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node A never saw the acknowledgement: {status}"
+            );
+        }
+    });
+}
