@@ -65,6 +65,6 @@ log "third-party NGSI-LD clients (ngsildclient, ngsijs)"
 BOROUGH_BIN="$PWD/target/debug/borough" ./scripts/test-clients.sh
 
 log "benchmarks, quick variant"
-for scenario in entities query geo temporal dashboard mqtt federation; do
+for scenario in entities query geo temporal dashboard mqtt federation cluster; do
   cargo run --quiet -p borough -- bench "$scenario" --quick --out "target/bench-results/$scenario-quick.json"
 done

@@ -267,7 +267,7 @@ impl Default for EngineOptions {
 }
 
 /// How often a node asks a shared backend for what other nodes committed.
-pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Writes that may wait for the writer before callers are made to wait.
 const QUEUE_DEPTH: usize = 4096;

@@ -1214,12 +1214,97 @@ impl GroupRows {
             .await
             .map_err(db)?;
         }
-        for ((tenant, entity, name, dataset), (types, rows)) in &self.history {
-            let dataset = (!dataset.is_empty()).then_some(dataset.as_str());
-            let s = series_for(tx, tenant, entity, types, name, dataset).await?;
-            insert_rows(tx, s, rows).await?;
-        }
+        self.write_history(tx).await?;
         write_records(tx, &self.records, version).await
+    }
+
+    /// The group's history in four statements, whatever its size: the
+    /// entities and series that are new, the series' numbers, the instances.
+    async fn write_history(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+        if self.history.is_empty() {
+            return Ok(());
+        }
+        let mut entities: BTreeMap<(&str, &str), String> = BTreeMap::new();
+        let (mut tenants, mut ids, mut names, mut datasets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((tenant, entity, name, dataset), (types, _)) in &self.history {
+            entities
+                .entry((tenant.as_str(), entity.as_str()))
+                .or_insert_with(|| serde_json::to_string(types).unwrap_or_else(|_| "[]".into()));
+            tenants.push(tenant.as_str());
+            ids.push(entity.as_str());
+            names.push(name.as_str());
+            datasets.push(dataset.as_str());
+        }
+        let (e_tenants, e_ids, e_types): (Vec<&str>, Vec<&str>, Vec<&str>) = entities
+            .iter()
+            .map(|((t, e), types)| (*t, *e, types.as_str()))
+            .fold(
+                (Vec::new(), Vec::new(), Vec::new()),
+                |mut acc, (t, e, ty)| {
+                    acc.0.push(t);
+                    acc.1.push(e);
+                    acc.2.push(ty);
+                    acc
+                },
+            );
+        tx.execute(
+            "INSERT INTO history_entities (tenant, id, types)
+             SELECT t.tenant, t.id, ARRAY(SELECT jsonb_array_elements_text(t.types::jsonb))
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS t(tenant, id, types)
+             ON CONFLICT DO NOTHING",
+            &[&e_tenants, &e_ids, &e_types],
+        )
+        .await
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO history_series (tenant, entity, name, dataset)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+             ON CONFLICT DO NOTHING",
+            &[&tenants, &ids, &names, &datasets],
+        )
+        .await
+        .map_err(db)?;
+        let numbered = tx
+            .query(
+                "SELECT k.n, s.series
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                        WITH ORDINALITY AS k(tenant, entity, name, dataset, n)
+                   JOIN history_series s USING (tenant, entity, name, dataset)",
+                &[&tenants, &ids, &names, &datasets],
+            )
+            .await
+            .map_err(db)?;
+        let mut series_of = vec![0i64; self.history.len()];
+        for r in numbered {
+            let (n, series): (i64, i64) = (r.get(0), r.get(1));
+            if let Some(slot) = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| series_of.get_mut(i))
+            {
+                *slot = series;
+            }
+        }
+        let (mut series, mut at, mut modified, mut attrs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((_, (_, rows)), s) in self.history.iter().zip(&series_of) {
+            for a in rows {
+                series.push(*s);
+                at.push(time_key(a));
+                modified.push(a.modified_at);
+                attrs.push(encode_attr(a)?);
+            }
+        }
+        tx.execute(
+            "INSERT INTO history (series, at, seq, modified_at, attr)
+             SELECT t.series, t.at, nextval('history_seq'), t.modified_at, t.attr
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
+                 AS t(series, at, modified_at, attr)",
+            &[&series, &at, &modified, &attrs],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::runtime::Runtime;
 /// Wait for a fresh, empty server to print its `listening on` line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ENTITIES_PATH: &str = "/ngsi-ld/v1/entities";
-const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
+pub const UPSERT_PATH: &str = "/ngsi-ld/v1/entityOperations/upsert";
 /// Connections of the upsert phase (and of the baselines' loads).
 pub const UPSERT_WORKERS: usize = 4;
 /// Answers of a successful upsert: 201 (some created) or 204 (all updated).

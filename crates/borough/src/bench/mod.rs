@@ -6,6 +6,7 @@
 //! writes every figure as JSON.
 
 mod auth;
+mod cluster;
 mod common;
 mod dashboard;
 mod entities;
@@ -34,7 +35,7 @@ pub const DEFAULT_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=post
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Scenario to run: entities, query, geo, notify, temporal, dashboard, mqtt, federation.
+    /// Scenario to run: entities, query, geo, notify, temporal, dashboard, mqtt, federation, cluster.
     pub scenario: String,
     /// Tiny sizes, for CI: checks the harness works, measures nothing meaningful.
     #[arg(long)]
@@ -77,8 +78,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         "dashboard" => dashboard::run(&opts),
         "mqtt" => mqtt::run(&opts),
         "federation" => federation::run(&opts),
+        "cluster" => cluster::run(&opts),
         other => Err(format!(
-            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard, mqtt, federation"
+            "unknown scenario '{other}'; available: entities, query, geo, notify, temporal, dashboard, mqtt, federation, cluster"
         )),
     }
 }

@@ -118,7 +118,7 @@ fn subscription_id(k: usize) -> String {
 }
 
 /// Microseconds since the epoch: the clock of `sentAt` and of the receiver.
-fn now_us() -> i64 {
+pub(super) fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -171,24 +171,24 @@ fn reading(rng: &mut SmallRng) -> f64 {
 }
 
 /// The receiver's record of one (entity id, sentAt) pair.
-struct Receipt {
-    count: u32,
+pub(super) struct Receipt {
+    pub(super) count: u32,
     /// Receipt time − `sentAt` at the first receipt, in microseconds.
-    latency_us: u64,
+    pub(super) latency_us: u64,
     /// Time of the first receipt, microseconds since the epoch.
     at_us: i64,
 }
 
 /// What the receiver got.
 #[derive(Default)]
-struct Inbox {
+pub(super) struct Inbox {
     /// Notification requests (each one may carry several entities).
     posts: u64,
     /// Entities in those notifications.
     entities: u64,
     /// Bodies that were not JSON, and entities without `id` or integer `sentAt`.
     malformed: Failures,
-    seen: HashMap<(String, i64), Receipt>,
+    pub(super) seen: HashMap<(String, i64), Receipt>,
 }
 
 impl Inbox {
@@ -238,25 +238,25 @@ impl Inbox {
     }
 }
 
-type SharedInbox = Arc<Mutex<Inbox>>;
+pub(super) type SharedInbox = Arc<Mutex<Inbox>>;
 
-fn lock(inbox: &SharedInbox) -> MutexGuard<'_, Inbox> {
+pub(super) fn lock(inbox: &SharedInbox) -> MutexGuard<'_, Inbox> {
     inbox.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The notification receiver: an HTTP server on loopback, on its own
 /// runtime (one thread) so that the load generator does not delay receipts.
 /// Dropping it stops it; it must be dropped outside any runtime.
-struct Receiver {
+pub(super) struct Receiver {
     /// Kept for its `Drop`, which stops the server task's connections.
     _runtime: tokio::runtime::Runtime,
     addr: SocketAddr,
-    inbox: SharedInbox,
+    pub(super) inbox: SharedInbox,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Receiver {
-    fn start() -> Result<Receiver, String> {
+    pub(super) fn start() -> Result<Receiver, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -293,7 +293,7 @@ impl Receiver {
         })
     }
 
-    fn uri(&self) -> String {
+    pub(super) fn uri(&self) -> String {
         format!("http://{}{RECEIVER_PATH}", self.addr)
     }
 

@@ -183,6 +183,11 @@ impl Server {
         self.addr
     }
 
+    /// The process id of the child (its CPU time is in `/proc/<pid>/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's address with the headers set by [`Server::set_headers`]:
     /// where the phases send their requests.
     pub fn endpoint(&self) -> Endpoint {
