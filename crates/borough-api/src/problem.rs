@@ -20,7 +20,11 @@ impl From<NgsiError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage failure");
-        Self(NgsiError::new(ProblemKind::InternalError, e.to_string()))
+        let kind = match e {
+            StoreError::Unavailable(_) => ProblemKind::StorageUnavailable,
+            _ => ProblemKind::InternalError,
+        };
+        Self(NgsiError::new(kind, e.to_string()))
     }
 }
 

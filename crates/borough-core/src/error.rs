@@ -41,6 +41,9 @@ pub enum ProblemKind {
     QuotaExceeded,
     /// 429: too many requests for the caller, the tenant or the address.
     TooManyRequests,
+    /// 503: the storage (a database server) cannot be reached for now;
+    /// nothing was changed, and the request may be sent again.
+    StorageUnavailable,
 }
 
 impl ProblemKind {
@@ -63,6 +66,7 @@ impl ProblemKind {
             Self::Unauthorized => 401,
             Self::Forbidden | Self::QuotaExceeded => 403,
             Self::TooManyRequests => 429,
+            Self::StorageUnavailable => 503,
         }
     }
 
@@ -98,6 +102,7 @@ impl ProblemKind {
             Self::Forbidden => "urn:borough:problem:Forbidden",
             Self::QuotaExceeded => "urn:borough:problem:QuotaExceeded",
             Self::TooManyRequests => "urn:borough:problem:TooManyRequests",
+            Self::StorageUnavailable => "urn:borough:problem:StorageUnavailable",
         }
     }
 
@@ -125,6 +130,7 @@ impl ProblemKind {
             Self::Forbidden => "Forbidden",
             Self::QuotaExceeded => "Quota exceeded",
             Self::TooManyRequests => "Too many requests",
+            Self::StorageUnavailable => "Storage unavailable",
         }
     }
 }

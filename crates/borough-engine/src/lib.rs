@@ -401,6 +401,7 @@ impl<B: Backend> Engine<B> {
                 shared: shared.clone(),
                 clock: options.clock,
                 next_notice,
+                follow_failing: false,
             },
         )?;
         Ok(Self {

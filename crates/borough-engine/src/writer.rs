@@ -92,6 +92,8 @@ pub(crate) struct Writer<B: Backend> {
     pub clock: Arc<dyn Clock>,
     /// The number of the next notice written to the outbox.
     pub next_notice: u64,
+    /// Whether the last reading of other nodes' commits failed.
+    pub follow_failing: bool,
 }
 
 /// Starts the writer thread, and the thread that asks it for maintenance.
@@ -154,6 +156,7 @@ fn copy(e: &StoreError) -> StoreError {
     match e {
         StoreError::Closed => StoreError::Closed,
         StoreError::Io(m) => StoreError::Io(m.clone()),
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
     }
 }
 
@@ -175,7 +178,17 @@ impl<B: Backend> Writer<B> {
     /// When the backend is not ready, the job gets the error to answer with.
     fn guarded(&mut self, job: impl FnOnce(&mut Writer<B>, Result<(), StoreError>)) {
         if let Err(e) = self.backend.ready() {
-            tracing::error!(error = %e, "the storage is not available; the job is refused");
+            let known = self
+                .shared
+                .health
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .writer
+                == WriterState::Failing;
+            // Said when it starts; every job meanwhile gets the error anyway.
+            if !known {
+                tracing::error!(error = %e, "the storage is not available; jobs are refused");
+            }
             self.shared
                 .set_health(WriterState::Failing, Some(e.to_string()));
             job(self, Err(e));
@@ -247,9 +260,18 @@ fn run<B: Backend>(mut receiver: mpsc::Receiver<Job>, mut w: Writer<B>) {
                 Job::Follow => {
                     commit_pending(&mut w, &mut group);
                     w.guarded(|w, ready| {
-                        if let Err(e) = ready.and_then(|()| follow(w)) {
-                            tracing::warn!(error = %e, "cannot read what other nodes committed");
+                        let followed = ready.and_then(|()| follow(w));
+                        // Said once when it starts failing, and once when it is back.
+                        match (&followed, w.follow_failing) {
+                            (Err(e), false) => {
+                                tracing::warn!(error = %e, "cannot read what other nodes committed")
+                            }
+                            (Ok(()), true) => {
+                                tracing::info!("reading what other nodes committed again")
+                            }
+                            _ => {}
                         }
+                        w.follow_failing = followed.is_err();
                     });
                 }
                 Job::Close(r) => {

@@ -157,8 +157,13 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 fn db(e: tokio_postgres::Error) -> StoreError {
     // The server's own message (e.g. "relation does not exist"), not only "db error".
     match e.as_db_error() {
+        // The server is going away (shutdown, restart, terminated connection).
+        Some(d) if d.code().code().starts_with("57P") => {
+            StoreError::Unavailable(format!("PostgreSQL: {}", d.message()))
+        }
         Some(d) => StoreError::Io(format!("PostgreSQL: {}", d.message())),
-        None => StoreError::Io(format!("PostgreSQL: {e}")),
+        // No answer from the server at all: a lost or refused connection.
+        None => StoreError::Unavailable(format!("PostgreSQL cannot be reached: {e}")),
     }
 }
 
@@ -477,7 +482,9 @@ impl PgBackend {
             Box::pin(async move {
                 let mut guard = c.writer.lock().await;
                 let Some(client) = guard.as_mut() else {
-                    return Err(io("the PostgreSQL connection is being made again"));
+                    return Err(StoreError::Unavailable(
+                        "the PostgreSQL connection is being made again".into(),
+                    ));
                 };
                 let result = async {
                     let tx = client.transaction().await.map_err(db)?;

@@ -38,6 +38,10 @@ pub const DEFAULT_TENANT: &str = "";
 pub enum StoreError {
     #[error("storage failure: {0}")]
     Io(String),
+    /// The storage cannot be reached for now (a database server is down or
+    /// unreachable): nothing was changed, and the same request may succeed later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("the store is shut down")]
     Closed,
 }

@@ -430,3 +430,129 @@ fn a_device_on_one_node_is_commanded_through_another() {
         }
     });
 }
+
+/// A TCP relay to PostgreSQL that the test can cut and restore, as a
+/// database restart or a network failure would.
+struct Relay {
+    port: u16,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Relay {
+    fn start(port: u16) -> Relay {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut relay = Relay {
+            port,
+            stop: None,
+            rt,
+        };
+        relay.restore();
+        relay
+    }
+
+    /// Accepts connections again and relays them to 127.0.0.1:5432.
+    fn restore(&mut self) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", self.port)))
+            .expect("the relay's port");
+        self.rt.spawn(async move {
+            loop {
+                let mut stopped_accept = stopped.clone();
+                let (mut client, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(c) => c, Err(_) => return },
+                    _ = stopped_accept.changed() => return,
+                };
+                let mut stopped_conn = stopped.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = stopped_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        self.stop = Some(stop);
+    }
+
+    /// Closes the port and every relayed connection.
+    fn cut(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PostgreSQL out of reach: writes get a 503 problem that says so, reads
+/// go on from memory, and once it is back the node writes again by itself,
+/// with everything acknowledged before still there.
+#[test]
+fn postgresql_out_of_reach_gives_503_and_the_node_recovers_alone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = Schema::new("outage");
+    let port = support::free_port();
+    let mut relay = Relay::start(port);
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), &["--store", &url, "--pg-schema", &schema.0]);
+    let entities = format!("{}/ngsi-ld/v1/entities", node.base);
+    let (s, b) = call(&rt, Method::POST, &entities, Some(lamp(1, "on")));
+    assert_eq!(s, 201, "{b}");
+
+    relay.cut();
+    let (s, problem) = call(&rt, Method::POST, &entities, Some(lamp(2, "on")));
+    assert_eq!(s, 503, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("PostgreSQL")),
+        "{problem}"
+    );
+    let (s, _) = call(
+        &rt,
+        Method::GET,
+        &format!("{entities}/urn:ngsi-ld:Lamp:1"),
+        None,
+    );
+    assert_eq!(s, 200, "reads are served from memory meanwhile");
+    let (s, health) = call(&rt, Method::GET, &format!("{}/health", node.base), None);
+    assert_eq!(s, 503, "{health}");
+
+    relay.restore();
+    eventually("the node writes again once PostgreSQL is back", 15, || {
+        call(&rt, Method::POST, &entities, Some(lamp(3, "on"))).0 == 201
+    });
+    for i in [1, 3] {
+        let (s, _) = call(
+            &rt,
+            Method::GET,
+            &format!("{entities}/urn:ngsi-ld:Lamp:{i}"),
+            None,
+        );
+        assert_eq!(s, 200, "lamp {i}");
+    }
+    let (s, _) = call(
+        &rt,
+        Method::GET,
+        &format!("{entities}/urn:ngsi-ld:Lamp:2"),
+        None,
+    );
+    assert_eq!(s, 404, "the refused write changed nothing");
+    // And a restart reads it all back from PostgreSQL.
+    drop(node);
+    let node = start(dir.path(), &["--store", &url, "--pg-schema", &schema.0]);
+    let (s, _) = call(
+        &rt,
+        Method::GET,
+        &format!("{}/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:3", node.base),
+        None,
+    );
+    assert_eq!(s, 200);
+}
