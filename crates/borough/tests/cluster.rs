@@ -556,3 +556,75 @@ fn postgresql_out_of_reach_gives_503_and_the_node_recovers_alone() {
     );
     assert_eq!(s, 200);
 }
+
+/// Two nodes take writes; one is killed with SIGKILL in the middle: every
+/// write either node acknowledged is served by the survivor.
+#[test]
+fn a_node_killed_under_load_loses_no_acknowledged_write() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let schema = Schema::new("kill");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let survivor = schema.node(&dirs[0]);
+    let mut doomed = schema.node(&dirs[1]);
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let writer = |base: String, tag: &'static str| {
+        let acked = acked.clone();
+        rt.spawn(async move {
+            let client = reqwest::Client::new();
+            for seq in 0..10_000 {
+                let ids: Vec<String> = (0..10).map(|k| format!("urn:ngsi-ld:Lamp:{tag}-{seq}-{k}")).collect();
+                let batch: Vec<Value> = ids
+                    .iter()
+                    .map(|id| json!({"id": id, "type": "Lamp", "power": {"type": "Property", "value": "on"}}))
+                    .collect();
+                let sent = client
+                    .post(format!("{base}/ngsi-ld/v1/entityOperations/upsert"))
+                    .json(&batch)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => acked.lock().unwrap().extend(ids),
+                    // Killed mid-request: not acknowledged.
+                    _ => return,
+                }
+            }
+        })
+    };
+    let on_survivor = writer(survivor.base.clone(), "a");
+    let on_doomed = writer(doomed.base.clone(), "b");
+    std::thread::sleep(Duration::from_millis(800));
+    doomed.child.kill().expect("SIGKILL");
+    doomed.child.wait().expect("reap");
+    rt.block_on(on_doomed).expect("the doomed node's writer");
+    on_survivor.abort();
+    let _ = rt.block_on(on_survivor);
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.iter().filter(|id| id.contains(":b-")).count() > 20,
+        "the killed node acknowledged writes before it died"
+    );
+    let client = support::Client::new(&survivor.base);
+    eventually("the survivor holds every acknowledged write", 10, || {
+        let r = client.call(
+            "GET",
+            "/ngsi-ld/v1/entities?type=Lamp&count=true&limit=1",
+            None,
+            None,
+            None,
+        );
+        r.headers
+            .get("NGSILD-Results-Count")
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|n| n >= acked.len())
+    });
+    for id in &acked {
+        let r = client.call(
+            "GET",
+            &format!("/ngsi-ld/v1/entities/{id}"),
+            None,
+            None,
+            None,
+        );
+        assert_eq!(r.status, 200, "acknowledged {id} is lost");
+    }
+}
