@@ -1518,10 +1518,20 @@ impl Backend for PgBackend {
             self.heartbeat()?;
         }
         let watermark = lock_known(&self.known).watermark;
-        let rows = self.read(move |c| {
+        let (committed, rows) = self.read(move |c| {
             Box::pin(async move {
-                // One statement: one snapshot, which holds every commit up to some number.
-                c.query(
+                // Most of the time nothing moved: one row says so.
+                let committed: i64 = c
+                    .query_one("SELECT value FROM counters WHERE name = 'commit'", &[])
+                    .await
+                    .map_err(db)?
+                    .get(0);
+                if committed <= watermark {
+                    return Ok((committed, Vec::new()));
+                }
+                // One statement: one snapshot, which holds every commit up to
+                // some number (at least `committed`, read before).
+                let rows = c.query(
                     "SELECT 0, tenant, id, doc, version, NULL::text FROM entities WHERE version > $1
                      UNION ALL SELECT 1, tenant, id, NULL, version, NULL FROM entity_deletions WHERE version > $1
                      UNION ALL SELECT 2, tenant, id, record, version, NULL FROM subscriptions WHERE version > $1
@@ -1532,7 +1542,8 @@ impl Backend for PgBackend {
                     &[&watermark, &FOLLOW_ROWS],
                 )
                 .await
-                .map_err(db)
+                .map_err(db)?;
+                Ok((committed, rows))
             })
         })?;
         let mut followed = Followed::default();
@@ -1595,11 +1606,13 @@ impl Backend for PgBackend {
                 _ => followed.subscriptions.push((tenant, id, None)),
             }
         }
-        // A page cut inside a commit is read again from that commit on.
+        // A page cut inside a commit is read again from that commit on. A
+        // whole read holds every commit up to `committed` (some numbers were
+        // taken by tries that wrote nothing).
         known.watermark = if rows.len() as i64 == FOLLOW_ROWS {
             last - 1
         } else {
-            last
+            last.max(committed)
         };
         Ok(followed)
     }
