@@ -511,18 +511,51 @@ impl Access {
             .unwrap_or_else(|e| e.into_inner())
             .drain()
             .collect();
+        // Each key is written only over the copy held here: a key another
+        // node revoked or changed meanwhile is never written back as it was.
         let mut changes = Vec::new();
         {
-            let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
             for (id, at) in used {
-                if let Some(k) = keys.get_mut(&id) {
-                    k.last_used_at = Some(at);
-                    changes.push(Self::key_change(k, false)?);
+                if let Some(k) = keys.get(&id) {
+                    let held = Self::key_change(k, false)?;
+                    let mut newer = k.clone();
+                    newer.last_used_at = Some(at);
+                    changes.push((
+                        held.value.unwrap_or_default(),
+                        Self::key_change(&newer, false)?,
+                        id,
+                    ));
                 }
             }
         }
-        if !changes.is_empty() {
-            self.write(changes).await?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let records = self.records.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut written = Vec::new();
+            for (held, change, id) in changes {
+                if records.replace_record_if(&change, &held)? {
+                    written.push((id, change));
+                }
+            }
+            Ok::<_, borough_store::StoreError>(written)
+        })
+        .await
+        .map_err(storage)?
+        .map_err(storage)?;
+        // Only the time of use: anything else may have been followed since.
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        for (id, change) in written {
+            if let Some(k) = keys.get_mut(&id)
+                && let Some(Ok(stored)) = change
+                    .value
+                    .as_deref()
+                    .map(serde_json::from_slice::<ApiKey>)
+            {
+                k.last_used_at = stored.last_used_at;
+            }
         }
         Ok(())
     }

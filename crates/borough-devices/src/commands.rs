@@ -823,6 +823,16 @@ pub(crate) async fn run_sweeper(devices: Weak<Devices>) {
         let Some(d) = devices.upgrade() else {
             return;
         };
-        d.sweep_commands().await;
+        // Among nodes sharing a store one sweeps (timeouts, expiry, retries);
+        // a command it queues again reaches the node its device is on.
+        let store = d.store.clone();
+        let lease = interval.saturating_mul(3);
+        let holds =
+            tokio::task::spawn_blocking(move || store.lease("device-command-sweeps", lease))
+                .await
+                .is_ok_and(|held| held.unwrap_or(false));
+        if holds {
+            d.sweep_commands().await;
+        }
     }
 }

@@ -8,9 +8,10 @@
 //!
 //! The [`Backend`] is the storage seam: commit a write set, load what the
 //! engine keeps in memory, read history and the outbox, keep records and
-//! hosted contexts. The embedded redb engine (`borough-embedded`) implements
-//! it, and so does [`memory::MemoryBackend`], for tests; both pass the shared
-//! suite (`borough_store::testsuite`).
+//! hosted contexts. The embedded redb engine (`borough-embedded`), the
+//! PostgreSQL backend (`borough-postgres`) and [`memory::MemoryBackend`] (for
+//! tests) implement it; all three pass the shared suite
+//! (`borough_store::testsuite`).
 
 use borough_core::Entity;
 use borough_core::query::EntityQuery;
@@ -159,6 +160,11 @@ pub trait Backend: RecordStore {
         Ok(Followed::default())
     }
 
+    /// *Writer*: the engine gave up on a group it was told was stale (it
+    /// lost too many races, or could not catch up): whatever the backend
+    /// kept for its next try is let go.
+    fn abandon_stale(&self) {}
+
     /// *Writer*: stores a subscription (new or replacing the stored one).
     fn put_subscription(&self, tenant: &str, record: &SubscriptionRecord)
     -> Result<(), StoreError>;
@@ -274,10 +280,10 @@ const QUEUE_DEPTH: usize = 4096;
 
 type TenantMap = RwLock<TenantState>;
 
-/// What the writer and readers share.
 /// Record batches kept for layers that follow them and are behind.
 const RECORD_FEED_CAPACITY: usize = 1024;
 
+/// What the writer and readers share.
 struct Shared {
     tenants: RwLock<HashMap<String, Arc<TenantMap>>>,
     subscriptions: Registry,
@@ -402,6 +408,7 @@ impl<B: Backend> Engine<B> {
                 clock: options.clock,
                 next_notice,
                 follow_failing: false,
+                follow_queued: Arc::default(),
             },
         )?;
         Ok(Self {
@@ -759,6 +766,14 @@ impl<B: Backend> RecordStore for Engine<B> {
 
     fn insert_record_if_absent(&self, change: &RecordChange) -> Result<bool, StoreError> {
         self.backend.insert_record_if_absent(change)
+    }
+
+    fn replace_record_if(
+        &self,
+        change: &RecordChange,
+        expected: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.backend.replace_record_if(change, expected)
     }
 
     fn followed_records(

@@ -94,6 +94,8 @@ pub(crate) struct Writer<B: Backend> {
     pub next_notice: u64,
     /// Whether the last reading of other nodes' commits failed.
     pub follow_failing: bool,
+    /// Set while a request to follow waits in the queue.
+    pub follow_queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the writer thread, and the thread that asks it for maintenance.
@@ -103,20 +105,29 @@ pub(crate) fn spawn<B: Backend>(
     w: Writer<B>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let follows = w.backend.shared();
+    let follow_queued = w.follow_queued.clone();
     let writer = std::thread::Builder::new()
         .name("borough-writer".into())
         .spawn(move || run(receiver, w))
         .map_err(io)?;
     if follows {
         let sender = sender.clone();
+        let queued = follow_queued.clone();
         std::thread::Builder::new()
             .name("borough-follower".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(FOLLOW_EVERY);
-                    // One request at a time: a full queue means one is waiting.
+                    // One request waiting at a time: the writer clears the
+                    // flag when it takes it.
+                    if queued.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        continue;
+                    }
                     match sender.try_send(Job::Follow) {
-                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            queued.store(false, std::sync::atomic::Ordering::Release);
+                        }
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
                 }
@@ -258,6 +269,8 @@ fn run<B: Backend>(mut receiver: mpsc::Receiver<Job>, mut w: Writer<B>) {
                     w.guarded(|w, ready| history(w, ready, job));
                 }
                 Job::Follow => {
+                    w.follow_queued
+                        .store(false, std::sync::atomic::Ordering::Release);
                     commit_pending(&mut w, &mut group);
                     w.guarded(|w, ready| {
                         let followed = ready.and_then(|()| follow(w));
@@ -453,12 +466,23 @@ fn commit_group<B: Backend>(
             .ok_or_else(|| io("the storage refused the group as stale, yet it is not shared"));
     }
     for _ in 0..STALE_ATTEMPTS {
-        if let Some(answers) = try_group(group.clone(), w)? {
-            return Ok(answers);
+        let tried = try_group(group.clone(), w).and_then(|answers| {
+            if answers.is_none() {
+                follow(w)?;
+            }
+            Ok(answers)
+        });
+        match tried {
+            Ok(Some(answers)) => return Ok(answers),
+            Ok(None) => {}
+            Err(e) => {
+                w.backend.abandon_stale();
+                return Err(e);
+            }
         }
-        follow(w)?;
     }
-    Err(io(format!(
+    w.backend.abandon_stale();
+    Err(StoreError::Unavailable(format!(
         "the write lost {STALE_ATTEMPTS} races with other nodes changing the same entities; try again"
     )))
 }

@@ -35,7 +35,7 @@ use tokio_postgres::{Client, GenericClient, NoTls};
 pub type PgStore = Engine<PgBackend>;
 
 /// The schema versions this build knows, each the SQL that makes it from the
-/// one before. Applied in order, each in its own transaction.
+/// one before. Those a schema lacks are applied in order, in one transaction.
 pub const MIGRATIONS: &[(i64, &str)] = &[(
     1,
     r#"
@@ -143,9 +143,9 @@ CREATE TABLE retention (tenant text COLLATE "C" PRIMARY KEY, policy bytea NOT NU
 "#,
 )];
 
-/// Most instances one aggregation reads from this backend; a wider range is
-/// refused with a clear error rather than read without bound.
-const MAX_AGGREGATED_ROWS: i64 = 2_000_000;
+/// Most instances of one attribute an aggregation reads from this backend
+/// (about 40 MB decoded); a wider range is refused with a clear error.
+const MAX_AGGREGATED_ROWS: i64 = 200_000;
 
 /// Entity rows handed from the connection to the parser at a time.
 const LOAD_BATCH: usize = 1024;
@@ -211,9 +211,11 @@ impl Connections {
                 tracing::warn!(error = %e, "a PostgreSQL connection ended");
             }
         });
+        // A lock held by a node that lost its network ends the wait with a
+        // clear error (503) instead of stalling every node's writes.
         client
             .batch_execute(&format!(
-                "SET search_path TO {}",
+                "SET search_path TO {}; SET lock_timeout TO '10s'",
                 quote_ident(&self.options.schema)
             ))
             .await
@@ -260,8 +262,6 @@ pub struct PgBackend {
     known: Arc<std::sync::Mutex<Known>>,
     /// This node's name in `nodes` and `outbox.node`: new at every start.
     node: String,
-    /// When this node last said it is alive.
-    last_seen: std::sync::Mutex<Option<std::time::Instant>>,
     /// Since when the writer's connection holds the commit lock between a
     /// stale try and the next one (so that the next one cannot lose again).
     lock_held: std::sync::Mutex<Option<std::time::Instant>>,
@@ -283,19 +283,28 @@ fn node_name() -> String {
     format!("{}-{nanos:x}", std::process::id())
 }
 
-/// The advisory lock that puts commits of every node in one order, so that
-/// commit numbers are taken and become visible in the same order.
-const COMMIT_LOCK: i64 = 7_302_215_422;
+/// The advisory locks of a schema: `hashtext(schema)` and one of these.
+/// Advisory locks are per database, so each schema has its own pair.
+const MIGRATION_LOCK: i32 = 0;
+const COMMIT_LOCK: i32 = 1;
 
 /// Most rows one call of `follow` reads: above a group's largest
 /// (`MAX_GROUP_OPS`), so that each call gets at least one whole commit.
 const FOLLOW_ROWS: i64 = 50_000;
 
-/// Takes the commit lock and the next commit number.
-async fn next_commit(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&COMMIT_LOCK])
-        .await
-        .map_err(db)?;
+/// Takes the schema's commit lock for the transaction, and the next commit
+/// number. The lock keeps a stale group's second try first in line (it is
+/// then kept past the transaction); the counter's row lock orders commits.
+async fn next_commit(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<i64, StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+        &[&schema, &COMMIT_LOCK],
+    )
+    .await
+    .map_err(db)?;
     Ok(tx
         .query_one(
             "UPDATE counters SET value = value + 1 WHERE name = 'commit' RETURNING value",
@@ -347,11 +356,20 @@ impl PgBackend {
             }),
             known: Arc::default(),
             node: node_name(),
-            last_seen: std::sync::Mutex::new(None),
             lock_held: std::sync::Mutex::new(None),
         };
         backend.block(|c| Box::pin(async move { migrate(&c).await }))?;
-        backend.heartbeat()?;
+        let (conns, node) = (backend.conns.clone(), backend.node.clone());
+        backend.block(move |_| {
+            Box::pin(async move {
+                let client = conns.connect().await?;
+                heartbeat(&client, &node).await?;
+                // From now on on its own connection and task: slow commits,
+                // reads or a full writer queue never delay it.
+                tokio::spawn(keep_alive(conns, node, client));
+                Ok(())
+            })
+        })?;
         Ok(backend)
     }
 
@@ -368,7 +386,10 @@ impl PgBackend {
                 let guard = c.writer.lock().await;
                 if let Some(client) = guard.as_ref().filter(|c| !c.is_closed()) {
                     client
-                        .execute("SELECT pg_advisory_unlock_all()", &[])
+                        .execute(
+                            "SELECT pg_advisory_unlock(hashtext($1), $2)",
+                            &[&c.options.schema, &COMMIT_LOCK],
+                        )
                         .await
                         .map_err(db)?;
                 }
@@ -380,49 +401,34 @@ impl PgBackend {
         }
     }
 
+    /// Marks records as being written by this node, so that `follow` does
+    /// not hand its own writes back to it (nor an older version over them);
+    /// answers what each held before.
+    fn claim_records(&self, keys: Vec<RecordKey>) -> Vec<(RecordKey, Option<i64>)> {
+        let mut known = lock_known(&self.known);
+        keys.into_iter()
+            .map(|k| {
+                let before = known.records.insert(k.clone(), i64::MAX);
+                (k, before)
+            })
+            .collect()
+    }
+
+    /// Ends a claim: the commit's number, or what was held before if nothing
+    /// was written.
+    fn settle_records(&self, claimed: Vec<(RecordKey, Option<i64>)>, version: Option<i64>) {
+        let mut known = lock_known(&self.known);
+        for (k, before) in claimed {
+            match version.or(before) {
+                Some(v) => known.records.insert(k, v),
+                None => known.records.remove(&k),
+            };
+        }
+    }
+
     /// This node's name, as `outbox.node` holds it.
     pub fn node(&self) -> &str {
         &self.node
-    }
-
-    /// Says this node is alive, and takes over the notices of nodes that
-    /// stopped saying so (they were killed, or lost their connection).
-    fn heartbeat(&self) -> Result<(), StoreError> {
-        let node = self.node.clone();
-        let taken = self.transact(move |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO nodes (id, seen) VALUES ($1, now())
-                     ON CONFLICT (id) DO UPDATE SET seen = now()",
-                    &[&node],
-                )
-                .await
-                .map_err(db)?;
-                let taken = tx
-                    .execute(
-                        "UPDATE outbox SET node = $1 WHERE node IN (
-                             SELECT id FROM nodes WHERE seen < now() - make_interval(secs => $2))",
-                        &[&node, &NODE_TIMEOUT_SECS],
-                    )
-                    .await
-                    .map_err(db)?;
-                tx.execute(
-                    "DELETE FROM nodes WHERE seen < now() - make_interval(secs => $1)",
-                    &[&NODE_TIMEOUT_SECS],
-                )
-                .await
-                .map_err(db)?;
-                Ok(taken)
-            })
-        })?;
-        if taken > 0 {
-            tracing::info!(
-                notices = taken,
-                "took over the notifications of a node that stopped"
-            );
-        }
-        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-        Ok(())
     }
 
     /// The schema version of the database.
@@ -502,6 +508,67 @@ impl PgBackend {
     }
 }
 
+/// Says every [`HEARTBEAT_EVERY`] that this node is alive, and takes over
+/// the notices of nodes that stopped saying so; makes its connection again
+/// when it is lost. Ends with the backend's runtime.
+async fn keep_alive(conns: Arc<Connections>, node: String, client: Client) {
+    let mut client = Some(client);
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(HEARTBEAT_EVERY).await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = conns.connect().await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match heartbeat(c, &node).await {
+            Ok(()) if failing => {
+                tracing::info!("this node says it is alive again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "this node cannot say it is alive; others take over its notifications after 10 s");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// One heartbeat: this node is alive; the notices of nodes silent for
+/// [`NODE_TIMEOUT_SECS`] become this node's.
+async fn heartbeat(c: &Client, node: &str) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO nodes (id, seen) VALUES ($1, now()) ON CONFLICT (id) DO UPDATE SET seen = now()",
+        &[&node],
+    )
+    .await
+    .map_err(db)?;
+    let taken = c
+        .execute(
+            "UPDATE outbox SET node = $1 WHERE node NOT IN (
+                 SELECT id FROM nodes WHERE seen >= now() - make_interval(secs => $2))",
+            &[&node, &NODE_TIMEOUT_SECS],
+        )
+        .await
+        .map_err(db)?;
+    if taken > 0 {
+        tracing::info!(
+            notices = taken,
+            "took over the notifications of a node that stopped"
+        );
+    }
+    // Nodes long gone, whose notices are all delivered or taken over.
+    c.execute(
+        "DELETE FROM nodes WHERE seen < now() - interval '1 day'
+            AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.node = nodes.id)",
+        &[],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 /// Creates the schema and applies the migrations it lacks.
 async fn migrate(c: &Connections) -> Result<(), StoreError> {
     let mut client = c.connect().await.map_err(|e| {
@@ -512,9 +579,12 @@ async fn migrate(c: &Connections) -> Result<(), StoreError> {
     let schema = quote_ident(&c.options.schema);
     let tx = client.transaction().await.map_err(db)?;
     // One Borough at a time migrates; the others wait, then find it done.
-    tx.execute("SELECT pg_advisory_xact_lock(7302215421)", &[])
-        .await
-        .map_err(db)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+        &[&c.options.schema, &MIGRATION_LOCK],
+    )
+    .await
+    .map_err(db)?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}; SET LOCAL search_path TO {schema};
          CREATE TABLE IF NOT EXISTS schema_version (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
@@ -822,6 +892,110 @@ async fn apply_history(
     })
 }
 
+/// Every row a commit after `watermark` wrote, in commit order, and the
+/// commit up to which they are complete.
+async fn read_commits_after(
+    c: &Client,
+    watermark: i64,
+) -> Result<(i64, Vec<tokio_postgres::Row>), StoreError> {
+    // Most of the time nothing moved: one row says so.
+    let committed: i64 = c
+        .query_one("SELECT value FROM counters WHERE name = 'commit'", &[])
+        .await
+        .map_err(db)?
+        .get(0);
+    if committed <= watermark {
+        return Ok((committed, Vec::new()));
+    }
+    // One statement: one snapshot, which holds every commit up to some
+    // number (at least `committed`, read before).
+    const CHANGES: &str = "
+        SELECT 0, tenant, id, doc, version, NULL::text FROM entities WHERE version > $1 AND version <= $2
+        UNION ALL SELECT 1, tenant, id, NULL, version, NULL FROM entity_deletions WHERE version > $1 AND version <= $2
+        UNION ALL SELECT 2, tenant, id, record, version, NULL FROM subscriptions WHERE version > $1 AND version <= $2
+        UNION ALL SELECT 3, tenant, id, NULL, version, NULL FROM subscription_deletions WHERE version > $1 AND version <= $2
+        UNION ALL SELECT 4, tenant, key, value, version, kind FROM records WHERE version > $1 AND version <= $2
+        UNION ALL SELECT 5, tenant, key, NULL, version, kind FROM record_deletions WHERE version > $1 AND version <= $2
+        ORDER BY 5 LIMIT $3";
+    let rows = c
+        .query(CHANGES, &[&watermark, &i64::MAX, &FOLLOW_ROWS])
+        .await
+        .map_err(db)?;
+    if (rows.len() as i64) < FOLLOW_ROWS {
+        // Some numbers were taken by tries that wrote nothing.
+        let last = rows.last().map_or(watermark, |r| r.get::<_, i64>(4));
+        return Ok((last.max(committed), rows));
+    }
+    let first: i64 = rows[0].get(4);
+    let last: i64 = rows[rows.len() - 1].get(4);
+    if first < last {
+        // Cut inside commit `last`: it is read again, whole, next time.
+        return Ok((last - 1, rows));
+    }
+    // One commit larger than a page: read it whole.
+    let rows = c
+        .query(CHANGES, &[&(first - 1), &first, &i64::MAX])
+        .await
+        .map_err(db)?;
+    Ok((first, rows))
+}
+
+/// One change another node committed, read.
+struct FollowedRow {
+    version: i64,
+    change: FollowedChange,
+}
+
+enum FollowedChange {
+    Entity(String, String, Option<Entity>),
+    Subscription(String, String, Option<SubscriptionRecord>),
+    Record(RecordChange),
+}
+
+impl FollowedRow {
+    fn of(r: &tokio_postgres::Row) -> Result<Self, StoreError> {
+        let (kind, tenant, id, version): (i32, String, String, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(4));
+        let bytes: Option<Vec<u8>> = r.get(3);
+        let change = match kind {
+            0 | 1 => {
+                let entity = match &bytes {
+                    Some(doc) => Some(serde_json::from_slice(doc).map_err(|e| {
+                        io(format!(
+                            "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
+                        ))
+                    })?),
+                    None => None,
+                };
+                FollowedChange::Entity(tenant, id, entity)
+            }
+            2 | 3 => {
+                let record = match &bytes {
+                    Some(b) => Some(serde_json::from_slice(b).map_err(|e| {
+                        io(format!(
+                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
+                        ))
+                    })?),
+                    None => None,
+                };
+                FollowedChange::Subscription(tenant, id, record)
+            }
+            _ => {
+                let name: String = r.get(5);
+                let kind = kind_of(&name)
+                    .ok_or_else(|| io(format!("a record of unknown kind '{name}'")))?;
+                FollowedChange::Record(RecordChange {
+                    kind,
+                    tenant,
+                    key: id,
+                    value: bytes,
+                })
+            }
+        };
+        Ok(Self { version, change })
+    }
+}
+
 /// What the load of the entities sends, in order.
 enum Loading {
     /// (tenant, id, the stored entity, its commit number).
@@ -895,19 +1069,17 @@ async fn load_snapshot(
 impl RecordStore for PgBackend {
     fn write_records(&self, changes: &[RecordChange]) -> Result<(), StoreError> {
         let changes = changes.to_vec();
-        let keys: Vec<RecordKey> = changes.iter().map(record_key).collect();
+        let claimed = self.claim_records(changes.iter().map(record_key).collect());
+        let schema = self.conns.options.schema.clone();
         let version = self.transact(move |tx| {
             Box::pin(async move {
-                let version = next_commit(tx).await?;
+                let version = next_commit(tx, &schema).await?;
                 write_records(tx, &changes, version).await?;
                 Ok(version)
             })
-        })?;
-        let mut known = lock_known(&self.known);
-        for key in keys {
-            known.records.insert(key, version);
-        }
-        Ok(())
+        });
+        self.settle_records(claimed, version.as_ref().ok().copied());
+        version.map(drop)
     }
 
     fn insert_record_if_absent(&self, change: &RecordChange) -> Result<bool, StoreError> {
@@ -916,9 +1088,11 @@ impl RecordStore for PgBackend {
         };
         let key = record_key(change);
         let (kind, tenant, name) = key.clone();
+        let claimed = self.claim_records(vec![key]);
+        let schema = self.conns.options.schema.clone();
         let version = self.transact(move |tx| {
             Box::pin(async move {
-                let version = next_commit(tx).await?;
+                let version = next_commit(tx, &schema).await?;
                 let n = tx
                     .execute(
                         "INSERT INTO records (kind, tenant, key, value, version) VALUES ($1, $2, $3, $4, $5)
@@ -929,12 +1103,42 @@ impl RecordStore for PgBackend {
                     .map_err(db)?;
                 Ok((n > 0).then_some(version))
             })
-        })?;
-        let Some(version) = version else {
+        });
+        let written = version.as_ref().ok().copied().flatten();
+        self.settle_records(claimed, written);
+        Ok(version?.is_some())
+    }
+
+    fn replace_record_if(
+        &self,
+        change: &RecordChange,
+        expected: &[u8],
+    ) -> Result<bool, StoreError> {
+        let Some(value) = change.value.clone() else {
             return Ok(false);
         };
-        lock_known(&self.known).records.insert(key, version);
-        Ok(true)
+        let key = record_key(change);
+        let (kind, tenant, name) = key.clone();
+        let expected = expected.to_vec();
+        let claimed = self.claim_records(vec![key]);
+        let schema = self.conns.options.schema.clone();
+        let version = self.transact(move |tx| {
+            Box::pin(async move {
+                let version = next_commit(tx, &schema).await?;
+                let n = tx
+                    .execute(
+                        "UPDATE records SET value = $4, version = $6
+                          WHERE kind = $1 AND tenant = $2 AND key = $3 AND value = $5",
+                        &[&kind, &tenant, &name, &value, &expected, &version],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok((n > 0).then_some(version))
+            })
+        });
+        let written = version.as_ref().ok().copied().flatten();
+        self.settle_records(claimed, written);
+        Ok(version?.is_some())
     }
 
     fn records(&self, kind: RecordKind) -> Result<Vec<StoredRecord>, StoreError> {
@@ -1399,14 +1603,17 @@ impl Backend for PgBackend {
     }
 
     fn load_outbox(&self) -> Result<OutboxState, StoreError> {
-        self.read(|c| {
+        let node = self.node.clone();
+        self.read(move |c| {
             Box::pin(async move {
                 let mut state = OutboxState::default();
+                // This node's own (none at a start: its name is new); those
+                // it takes over later are delivered without being counted.
                 for r in c
                     .query(
-                        "SELECT tenant, subscription, count(*) FROM outbox
+                        "SELECT tenant, subscription, count(*) FROM outbox WHERE node = $1
                           GROUP BY tenant, subscription",
-                        &[],
+                        &[&node],
                     )
                     .await
                     .map_err(db)?
@@ -1434,26 +1641,21 @@ impl Backend for PgBackend {
                 .map(|k| (k.clone(), known.entities.get(k).copied().unwrap_or(0)))
                 .collect()
         };
+        let claimed = self.claim_records(set.records.iter().map(record_key).collect());
         let notices = to_i64(set.notices.len() as u64);
-        let held = self.lock_held().is_some();
+        let schema = self.conns.options.schema.clone();
         let outcome = self.transact(move |tx| {
             Box::pin(async move {
-                // A session lock, kept past this transaction when the group is
-                // stale: its next try then runs before any other node's commit.
-                if !held {
-                    tx.execute("SELECT pg_advisory_lock($1)", &[&COMMIT_LOCK])
-                        .await
-                        .map_err(db)?;
-                }
-                let version: i64 = tx
-                    .query_one(
-                        "UPDATE counters SET value = value + 1 WHERE name = 'commit' RETURNING value",
-                        &[],
+                let version = next_commit(tx, &schema).await?;
+                if !rows.current(tx, &expected).await? {
+                    // Kept past this transaction: the next try of the group,
+                    // once this node caught up, comes before any other commit.
+                    tx.execute(
+                        "SELECT pg_advisory_lock(hashtext($1), $2)",
+                        &[&schema, &COMMIT_LOCK],
                     )
                     .await
-                    .map_err(db)?
-                    .get(0);
-                if !rows.current(tx, &expected).await? {
+                    .map_err(db)?;
                     return Ok(None);
                 }
                 let first_notice: i64 = tx
@@ -1469,31 +1671,42 @@ impl Backend for PgBackend {
                 Ok(Some((version, first_notice, expected)))
             })
         });
-        let outcome = match outcome {
+        let was_held = self.lock_held().is_some();
+        let (version, first_notice, written) = match outcome {
             Ok(Some(done)) => done,
             Ok(None) => {
-                *self.lock_held.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(std::time::Instant::now());
+                self.settle_records(claimed, None);
+                if !was_held {
+                    *self.lock_held.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now());
+                }
                 return Ok(Committed::Stale);
             }
             Err(e) => {
-                self.release_commit_lock();
+                self.settle_records(claimed, None);
+                if was_held {
+                    self.release_commit_lock();
+                }
                 return Err(e);
             }
         };
-        // Released once the commit is visible, so commits stay in number order.
-        self.release_commit_lock();
-        let (version, first_notice, written) = outcome;
+        if was_held {
+            self.release_commit_lock();
+        }
+        self.settle_records(claimed, Some(version));
         let mut known = lock_known(&self.known);
         for key in written.into_keys() {
             known.entities.insert(key, version);
         }
-        for c in set.records {
-            known.records.insert(record_key(c), version);
-        }
         Ok(Committed::Done {
             first_notice: to_u64(first_notice),
         })
+    }
+
+    fn abandon_stale(&self) {
+        if self.lock_held().is_some() {
+            self.release_commit_lock();
+        }
     }
 
     fn shared(&self) -> bool {
@@ -1509,111 +1722,57 @@ impl Backend for PgBackend {
         {
             self.release_commit_lock();
         }
-        let due = self
-            .last_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
-        if due {
-            self.heartbeat()?;
-        }
         let watermark = lock_known(&self.known).watermark;
-        let (committed, rows) = self.read(move |c| {
+        // On the writer's connection: the writer thread is its only user, so
+        // slow reads of others never hold following up.
+        let (through, rows) = self.block(move |c| {
             Box::pin(async move {
-                // Most of the time nothing moved: one row says so.
-                let committed: i64 = c
-                    .query_one("SELECT value FROM counters WHERE name = 'commit'", &[])
-                    .await
-                    .map_err(db)?
-                    .get(0);
-                if committed <= watermark {
-                    return Ok((committed, Vec::new()));
-                }
-                // One statement: one snapshot, which holds every commit up to
-                // some number (at least `committed`, read before).
-                let rows = c.query(
-                    "SELECT 0, tenant, id, doc, version, NULL::text FROM entities WHERE version > $1
-                     UNION ALL SELECT 1, tenant, id, NULL, version, NULL FROM entity_deletions WHERE version > $1
-                     UNION ALL SELECT 2, tenant, id, record, version, NULL FROM subscriptions WHERE version > $1
-                     UNION ALL SELECT 3, tenant, id, NULL, version, NULL FROM subscription_deletions WHERE version > $1
-                     UNION ALL SELECT 4, tenant, key, value, version, kind FROM records WHERE version > $1
-                     UNION ALL SELECT 5, tenant, key, NULL, version, kind FROM record_deletions WHERE version > $1
-                     ORDER BY 5 LIMIT $2",
-                    &[&watermark, &FOLLOW_ROWS],
-                )
-                .await
-                .map_err(db)?;
-                Ok((committed, rows))
+                let guard = c.writer.lock().await;
+                let Some(client) = guard.as_ref() else {
+                    return Err(StoreError::Unavailable(
+                        "the PostgreSQL connection is being made again".into(),
+                    ));
+                };
+                read_commits_after(client, watermark).await
             })
         })?;
+        // Everything is read before anything is taken in: a row that cannot
+        // be read leaves this node where it was, to try again.
+        let mut parsed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            parsed.push(FollowedRow::of(r)?);
+        }
         let mut followed = Followed::default();
         let mut known = lock_known(&self.known);
-        let mut last = watermark;
-        for r in &rows {
-            let (kind, tenant, id, version): (i32, String, String, i64) =
-                (r.get(0), r.get(1), r.get(2), r.get(4));
-            last = last.max(version);
-            if kind >= 4 {
-                let record_kind: String = r.get(5);
-                let key = (record_kind, tenant, id);
-                if known.records.get(&key) == Some(&version) {
-                    continue;
+        for row in parsed {
+            let version = row.version;
+            let held = match &row.change {
+                FollowedChange::Entity(t, id, _) => known.entities.get(&(t.clone(), id.clone())),
+                FollowedChange::Subscription(t, id, _) => {
+                    known.subscriptions.get(&(t.clone(), id.clone()))
                 }
-                known.records.insert(key.clone(), version);
-                let (record_kind, tenant, key) = key;
-                if let Some(kind) = kind_of(&record_kind) {
-                    let value: Option<Vec<u8>> = r.get(3);
-                    followed.records.push(RecordChange {
-                        kind,
-                        tenant,
-                        key,
-                        value,
-                    });
-                }
-                continue;
-            }
-            let key = (tenant, id);
-            let table = if kind < 2 {
-                &mut known.entities
-            } else {
-                &mut known.subscriptions
+                FollowedChange::Record(c) => known.records.get(&record_key(c)),
             };
-            // This node's own commits are in memory already.
-            if table.get(&key) == Some(&version) {
+            // What this node wrote itself, or holds newer, is in memory already.
+            if held.is_some_and(|v| *v >= version) {
                 continue;
             }
-            table.insert(key.clone(), version);
-            let (tenant, id) = key;
-            let bytes: Option<&[u8]> = r.get(3);
-            match (kind, bytes) {
-                (0, Some(doc)) => {
-                    let entity = serde_json::from_slice(doc).map_err(|e| {
-                        io(format!(
-                            "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
-                        ))
-                    })?;
-                    followed.entities.push((tenant, id, Some(entity)));
+            match row.change {
+                FollowedChange::Entity(t, id, e) => {
+                    known.entities.insert((t.clone(), id.clone()), version);
+                    followed.entities.push((t, id, e));
                 }
-                (2, Some(record)) => {
-                    let record = serde_json::from_slice(record).map_err(|e| {
-                        io(format!(
-                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
-                        ))
-                    })?;
-                    followed.subscriptions.push((tenant, id, Some(record)));
+                FollowedChange::Subscription(t, id, r) => {
+                    known.subscriptions.insert((t.clone(), id.clone()), version);
+                    followed.subscriptions.push((t, id, r));
                 }
-                (1, _) => followed.entities.push((tenant, id, None)),
-                _ => followed.subscriptions.push((tenant, id, None)),
+                FollowedChange::Record(c) => {
+                    known.records.insert(record_key(&c), version);
+                    followed.records.push(c);
+                }
             }
         }
-        // A page cut inside a commit is read again from that commit on. A
-        // whole read holds every commit up to `committed` (some numbers were
-        // taken by tries that wrote nothing).
-        known.watermark = if rows.len() as i64 == FOLLOW_ROWS {
-            last - 1
-        } else {
-            last.max(committed)
-        };
+        known.watermark = known.watermark.max(through);
         Ok(followed)
     }
 
@@ -1625,9 +1784,10 @@ impl Backend for PgBackend {
         let bytes = serde_json::to_vec(record).map_err(io)?;
         let key = (tenant.to_string(), record.id.clone());
         let (tenant, id) = key.clone();
+        let schema = self.conns.options.schema.clone();
         let version = self.transact(move |tx| {
             Box::pin(async move {
-                let version = next_commit(tx).await?;
+                let version = next_commit(tx, &schema).await?;
                 tx.execute(
                     "INSERT INTO subscriptions (tenant, id, record, version) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (tenant, id) DO UPDATE SET record = EXCLUDED.record, version = EXCLUDED.version",
@@ -1651,9 +1811,10 @@ impl Backend for PgBackend {
     fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         let key = (tenant.to_string(), id.to_string());
         let (tenant, id) = key.clone();
+        let schema = self.conns.options.schema.clone();
         let (existed, version) = self.transact(move |tx| {
             Box::pin(async move {
-                let version = next_commit(tx).await?;
+                let version = next_commit(tx, &schema).await?;
                 let n = tx
                     .execute(
                         "DELETE FROM subscriptions WHERE tenant = $1 AND id = $2",
@@ -1849,17 +2010,22 @@ impl Backend for PgBackend {
     }
 
     fn ready(&self) -> Result<(), StoreError> {
-        self.block(|c| {
+        let reconnected = self.block(|c| {
             Box::pin(async move {
                 let mut guard = c.writer.lock().await;
                 if guard.as_ref().is_some_and(|w| !w.is_closed()) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 *guard = Some(c.connect().await?);
                 tracing::warn!("the writer's PostgreSQL connection was made again");
-                Ok(())
+                Ok(true)
             })
-        })
+        })?;
+        if reconnected {
+            // A lost connection let go of the locks it held.
+            *self.lock_held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        Ok(())
     }
 
     fn reset(&self) -> Result<(), StoreError> {

@@ -195,6 +195,19 @@ pub trait RecordStore: Send + Sync + 'static {
         Ok(true)
     }
 
+    /// Writes `change` only if the stored record still holds `expected`;
+    /// false if it changed meanwhile (another node wrote it). A store that
+    /// one process owns writes: that process holds the latest copy.
+    fn replace_record_if(
+        &self,
+        change: &RecordChange,
+        expected: &[u8],
+    ) -> Result<bool, StoreError> {
+        let _ = expected;
+        self.write_records(std::slice::from_ref(change))?;
+        Ok(true)
+    }
+
     /// Record changes other nodes commit to a store they share with this
     /// one, for the layers that keep records in memory (keys, devices,
     /// registrations). `None` when no other node shares the store.

@@ -321,6 +321,11 @@ pub async fn start(
         outbound: args.allow_outbound.clone(),
         ..ApiConfig::default()
     };
+    // Over a store that other nodes share, keys, tenants and devices made on
+    // one node are followed by the others: subscribed before they are
+    // loaded, so that nothing committed in between is missed.
+    let access_changes = records.followed_records();
+    let device_changes = records.followed_records();
     let prepared = crate::access::prepare(&args.access, records.clone(), store.tenants()).await?;
     let access = prepared.access.clone();
     let (stop_live, live_stopped) = tokio::sync::watch::channel(false);
@@ -344,12 +349,10 @@ pub async fn start(
         },
     )?;
     devices.set_access(access.clone());
-    // Over a store that other nodes share, keys, tenants and devices made on
-    // one node are followed by the others.
-    if let Some(changes) = records.followed_records() {
+    if let Some(changes) = access_changes {
         access.follow(changes);
     }
-    if let Some(changes) = records.followed_records() {
+    if let Some(changes) = device_changes {
         devices.follow(changes);
     }
     // The API writes through the command hook: a PATCH of a command attribute sends it.
