@@ -207,50 +207,52 @@ impl Access {
     /// sharing the store change, so that a key made on one node works on all.
     pub fn follow(
         self: &Arc<Self>,
-        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+        changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
     ) {
         let access = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let batch = match changes.recv().await {
-                    Ok(batch) => batch,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Missed some: read them all again, in place of what is held.
-                        let Some(a) = access.upgrade() else { break };
-                        let records = a.records.clone();
-                        let read = tokio::task::spawn_blocking(move || {
-                            let tenants = records.records(RecordKind::Tenant)?;
-                            let keys = records.records(RecordKind::ApiKey)?;
-                            Ok::<_, borough_store::StoreError>((tenants, keys))
-                        })
-                        .await;
-                        let Ok(Ok((tenants, keys))) = read else {
-                            tracing::warn!(
-                                "cannot read tenants and keys again after missing changes"
-                            );
-                            continue;
-                        };
-                        a.tenants.write().unwrap_or_else(|e| e.into_inner()).clear();
-                        a.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
-                        let all: Vec<RecordChange> = tenants
-                            .into_iter()
-                            .map(|r| (RecordKind::Tenant, r))
-                            .chain(keys.into_iter().map(|r| (RecordKind::ApiKey, r)))
-                            .map(|(kind, (tenant, key, value))| RecordChange {
-                                kind,
-                                tenant,
-                                key,
-                                value: Some(value),
-                            })
-                            .collect();
-                        Arc::new(all)
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        borough_store::follow_records(changes, move |batch| {
+            let access = access.clone();
+            async move {
+                let Some(a) = access.upgrade() else {
+                    return false;
                 };
-                let Some(a) = access.upgrade() else { break };
-                a.apply_records(&batch);
+                match batch {
+                    Some(batch) => a.apply_records(&batch),
+                    None => a.reload_records().await,
+                }
+                true
             }
         });
+    }
+
+    /// Reads tenants and keys again, after changes of other nodes were
+    /// missed; what is held is replaced at once, never emptied first.
+    async fn reload_records(&self) {
+        let records = self.records.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let tenants = records.records(RecordKind::Tenant)?;
+            let keys = records.records(RecordKind::ApiKey)?;
+            Ok::<_, borough_store::StoreError>((tenants, keys))
+        })
+        .await;
+        let Ok(Ok((tenant_rows, key_rows))) = read else {
+            tracing::warn!(
+                "cannot read tenants and keys again after missing changes of other nodes"
+            );
+            return;
+        };
+        let tenants: HashMap<String, Arc<Tenant>> = tenant_rows
+            .into_iter()
+            .filter_map(|(_, name, bytes)| {
+                Some((name, Arc::new(serde_json::from_slice(&bytes).ok()?)))
+            })
+            .collect();
+        let keys: HashMap<String, ApiKey> = key_rows
+            .into_iter()
+            .filter_map(|(_, id, bytes)| Some((id, serde_json::from_slice(&bytes).ok()?)))
+            .collect();
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = tenants;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
     pub fn auto_create_tenants(&self) -> bool {

@@ -141,24 +141,22 @@ impl Registry {
     /// Follows, in the background, the registrations other nodes change.
     pub fn follow(
         self: &Arc<Self>,
-        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+        changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
     ) {
         let registry = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                match changes.recv().await {
-                    Ok(batch) => match registry.upgrade() {
-                        Some(r) => r.apply_records(&batch),
-                        None => break,
-                    },
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(
-                            missed = n,
-                            "registration changes of other nodes were missed; they show after a restart"
-                        );
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        borough_store::follow_records(changes, move |batch| {
+            let registry = registry.clone();
+            async move {
+                let Some(r) = registry.upgrade() else {
+                    return false;
+                };
+                match batch {
+                    Some(batch) => r.apply_records(&batch),
+                    None => tracing::warn!(
+                        "registration changes of other nodes were missed; they show after a restart"
+                    ),
                 }
+                true
             }
         });
     }

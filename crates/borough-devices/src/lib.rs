@@ -350,27 +350,26 @@ impl Devices {
     /// one node reaches the device on the node it is connected to.
     pub fn follow(
         self: &Arc<Self>,
-        mut changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
+        changes: tokio::sync::broadcast::Receiver<borough_store::RecordBatch>,
     ) {
         let devices = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                match changes.recv().await {
-                    Ok(batch) => {
-                        let Some(d) = devices.upgrade() else { break };
-                        d.apply_records(&batch);
-                        for c in batch.iter().filter(|c| c.kind == RecordKind::Command) {
-                            d.follow_command(c).await;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(
-                            missed = n,
-                            "device changes of other nodes were missed; they show after a restart"
-                        );
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        borough_store::follow_records(changes, move |batch| {
+            let devices = devices.clone();
+            async move {
+                let Some(d) = devices.upgrade() else {
+                    return false;
+                };
+                let Some(batch) = batch else {
+                    tracing::warn!(
+                        "device changes of other nodes were missed; they show after a restart"
+                    );
+                    return true;
+                };
+                d.apply_records(&batch);
+                for c in batch.iter().filter(|c| c.kind == RecordKind::Command) {
+                    d.follow_command(c).await;
                 }
+                true
             }
         });
     }

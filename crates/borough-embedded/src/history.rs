@@ -27,7 +27,9 @@ use borough_core::temporal::{
 };
 use borough_core::{AttrKind, Attribute};
 use borough_engine::Recorded;
-use borough_engine::temporal::{BucketMap, Cut, bucket_span, empty_body, key_of, time_key};
+use borough_engine::temporal::{
+    BucketMap, Cut, bucket_span, empty_body, key_of, time_key, widen_cut,
+};
 use borough_store::StoreError;
 use redb::{
     Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -1349,12 +1351,7 @@ fn read_once(
             Some(aggr) => aggregate(&reader, s, req, &aggr.methods, aggr.period)?,
             None => instances(&reader, s, req, dataset_id.as_deref())?,
         };
-        if let Some((a, b)) = cut {
-            out.truncated = Some(match out.truncated {
-                Some((x, y)) => (x.min(a), y.max(b)),
-                None => (a, b),
-            });
-        }
+        widen_cut(&mut out.truncated, cut);
         out.attrs.push(AttrHistory {
             name,
             dataset_id,

@@ -3,7 +3,7 @@
 //! "Durable" means until the backend is dropped; clones share the same data,
 //! so a test can start a second engine over what the first one committed.
 
-use crate::temporal::{Row, same_instance, select, time_key};
+use crate::temporal::{Row, same_instance, select, time_key, widen_cut};
 use crate::{Backend, Committed, DoneNotices, EntitySink, OutboxState, WriteSet};
 use borough_core::Entity;
 use borough_core::subscription::SubscriptionRecord;
@@ -530,12 +530,7 @@ impl Backend for MemoryBackend {
             let rows = d.rows.get(s).map(Vec::as_slice).unwrap_or_default();
             let dataset_id = (!dataset.is_empty()).then(|| dataset.clone());
             let (body, cut) = select(rows, *s, req, dataset_id.as_deref());
-            if let Some((a, b)) = cut {
-                out.truncated = Some(match out.truncated {
-                    Some((x, y)) => (x.min(a), y.max(b)),
-                    None => (a, b),
-                });
-            }
+            widen_cut(&mut out.truncated, cut);
             out.attrs.push(AttrHistory {
                 name: name.clone(),
                 dataset_id,

@@ -16,6 +16,16 @@ pub type Row = (i64, u64, Attribute);
 /// The part of a series a read was cut to, when it had more than it may answer.
 pub type Cut = Option<(i64, i64)>;
 
+/// Widens the span an answer reports as cut (`truncated`) to hold `cut`.
+pub fn widen_cut(truncated: &mut Option<(i64, i64)>, cut: Cut) {
+    if let Some((a, b)) = cut {
+        *truncated = Some(match *truncated {
+            Some((x, y)) => (x.min(a), y.max(b)),
+            None => (a, b),
+        });
+    }
+}
+
 /// The time key of an instance.
 pub fn time_key(a: &Attribute) -> i64 {
     a.observed_at.unwrap_or(a.modified_at)

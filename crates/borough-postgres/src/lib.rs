@@ -18,7 +18,7 @@ use borough_core::temporal::{
     TimeProperty,
 };
 use borough_core::{AttrKind, Attribute, Entity};
-use borough_engine::temporal::{Row, same_instance, select, time_key};
+use borough_engine::temporal::{Row, same_instance, select, time_key, widen_cut};
 use borough_engine::{
     Backend, Committed, DoneNotices, Engine, EngineOptions, EntitySink, Followed, OutboxState,
     WriteSet,
@@ -2255,12 +2255,7 @@ async fn read_history(
         }
         let dataset_id = (!dataset.is_empty()).then_some(dataset);
         let (body, cut) = select(&rows, to_u64(number), req, dataset_id.as_deref());
-        if let Some((a, b)) = cut {
-            out.truncated = Some(match out.truncated {
-                Some((x, y)) => (x.min(a), y.max(b)),
-                None => (a, b),
-            });
-        }
+        widen_cut(&mut out.truncated, cut);
         out.attrs.push(AttrHistory {
             name,
             dataset_id,

@@ -219,6 +219,32 @@ pub trait RecordStore: Send + Sync + 'static {
 /// Record changes that arrived together.
 pub type RecordBatch = Arc<Vec<RecordChange>>;
 
+/// Follows record changes of other nodes in the background (needs a Tokio
+/// runtime): `take` gets each batch, or `None` after some were missed (its
+/// layer should then read what it keeps again), and answers false once its
+/// layer is gone.
+pub fn follow_records<F, Fut>(
+    mut changes: tokio::sync::broadcast::Receiver<RecordBatch>,
+    mut take: F,
+) where
+    F: FnMut(Option<RecordBatch>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            let batch = match changes.recv().await {
+                Ok(batch) => Some(batch),
+                Err(RecvError::Lagged(_)) => None,
+                Err(RecvError::Closed) => break,
+            };
+            if !take(batch).await {
+                break;
+            }
+        }
+    });
+}
+
 /// One page of a query's results, in entity id order.
 #[derive(Debug, Default)]
 pub struct QueryPage {
