@@ -1569,6 +1569,13 @@ impl Backend for PgBackend {
         }
         let mut current = lock_known(&self.known);
         known.subscriptions = std::mem::take(&mut current.subscriptions);
+        known.records = std::mem::take(&mut current.records);
+        // Loaded again (after a panic in the writer): subscriptions and
+        // records other nodes changed since the last follow are still to be
+        // read, so the watermark does not jump ahead of them.
+        if current.watermark > 0 {
+            known.watermark = known.watermark.min(current.watermark);
+        }
         *current = known;
         Ok(tenants)
     }
