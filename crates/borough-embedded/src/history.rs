@@ -28,7 +28,7 @@ use borough_core::temporal::{
 use borough_core::{AttrKind, Attribute};
 use borough_engine::Recorded;
 use borough_engine::temporal::{
-    BucketMap, Cut, bucket_span, empty_body, key_of, time_key, widen_cut,
+    BucketMap, Cut, bucket_span, empty_body, imported_instance, key_of, time_key, widen_cut,
 };
 use borough_store::StoreError;
 use redb::{
@@ -526,17 +526,7 @@ impl History {
                             .iter()
                             .enumerate()
                             .map(|(j, (at, value))| {
-                                let attr = Attribute {
-                                    kind: AttrKind::Property,
-                                    value: value.clone(),
-                                    dataset_id: None,
-                                    observed_at: Some(*at),
-                                    unit_code: None,
-                                    object_type: None,
-                                    sub: Default::default(),
-                                    created_at: now,
-                                    modified_at: now,
-                                };
+                                let attr = imported_instance(*at, value.clone(), now);
                                 (*at, seq0 + j as u64, attr)
                             })
                             .collect();

@@ -122,7 +122,9 @@ pub struct DoneNotices<'a> {
     pub dead: Option<&'a str>,
 }
 
-/// Receives the stored entities at start-up, from one thread.
+/// Receives the stored entities at start-up, from one thread, each with its
+/// spare capacity released (`Entity::shrink_to_fit`): a backend does that
+/// where it parses, on as many threads as it likes.
 pub type EntitySink<'a> = dyn FnMut(String, String, Entity) + Send + 'a;
 
 /// What a storage backend does for the engine.
@@ -347,8 +349,7 @@ impl Shared {
     /// Loads every stored entity into memory, replacing what was there.
     fn load_entities<B: Backend>(&self, backend: &B) -> Result<(), StoreError> {
         let mut loaders: HashMap<String, TenantLoader> = HashMap::new();
-        let names = backend.load_entities(&mut |tenant, id, mut entity| {
-            entity.shrink_to_fit();
+        let names = backend.load_entities(&mut |tenant, id, entity| {
             let loader = match loaders.get_mut(&tenant) {
                 Some(l) => l,
                 None => loaders.entry(tenant).or_default(),

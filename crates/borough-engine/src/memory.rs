@@ -3,14 +3,14 @@
 //! "Durable" means until the backend is dropped; clones share the same data,
 //! so a test can start a second engine over what the first one committed.
 
-use crate::temporal::{Row, same_instance, select, time_key, widen_cut};
+use crate::temporal::{Row, imported_instance, same_instance, select, time_key, widen_cut};
 use crate::{Backend, Committed, DoneNotices, EntitySink, OutboxState, WriteSet};
+use borough_core::Attribute;
 use borough_core::Entity;
 use borough_core::subscription::SubscriptionRecord;
 use borough_core::temporal::{
     AttrHistory, EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
 };
-use borough_core::{AttrKind, Attribute};
 use borough_store::{
     ImportCounts, Notice, RecordChange, RecordKind, RecordStore, StoreError, StoredRecord,
 };
@@ -168,7 +168,8 @@ impl Backend for MemoryBackend {
             (d.entities.clone(), d.tenants.iter().cloned().collect())
         };
         for ((tenant, id), bytes) in rows {
-            let entity: Entity = serde_json::from_slice(&bytes).map_err(io)?;
+            let mut entity: Entity = serde_json::from_slice(&bytes).map_err(io)?;
+            entity.shrink_to_fit();
             sink(tenant, id, entity);
         }
         Ok(tenants)
@@ -432,20 +433,7 @@ impl Backend for MemoryBackend {
             let s = d.series_for(tenant, &one.entity, &types, &one.name, None);
             for (at, value) in one.points {
                 counts.points += 1;
-                d.push(
-                    s,
-                    Attribute {
-                        kind: AttrKind::Property,
-                        value,
-                        dataset_id: None,
-                        observed_at: Some(at),
-                        unit_code: None,
-                        object_type: None,
-                        sub: Default::default(),
-                        created_at: now,
-                        modified_at: now,
-                    },
-                );
+                d.push(s, imported_instance(at, value, now));
             }
         }
         Ok(counts)

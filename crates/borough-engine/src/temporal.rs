@@ -16,6 +16,22 @@ pub type Row = (i64, u64, Attribute);
 /// The part of a series a read was cut to, when it had more than it may answer.
 pub type Cut = Option<(i64, i64)>;
 
+/// An imported point as history keeps it: a Property observed at `at`,
+/// written `now`.
+pub fn imported_instance(at: i64, value: serde_json::Value, now: i64) -> Attribute {
+    Attribute {
+        kind: AttrKind::Property,
+        value,
+        dataset_id: None,
+        observed_at: Some(at),
+        unit_code: None,
+        object_type: None,
+        sub: Default::default(),
+        created_at: now,
+        modified_at: now,
+    }
+}
+
 /// Widens the span an answer reports as cut (`truncated`) to hold `cut`.
 pub fn widen_cut(truncated: &mut Option<(i64, i64)>, cut: Cut) {
     if let Some((a, b)) = cut {

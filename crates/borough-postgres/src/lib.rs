@@ -17,8 +17,10 @@ use borough_core::temporal::{
     AttrHistory, EntityHistory, HistoryOp, HistoryOutcome, HistoryRequest, ImportSeries, Retention,
     TimeProperty,
 };
-use borough_core::{AttrKind, Attribute, Entity};
-use borough_engine::temporal::{Row, same_instance, select, time_key, widen_cut};
+use borough_core::{Attribute, Entity};
+use borough_engine::temporal::{
+    Row, imported_instance, same_instance, select, time_key, widen_cut,
+};
 use borough_engine::{
     Backend, Committed, DoneNotices, Engine, EngineOptions, EntitySink, Followed, OutboxState,
     WriteSet,
@@ -659,6 +661,20 @@ async fn series_for(
     Ok(row.get(0))
 }
 
+/// A stored document of `what` (entity, subscription), read; the error names it.
+fn parse<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    tenant: &str,
+    id: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        io(format!(
+            "{what} '{id}' of tenant '{tenant}' cannot be read: {e}"
+        ))
+    })
+}
+
 fn encode_attr(attr: &Attribute) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(attr).map_err(io)
 }
@@ -960,22 +976,14 @@ impl FollowedRow {
         let change = match kind {
             0 | 1 => {
                 let entity = match &bytes {
-                    Some(doc) => Some(serde_json::from_slice(doc).map_err(|e| {
-                        io(format!(
-                            "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
-                        ))
-                    })?),
+                    Some(doc) => Some(parse(doc, "entity", &tenant, &id)?),
                     None => None,
                 };
                 FollowedChange::Entity(tenant, id, entity)
             }
             2 | 3 => {
                 let record = match &bytes {
-                    Some(b) => Some(serde_json::from_slice(b).map_err(|e| {
-                        io(format!(
-                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
-                        ))
-                    })?),
+                    Some(b) => Some(parse(b, "subscription", &tenant, &id)?),
                     None => None,
                 };
                 FollowedChange::Subscription(tenant, id, record)
@@ -1425,98 +1433,101 @@ impl GroupRows {
             .await
             .map_err(db)?;
         }
-        self.write_history(tx).await?;
+        write_series(tx, &self.history).await?;
         write_records(tx, &self.records, version).await
     }
+}
 
-    /// The group's history in four statements, whatever its size: the
-    /// entities and series that are new, the series' numbers, the instances.
-    async fn write_history(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
-        if self.history.is_empty() {
-            return Ok(());
-        }
-        let mut entities: BTreeMap<(&str, &str), String> = BTreeMap::new();
-        let (mut tenants, mut ids, mut names, mut datasets) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((tenant, entity, name, dataset), (types, _)) in &self.history {
-            entities
-                .entry((tenant.as_str(), entity.as_str()))
-                .or_insert_with(|| serde_json::to_string(types).unwrap_or_else(|_| "[]".into()));
-            tenants.push(tenant.as_str());
-            ids.push(entity.as_str());
-            names.push(name.as_str());
-            datasets.push(dataset.as_str());
-        }
-        let (e_tenants, e_ids, e_types): (Vec<&str>, Vec<&str>, Vec<&str>) = entities
-            .iter()
-            .map(|((t, e), types)| (*t, *e, types.as_str()))
-            .fold(
-                (Vec::new(), Vec::new(), Vec::new()),
-                |mut acc, (t, e, ty)| {
-                    acc.0.push(t);
-                    acc.1.push(e);
-                    acc.2.push(ty);
-                    acc
-                },
-            );
-        tx.execute(
-            "INSERT INTO history_entities (tenant, id, types)
+/// Instances of many series in four statements, whatever their number: the
+/// entities and series that are new, the series' numbers, the instances.
+async fn write_series(
+    tx: &tokio_postgres::Transaction<'_>,
+    history: &BTreeMap<SeriesKey, (Vec<String>, Vec<Attribute>)>,
+) -> Result<(), StoreError> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let mut entities: BTreeMap<(&str, &str), String> = BTreeMap::new();
+    let (mut tenants, mut ids, mut names, mut datasets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((tenant, entity, name, dataset), (types, _)) in history {
+        entities
+            .entry((tenant.as_str(), entity.as_str()))
+            .or_insert_with(|| serde_json::to_string(types).unwrap_or_else(|_| "[]".into()));
+        tenants.push(tenant.as_str());
+        ids.push(entity.as_str());
+        names.push(name.as_str());
+        datasets.push(dataset.as_str());
+    }
+    let (e_tenants, e_ids, e_types): (Vec<&str>, Vec<&str>, Vec<&str>) = entities
+        .iter()
+        .map(|((t, e), types)| (*t, *e, types.as_str()))
+        .fold(
+            (Vec::new(), Vec::new(), Vec::new()),
+            |mut acc, (t, e, ty)| {
+                acc.0.push(t);
+                acc.1.push(e);
+                acc.2.push(ty);
+                acc
+            },
+        );
+    tx.execute(
+        "INSERT INTO history_entities (tenant, id, types)
              SELECT t.tenant, t.id, ARRAY(SELECT jsonb_array_elements_text(t.types::jsonb))
                FROM unnest($1::text[], $2::text[], $3::text[]) AS t(tenant, id, types)
              ON CONFLICT DO NOTHING",
-            &[&e_tenants, &e_ids, &e_types],
-        )
-        .await
-        .map_err(db)?;
-        tx.execute(
-            "INSERT INTO history_series (tenant, entity, name, dataset)
+        &[&e_tenants, &e_ids, &e_types],
+    )
+    .await
+    .map_err(db)?;
+    tx.execute(
+        "INSERT INTO history_series (tenant, entity, name, dataset)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
              ON CONFLICT DO NOTHING",
+        &[&tenants, &ids, &names, &datasets],
+    )
+    .await
+    .map_err(db)?;
+    let numbered = tx
+        .query(
+            "SELECT k.n, s.series
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                        WITH ORDINALITY AS k(tenant, entity, name, dataset, n)
+                   JOIN history_series s USING (tenant, entity, name, dataset)",
             &[&tenants, &ids, &names, &datasets],
         )
         .await
         .map_err(db)?;
-        let numbered = tx
-            .query(
-                "SELECT k.n, s.series
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-                        WITH ORDINALITY AS k(tenant, entity, name, dataset, n)
-                   JOIN history_series s USING (tenant, entity, name, dataset)",
-                &[&tenants, &ids, &names, &datasets],
-            )
-            .await
-            .map_err(db)?;
-        let mut series_of = vec![0i64; self.history.len()];
-        for r in numbered {
-            let (n, series): (i64, i64) = (r.get(0), r.get(1));
-            if let Some(slot) = usize::try_from(n - 1)
-                .ok()
-                .and_then(|i| series_of.get_mut(i))
-            {
-                *slot = series;
-            }
+    let mut series_of = vec![0i64; history.len()];
+    for r in numbered {
+        let (n, series): (i64, i64) = (r.get(0), r.get(1));
+        if let Some(slot) = usize::try_from(n - 1)
+            .ok()
+            .and_then(|i| series_of.get_mut(i))
+        {
+            *slot = series;
         }
-        let (mut series, mut at, mut modified, mut attrs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((_, (_, rows)), s) in self.history.iter().zip(&series_of) {
-            for a in rows {
-                series.push(*s);
-                at.push(time_key(a));
-                modified.push(a.modified_at);
-                attrs.push(encode_attr(a)?);
-            }
+    }
+    let (mut series, mut at, mut modified, mut attrs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((_, (_, rows)), s) in history.iter().zip(&series_of) {
+        for a in rows {
+            series.push(*s);
+            at.push(time_key(a));
+            modified.push(a.modified_at);
+            attrs.push(encode_attr(a)?);
         }
-        tx.execute(
-            "INSERT INTO history (series, at, seq, modified_at, attr)
+    }
+    tx.execute(
+        "INSERT INTO history (series, at, seq, modified_at, attr)
              SELECT t.series, t.at, nextval('history_seq'), t.modified_at, t.attr
                FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
                  AS t(series, at, modified_at, attr)",
-            &[&series, &at, &modified, &attrs],
-        )
-        .await
-        .map_err(db)?;
-        Ok(())
-    }
+        &[&series, &at, &modified, &attrs],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 impl Backend for PgBackend {
@@ -1540,11 +1551,8 @@ impl Backend for PgBackend {
             match message? {
                 Loading::Entities(batch) => {
                     for (tenant, id, doc, version) in batch {
-                        let entity: Entity = serde_json::from_slice(&doc).map_err(|e| {
-                            io(format!(
-                                "entity '{id}' of tenant '{tenant}' cannot be read: {e}"
-                            ))
-                        })?;
+                        let mut entity: Entity = parse(&doc, "entity", &tenant, &id)?;
+                        entity.shrink_to_fit();
                         known.entities.insert((tenant.clone(), id.clone()), version);
                         sink(tenant, id, entity);
                     }
@@ -1592,11 +1600,7 @@ impl Backend for PgBackend {
                 for r in &rows {
                     let (tenant, id, version): (String, String, i64) =
                         (r.get(0), r.get(1), r.get(3));
-                    let record = serde_json::from_slice(r.get(2)).map_err(|e| {
-                        io(format!(
-                            "subscription '{id}' of tenant '{tenant}' cannot be read: {e}"
-                        ))
-                    })?;
+                    let record = parse(r.get(2), "subscription", &tenant, &id)?;
                     known
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -1921,27 +1925,20 @@ impl Backend for PgBackend {
                     points: 0,
                     series: series.len() as u64,
                 };
+                let mut rows: BTreeMap<SeriesKey, (Vec<String>, Vec<Attribute>)> = BTreeMap::new();
                 for one in series {
-                    let types = [one.entity_type];
-                    let s = series_for(tx, &tenant, &one.entity, &types, &one.name, None).await?;
                     counts.points += one.points.len() as u64;
-                    let rows: Vec<Attribute> = one
-                        .points
-                        .into_iter()
-                        .map(|(at, value)| Attribute {
-                            kind: AttrKind::Property,
-                            value,
-                            dataset_id: None,
-                            observed_at: Some(at),
-                            unit_code: None,
-                            object_type: None,
-                            sub: Default::default(),
-                            created_at: now,
-                            modified_at: now,
-                        })
-                        .collect();
-                    insert_rows(tx, s, &rows).await?;
+                    let key = (tenant.clone(), one.entity, one.name, String::new());
+                    let (_, instances) = rows
+                        .entry(key)
+                        .or_insert_with(|| (vec![one.entity_type], Vec::new()));
+                    instances.extend(
+                        one.points
+                            .into_iter()
+                            .map(|(at, value)| imported_instance(at, value, now)),
+                    );
                 }
+                write_series(tx, &rows).await?;
                 Ok(counts)
             })
         })
@@ -2017,6 +2014,12 @@ impl Backend for PgBackend {
     }
 
     fn ready(&self) -> Result<(), StoreError> {
+        // Before every writer job: no trip to the runtime while connected.
+        if let Ok(writer) = self.conns.writer.try_lock()
+            && writer.as_ref().is_some_and(|w| !w.is_closed())
+        {
+            return Ok(());
+        }
         let reconnected = self.block(|c| {
             Box::pin(async move {
                 let mut guard = c.writer.lock().await;
